@@ -1,0 +1,183 @@
+//! The crate's one error type.
+//!
+//! Variants are grouped by what the caller can do about them:
+//!
+//! * the stream ended without being finished ([`Error::Aborted`]) or was closed to the caller
+//!   ([`Error::Closed`]): ask again — the next `get_or_create` of the key is a miss;
+//! * the stored bytes are not what was written ([`Error::Corrupt`]): the entry is dropped, ask
+//!   again;
+//! * the operating system refused ([`Error::Io`]) or another process owns the directory
+//!   ([`Error::Locked`]): fix the environment;
+//! * the call itself was wrong ([`Error::InvalidInput`]): fix the caller.
+
+use std::error::Error as StdError;
+use std::io;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// A shareable cause attached to [`Error::Aborted`] and [`Error::Closed`].
+///
+/// One abort reaches every reader of a stream, so its cause is reference-counted.
+pub type Cause = Arc<dyn StdError + Send + Sync + 'static>;
+
+/// `Result` with this crate's [`Error`] as the default error type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in streamcache.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The stream's writer gave up before finishing: it called `abort`, was dropped without
+    /// `finish`, hit a storage error, or its producer failed or panicked. Readers of an aborted
+    /// stream always get this error, never a clean end of file. A cache forgets the key, so the
+    /// next request for it is a miss.
+    #[error("stream {key:?} was aborted{}", fmt_cause(cause))]
+    Aborted {
+        /// The stream's key (or the name it was created with).
+        key: String,
+        /// Why, when known (for example the writer's I/O error).
+        #[source]
+        cause: Option<Cause>,
+    },
+
+    /// The stream was closed to this caller: shut down to new readers, cancelled, or removed.
+    #[error("stream {key:?} is closed{}", fmt_cause(cause))]
+    Closed {
+        /// The stream's key (or the name it was created with).
+        key: String,
+        /// The reason given by whoever closed it, when there is one.
+        #[source]
+        cause: Option<Cause>,
+    },
+
+    /// Stored data failed an integrity check (a checksum mismatch, a truncated or malformed
+    /// file). The bytes are never returned as a clean read.
+    #[error("corrupt data in {}: {reason}", path.display())]
+    Corrupt {
+        /// The file (or blob name, for non-disk storage) that failed the check.
+        path: PathBuf,
+        /// What did not match.
+        reason: String,
+    },
+
+    /// An operating-system I/O error.
+    #[error("{op} {}: {source}", path.display())]
+    Io {
+        /// What was being done (`"create"`, `"write"`, `"rename"`, …).
+        op: &'static str,
+        /// The file or directory involved.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+
+    /// Another live process holds the cache directory.
+    #[error("cache directory {} is in use by another process", dir.display())]
+    Locked {
+        /// The directory that is locked.
+        dir: PathBuf,
+    },
+
+    /// The call's arguments were not acceptable (for example more bytes written than the
+    /// declared length, or an invalid blob name).
+    #[error("invalid input: {reason}")]
+    InvalidInput {
+        /// What was wrong.
+        reason: String,
+    },
+}
+
+fn fmt_cause(cause: &Option<Cause>) -> String {
+    match cause {
+        Some(c) => format!(": {c}"),
+        None => String::new(),
+    }
+}
+
+impl Error {
+    /// The [`io::ErrorKind`] this error maps to when converted into an [`io::Error`].
+    pub fn kind(&self) -> io::ErrorKind {
+        match self {
+            Error::Aborted { .. } => io::ErrorKind::BrokenPipe,
+            Error::Closed { .. } => io::ErrorKind::ConnectionAborted,
+            Error::Corrupt { .. } => io::ErrorKind::InvalidData,
+            Error::Io { source, .. } => source.kind(),
+            Error::Locked { .. } => io::ErrorKind::ResourceBusy,
+            Error::InvalidInput { .. } => io::ErrorKind::InvalidInput,
+        }
+    }
+
+    pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>, source: io::Error) -> Self {
+        Error::Io {
+            op,
+            path: path.into(),
+            source,
+        }
+    }
+
+    pub(crate) fn invalid(reason: impl Into<String>) -> Self {
+        Error::InvalidInput {
+            reason: reason.into(),
+        }
+    }
+
+    /// Recover a typed [`Error`] from an [`io::Error`] produced by this crate, or wrap a foreign
+    /// one as [`Error::Io`].
+    pub(crate) fn from_io(op: &'static str, path: impl Into<PathBuf>, err: io::Error) -> Self {
+        if err.get_ref().is_some_and(|inner| inner.is::<Error>()) {
+            let inner = err.into_inner().expect("checked above");
+            return *inner.downcast::<Error>().expect("checked above");
+        }
+        Error::io(op, path, err)
+    }
+}
+
+/// Converts into an [`io::Error`] whose [`kind`](io::Error::kind) follows [`Error::kind`] and
+/// whose [`get_ref`](io::Error::get_ref) is the original [`Error`], so callers can downcast.
+impl From<Error> for io::Error {
+    fn from(err: Error) -> Self {
+        io::Error::new(err.kind(), err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn io_error_keeps_typed_cause() {
+        let err = Error::Aborted {
+            key: "k".into(),
+            cause: Some(Arc::new(io::Error::other("disk full"))),
+        };
+        let io_err: io::Error = err.into();
+        assert_eq!(io_err.kind(), io::ErrorKind::BrokenPipe);
+        let inner = io_err.get_ref().unwrap().downcast_ref::<Error>().unwrap();
+        assert!(matches!(inner, Error::Aborted { key, .. } if key == "k"));
+        assert!(io_err.to_string().contains("disk full"));
+    }
+
+    #[test]
+    fn from_io_round_trips() {
+        let io_err: io::Error = Error::invalid("nope").into();
+        assert!(matches!(
+            Error::from_io("read", "x", io_err),
+            Error::InvalidInput { .. }
+        ));
+        let foreign = io::Error::from(io::ErrorKind::StorageFull);
+        match Error::from_io("write", "/d/f", foreign) {
+            Error::Io { op, source, .. } => {
+                assert_eq!(op, "write");
+                assert_eq!(source.kind(), io::ErrorKind::StorageFull);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn error_is_send_sync_static() {
+        fn check<T: StdError + Send + Sync + 'static>() {}
+        check::<Error>();
+    }
+}

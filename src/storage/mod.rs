@@ -1,0 +1,193 @@
+//! Where the bytes live.
+//!
+//! A [`Storage`] holds named **blobs**. A blob is created for appending ([`Storage::create`]),
+//! can be read at any offset while it is being written ([`BlobWriter::reader`]), and becomes
+//! durable and listable once committed ([`BlobWriter::commit`]). Storage knows bytes and names
+//! only: nothing here knows about keys, readers' positions or eviction.
+//!
+//! Two implementations ship with the crate — [`MemoryStorage`] and [`DiskStorage`] — plus
+//! [`FaultyStorage`], a wrapper that injects I/O errors for tests. Users can plug their own
+//! backend by implementing the three traits below; the conformance tests in the repository's
+//! `tests/storage_conformance.rs` show what is expected.
+//!
+//! # Contract
+//!
+//! **The caller guarantees:**
+//! * names passed to [`Storage::create`] are valid (see [`validate_name`]) and not in use by
+//!   another blob that is being written;
+//! * it reads a blob only in the range that was written before the last
+//!   [`BlobWriter::publish`] (or commit) returned, or, for blobs from [`Storage::open`], below
+//!   the committed length;
+//! * one thread at a time uses a [`BlobWriter`] (it is `&mut`).
+//!
+//! **The implementation must:**
+//! * make every byte appended before `publish` returns readable, at the right offset, through
+//!   every [`BlobReader`] of that blob, from any thread;
+//! * never change bytes that were published (append only);
+//! * keep readers working after the blob is committed, and after it is removed (readers that
+//!   already exist keep their data until they are dropped);
+//! * hide a blob from [`Storage::open`] and [`Storage::list`] until it is committed, and make
+//!   commit atomic: after a crash a blob is either absent or whole, with its metadata;
+//! * discard an uncommitted blob when its writer is dropped;
+//! * return an error rather than wrong bytes (for example when a stored file fails its
+//!   integrity check).
+
+use std::fmt;
+use std::io;
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+mod disk;
+mod faulty;
+mod memory;
+
+pub use disk::DiskStorage;
+pub use faulty::{FaultOp, FaultyStorage};
+pub use memory::MemoryStorage;
+
+/// A store of named, append-only blobs. Object safe: use it as `Arc<dyn Storage>`.
+///
+/// See the [module documentation](self) for the contract.
+pub trait Storage: Send + Sync + fmt::Debug {
+    /// Starts a new, uncommitted blob called `name` and returns its writer.
+    ///
+    /// # Errors
+    /// An invalid name ([`io::ErrorKind::InvalidInput`]) or any I/O error of the backend.
+    fn create(&self, name: &str) -> io::Result<Box<dyn BlobWriter>>;
+
+    /// Opens a committed blob for reading, with its length and metadata.
+    ///
+    /// # Errors
+    /// [`io::ErrorKind::NotFound`] if no committed blob has that name; an error of kind
+    /// [`io::ErrorKind::InvalidData`] if the stored blob is inconsistent.
+    fn open(&self, name: &str) -> io::Result<(Arc<dyn BlobReader>, BlobInfo)>;
+
+    /// Deletes a committed blob. Readers that are already open keep working.
+    ///
+    /// # Errors
+    /// [`io::ErrorKind::NotFound`] if no committed blob has that name, or an I/O error.
+    fn remove(&self, name: &str) -> io::Result<()>;
+
+    /// Lists every committed blob with its length and metadata, without reading content.
+    ///
+    /// Implementations may delete leftovers they find on the way (an incomplete commit).
+    ///
+    /// # Errors
+    /// An I/O error that prevents listing at all; individual bad blobs are skipped instead.
+    fn list(&self) -> io::Result<Vec<BlobInfo>>;
+
+    /// Replaces the metadata of a committed blob, atomically.
+    ///
+    /// # Errors
+    /// [`io::ErrorKind::NotFound`] if no committed blob has that name, or an I/O error.
+    fn set_meta(&self, name: &str, meta: &[u8]) -> io::Result<()>;
+}
+
+/// Appends to one uncommitted blob. Dropping it without [`commit`](BlobWriter::commit) discards
+/// the blob.
+pub trait BlobWriter: Send + fmt::Debug {
+    /// Appends all of `buf`.
+    ///
+    /// # Errors
+    /// Any I/O error; after one the blob must not be committed.
+    fn write(&mut self, buf: &[u8]) -> io::Result<()>;
+
+    /// Makes every byte appended so far readable through this blob's readers.
+    ///
+    /// # Errors
+    /// Any I/O error.
+    fn publish(&mut self) -> io::Result<()>;
+
+    /// A reader of this blob. It stays valid after commit and after the writer is dropped.
+    fn reader(&self) -> Arc<dyn BlobReader>;
+
+    /// Publishes, then commits the blob with `meta` as its metadata: it becomes visible to
+    /// [`Storage::open`] and [`Storage::list`] and, for persistent storage, survives a restart.
+    ///
+    /// # Errors
+    /// Any I/O error; the blob is then discarded.
+    fn commit(self: Box<Self>, meta: &[u8]) -> io::Result<()>;
+}
+
+/// Positional reads of one blob, shared by every reader of it.
+pub trait BlobReader: Send + Sync + fmt::Debug {
+    /// Reads up to `buf.len()` bytes at `offset`; returns how many were read (0 only at the end
+    /// of what is stored).
+    ///
+    /// # Errors
+    /// Any I/O error, or [`io::ErrorKind::InvalidData`] if the bytes fail an integrity check.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize>;
+
+    /// Zero-copy fast path: up to `max` bytes at `offset` as a shared [`Bytes`], when the
+    /// backend can hand out its own buffers without copying. `None` means "use
+    /// [`read_at`](BlobReader::read_at)"; the default returns `None`.
+    fn read_bytes(&self, offset: u64, max: usize) -> Option<io::Result<Bytes>> {
+        let _ = (offset, max);
+        None
+    }
+}
+
+/// A committed blob as [`Storage::list`] and [`Storage::open`] report it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlobInfo {
+    /// The blob's name.
+    pub name: String,
+    /// Its length in bytes.
+    pub len: u64,
+    /// The metadata it was committed with (opaque to storage).
+    pub meta: Vec<u8>,
+}
+
+/// Longest accepted blob name.
+pub const MAX_NAME_LEN: usize = 128;
+
+/// Checks that `name` is a valid blob name: 1 to [`MAX_NAME_LEN`] ASCII letters, digits, `-`
+/// or `_`. Such names are safe as file names on every platform.
+///
+/// # Errors
+/// [`io::ErrorKind::InvalidInput`] naming the problem.
+pub fn validate_name(name: &str) -> io::Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_NAME_LEN
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if ok {
+        Ok(())
+    } else {
+        Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "invalid blob name {name:?}: use 1 to {MAX_NAME_LEN} ASCII letters, digits, '-' or '_'"
+            ),
+        ))
+    }
+}
+
+pub(crate) fn not_found(name: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::NotFound, format!("no committed blob {name:?}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        assert!(validate_name("abc-DEF_09").is_ok());
+        for bad in ["", "../x", "a/b", "a.meta", "x\0", &"a".repeat(129), "é"] {
+            assert_eq!(
+                validate_name(bad).unwrap_err().kind(),
+                io::ErrorKind::InvalidInput,
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn storage_is_object_safe() {
+        let s: Arc<dyn Storage> = Arc::new(MemoryStorage::new());
+        assert!(s.list().unwrap().is_empty());
+    }
+}

@@ -1,0 +1,339 @@
+//! One writer, many independent readers of a blob that is still being written.
+//!
+//! A stream is created with [`Writer::create`] over any [`Storage`]. Readers — from the writer
+//! ([`Writer::reader`]) or from a [`Stream`] handle ([`Stream::reader`]), made before, during or
+//! after writing — each see the whole stream from byte 0 and move independently: a reader that
+//! reaches the written end blocks until more is written, the stream finishes, or it fails. A
+//! stalled reader never slows the writer or another reader, because readers read storage without
+//! holding any lock and only wait on a notification at the written end.
+//!
+//! ```
+//! use std::io::{Read, Write};
+//! use std::sync::Arc;
+//! use streamcache::{storage::MemoryStorage, Writer};
+//!
+//! let mut w = Writer::create(Arc::new(MemoryStorage::new()), "greeting")?;
+//! let mut r = w.reader()?;
+//! let writer = std::thread::spawn(move || -> streamcache::Result<()> {
+//!     w.write_all(b"Hello World!")?;
+//!     w.flush()?; // readers see these bytes now
+//!     w.write_all(b" Streaming updates...")?;
+//!     w.finish()
+//! });
+//! let mut all = String::new();
+//! r.read_to_string(&mut all)?; // blocks until the writer finishes
+//! assert_eq!(all, "Hello World! Streaming updates...");
+//! let mut four = [0; 4];
+//! r.read_at(&mut four, 1)?; // positional read
+//! assert_eq!(&four, b"ello");
+//! writer.join().unwrap()?;
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
+//! Wake-ups are batched: waiting readers are woken after every 1 MiB written, on
+//! [`flush`](std::io::Write::flush) and on [`finish`](Writer::finish) /
+//! [`abort`](Writer::abort) — a producer that writes slowly should flush when it wants its
+//! readers to see what it has.
+
+use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+
+use crate::error::{Cause, Error, Result};
+use crate::storage::{BlobReader, Storage};
+
+pub(crate) mod progress;
+mod reader;
+mod writer;
+
+pub use reader::{Reader, Size};
+pub use writer::Writer;
+
+use progress::{Progress, Status};
+
+/// Writers publish (and wake waiting readers) after this many new bytes.
+pub(crate) const PUBLISH_EVERY: u64 = 1 << 20;
+/// No declared length.
+const NO_LEN: u64 = u64::MAX;
+
+/// Hooks a cache attaches to a stream (crate-private: the stream knows nothing of keys).
+pub(crate) trait Observer: Send + Sync + fmt::Debug {
+    /// The metadata to commit with the blob, given the final length and the user metadata.
+    fn commit_meta(&self, len: u64, user: &Bytes) -> Vec<u8>;
+    /// The stream finished at `len` (committed unless it was doomed first).
+    fn finished(&self, len: u64);
+    /// The stream was aborted.
+    fn aborted(&self);
+    /// The last reader or writer handle was released.
+    fn released(&self);
+    /// A read found stored data corrupt.
+    fn corrupt(&self);
+}
+
+/// What happens to the stored blob when the last handle goes away.
+enum OnUnused {
+    Delete,
+    Hook(Box<dyn FnOnce(&str) + Send>),
+}
+
+/// State shared by a stream's writer, readers and handles.
+pub(crate) struct Shared {
+    pub(crate) name: String,
+    pub(crate) progress: Progress,
+    pub(crate) blob: Arc<dyn BlobReader>,
+    storage: Arc<dyn Storage>,
+    /// Declared total length or `NO_LEN`. Lock-free; written by the writer only.
+    expected: AtomicU64,
+    /// Lock: this mutex (held only to clone or replace). The writer's user metadata.
+    metadata: Mutex<Bytes>,
+    /// Set (once) when the blob was committed to storage.
+    committed: AtomicBool,
+    /// Lock: this mutex. `Some` once the stream is doomed: its blob is deleted (or handed to
+    /// the hook) when `Shared` drops, i.e. after the last handle of any kind.
+    on_unused: Mutex<Option<OnUnused>>,
+    pub(crate) observer: Option<Arc<dyn Observer>>,
+}
+
+impl fmt::Debug for Shared {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Stream")
+            .field("name", &self.name)
+            .field("progress", &self.progress.peek())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Shared {
+    pub(crate) fn new(
+        name: String,
+        progress: Progress,
+        blob: Arc<dyn BlobReader>,
+        storage: Arc<dyn Storage>,
+        committed: bool,
+        observer: Option<Arc<dyn Observer>>,
+    ) -> Self {
+        Shared {
+            name,
+            progress,
+            blob,
+            storage,
+            expected: AtomicU64::new(NO_LEN),
+            metadata: Mutex::default(),
+            committed: AtomicBool::new(committed),
+            on_unused: Mutex::default(),
+            observer,
+        }
+    }
+
+    pub(crate) fn expected_len(&self) -> Option<u64> {
+        match self.expected.load(Ordering::Acquire) {
+            NO_LEN => None,
+            n => Some(n),
+        }
+    }
+
+    pub(crate) fn set_expected(&self, len: u64) {
+        self.expected.store(len, Ordering::Release);
+    }
+
+    pub(crate) fn metadata(&self) -> Bytes {
+        self.metadata.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub(crate) fn set_metadata(&self, meta: Bytes) {
+        *self.metadata.lock().unwrap_or_else(|e| e.into_inner()) = meta;
+    }
+
+    pub(crate) fn is_doomed(&self) -> bool {
+        self.on_unused.lock().unwrap_or_else(|e| e.into_inner()).is_some()
+    }
+
+    fn doom(&self, how: OnUnused) {
+        self.progress.close(Some(Arc::new(Closing("removed"))));
+        self.on_unused
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_or_insert(how);
+    }
+
+    /// Dooms the stream: no new readers; `hook(name)` runs when the last handle is gone, if
+    /// the blob was committed.
+    pub(crate) fn doom_with(&self, hook: Box<dyn FnOnce(&str) + Send>) {
+        self.doom(OnUnused::Hook(hook));
+    }
+
+    pub(crate) fn set_committed(&self) {
+        self.committed.store(true, Ordering::Release);
+    }
+
+    /// The error readers get from a failed stream.
+    pub(crate) fn failure(&self) -> Error {
+        let key = self.name.clone();
+        match self.progress.snapshot().status {
+            Status::Aborted(cause) => Error::Aborted { key, cause },
+            Status::Cancelled(cause) => Error::Closed { key, cause },
+            Status::Open | Status::Finished => Error::Closed { key, cause: None },
+        }
+    }
+
+    pub(crate) fn new_reader(self: &Arc<Self>) -> Result<Reader> {
+        self.progress.acquire().map_err(|cause| Error::Closed {
+            key: self.name.clone(),
+            cause,
+        })?;
+        Ok(Reader::new(self.clone()))
+    }
+
+    /// Releases one reader/writer handle.
+    pub(crate) fn release(&self) {
+        if self.progress.release()
+            && let Some(obs) = &self.observer
+        {
+            obs.released();
+        }
+    }
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        let how = self.on_unused.get_mut().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(how) = how
+            && *self.committed.get_mut()
+        {
+            match how {
+                OnUnused::Delete => {
+                    if let Err(e) = self.storage.remove(&self.name)
+                        && e.kind() != std::io::ErrorKind::NotFound
+                    {
+                        tracing::warn!(blob = %self.name, error = %e, "could not delete removed blob");
+                    }
+                }
+                OnUnused::Hook(hook) => hook(&self.name),
+            }
+        }
+    }
+}
+
+/// A plain-text reason used as a [`Cause`].
+#[derive(Debug)]
+pub(crate) struct Closing(pub(crate) &'static str);
+
+impl fmt::Display for Closing {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.0)
+    }
+}
+
+impl std::error::Error for Closing {}
+
+/// A handle on a stream, for making readers and controlling its life.
+///
+/// Cheap to clone. Holding one keeps the stream's data alive (see
+/// [`remove_when_unused`](Stream::remove_when_unused)).
+#[derive(Clone)]
+pub struct Stream {
+    pub(crate) shared: Arc<Shared>,
+}
+
+impl fmt::Debug for Stream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.shared.fmt(f)
+    }
+}
+
+impl Stream {
+    /// A finished stream over the committed blob `name` of `storage`.
+    ///
+    /// # Errors
+    /// [`Error::Io`] (kind `NotFound` if there is no such committed blob) or
+    /// [`Error::Corrupt`] from the storage.
+    pub fn open(storage: Arc<dyn Storage>, name: &str) -> Result<Stream> {
+        let (blob, info) = storage
+            .open(name)
+            .map_err(|e| Error::from_io("open", name, e))?;
+        let shared = Shared::new(
+            name.to_owned(),
+            Progress::new_finished(info.len),
+            blob,
+            storage,
+            true,
+            None,
+        );
+        shared.set_metadata(Bytes::from(info.meta));
+        Ok(Stream {
+            shared: Arc::new(shared),
+        })
+    }
+
+    /// The name the stream was created with.
+    pub fn name(&self) -> &str {
+        &self.shared.name
+    }
+
+    /// A new reader positioned at byte 0.
+    ///
+    /// # Errors
+    /// [`Error::Closed`] if the stream was shut down, cancelled or removed.
+    pub fn reader(&self) -> Result<Reader> {
+        self.shared.new_reader()
+    }
+
+    /// The current length and whether it is final.
+    pub fn size(&self) -> Size {
+        Size::of(&self.shared)
+    }
+
+    /// The total length the writer declared, if any.
+    pub fn expected_len(&self) -> Option<u64> {
+        self.shared.expected_len()
+    }
+
+    /// Number of live readers, plus one while the writer is open.
+    pub fn handles(&self) -> usize {
+        self.shared.progress.handles()
+    }
+
+    /// Stops new readers: [`reader`](Stream::reader) fails with [`Error::Closed`] carrying
+    /// `cause`. Existing readers and the writer carry on (Go's `ShutdownWithErr`).
+    pub fn shutdown_with(&self, cause: impl Into<Box<dyn std::error::Error + Send + Sync>>) {
+        self.shared.progress.close(Some(Cause::from(cause.into())));
+    }
+
+    /// Forcibly ends the stream: new readers are refused, and every read and write from now on
+    /// fails with [`Error::Closed`] carrying `cause` — also after the stream finished.
+    pub fn cancel_with(&self, cause: impl Into<Box<dyn std::error::Error + Send + Sync>>) {
+        let cause = Some(Cause::from(cause.into()));
+        let len = self.shared.progress.peek().0;
+        self.shared.progress.end(len, Status::Cancelled(cause));
+    }
+
+    /// Stops new readers, blocks until every reader and the writer are gone, then deletes the
+    /// blob from storage.
+    ///
+    /// # Errors
+    /// [`Error::Io`] if the storage cannot delete it (a blob that was never committed is not an
+    /// error).
+    pub fn remove(&self) -> Result<()> {
+        self.shared
+            .progress
+            .close_and_wait_unused(Some(Arc::new(Closing("removed"))));
+        if self.shared.committed.load(Ordering::Acquire) {
+            match self.shared.storage.remove(&self.shared.name) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(Error::from_io("remove", &self.shared.name, e));
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Non-blocking removal: stops new readers and deletes the blob when the last handle of
+    /// any kind (reader, writer, `Stream`) is dropped. Existing readers read to the end; a
+    /// writer may still finish, and its readers get every byte.
+    pub fn remove_when_unused(&self) {
+        self.shared.doom(OnUnused::Delete);
+    }
+}

@@ -1,0 +1,378 @@
+//! The progress/wake core of a stream: how much is published, how the stream ended, who waits.
+//!
+//! This is the only place where threads wait on each other. It knows nothing about storage:
+//! the writer publishes lengths, readers wait for lengths. It is small on purpose so that
+//! `loom` can check it exhaustively (`RUSTFLAGS="--cfg streamcache_loom" cargo test --lib
+//! loom`).
+//!
+//! Fast path: readers load `status` then `len` without locking. The writer changes both only
+//! while holding `state` and stores `len` before `status`, so a reader that sees a final
+//! status also sees the final length.
+
+use std::task::{Context, Poll, Waker};
+
+use crate::error::Cause;
+use crate::sync::{AtomicU8, AtomicU64, Condvar, Mutex, MutexGuard, Ordering};
+
+/// How a stream stands.
+#[derive(Debug, Clone)]
+pub(crate) enum Status {
+    /// Being written.
+    Open,
+    /// Finished: `len` is final.
+    Finished,
+    /// The writer gave up; readers fail.
+    Aborted(Option<Cause>),
+    /// Forcibly closed; readers and writer fail.
+    Cancelled(Option<Cause>),
+}
+
+const OPEN: u8 = 0;
+const FINISHED: u8 = 1;
+const FAILED: u8 = 2;
+
+impl Status {
+    fn code(&self) -> u8 {
+        match self {
+            Status::Open => OPEN,
+            Status::Finished => FINISHED,
+            Status::Aborted(_) | Status::Cancelled(_) => FAILED,
+        }
+    }
+}
+
+/// What a waiter learns when it wakes.
+#[derive(Debug, Clone)]
+pub(crate) struct Snapshot {
+    pub(crate) len: u64,
+    pub(crate) status: Status,
+}
+
+#[derive(Debug)]
+struct State {
+    /// Published length; mirrors `Progress::len`.
+    len: u64,
+    status: Status,
+    /// `Some` once the stream is closed to new readers (shutdown, removal, cancel), with the
+    /// reason given.
+    closed: Option<Option<Cause>>,
+    /// Live readers plus the writer while it is open.
+    handles: usize,
+    /// Threads blocked in `wait_*` (to skip `notify_all` when nobody waits).
+    sleepers: usize,
+    /// Async waiters to wake on the next change.
+    wakers: Vec<Waker>,
+}
+
+/// Shared progress of one stream.
+#[derive(Debug)]
+pub(crate) struct Progress {
+    /// Lock-free copy of `State::len`. Written only with `state` held; readers load it after
+    /// `status` with `Acquire`.
+    len: AtomicU64,
+    /// Lock-free copy of `State::status`'s code (`OPEN`, `FINISHED`, `FAILED`); same rule.
+    status: AtomicU8,
+    /// Lock: this mutex. Invariant: `len`/`status` above always equal the fields inside once
+    /// the lock is released; `len` never decreases; `status` leaves `Open` at most once.
+    state: Mutex<State>,
+    /// Signalled (with `state`) whenever `len`, `status`, `closed` or `handles` change in a way
+    /// a sleeper may wait for.
+    cond: Condvar,
+}
+
+impl Progress {
+    /// A new open stream with one handle (its writer).
+    pub(crate) fn new_open() -> Self {
+        Self::with(Status::Open, 0, 1)
+    }
+
+    /// A stream that is already finished at `len` (a committed blob), with no handles.
+    pub(crate) fn new_finished(len: u64) -> Self {
+        Self::with(Status::Finished, len, 0)
+    }
+
+    fn with(status: Status, len: u64, handles: usize) -> Self {
+        Progress {
+            len: AtomicU64::new(len),
+            status: AtomicU8::new(status.code()),
+            state: Mutex::new(State {
+                len,
+                status,
+                closed: None,
+                handles,
+                sleepers: 0,
+                wakers: Vec::new(),
+            }),
+            cond: Condvar::new(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Lock-free: the published length and whether the stream is still open, finished or failed.
+    /// Returns `(len, code)`.
+    #[inline]
+    pub(crate) fn peek(&self) -> (u64, u8) {
+        let status = self.status.load(Ordering::Acquire);
+        (self.len.load(Ordering::Acquire), status)
+    }
+
+    /// Whether the stream has failed (aborted or cancelled), lock-free.
+    #[inline]
+    pub(crate) fn failed(&self) -> bool {
+        self.status.load(Ordering::Acquire) == FAILED
+    }
+
+    /// `true` once the stream is finished, lock-free.
+    #[inline]
+    pub(crate) fn is_finished(&self) -> bool {
+        self.status.load(Ordering::Acquire) == FINISHED
+    }
+
+    /// A consistent snapshot (takes the lock).
+    pub(crate) fn snapshot(&self) -> Snapshot {
+        let st = self.lock();
+        Snapshot {
+            len: st.len,
+            status: st.status.clone(),
+        }
+    }
+
+    fn wake(&self, st: &mut State) {
+        if st.sleepers > 0 {
+            self.cond.notify_all();
+        }
+        for w in st.wakers.drain(..) {
+            w.wake();
+        }
+    }
+
+    /// Writer: `len` bytes are now readable. Wakes every waiter.
+    pub(crate) fn publish(&self, len: u64) {
+        let mut st = self.lock();
+        if !matches!(st.status, Status::Open) || len <= st.len {
+            return;
+        }
+        st.len = len;
+        self.len.store(len, Ordering::Release);
+        self.wake(&mut st);
+    }
+
+    /// Ends the stream (once): `Finished` at `len`, or failed. A cancel may also end a
+    /// finished stream. Returns `false` if it had already ended (then nothing changes).
+    pub(crate) fn end(&self, len: u64, status: Status) -> bool {
+        let mut st = self.lock();
+        let may = match (&st.status, &status) {
+            (Status::Open, _) => true,
+            (Status::Finished, Status::Cancelled(_)) => true,
+            _ => false,
+        };
+        if !may {
+            return false;
+        }
+        if matches!(status, Status::Finished) && len > st.len {
+            st.len = len;
+            self.len.store(len, Ordering::Release);
+        }
+        if let Status::Cancelled(cause) = &status {
+            st.closed.get_or_insert_with(|| cause.clone());
+        }
+        self.status.store(status.code(), Ordering::Release);
+        st.status = status;
+        self.wake(&mut st);
+        true
+    }
+
+    /// Closes the stream to new readers with `cause` (first reason wins). Existing readers go on.
+    pub(crate) fn close(&self, cause: Option<Cause>) {
+        let mut st = self.lock();
+        st.closed.get_or_insert(cause);
+    }
+
+    /// Registers a new reader. Fails with the closing reason if the stream is closed.
+    pub(crate) fn acquire(&self) -> Result<(), Option<Cause>> {
+        let mut st = self.lock();
+        if let Some(cause) = &st.closed {
+            return Err(cause.clone());
+        }
+        st.handles += 1;
+        Ok(())
+    }
+
+    /// Drops a reader or the writer. Returns `true` if that was the last handle.
+    pub(crate) fn release(&self) -> bool {
+        let mut st = self.lock();
+        st.handles -= 1;
+        let last = st.handles == 0;
+        if last {
+            self.wake(&mut st);
+        }
+        last
+    }
+
+    /// Live readers plus the writer while open.
+    pub(crate) fn handles(&self) -> usize {
+        self.lock().handles
+    }
+
+    /// Blocks until at least `end` bytes are published or the stream has ended.
+    pub(crate) fn wait_for(&self, end: u64) -> Snapshot {
+        let mut st = self.lock();
+        while st.len < end && matches!(st.status, Status::Open) {
+            st.sleepers += 1;
+            st = self.cond.wait(st).unwrap_or_else(|e| e.into_inner());
+            st.sleepers -= 1;
+        }
+        Snapshot {
+            len: st.len,
+            status: st.status.clone(),
+        }
+    }
+
+    /// Async form of [`wait_for`](Self::wait_for): ready once `end` bytes are published or the
+    /// stream has ended; otherwise registers `cx`'s waker for the next change.
+    pub(crate) fn poll_for(&self, end: u64, cx: &mut Context<'_>) -> Poll<Snapshot> {
+        let mut st = self.lock();
+        if st.len >= end || !matches!(st.status, Status::Open) {
+            return Poll::Ready(Snapshot {
+                len: st.len,
+                status: st.status.clone(),
+            });
+        }
+        if !st.wakers.iter().any(|w| w.will_wake(cx.waker())) {
+            st.wakers.push(cx.waker().clone());
+        }
+        Poll::Pending
+    }
+
+    /// Closes the stream to new readers, then blocks until every handle is released.
+    pub(crate) fn close_and_wait_unused(&self, cause: Option<Cause>) {
+        let mut st = self.lock();
+        st.closed.get_or_insert(cause);
+        while st.handles > 0 {
+            st.sleepers += 1;
+            st = self.cond.wait(st).unwrap_or_else(|e| e.into_inner());
+            st.sleepers -= 1;
+        }
+    }
+}
+
+#[cfg(all(test, streamcache_loom))]
+mod loom_tests {
+    //! Exhaustive interleavings of the wake core: 1 writer, 2 readers, up to 3 publishes,
+    //! and abort/drop races. Run with
+    //! `RUSTFLAGS="--cfg streamcache_loom" cargo test --release --lib loom`.
+    use super::*;
+    use loom::sync::Arc;
+    use loom::thread;
+
+    /// Readers that wait for the end never miss the final wake-up and see every publish in
+    /// order (the length they observe never goes backwards).
+    #[test]
+    fn readers_see_all_publishes_then_finish() {
+        loom::model(|| {
+            let p = Arc::new(Progress::new_open());
+            let readers: Vec<_> = (0..2)
+                .map(|_| {
+                    let p = p.clone();
+                    p.acquire().unwrap();
+                    thread::spawn(move || {
+                        let mut seen = 0;
+                        loop {
+                            let snap = p.wait_for(seen + 1);
+                            assert!(snap.len >= seen);
+                            seen = snap.len;
+                            if matches!(snap.status, Status::Finished) {
+                                break;
+                            }
+                        }
+                        p.release();
+                        seen
+                    })
+                })
+                .collect();
+            for len in 1..=3 {
+                p.publish(len);
+            }
+            assert!(p.end(3, Status::Finished));
+            p.release();
+            for r in readers {
+                assert_eq!(r.join().unwrap(), 3);
+            }
+        });
+    }
+
+    /// An abort racing with waiting readers always wakes them with the failure, and the
+    /// lock-free peek agrees with the locked state.
+    #[test]
+    fn abort_wakes_waiters() {
+        loom::model(|| {
+            let p = Arc::new(Progress::new_open());
+            let readers: Vec<_> = (0..2)
+                .map(|_| {
+                    let p = p.clone();
+                    thread::spawn(move || {
+                        let snap = p.wait_for(10);
+                        assert!(matches!(snap.status, Status::Aborted(_)));
+                        assert!(p.failed());
+                        snap.len
+                    })
+                })
+                .collect();
+            p.publish(2);
+            p.end(2, Status::Aborted(None));
+            for r in readers {
+                assert_eq!(r.join().unwrap(), 2);
+            }
+        });
+    }
+
+    /// Finish racing with the lock-free fast path: a reader that sees `FINISHED` sees the
+    /// final length.
+    #[test]
+    fn peek_sees_final_len_with_finished() {
+        loom::model(|| {
+            let p = Arc::new(Progress::new_open());
+            let p2 = p.clone();
+            let t = thread::spawn(move || {
+                let (len, status) = p2.peek();
+                if status == FINISHED {
+                    assert_eq!(len, 2);
+                }
+            });
+            p.publish(1);
+            p.end(2, Status::Finished);
+            t.join().unwrap();
+        });
+    }
+
+    /// Blocking removal waits for the last reader's drop, and a reader that races the close
+    /// either registers before it (and is waited for) or is refused.
+    #[test]
+    fn removal_waits_for_last_handle() {
+        loom::model(|| {
+            let p = Arc::new(Progress::new_open());
+            let released = Arc::new(loom::sync::atomic::AtomicBool::new(false));
+            let (p2, r2) = (p.clone(), released.clone());
+            let reader = thread::spawn(move || {
+                if p2.acquire().is_ok() {
+                    r2.store(true, Ordering::SeqCst);
+                    p2.release();
+                }
+            });
+            let p3 = p.clone();
+            let writer = thread::spawn(move || {
+                p3.end(0, Status::Finished);
+                p3.release();
+            });
+            p.close_and_wait_unused(None);
+            assert_eq!(p.handles(), 0);
+            assert!(p.acquire().is_err());
+            reader.join().unwrap();
+            writer.join().unwrap();
+            let _ = released.load(Ordering::SeqCst);
+        });
+    }
+}

@@ -1,0 +1,330 @@
+use std::fmt;
+use std::io::{self, Read, Seek, SeekFrom};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+
+use super::Shared;
+use super::progress::{Progress, Status};
+use crate::error::Error;
+
+const FINISHED: u8 = 1;
+const FAILED: u8 = 2;
+
+/// How much of a stream exists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Size {
+    /// Bytes readable now.
+    pub len: u64,
+    /// `true` once the stream is finished: `len` is its final length.
+    pub finished: bool,
+}
+
+impl Size {
+    pub(crate) fn of(shared: &Shared) -> Size {
+        let (len, code) = shared.progress.peek();
+        Size {
+            len,
+            finished: code == FINISHED,
+        }
+    }
+}
+
+/// An independent reader of a stream, from byte 0: [`Read`], [`Seek`] and
+/// [`read_at`](Reader::read_at).
+///
+/// At the written end of a stream that is still open, reads block until more bytes are
+/// published, the stream finishes (then end of file) or fails (then an error — an aborted
+/// stream never looks like a clean end of file). A reader owns what it needs: it can move to
+/// another thread and outlive the cache or writer it came from.
+pub struct Reader {
+    shared: Arc<Shared>,
+    pos: u64,
+    /// Zero-copy chunk from the storage, starting at `chunk_pos` (memory storage).
+    chunk: Bytes,
+    chunk_pos: u64,
+}
+
+impl fmt::Debug for Reader {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Reader")
+            .field("name", &self.shared.name)
+            .field("pos", &self.pos)
+            .field("size", &self.size())
+            .finish()
+    }
+}
+
+impl Reader {
+    pub(crate) fn new(shared: Arc<Shared>) -> Reader {
+        Reader {
+            shared,
+            pos: 0,
+            chunk: Bytes::new(),
+            chunk_pos: 0,
+        }
+    }
+
+    fn progress(&self) -> &Progress {
+        &self.shared.progress
+    }
+
+    /// The stream's name (a cache entry's key).
+    pub fn key(&self) -> &str {
+        &self.shared.name
+    }
+
+    /// The current position of [`Read`] and [`Seek`].
+    pub fn position(&self) -> u64 {
+        self.pos
+    }
+
+    /// The current length of the stream and whether it is final. Never blocks.
+    pub fn size(&self) -> Size {
+        Size::of(&self.shared)
+    }
+
+    /// The total length the writer declared, if any (for `Content-Length` before the end).
+    pub fn expected_len(&self) -> Option<u64> {
+        self.shared.expected_len()
+    }
+
+    /// The user metadata the writer attached (empty if none).
+    pub fn metadata(&self) -> Bytes {
+        self.shared.metadata()
+    }
+
+    fn failure(&self) -> io::Error {
+        self.shared.failure().into()
+    }
+
+    /// Lock-free check: `Ok(Some(len))` if bytes up to `end` are published or the stream is
+    /// finished, `Ok(None)` if the caller must wait, `Err` if the stream failed.
+    #[inline]
+    fn check(&self, end: u64) -> io::Result<Option<u64>> {
+        let (len, code) = self.progress().peek();
+        match code {
+            FAILED => Err(self.failure()),
+            FINISHED => Ok(Some(len)),
+            _ if len >= end => Ok(Some(len)),
+            _ => Ok(None),
+        }
+    }
+
+    /// Blocks until bytes up to `end` exist or the stream ended; returns the readable length.
+    fn wait(&self, end: u64) -> io::Result<u64> {
+        loop {
+            if let Some(len) = self.check(end)? {
+                return Ok(len);
+            }
+            let snap = self.progress().wait_for(end);
+            if matches!(snap.status, Status::Aborted(_) | Status::Cancelled(_)) {
+                return Err(self.failure());
+            }
+        }
+    }
+
+    /// Async form of `wait`.
+    pub(crate) fn poll_wait(&self, end: u64, cx: &mut Context<'_>) -> Poll<io::Result<u64>> {
+        loop {
+            match self.check(end) {
+                Err(e) => return Poll::Ready(Err(e)),
+                Ok(Some(len)) => return Poll::Ready(Ok(len)),
+                Ok(None) => {}
+            }
+            if self.progress().poll_for(end, cx).is_pending() {
+                return Poll::Pending;
+            }
+        }
+    }
+
+    fn storage_error(&self, e: io::Error) -> io::Error {
+        if e.kind() == io::ErrorKind::InvalidData
+            && let Some(obs) = &self.shared.observer
+        {
+            obs.corrupt();
+        }
+        e
+    }
+
+    fn short_read(&self, offset: u64) -> io::Error {
+        io::Error::from(Error::Corrupt {
+            path: self.shared.name.clone().into(),
+            reason: format!("storage returned no data at published offset {offset}"),
+        })
+    }
+
+    /// Reads at `self.pos` given that `len` bytes are readable.
+    pub(crate) fn read_ready(&mut self, buf: &mut [u8], len: u64) -> io::Result<usize> {
+        if self.pos >= len || buf.is_empty() {
+            return Ok(0);
+        }
+        let avail = len - self.pos;
+        let chunk_end = self.chunk_pos + self.chunk.len() as u64;
+        if !(self.chunk_pos..chunk_end).contains(&self.pos) {
+            let max = usize::try_from(avail).unwrap_or(usize::MAX);
+            match self.shared.blob.read_bytes(self.pos, max) {
+                Some(Ok(chunk)) if !chunk.is_empty() => {
+                    self.chunk = chunk;
+                    self.chunk_pos = self.pos;
+                }
+                Some(Ok(_)) => return Err(self.short_read(self.pos)),
+                Some(Err(e)) => return Err(self.storage_error(e)),
+                None => {
+                    let want = buf.len().min(max);
+                    let n = self
+                        .shared
+                        .blob
+                        .read_at(&mut buf[..want], self.pos)
+                        .map_err(|e| self.storage_error(e))?;
+                    if n == 0 {
+                        return Err(self.short_read(self.pos));
+                    }
+                    self.pos += n as u64;
+                    return Ok(n);
+                }
+            }
+        }
+        let from = (self.pos - self.chunk_pos) as usize;
+        let n = buf.len().min(self.chunk.len() - from);
+        buf[..n].copy_from_slice(&self.chunk[from..from + n]);
+        self.pos += n as u64;
+        Ok(n)
+    }
+
+    /// Zero-copy read: up to `max` bytes at the current position as a shared [`Bytes`],
+    /// blocking like [`Read::read`]. With memory storage no byte is copied; other storage
+    /// copies once. An empty result means end of stream.
+    ///
+    /// # Errors
+    /// As [`Read::read`].
+    pub fn read_chunk(&mut self, max: usize) -> io::Result<Bytes> {
+        if max == 0 {
+            return Ok(Bytes::new());
+        }
+        let len = self.wait(self.pos + 1)?;
+        if self.pos >= len {
+            return Ok(Bytes::new());
+        }
+        let max = max.min(usize::try_from(len - self.pos).unwrap_or(usize::MAX));
+        let chunk_end = self.chunk_pos + self.chunk.len() as u64;
+        if !(self.chunk_pos..chunk_end).contains(&self.pos) {
+            match self.shared.blob.read_bytes(self.pos, max) {
+                Some(Ok(chunk)) if !chunk.is_empty() => {
+                    self.chunk = chunk;
+                    self.chunk_pos = self.pos;
+                }
+                Some(Ok(_)) => return Err(self.short_read(self.pos)),
+                Some(Err(e)) => return Err(self.storage_error(e)),
+                None => {
+                    let mut buf = vec![0; max];
+                    let n = self.read_ready(&mut buf, len)?;
+                    buf.truncate(n);
+                    return Ok(Bytes::from(buf));
+                }
+            }
+        }
+        let from = (self.pos - self.chunk_pos) as usize;
+        let n = max.min(self.chunk.len() - from);
+        self.pos += n as u64;
+        Ok(self.chunk.slice(from..from + n))
+    }
+
+    /// Reads exactly `buf.len()` bytes at `offset` — or fewer only if the stream finishes
+    /// first — without moving this reader's position. Blocks until that whole range is
+    /// written (or the stream ends). Returns 0 at or past the end of a finished stream.
+    ///
+    /// # Errors
+    /// [`Error::Aborted`] / [`Error::Closed`] (inside the [`io::Error`]) if the stream failed,
+    /// or a storage error.
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        let len = self.wait(offset.saturating_add(buf.len() as u64))?;
+        self.read_at_ready(buf, offset, len)
+    }
+
+    pub(crate) fn read_at_ready(&self, buf: &mut [u8], offset: u64, len: u64) -> io::Result<usize> {
+        if offset >= len {
+            return Ok(0);
+        }
+        let want = buf.len().min(usize::try_from(len - offset).unwrap_or(usize::MAX));
+        let mut done = 0;
+        while done < want {
+            let n = self
+                .shared
+                .blob
+                .read_at(&mut buf[done..want], offset + done as u64)
+                .map_err(|e| self.storage_error(e))?;
+            if n == 0 {
+                return Err(self.short_read(offset + done as u64));
+            }
+            done += n;
+        }
+        Ok(done)
+    }
+
+    /// Resolves a seek target. `SeekFrom::End` needs the final or declared length: if it is not
+    /// known yet, `end` is called to wait for it.
+    pub(crate) fn seek_target(
+        &self,
+        pos: SeekFrom,
+        end: impl FnOnce() -> io::Result<u64>,
+    ) -> io::Result<u64> {
+        let (base, delta) = match pos {
+            SeekFrom::Start(n) => return Ok(n),
+            SeekFrom::Current(d) => (self.pos, d),
+            SeekFrom::End(d) => {
+                let base = match self.shared.expected_len() {
+                    Some(n) => n,
+                    None => end()?,
+                };
+                (base, d)
+            }
+        };
+        base.checked_add_signed(delta).ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "seek to a negative or overflowing position",
+            )
+        })
+    }
+
+    pub(crate) fn set_position(&mut self, pos: u64) {
+        self.pos = pos;
+    }
+}
+
+impl Read for Reader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        let len = self.wait(self.pos + 1)?;
+        self.read_ready(buf, len)
+    }
+}
+
+/// `SeekFrom::Start` and `SeekFrom::Current` never block. `SeekFrom::End` blocks until the
+/// stream finishes, unless the writer declared its length. Seeking past the end is allowed;
+/// reads there wait for the bytes or return end of file.
+impl Seek for Reader {
+    fn seek(&mut self, pos: SeekFrom) -> io::Result<u64> {
+        let target = self.seek_target(pos, || self.wait(u64::MAX))?;
+        self.pos = target;
+        Ok(target)
+    }
+
+    fn stream_position(&mut self) -> io::Result<u64> {
+        Ok(self.pos)
+    }
+}
+
+impl Drop for Reader {
+    fn drop(&mut self) {
+        self.shared.release();
+    }
+}
