@@ -62,20 +62,26 @@ const NO_LEN: u64 = u64::MAX;
 pub(crate) trait Observer: Send + Sync + fmt::Debug {
     /// The metadata to commit with the blob, given the final length and the user metadata.
     fn commit_meta(&self, len: u64, user: &Bytes) -> Vec<u8>;
-    /// The stream finished at `len` (committed unless it was doomed first).
-    fn finished(&self, len: u64);
+    /// The writer published `len` bytes in total.
+    fn published(&self, len: u64);
+    /// The stream finished at `len`; `committed` is false if it was doomed first.
+    fn finished(&self, len: u64, committed: bool);
     /// The stream was aborted.
     fn aborted(&self);
     /// The last reader or writer handle was released.
     fn released(&self);
     /// A read found stored data corrupt.
     fn corrupt(&self);
+    /// A reader that delivered `bytes` bytes is being dropped.
+    fn reader_closed(&self, bytes: u64);
 }
 
 /// What happens to the stored blob when the last handle goes away.
 enum OnUnused {
+    /// Nothing: someone else (a cache) deletes it.
+    Keep,
+    /// Delete it from storage.
     Delete,
-    Hook(Box<dyn FnOnce(&str) + Send>),
 }
 
 /// State shared by a stream's writer, readers and handles.
@@ -158,10 +164,10 @@ impl Shared {
             .get_or_insert(how);
     }
 
-    /// Dooms the stream: no new readers; `hook(name)` runs when the last handle is gone, if
-    /// the blob was committed.
-    pub(crate) fn doom_with(&self, hook: Box<dyn FnOnce(&str) + Send>) {
-        self.doom(OnUnused::Hook(hook));
+    /// Dooms the stream: no new readers, and a writer that has not finished yet will not
+    /// commit. Deleting a blob that is already committed is the caller's business.
+    pub(crate) fn doom_keep(&self) {
+        self.doom(OnUnused::Keep);
     }
 
     pub(crate) fn set_committed(&self) {
@@ -199,19 +205,12 @@ impl Shared {
 impl Drop for Shared {
     fn drop(&mut self) {
         let how = self.on_unused.get_mut().unwrap_or_else(|e| e.into_inner()).take();
-        if let Some(how) = how
+        if let Some(OnUnused::Delete) = how
             && *self.committed.get_mut()
+            && let Err(e) = self.storage.remove(&self.name)
+            && e.kind() != std::io::ErrorKind::NotFound
         {
-            match how {
-                OnUnused::Delete => {
-                    if let Err(e) = self.storage.remove(&self.name)
-                        && e.kind() != std::io::ErrorKind::NotFound
-                    {
-                        tracing::warn!(blob = %self.name, error = %e, "could not delete removed blob");
-                    }
-                }
-                OnUnused::Hook(hook) => hook(&self.name),
-            }
+            tracing::warn!(blob = %self.name, error = %e, "could not delete removed blob");
         }
     }
 }

@@ -1,6 +1,7 @@
 use std::fmt;
 use std::io::{self, Read, Seek, SeekFrom};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -45,6 +46,8 @@ pub struct Reader {
     /// Zero-copy chunk from the storage, starting at `chunk_pos` (memory storage).
     chunk: Bytes,
     chunk_pos: u64,
+    /// Bytes delivered by this reader (for cache statistics). Relaxed: only summed at drop.
+    delivered: AtomicU64,
 }
 
 impl fmt::Debug for Reader {
@@ -64,6 +67,7 @@ impl Reader {
             pos: 0,
             chunk: Bytes::new(),
             chunk_pos: 0,
+            delivered: AtomicU64::new(0),
         }
     }
 
@@ -183,6 +187,7 @@ impl Reader {
                         return Err(self.short_read(self.pos));
                     }
                     self.pos += n as u64;
+                    self.count(n);
                     return Ok(n);
                 }
             }
@@ -191,6 +196,7 @@ impl Reader {
         let n = buf.len().min(self.chunk.len() - from);
         buf[..n].copy_from_slice(&self.chunk[from..from + n]);
         self.pos += n as u64;
+        self.count(n);
         Ok(n)
     }
 
@@ -229,6 +235,7 @@ impl Reader {
         let from = (self.pos - self.chunk_pos) as usize;
         let n = max.min(self.chunk.len() - from);
         self.pos += n as u64;
+        self.count(n);
         Ok(self.chunk.slice(from..from + n))
     }
 
@@ -264,7 +271,13 @@ impl Reader {
             }
             done += n;
         }
+        self.count(done);
         Ok(done)
+    }
+
+    #[inline]
+    fn count(&self, n: usize) {
+        self.delivered.fetch_add(n as u64, Ordering::Relaxed);
     }
 
     /// Resolves a seek target. `SeekFrom::End` needs the final or declared length: if it is not
@@ -325,6 +338,9 @@ impl Seek for Reader {
 
 impl Drop for Reader {
     fn drop(&mut self) {
+        if let Some(obs) = &self.shared.observer {
+            obs.reader_closed(*self.delivered.get_mut());
+        }
         self.shared.release();
     }
 }

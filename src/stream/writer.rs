@@ -134,6 +134,9 @@ impl Writer {
         }
         self.shared.progress.publish(written);
         self.published = written;
+        if let Some(obs) = &self.shared.observer {
+            obs.published(written);
+        }
         Ok(())
     }
 
@@ -207,7 +210,8 @@ impl Writer {
             return Err(self.fail("publish", e));
         }
         let len = self.written;
-        if !self.shared.is_doomed() {
+        let commit = !self.shared.is_doomed();
+        if commit {
             let user = self.shared.metadata();
             let meta = match &self.shared.observer {
                 Some(obs) => obs.commit_meta(len, &user),
@@ -222,7 +226,7 @@ impl Writer {
             return Err(self.shared.failure());
         }
         if let Some(obs) = &self.shared.observer {
-            obs.finished(len);
+            obs.finished(len, commit);
         }
         Ok(())
     }
