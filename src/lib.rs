@@ -1,11 +1,71 @@
 //! A keyed cache of byte **streams**: the first requester of a key writes it, everyone else
 //! reads it *while it is being written*, from byte 0, each at their own pace.
-#![doc = "\n\n(Crate documentation is completed with the cache.)"]
+//!
+//! ```
+//! use std::io::{Read, Write};
+//! use streamcache::{Cache, Entry};
+//!
+//! let cache = Cache::builder().memory().build()?;
+//! match cache.get_or_create("https://example.com/big.bin")? {
+//!     Entry::Miss(mut w) => {
+//!         // We are the one producer: stream bytes in; readers may already be reading.
+//!         w.write_all(b"expensive bytes")?;
+//!         w.finish()?;
+//!     }
+//!     Entry::Hit(mut r) => {
+//!         let mut buf = Vec::new();
+//!         r.read_to_end(&mut buf)?;
+//!     }
+//! }
+//! let mut r = cache.get("https://example.com/big.bin")?.expect("present");
+//! let mut s = String::new();
+//! r.read_to_string(&mut s)?;
+//! assert_eq!(s, "expensive bytes");
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
+//! # Layers
+//!
+//! * [`Cache`] ([`cache`]): keys → entries, `get_or_create`, removal, limits, reload, and a
+//!   background reaper that does the blocking part of removal and eviction.
+//! * [`Stream`] ([`stream`]): one blob's life — one [`Writer`], many [`Reader`]s, progress and
+//!   wake-ups. Usable on its own, without a cache.
+//! * [`Storage`](storage::Storage) ([`storage`]): where bytes live —
+//!   [`MemoryStorage`](storage::MemoryStorage), [`DiskStorage`](storage::DiskStorage), or your
+//!   own implementation.
+//!
+//! # Behaviour
+//!
+//! * A reader at the written end of an unfinished stream blocks until more bytes are
+//!   published, the stream finishes (end of file) or fails (an error). Writers publish every
+//!   1 MiB, on `flush()` and on `finish()`.
+//! * A writer dropped without [`finish`](Writer::finish) (or a failed write) **aborts** the
+//!   entry: readers get [`Error::Aborted`], never a clean end of file; the next request misses.
+//! * [`Cache::remove`] and eviction never cut an open reader and never block: the key is
+//!   gone for new requests at once; the data is deleted in the background.
+//! * On disk, finished entries survive restarts and crashes; unfinished ones are discarded;
+//!   stored data is checked with blake3 as it is read back.
+//!
+//! # Concurrency model
+//!
+//! * **Linearizable:** `get_or_create`, `get`, `remove` and `contains_key` on one key. For a
+//!   key, exactly one caller gets [`Entry::Miss`] until that entry is removed, expires or
+//!   aborts; every later call sees the entry or its removal.
+//! * **Eventual:** eviction (the reaper acts shortly after a limit is crossed or an entry
+//!   expires, though an expired entry is never *served*), [`Cache::len`],
+//!   [`Cache::total_bytes`], [`Cache::stats`], and recency order.
+//! * **Never blocking a request:** the index is a sharded map whose locks are held only for
+//!   one map operation, never across I/O; readers read storage without any lock and wait on a
+//!   condition variable only at the written end; deletions run on the reaper thread.
+//! * [`Cache`] is `Send + Sync`. [`Reader`] and [`Writer`] are `Send + 'static`: they own what
+//!   they need and outlive the call (and the cache) that made them.
 
+pub mod cache;
 pub mod error;
 pub mod storage;
 pub mod stream;
 mod sync;
 
+pub use cache::{Cache, CacheBuilder, CacheStats, Entry, RemovalCause};
 pub use error::{Error, Result};
 pub use stream::{Reader, Size, Stream, Writer};

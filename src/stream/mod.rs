@@ -14,11 +14,11 @@
 //!
 //! let mut w = Writer::create(Arc::new(MemoryStorage::new()), "greeting")?;
 //! let mut r = w.reader()?;
-//! let writer = std::thread::spawn(move || -> streamcache::Result<()> {
+//! let writer = std::thread::spawn(move || -> std::io::Result<()> {
 //!     w.write_all(b"Hello World!")?;
 //!     w.flush()?; // readers see these bytes now
 //!     w.write_all(b" Streaming updates...")?;
-//!     w.finish()
+//!     Ok(w.finish()?)
 //! });
 //! let mut all = String::new();
 //! r.read_to_string(&mut all)?; // blocks until the writer finishes
@@ -264,6 +264,39 @@ impl Stream {
         Ok(Stream {
             shared: Arc::new(shared),
         })
+    }
+
+    /// A finished stream over an already opened committed blob (used by the cache at reload).
+    pub(crate) fn committed(
+        storage: Arc<dyn Storage>,
+        name: &str,
+        blob: Arc<dyn BlobReader>,
+        len: u64,
+        user: Bytes,
+        observer: Option<Arc<dyn Observer>>,
+    ) -> Stream {
+        let shared = Shared::new(
+            name.to_owned(),
+            Progress::new_finished(len),
+            blob,
+            storage,
+            true,
+            observer,
+        );
+        shared.set_metadata(user);
+        Stream {
+            shared: Arc::new(shared),
+        }
+    }
+
+    /// Dooms the stream without deleting its blob (the cache deletes it).
+    pub(crate) fn doom_keep(&self) {
+        self.shared.doom_keep();
+    }
+
+    /// Whether the stream failed (aborted or cancelled).
+    pub(crate) fn failed(&self) -> bool {
+        self.shared.progress.failed()
     }
 
     /// The name the stream was created with.

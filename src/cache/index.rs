@@ -1,0 +1,489 @@
+//! The key → entry index, recency, byte accounting and the removal path.
+//!
+//! Lock order: a DashMap shard lock is never held while taking another lock or doing I/O
+//! (look-ups clone the `Arc<Slot>` out and drop the guard). `lru` is a leaf lock. The stream's
+//! own lock is taken only without either of these held.
+
+use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+
+use bytes::Bytes;
+use dashmap::DashMap;
+use lru::LruCache;
+
+use super::clock::Clock;
+use super::meta::EntryMeta;
+use super::{EntryInfo, Policy, RemovalCause};
+use crate::error::{Error, Result};
+use crate::storage::Storage;
+use crate::stream::{Observer, Reader, Stream};
+
+/// `EntryState::accounted` once the entry left the index: its bytes no longer count.
+const GONE: u64 = u64::MAX;
+
+/// Work for the reaper thread.
+#[derive(Debug)]
+pub(crate) enum Job {
+    /// Delete a committed blob.
+    Delete(String),
+    /// Tell the eviction listener.
+    Notify(Arc<str>, RemovalCause),
+    /// Limits may be exceeded: evict.
+    Maintain,
+    /// Finish every job queued before this one, run maintenance, then reply.
+    Sync(Sender<()>),
+    /// Stop.
+    Shutdown,
+}
+
+/// Limits and options fixed at build time.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Limits {
+    pub(crate) max_entries: Option<u64>,
+    pub(crate) max_bytes: Option<u64>,
+    pub(crate) ttl_ms: Option<u64>,
+    pub(crate) tti_ms: Option<u64>,
+}
+
+/// Counters behind [`super::CacheStats`]. Relaxed atomics: statistics are eventually exact.
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub(crate) hits: AtomicU64,
+    pub(crate) misses: AtomicU64,
+    pub(crate) aborts: AtomicU64,
+    pub(crate) removals: AtomicU64,
+    pub(crate) evictions: AtomicU64,
+    pub(crate) bytes_written: AtomicU64,
+    pub(crate) bytes_read: AtomicU64,
+    pub(crate) over_limit: AtomicBool,
+}
+
+pub(crate) type Listener = Arc<dyn Fn(&str, RemovalCause) + Send + Sync>;
+
+/// Everything the cache shares with its entries' observers and its reaper.
+pub(crate) struct Inner {
+    pub(crate) storage: Arc<dyn Storage>,
+    /// Lock: DashMap's shard locks, held only inside a single map call. Invariant: a key maps
+    /// to the slot that new requests are served from; a slot leaves the map exactly once
+    /// (`unlink`), and `finalize` runs exactly once per slot that was in the map.
+    pub(crate) index: DashMap<Arc<str>, Arc<Slot>>,
+    /// Lock: this mutex (a leaf lock). Finished, live entries by recency (least recent
+    /// first out). Inserted only while `EntryState::live` is true under this lock, removed by
+    /// `finalize` under it, so no dead entry stays.
+    pub(crate) lru: Mutex<LruCache<u64, Arc<EntryState>>>,
+    /// Bytes of live entries, including those still being written. Lock-free; each entry
+    /// contributes its `accounted` field.
+    pub(crate) bytes: AtomicU64,
+    pub(crate) limits: Limits,
+    pub(crate) clock: Arc<dyn Clock>,
+    pub(crate) stats: Counters,
+    /// Next entry id (part of blob names, so a new version never reuses an old name).
+    pub(crate) next_id: AtomicU64,
+    pub(crate) jobs: Sender<Job>,
+    pub(crate) listener: Option<Listener>,
+    pub(crate) policy: Option<Arc<dyn Policy>>,
+}
+
+impl fmt::Debug for Inner {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Cache")
+            .field("storage", &self.storage)
+            .field("entries", &self.index.len())
+            .field("bytes", &self.bytes.load(Ordering::Relaxed))
+            .field("limits", &self.limits)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One entry in the index.
+#[derive(Debug)]
+pub(crate) struct Slot {
+    pub(crate) state: Arc<EntryState>,
+    /// The stream: set at creation for new entries, on first use for reloaded ones.
+    pub(crate) stream: OnceLock<Stream>,
+}
+
+/// What the cache tracks about one entry; also the stream's observer.
+#[derive(Debug)]
+pub(crate) struct EntryState {
+    pub(crate) key: Arc<str>,
+    pub(crate) id: u64,
+    pub(crate) cache: Weak<Inner>,
+    pub(crate) created: u64,
+    /// Milliseconds; 0 while being written. Set once.
+    pub(crate) finished: AtomicU64,
+    pub(crate) last_access: AtomicU64,
+    /// When the last handle was released (time-to-idle base).
+    pub(crate) idle_since: AtomicU64,
+    /// Bytes counted into `Inner::bytes`, or `GONE`.
+    pub(crate) accounted: AtomicU64,
+    /// In the index. Set once before insertion, cleared once by `finalize` (SeqCst: pairs
+    /// with `committed` so that one of `finalize` and `finished` deletes a late commit).
+    pub(crate) live: AtomicBool,
+    /// The blob is committed in storage (SeqCst, see `live`).
+    pub(crate) committed: AtomicBool,
+    /// User metadata, known once finished (or at reload).
+    pub(crate) user: OnceLock<Bytes>,
+    /// Read since committed or reloaded: its recency should be persisted.
+    pub(crate) touched: AtomicBool,
+}
+
+/// The blob name of version `id` of `key`: 128 bits of blake3(key), then the id.
+pub(crate) fn blob_name(key: &str, id: u64) -> String {
+    let hash = blake3::hash(key.as_bytes());
+    format!("{}-{id:016x}", &hash.to_hex()[..32])
+}
+
+impl EntryState {
+    pub(crate) fn name(&self) -> String {
+        blob_name(&self.key, self.id)
+    }
+
+    fn info(&self, len: u64) -> EntryInfo {
+        EntryInfo {
+            key: self.key.to_string(),
+            len,
+            created: self.created,
+            last_access: self.last_access.load(Ordering::Relaxed),
+            metadata: self.user.get().cloned().unwrap_or_default(),
+        }
+    }
+
+    pub(crate) fn meta(&self) -> EntryMeta {
+        EntryMeta {
+            key: self.key.to_string(),
+            created: self.created,
+            finished: self.finished.load(Ordering::Relaxed),
+            last_access: self.last_access.load(Ordering::Relaxed),
+            user: self.user.get().cloned().unwrap_or_default(),
+        }
+    }
+}
+
+impl Observer for EntryState {
+    fn commit_meta(&self, _len: u64, user: &Bytes) -> Vec<u8> {
+        let now = self.cache.upgrade().map_or(0, |c| c.clock.now_millis());
+        let _ = self.user.set(user.clone());
+        self.finished.store(now, Ordering::Relaxed);
+        self.last_access.store(now, Ordering::Relaxed);
+        self.meta().encode()
+    }
+
+    fn published(&self, len: u64) {
+        if let Some(cache) = self.cache.upgrade() {
+            cache.account(self, len);
+        }
+    }
+
+    fn finished(&self, len: u64, committed: bool) {
+        let Some(cache) = self.cache.upgrade() else {
+            return;
+        };
+        let now = cache.clock.now_millis();
+        let _ = self.finished.compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed);
+        self.last_access.store(now, Ordering::Relaxed);
+        self.idle_since.store(now, Ordering::Relaxed);
+        cache.stats.bytes_written.fetch_add(len, Ordering::Relaxed);
+        if committed {
+            self.committed.store(true, Ordering::SeqCst);
+            if !self.live.load(Ordering::SeqCst) {
+                // Removed while it was being written: nobody else will delete it.
+                let _ = cache.jobs.send(Job::Delete(self.name()));
+            }
+        }
+        cache.account(self, len);
+        let me = cache
+            .index
+            .get(&*self.key)
+            .map(|s| s.state.clone())
+            .filter(|s| s.id == self.id);
+        if let Some(me) = me {
+            let mut lru = cache.lru.lock().unwrap_or_else(|e| e.into_inner());
+            // Checked under the LRU lock: `finalize` clears `live` before taking it.
+            if self.live.load(Ordering::SeqCst) {
+                lru.put(self.id, me);
+            }
+        }
+        if cache.over_limits() {
+            let _ = cache.jobs.send(Job::Maintain);
+        }
+    }
+
+    fn aborted(&self) {
+        if let Some(cache) = self.cache.upgrade()
+            && self.live.load(Ordering::SeqCst)
+        {
+            cache.stats.aborts.fetch_add(1, Ordering::Relaxed);
+            cache.unlink_id(&self.key, self.id, RemovalCause::Aborted);
+        }
+    }
+
+    fn released(&self) {
+        if let Some(cache) = self.cache.upgrade() {
+            self.idle_since
+                .store(cache.clock.now_millis(), Ordering::Relaxed);
+        }
+    }
+
+    fn corrupt(&self) {
+        if let Some(cache) = self.cache.upgrade() {
+            tracing::warn!(key = %self.key, "dropping entry whose stored data is corrupt");
+            cache.unlink_id(&self.key, self.id, RemovalCause::Corrupt);
+        }
+    }
+
+    fn reader_closed(&self, bytes: u64) {
+        if let Some(cache) = self.cache.upgrade() {
+            cache.stats.bytes_read.fetch_add(bytes, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Inner {
+    /// Sets `state`'s contribution to the byte total to `len` (unless it left the index).
+    fn account(&self, state: &EntryState, len: u64) {
+        let mut cur = state.accounted.load(Ordering::Acquire);
+        loop {
+            if cur == GONE || cur >= len {
+                return;
+            }
+            match state
+                .accounted
+                .compare_exchange(cur, len, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => break,
+                Err(now) => cur = now,
+            }
+        }
+        self.bytes.fetch_add(len - cur, Ordering::AcqRel);
+        if self
+            .limits
+            .max_bytes
+            .is_some_and(|max| self.bytes.load(Ordering::Relaxed) > max)
+        {
+            let _ = self.jobs.send(Job::Maintain);
+        }
+    }
+
+    pub(crate) fn over_limits(&self) -> bool {
+        let entries = self
+            .limits
+            .max_entries
+            .is_some_and(|max| self.index.len() as u64 > max);
+        entries
+            || self
+                .limits
+                .max_bytes
+                .is_some_and(|max| self.bytes.load(Ordering::Relaxed) > max)
+    }
+
+    /// Why `slot` must not be served at `now`, if it must not.
+    pub(crate) fn expiry(&self, slot: &Slot, now: u64) -> Option<RemovalCause> {
+        let finished = slot.state.finished.load(Ordering::Relaxed);
+        if finished == 0 {
+            return None; // being written: never expires
+        }
+        if let Some(ttl) = self.limits.ttl_ms
+            && now >= finished.saturating_add(ttl)
+        {
+            return Some(RemovalCause::Expired);
+        }
+        if let Some(tti) = self.limits.tti_ms {
+            let idle_since = slot.state.idle_since.load(Ordering::Relaxed);
+            let in_use = slot.stream.get().is_some_and(|s| s.handles() > 0);
+            if !in_use && now >= idle_since.saturating_add(tti) {
+                return Some(RemovalCause::Idle);
+            }
+        }
+        None
+    }
+
+    /// The slot's stream, opening a reloaded blob on first use.
+    fn stream_of<'s>(self: &Arc<Self>, slot: &'s Slot) -> Result<&'s Stream> {
+        if let Some(s) = slot.stream.get() {
+            return Ok(s);
+        }
+        let name = slot.state.name();
+        let (blob, info) = self
+            .storage
+            .open(&name)
+            .map_err(|e| Error::from_io("open", &name, e))?;
+        let user = slot.state.user.get().cloned().unwrap_or_default();
+        let observer: Arc<dyn Observer> = slot.state.clone();
+        let stream = Stream::committed(
+            self.storage.clone(),
+            &name,
+            blob,
+            info.len,
+            user,
+            Some(observer),
+        );
+        let _ = slot.stream.set(stream);
+        Ok(slot.stream.get().expect("just set"))
+    }
+
+    /// Tries to serve `slot`. `Ok(None)` means the slot was stale (expired, removed, failed):
+    /// it has been unlinked and the caller should look again.
+    pub(crate) fn try_hit(
+        self: &Arc<Self>,
+        slot: &Arc<Slot>,
+        now: u64,
+    ) -> Result<Option<Reader>> {
+        if let Some(cause) = self.expiry(slot, now) {
+            self.unlink(slot, cause);
+            return Ok(None);
+        }
+        let stream = match self.stream_of(slot) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(key = %slot.state.key, error = %e, "dropping entry that cannot be opened");
+                self.unlink(slot, RemovalCause::Corrupt);
+                return Ok(None);
+            }
+        };
+        let Ok(reader) = stream.reader() else {
+            self.unlink(slot, RemovalCause::Explicit);
+            return Ok(None);
+        };
+        if stream.failed() {
+            drop(reader);
+            self.unlink(slot, RemovalCause::Aborted);
+            return Ok(None);
+        }
+        slot.state.last_access.store(now, Ordering::Relaxed);
+        if !slot.state.touched.load(Ordering::Relaxed) {
+            slot.state.touched.store(true, Ordering::Relaxed);
+        }
+        if slot.state.finished.load(Ordering::Relaxed) != 0 {
+            let mut lru = self.lru.lock().unwrap_or_else(|e| e.into_inner());
+            lru.promote(&slot.state.id);
+        }
+        Ok(Some(reader))
+    }
+
+    /// Removes `slot` from the index if it is still there, then finalizes it.
+    pub(crate) fn unlink(&self, slot: &Arc<Slot>, cause: RemovalCause) -> bool {
+        let removed = self
+            .index
+            .remove_if(&*slot.state.key, |_, v| Arc::ptr_eq(v, slot))
+            .is_some();
+        if removed {
+            self.finalize(slot, cause);
+        }
+        removed
+    }
+
+    /// Removes the entry with id `id` under `key`, if that is what the index holds.
+    pub(crate) fn unlink_id(&self, key: &str, id: u64, cause: RemovalCause) {
+        if let Some((_, slot)) = self.index.remove_if(key, |_, v| v.state.id == id) {
+            self.finalize(&slot, cause);
+        }
+    }
+
+    /// Everything that follows a slot's removal from the index. Runs once per slot; does no
+    /// I/O itself (deletion is the reaper's job).
+    pub(crate) fn finalize(&self, slot: &Slot, cause: RemovalCause) {
+        let state = &slot.state;
+        state.live.store(false, Ordering::SeqCst);
+        self.lru
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .pop(&state.id);
+        let counted = state.accounted.swap(GONE, Ordering::AcqRel);
+        if counted != GONE {
+            self.bytes.fetch_sub(counted, Ordering::AcqRel);
+        }
+        if let Some(stream) = slot.stream.get() {
+            stream.doom_keep();
+        }
+        if state.committed.load(Ordering::SeqCst) {
+            let _ = self.jobs.send(Job::Delete(state.name()));
+        }
+        match cause {
+            RemovalCause::Explicit => &self.stats.removals,
+            RemovalCause::Aborted => &self.stats.removals,
+            _ => &self.stats.evictions,
+        }
+        .fetch_add(1, Ordering::Relaxed);
+        if self.listener.is_some() {
+            let _ = self.jobs.send(Job::Notify(state.key.clone(), cause));
+        }
+    }
+
+    /// Size eviction: least recently used first, skipping entries in use or that the policy
+    /// keeps. Returns how many were evicted.
+    pub(crate) fn evict_for_size(&self) -> usize {
+        let mut evicted = 0;
+        let mut kept = Vec::new();
+        while self.over_limits() {
+            let victim = self
+                .lru
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .pop_lru();
+            let Some((_, state)) = victim else { break };
+            let Some(slot) = self
+                .index
+                .get(&*state.key)
+                .map(|s| s.clone())
+                .filter(|s| s.state.id == state.id)
+            else {
+                continue;
+            };
+            let in_use = slot.stream.get().is_some_and(|s| s.handles() > 0);
+            let len = slot.state.accounted.load(Ordering::Relaxed);
+            let refused = self
+                .policy
+                .as_ref()
+                .is_some_and(|p| !p.may_evict(&state.info(len), RemovalCause::Size));
+            if in_use || refused {
+                kept.push(state);
+                continue;
+            }
+            if self.unlink(&slot, RemovalCause::Size) {
+                evicted += 1;
+            }
+        }
+        let over = self.over_limits();
+        self.stats.over_limit.store(over, Ordering::Relaxed);
+        // Entries we skipped go back as least recently used, in their old order.
+        let mut lru = self.lru.lock().unwrap_or_else(|e| e.into_inner());
+        for state in kept.into_iter().rev() {
+            if state.live.load(Ordering::SeqCst) {
+                lru.push(state.id, state.clone());
+                lru.demote(&state.id);
+            }
+        }
+        evicted
+    }
+
+    /// Time-based eviction: every finished entry past its time to live or idle.
+    pub(crate) fn evict_expired(&self) -> usize {
+        if self.limits.ttl_ms.is_none() && self.limits.tti_ms.is_none() {
+            return 0;
+        }
+        let now = self.clock.now_millis();
+        let stale: Vec<(Arc<Slot>, RemovalCause)> = self
+            .index
+            .iter()
+            .filter_map(|e| self.expiry(e.value(), now).map(|c| (e.value().clone(), c)))
+            .collect();
+        let mut evicted = 0;
+        for (slot, cause) in stale {
+            let len = slot.state.accounted.load(Ordering::Relaxed);
+            if self
+                .policy
+                .as_ref()
+                .is_some_and(|p| !p.may_evict(&slot.state.info(len), cause))
+            {
+                continue;
+            }
+            if self.unlink(&slot, cause) {
+                evicted += 1;
+            }
+        }
+        evicted
+    }
+}

@@ -1,0 +1,533 @@
+//! The keyed cache: `get_or_create`, removal, limits, reload.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, mpsc};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use bytes::Bytes;
+use dashmap::DashMap;
+use dashmap::mapref::entry::Entry as MapEntry;
+use lru::LruCache;
+
+use crate::error::{Error, Result};
+use crate::storage::Storage;
+use crate::stream::{Closing, Observer, Reader, Writer};
+
+mod builder;
+mod clock;
+mod index;
+mod meta;
+mod reaper;
+
+pub use builder::CacheBuilder;
+pub use clock::{Clock, ManualClock, SystemClock};
+
+use index::{Counters, EntryState, Inner, Job, Limits, Slot, blob_name};
+use meta::EntryMeta;
+
+/// What [`Cache::get_or_create`] hands out.
+#[derive(Debug)]
+pub enum Entry {
+    /// The key was absent: you are its one producer. Write, then
+    /// [`finish`](Writer::finish); dropping the writer unfinished aborts the entry.
+    Miss(Writer),
+    /// The key is present (finished or still being written): read it from byte 0.
+    Hit(Reader),
+}
+
+/// Why an entry left the cache (given to the [eviction listener](CacheBuilder::eviction_listener)).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum RemovalCause {
+    /// [`Cache::remove`] or [`Cache::clear`].
+    Explicit,
+    /// Its time to live passed.
+    Expired,
+    /// Its time to idle passed.
+    Idle,
+    /// Evicted to respect `max_entries` / `max_bytes`.
+    Size,
+    /// Its writer aborted (or was dropped unfinished, or its producer failed).
+    Aborted,
+    /// Its stored data was found corrupt or missing.
+    Corrupt,
+}
+
+/// What a [`Policy`] sees of an entry.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct EntryInfo {
+    /// The key.
+    pub key: String,
+    /// Its length in bytes.
+    pub len: u64,
+    /// When it was created (milliseconds since the Unix epoch, from the cache's clock).
+    pub created: u64,
+    /// When a reader was last opened on it (same unit).
+    pub last_access: u64,
+    /// The user metadata its writer attached.
+    pub metadata: Bytes,
+}
+
+/// A custom eviction policy: vetoes evictions the reaper would otherwise make.
+///
+/// **Contract:** called on the reaper thread, without any cache lock held, for each candidate
+/// of a time-to-live, time-to-idle or size eviction. Return `false` to keep the entry (a
+/// size limit may then stay exceeded, which [`CacheStats::over_limit`] reports). It is not
+/// consulted for explicit removals or aborted writes. It must not block for long and must
+/// not call back into the cache.
+///
+/// ```
+/// use streamcache::cache::{EntryInfo, Policy, RemovalCause};
+///
+/// /// Keeps entries whose metadata says "pinned".
+/// #[derive(Debug)]
+/// struct KeepPinned;
+///
+/// impl Policy for KeepPinned {
+///     fn may_evict(&self, entry: &EntryInfo, _cause: RemovalCause) -> bool {
+///         &entry.metadata[..] != b"pinned"
+///     }
+/// }
+/// ```
+pub trait Policy: Send + Sync + fmt::Debug {
+    /// Whether `entry` may be evicted for `cause`.
+    fn may_evict(&self, entry: &EntryInfo, cause: RemovalCause) -> bool;
+}
+
+/// A snapshot of the cache's counters (eventually consistent).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct CacheStats {
+    /// Requests served from an existing entry.
+    pub hits: u64,
+    /// Requests that created an entry (or found nothing, for [`Cache::get`]).
+    pub misses: u64,
+    /// Entries whose writer aborted.
+    pub aborts: u64,
+    /// Entries removed explicitly or by an aborted writer.
+    pub removals: u64,
+    /// Entries evicted by time or size limits, or dropped as corrupt.
+    pub evictions: u64,
+    /// Bytes of finished entries written.
+    pub bytes_written: u64,
+    /// Bytes delivered by readers that have been dropped.
+    pub bytes_read: u64,
+    /// `true` if the last size eviction could not bring the cache under its limits because
+    /// every remaining entry was in use, being written, or kept by the policy.
+    pub over_limit: bool,
+}
+
+/// A keyed cache of byte streams. See the [crate documentation](crate).
+///
+/// `Cache` is `Send + Sync`; share it with an `Arc`. Dropping it stops and joins the reaper
+/// and records recency on disk; readers and writers it handed out keep working.
+pub struct Cache {
+    inner: Arc<Inner>,
+    reaper: Option<JoinHandle<()>>,
+}
+
+impl fmt::Debug for Cache {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.inner.fmt(f)
+    }
+}
+
+impl Cache {
+    /// A builder; `Cache::builder().build()` is an unbounded memory cache.
+    pub fn builder() -> CacheBuilder {
+        CacheBuilder::default()
+    }
+
+    fn start(storage: Arc<dyn Storage>, b: CacheBuilder) -> Result<Cache> {
+        let (tx, rx) = mpsc::channel();
+        let limits = Limits {
+            max_entries: b.max_entries,
+            max_bytes: b.max_bytes,
+            ttl_ms: b.ttl.map(|d| d.as_millis().max(1) as u64),
+            tti_ms: b.tti.map(|d| d.as_millis().max(1) as u64),
+        };
+        let shortest = [b.ttl, b.tti].into_iter().flatten().min();
+        let tick = b.tick.unwrap_or_else(|| {
+            shortest.map_or(Duration::from_secs(1), |d| {
+                (d / 4).clamp(Duration::from_millis(10), Duration::from_secs(1))
+            })
+        });
+        let inner = Arc::new(Inner {
+            storage: storage.clone(),
+            index: DashMap::new(),
+            lru: Mutex::new(LruCache::unbounded()),
+            bytes: AtomicU64::new(0),
+            limits,
+            clock: b.clock,
+            stats: Counters::default(),
+            next_id: AtomicU64::new(0),
+            jobs: tx,
+            listener: b.listener.clone(),
+            policy: b.policy,
+        });
+        reload(&inner)?;
+        let reaper = reaper::spawn(
+            Arc::downgrade(&inner),
+            storage,
+            b.listener,
+            rx,
+            tick,
+        )
+        .map_err(|e| Error::io("spawn reaper thread", "", e))?;
+        let cache = Cache {
+            inner,
+            reaper: Some(reaper),
+        };
+        if cache.inner.over_limits() {
+            let _ = cache.inner.jobs.send(Job::Maintain);
+        }
+        Ok(cache)
+    }
+
+    /// Gets a reader of `key`, or — if it is absent, expired or was aborted — makes the caller
+    /// its one producer. However many threads race on one key, exactly one gets
+    /// [`Entry::Miss`]; the others get [`Entry::Hit`] readers that stream the bytes as they are
+    /// written. Never waits for the writer, for eviction or for I/O other than creating the
+    /// new entry's blob.
+    ///
+    /// ```
+    /// use std::io::{Read, Write};
+    /// use streamcache::{Cache, Entry};
+    ///
+    /// let cache = Cache::builder().memory().build()?;
+    /// let Entry::Miss(mut w) = cache.get_or_create("key")? else { unreachable!() };
+    /// let mut early = w.reader()?;
+    /// w.write_all(b"hello")?;
+    /// w.finish()?;
+    /// let Entry::Hit(mut late) = cache.get_or_create("key")? else { unreachable!() };
+    /// let (mut a, mut b) = (String::new(), String::new());
+    /// early.read_to_string(&mut a)?;
+    /// late.read_to_string(&mut b)?;
+    /// assert_eq!((a.as_str(), b.as_str()), ("hello", "hello"));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    ///
+    /// # Errors
+    /// [`Error::Io`] if the storage cannot create the new entry's blob.
+    pub fn get_or_create(&self, key: &str) -> Result<Entry> {
+        let inner = &self.inner;
+        loop {
+            let now = inner.clock.now_millis();
+            if let Some(reader) = self.lookup(key, now)? {
+                inner.stats.hits.fetch_add(1, Ordering::Relaxed);
+                return Ok(Entry::Hit(reader));
+            }
+            // Create the blob outside any index lock; if another thread inserts first, ours
+            // is discarded and we read theirs.
+            let id = inner.next_id.fetch_add(1, Ordering::Relaxed);
+            let key_arc: Arc<str> = Arc::from(key);
+            let state = Arc::new(EntryState {
+                key: key_arc.clone(),
+                id,
+                cache: Arc::downgrade(inner),
+                created: now,
+                finished: AtomicU64::new(0),
+                last_access: AtomicU64::new(now),
+                idle_since: AtomicU64::new(now),
+                accounted: AtomicU64::new(0),
+                live: AtomicBool::new(false),
+                committed: AtomicBool::new(false),
+                user: OnceLock::new(),
+                touched: AtomicBool::new(false),
+            });
+            let observer: Arc<dyn Observer> = state.clone();
+            let writer = Writer::create_observed(
+                inner.storage.clone(),
+                &blob_name(key, id),
+                Some(observer),
+            )?;
+            let slot = Arc::new(Slot {
+                state: state.clone(),
+                stream: OnceLock::from(writer.stream()),
+            });
+            match inner.index.entry(key_arc) {
+                MapEntry::Vacant(v) => {
+                    state.live.store(true, Ordering::SeqCst);
+                    v.insert(slot);
+                }
+                MapEntry::Occupied(_) => continue, // lost the race: `writer` drops silently
+            }
+            inner.stats.misses.fetch_add(1, Ordering::Relaxed);
+            if inner.limits.max_entries.is_some() && inner.over_limits() {
+                let _ = inner.jobs.send(Job::Maintain);
+            }
+            return Ok(Entry::Miss(writer));
+        }
+    }
+
+    /// Serves `key` if it is present and servable; unlinks stale slots on the way.
+    fn lookup(&self, key: &str, now: u64) -> Result<Option<Reader>> {
+        loop {
+            let Some(slot) = self.inner.index.get(key).map(|s| s.clone()) else {
+                return Ok(None);
+            };
+            if let Some(reader) = self.inner.try_hit(&slot, now)? {
+                return Ok(Some(reader));
+            }
+        }
+    }
+
+    /// A reader of `key` if it is present (finished or being written), without creating it.
+    ///
+    /// # Errors
+    /// None today (stale or unreadable entries are dropped and reported as absent); the
+    /// `Result` leaves room for storage errors.
+    pub fn get(&self, key: &str) -> Result<Option<Reader>> {
+        let found = self.lookup(key, self.inner.clock.now_millis())?;
+        let counter = if found.is_some() {
+            &self.inner.stats.hits
+        } else {
+            &self.inner.stats.misses
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        Ok(found)
+    }
+
+    /// Gets a reader of `key`; on a miss, runs `producer` on a new thread to write the entry
+    /// and returns a reader at once, so even the first caller streams while it is produced.
+    ///
+    /// If the producer returns an error or panics, the entry is aborted: every reader gets
+    /// [`Error::Aborted`] (carrying the producer's error) and the next call retries.
+    ///
+    /// ```
+    /// use std::io::{Read, Write};
+    /// use streamcache::Cache;
+    ///
+    /// let cache = Cache::builder().build()?;
+    /// let mut r = cache.get_or_produce("answer", |w| w.write_all(b"42"))?;
+    /// let mut s = String::new();
+    /// r.read_to_string(&mut s)?;
+    /// assert_eq!(s, "42");
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    ///
+    /// # Errors
+    /// As [`get_or_create`](Cache::get_or_create), or [`Error::Io`] if the thread cannot be
+    /// spawned (the entry is then aborted).
+    pub fn get_or_produce<F>(&self, key: &str, producer: F) -> Result<Reader>
+    where
+        F: FnOnce(&mut Writer) -> io::Result<()> + Send + 'static,
+    {
+        match self.get_or_create(key)? {
+            Entry::Hit(r) => Ok(r),
+            Entry::Miss(w) => {
+                let reader = w.reader()?;
+                std::thread::Builder::new()
+                    .name("streamcache-producer".into())
+                    .spawn(move || run_producer(w, producer))
+                    .map_err(|e| Error::io("spawn producer thread", "", e))?;
+                Ok(reader)
+            }
+        }
+    }
+
+    /// Whether `key` is present and servable. Does not refresh recency.
+    pub fn contains_key(&self, key: &str) -> bool {
+        let now = self.inner.clock.now_millis();
+        self.inner
+            .index
+            .get(key)
+            .is_some_and(|s| self.inner.expiry(&s, now).is_none() && !stream_failed(&s))
+    }
+
+    /// Removes `key` and returns whether it was present. Returns at once: new requests miss
+    /// from now on, open readers read to the end, a writer may still finish (its readers get
+    /// every byte); the stored data is deleted in the background.
+    ///
+    /// # Errors
+    /// None today; the `Result` leaves room for storage errors.
+    pub fn remove(&self, key: &str) -> Result<bool> {
+        match self.inner.index.remove(key) {
+            Some((_, slot)) => {
+                self.inner.finalize(&slot, RemovalCause::Explicit);
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
+    /// Removes every entry, as [`remove`](Cache::remove) does (safe while streams are open).
+    pub fn clear(&self) {
+        let slots: Vec<Arc<Slot>> = self.inner.index.iter().map(|e| e.value().clone()).collect();
+        for slot in slots {
+            self.inner.unlink(&slot, RemovalCause::Explicit);
+        }
+    }
+
+    /// Number of entries (finished or being written). Eventually consistent with concurrent
+    /// updates; expired entries count until the reaper removes them.
+    pub fn len(&self) -> usize {
+        self.inner.index.len()
+    }
+
+    /// Whether [`len`](Cache::len) is zero.
+    pub fn is_empty(&self) -> bool {
+        self.inner.index.is_empty()
+    }
+
+    /// Bytes held by entries, including bytes of entries still being written.
+    pub fn total_bytes(&self) -> u64 {
+        self.inner.bytes.load(Ordering::Relaxed)
+    }
+
+    /// A snapshot of the keys present (in no particular order).
+    pub fn keys(&self) -> Vec<String> {
+        self.inner.index.iter().map(|e| e.key().to_string()).collect()
+    }
+
+    /// The cache's counters.
+    pub fn stats(&self) -> CacheStats {
+        let s = &self.inner.stats;
+        CacheStats {
+            hits: s.hits.load(Ordering::Relaxed),
+            misses: s.misses.load(Ordering::Relaxed),
+            aborts: s.aborts.load(Ordering::Relaxed),
+            removals: s.removals.load(Ordering::Relaxed),
+            evictions: s.evictions.load(Ordering::Relaxed),
+            bytes_written: s.bytes_written.load(Ordering::Relaxed),
+            bytes_read: s.bytes_read.load(Ordering::Relaxed),
+            over_limit: s.over_limit.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Runs pending maintenance now and waits for it: queued deletions and listener calls,
+    /// expiry, and size eviction. Useful in tests and for deterministic shutdown points.
+    pub fn run_pending_tasks(&self) {
+        let (tx, rx) = mpsc::channel();
+        if self.inner.jobs.send(Job::Sync(tx)).is_ok() {
+            let _ = rx.recv();
+        }
+    }
+
+    /// The storage this cache uses.
+    pub fn storage(&self) -> &Arc<dyn Storage> {
+        &self.inner.storage
+    }
+}
+
+fn stream_failed(slot: &Slot) -> bool {
+    slot.stream.get().is_some_and(|s| s.failed())
+}
+
+fn run_producer<F>(mut w: Writer, producer: F)
+where
+    F: FnOnce(&mut Writer) -> io::Result<()>,
+{
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| producer(&mut w)));
+    match outcome {
+        Ok(Ok(())) => {
+            if let Err(e) = w.finish() {
+                tracing::warn!(error = %e, "memoized entry could not be finished");
+            }
+        }
+        Ok(Err(e)) => w.abort_with(e),
+        Err(_) => w.abort_with(Box::new(Closing("producer panicked")) as Box<_>),
+    }
+}
+
+/// Loads the committed entries of the storage into the index: newest version of each key
+/// wins, older versions, unreadable records and entries past their time to live are deleted.
+fn reload(inner: &Arc<Inner>) -> Result<()> {
+    let blobs = inner
+        .storage
+        .list()
+        .map_err(|e| Error::from_io("list", "", e))?;
+    let now = inner.clock.now_millis();
+    let mut newest: HashMap<String, (u64, EntryMeta, u64)> = HashMap::new();
+    let mut max_id = 0;
+    for blob in blobs {
+        let id = blob
+            .name
+            .rsplit_once('-')
+            .and_then(|(_, id)| u64::from_str_radix(id, 16).ok());
+        let meta = EntryMeta::decode(&blob.meta);
+        let (Some(id), Ok(meta)) = (id, meta) else {
+            tracing::warn!(blob = %blob.name, "discarding blob that is not a cache entry");
+            reaper::delete(&*inner.storage, &blob.name);
+            continue;
+        };
+        if blob_name(&meta.key, id) != blob.name {
+            tracing::warn!(blob = %blob.name, "discarding blob whose name does not match its key");
+            reaper::delete(&*inner.storage, &blob.name);
+            continue;
+        }
+        max_id = max_id.max(id + 1);
+        let expired = inner
+            .limits
+            .ttl_ms
+            .is_some_and(|ttl| now >= meta.finished.saturating_add(ttl));
+        if expired {
+            reaper::delete(&*inner.storage, &blob.name);
+            continue;
+        }
+        match newest.get(&meta.key) {
+            Some((old_id, old, _)) if (old.finished, *old_id) >= (meta.finished, id) => {
+                reaper::delete(&*inner.storage, &blob.name);
+            }
+            _ => {
+                if let Some((old_id, old, _)) = newest.insert(meta.key.clone(), (id, meta, blob.len))
+                {
+                    reaper::delete(&*inner.storage, &blob_name(&old.key, old_id));
+                }
+            }
+        }
+    }
+    inner.next_id.store(max_id, Ordering::Relaxed);
+    let mut entries: Vec<_> = newest.into_values().collect();
+    entries.sort_by_key(|(_, m, _)| m.last_access);
+    let mut lru = inner.lru.lock().unwrap_or_else(|e| e.into_inner());
+    for (id, meta, len) in entries {
+        let key: Arc<str> = Arc::from(meta.key.as_str());
+        let state = Arc::new(EntryState {
+            key: key.clone(),
+            id,
+            cache: Arc::downgrade(inner),
+            created: meta.created,
+            finished: AtomicU64::new(meta.finished.max(1)),
+            last_access: AtomicU64::new(meta.last_access),
+            idle_since: AtomicU64::new(meta.last_access),
+            accounted: AtomicU64::new(len),
+            live: AtomicBool::new(true),
+            committed: AtomicBool::new(true),
+            user: OnceLock::from(meta.user),
+            touched: AtomicBool::new(false),
+        });
+        inner.bytes.fetch_add(len, Ordering::Relaxed);
+        lru.put(id, state.clone());
+        inner.index.insert(
+            key,
+            Arc::new(Slot {
+                state,
+                stream: OnceLock::new(),
+            }),
+        );
+    }
+    Ok(())
+}
+
+impl Drop for Cache {
+    fn drop(&mut self) {
+        let _ = self.inner.jobs.send(Job::Shutdown);
+        if let Some(reaper) = self.reaper.take() {
+            let _ = reaper.join();
+        }
+        // Persist recency of entries read since they were committed or reloaded, so that LRU
+        // order survives a restart (best effort).
+        for e in self.inner.index.iter() {
+            let state = &e.value().state;
+            if state.committed.load(Ordering::SeqCst) && state.touched.load(Ordering::Relaxed) {
+                let _ = self.inner.storage.set_meta(&state.name(), &state.meta().encode());
+            }
+        }
+    }
+}
