@@ -315,6 +315,7 @@ impl Inner {
         let stream = Stream::committed(
             self.storage.clone(),
             &name,
+            &slot.state.key,
             blob,
             info.len,
             user,

@@ -244,6 +244,7 @@ impl Cache {
             let writer = Writer::create_observed(
                 inner.storage.clone(),
                 &blob_name(key, id),
+                Some(key),
                 Some(observer),
             )?;
             let slot = Arc::new(Slot {

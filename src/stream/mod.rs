@@ -86,7 +86,10 @@ enum OnUnused {
 
 /// State shared by a stream's writer, readers and handles.
 pub(crate) struct Shared {
+    /// The blob's name in storage.
     pub(crate) name: String,
+    /// What errors and `key()` report: the cache key, or the name for a bare stream.
+    pub(crate) key: String,
     pub(crate) progress: Progress,
     pub(crate) blob: Arc<dyn BlobReader>,
     storage: Arc<dyn Storage>,
@@ -105,7 +108,7 @@ pub(crate) struct Shared {
 impl fmt::Debug for Shared {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Stream")
-            .field("name", &self.name)
+            .field("key", &self.key)
             .field("progress", &self.progress.peek())
             .finish_non_exhaustive()
     }
@@ -114,6 +117,7 @@ impl fmt::Debug for Shared {
 impl Shared {
     pub(crate) fn new(
         name: String,
+        key: Option<&str>,
         progress: Progress,
         blob: Arc<dyn BlobReader>,
         storage: Arc<dyn Storage>,
@@ -121,6 +125,7 @@ impl Shared {
         observer: Option<Arc<dyn Observer>>,
     ) -> Self {
         Shared {
+            key: key.map_or_else(|| name.clone(), str::to_owned),
             name,
             progress,
             blob,
@@ -176,7 +181,7 @@ impl Shared {
 
     /// The error readers get from a failed stream.
     pub(crate) fn failure(&self) -> Error {
-        let key = self.name.clone();
+        let key = self.key.clone();
         match self.progress.snapshot().status {
             Status::Aborted(cause) => Error::Aborted { key, cause },
             Status::Cancelled(cause) => Error::Closed { key, cause },
@@ -186,7 +191,7 @@ impl Shared {
 
     pub(crate) fn new_reader(self: &Arc<Self>) -> Result<Reader> {
         self.progress.acquire().map_err(|cause| Error::Closed {
-            key: self.name.clone(),
+            key: self.key.clone(),
             cause,
         })?;
         Ok(Reader::new(self.clone()))
@@ -254,6 +259,7 @@ impl Stream {
             .map_err(|e| Error::from_io("open", name, e))?;
         let shared = Shared::new(
             name.to_owned(),
+            None,
             Progress::new_finished(info.len),
             blob,
             storage,
@@ -270,6 +276,7 @@ impl Stream {
     pub(crate) fn committed(
         storage: Arc<dyn Storage>,
         name: &str,
+        key: &str,
         blob: Arc<dyn BlobReader>,
         len: u64,
         user: Bytes,
@@ -277,6 +284,7 @@ impl Stream {
     ) -> Stream {
         let shared = Shared::new(
             name.to_owned(),
+            Some(key),
             Progress::new_finished(len),
             blob,
             storage,

@@ -53,7 +53,7 @@ pub struct Reader {
 impl fmt::Debug for Reader {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Reader")
-            .field("name", &self.shared.name)
+            .field("key", &self.shared.key)
             .field("pos", &self.pos)
             .field("size", &self.size())
             .finish()
@@ -77,7 +77,7 @@ impl Reader {
 
     /// The stream's name (a cache entry's key).
     pub fn key(&self) -> &str {
-        &self.shared.name
+        &self.shared.key
     }
 
     /// The current position of [`Read`] and [`Seek`].
@@ -155,7 +155,7 @@ impl Reader {
 
     fn short_read(&self, offset: u64) -> io::Error {
         io::Error::from(Error::Corrupt {
-            path: self.shared.name.clone().into(),
+            path: self.shared.key.clone().into(),
             reason: format!("storage returned no data at published offset {offset}"),
         })
     }

@@ -25,7 +25,7 @@ pub struct Writer {
 impl fmt::Debug for Writer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Writer")
-            .field("name", &self.shared.name)
+            .field("key", &self.shared.key)
             .field("written", &self.written)
             .field("open", &self.blob.is_some())
             .finish()
@@ -39,12 +39,13 @@ impl Writer {
     /// # Errors
     /// [`Error::InvalidInput`] for a bad name, or the storage's error as [`Error::Io`].
     pub fn create(storage: Arc<dyn Storage>, name: &str) -> Result<Writer> {
-        Self::create_observed(storage, name, None)
+        Self::create_observed(storage, name, None, None)
     }
 
     pub(crate) fn create_observed(
         storage: Arc<dyn Storage>,
         name: &str,
+        key: Option<&str>,
         observer: Option<Arc<dyn Observer>>,
     ) -> Result<Writer> {
         let blob = storage.create(name).map_err(|e| {
@@ -56,6 +57,7 @@ impl Writer {
         })?;
         let shared = Shared::new(
             name.to_owned(),
+            key,
             Progress::new_open(),
             blob.reader(),
             storage,
@@ -87,7 +89,7 @@ impl Writer {
 
     /// The stream's name (a cache entry's key).
     pub fn key(&self) -> &str {
-        &self.shared.name
+        &self.shared.key
     }
 
     /// Bytes written so far.
@@ -144,7 +146,7 @@ impl Writer {
     fn fail(&mut self, op: &'static str, e: io::Error) -> Error {
         let cause: Cause = Arc::new(io::Error::new(e.kind(), format!("{op} failed: {e}")));
         self.end_failed(Some(cause));
-        Error::from_io(op, &self.shared.name, e)
+        Error::from_io(op, &self.shared.key, e)
     }
 
     fn end_failed(&mut self, cause: Option<Cause>) {
