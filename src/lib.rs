@@ -65,6 +65,8 @@ pub mod error;
 pub mod storage;
 pub mod stream;
 mod sync;
+#[cfg(feature = "tokio")]
+pub mod tokio;
 
 pub use cache::{Cache, CacheBuilder, CacheStats, Entry, RemovalCause};
 pub use error::{Error, Result};

@@ -44,6 +44,7 @@ impl Status {
 /// What a waiter learns when it wakes.
 #[derive(Debug, Clone)]
 pub(crate) struct Snapshot {
+    #[cfg_attr(not(streamcache_loom), allow(dead_code))]
     pub(crate) len: u64,
     pub(crate) status: Status,
 }
@@ -123,12 +124,6 @@ impl Progress {
     #[inline]
     pub(crate) fn failed(&self) -> bool {
         self.status.load(Ordering::Acquire) == FAILED
-    }
-
-    /// `true` once the stream is finished, lock-free.
-    #[inline]
-    pub(crate) fn is_finished(&self) -> bool {
-        self.status.load(Ordering::Acquire) == FINISHED
     }
 
     /// A consistent snapshot (takes the lock).

@@ -131,6 +131,7 @@ impl Reader {
     }
 
     /// Async form of `wait`.
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
     pub(crate) fn poll_wait(&self, end: u64, cx: &mut Context<'_>) -> Poll<io::Result<u64>> {
         loop {
             match self.check(end) {
@@ -306,6 +307,7 @@ impl Reader {
         })
     }
 
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
     pub(crate) fn set_position(&mut self, pos: u64) {
         self.pos = pos;
     }

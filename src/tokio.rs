@@ -1,0 +1,302 @@
+//! Async adapters for tokio (feature `tokio`): thin wrappers over the same core.
+//!
+//! Waiting for bytes never blocks an executor thread: an [`AsyncReader`] at the written end
+//! registers its waker with the stream's progress core, which wakes it on the writer's next
+//! publish, finish or abort. Moving bytes is synchronous — a copy out of memory, or a
+//! positional read of a file that is normally in the page cache — exactly as `tokio::fs` would
+//! otherwise do on a blocking thread.
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! use tokio::io::AsyncReadExt;
+//! use streamcache::{Cache, tokio::get_or_produce};
+//!
+//! let cache = Cache::builder().build()?;
+//! let mut reader = get_or_produce(&cache, "greeting", |mut w| async move {
+//!     use tokio::io::AsyncWriteExt;
+//!     w.write_all(b"hello from a task").await
+//! })?;
+//! let mut text = String::new();
+//! reader.read_to_string(&mut text).await?;
+//! assert_eq!(text, "hello from a task");
+//! # Ok(()) }
+//! ```
+
+use std::future::{Future, poll_fn};
+use std::io::{self, SeekFrom};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use ::tokio::io::{AsyncRead, AsyncSeek, AsyncWrite, ReadBuf};
+use bytes::Bytes;
+
+use crate::cache::{Cache, Entry};
+use crate::error::Result;
+use crate::stream::{Closing, Reader, Writer};
+
+/// A [`Reader`] for async code: [`AsyncRead`] + [`AsyncSeek`], and an async
+/// [`read_at`](AsyncReader::read_at).
+#[derive(Debug)]
+pub struct AsyncReader {
+    inner: Reader,
+    /// A seek waiting for the final length (`SeekFrom::End` without a declared length).
+    pending_seek: Option<SeekFrom>,
+}
+
+impl From<Reader> for AsyncReader {
+    fn from(inner: Reader) -> Self {
+        AsyncReader {
+            inner,
+            pending_seek: None,
+        }
+    }
+}
+
+impl AsyncReader {
+    /// The blocking reader inside (same position).
+    pub fn into_inner(self) -> Reader {
+        self.inner
+    }
+
+    /// The blocking reader inside, for its queries (`size`, `metadata`, `expected_len`, …).
+    pub fn get_ref(&self) -> &Reader {
+        &self.inner
+    }
+
+    /// Reads exactly `buf.len()` bytes at `offset` (fewer only at the end of a finished
+    /// stream), waiting without blocking the executor until the range is written.
+    ///
+    /// # Errors
+    /// As [`Reader::read_at`].
+    pub async fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        let end = offset.saturating_add(buf.len() as u64);
+        let len = poll_fn(|cx| self.inner.poll_wait(end, cx)).await?;
+        self.inner.read_at_ready(buf, offset, len)
+    }
+
+    /// Zero-copy read of up to `max` bytes at the current position (empty at end of stream),
+    /// as [`Reader::read_chunk`] but without blocking the executor.
+    ///
+    /// # Errors
+    /// As [`Reader::read_chunk`].
+    pub fn poll_read_chunk(&mut self, cx: &mut Context<'_>, max: usize) -> Poll<io::Result<Bytes>> {
+        if max == 0 {
+            return Poll::Ready(Ok(Bytes::new()));
+        }
+        match self.inner.poll_wait(self.inner.position() + 1, cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            // Bytes are there (or the stream finished): this does not block.
+            Poll::Ready(Ok(_)) => Poll::Ready(self.inner.read_chunk(max)),
+        }
+    }
+
+    /// Async form of [`poll_read_chunk`](Self::poll_read_chunk).
+    ///
+    /// # Errors
+    /// As [`Reader::read_chunk`].
+    pub async fn read_chunk(&mut self, max: usize) -> io::Result<Bytes> {
+        poll_fn(|cx| self.poll_read_chunk(cx, max)).await
+    }
+}
+
+impl AsyncRead for AsyncReader {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if buf.remaining() == 0 {
+            return Poll::Ready(Ok(()));
+        }
+        let len = match this.inner.poll_wait(this.inner.position() + 1, cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+            Poll::Ready(Ok(len)) => len,
+        };
+        let n = this.inner.read_ready(buf.initialize_unfilled(), len)?;
+        buf.advance(n);
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncSeek for AsyncReader {
+    fn start_seek(self: Pin<&mut Self>, position: SeekFrom) -> io::Result<()> {
+        self.get_mut().pending_seek = Some(position);
+        Ok(())
+    }
+
+    fn poll_complete(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<u64>> {
+        let this = self.get_mut();
+        let Some(pos) = this.pending_seek else {
+            return Poll::Ready(Ok(this.inner.position()));
+        };
+        let mut waiting = false;
+        let target = this.inner.seek_target(pos, || match this.inner.poll_wait(u64::MAX, cx) {
+            Poll::Ready(r) => r,
+            Poll::Pending => {
+                waiting = true;
+                Ok(0)
+            }
+        });
+        if waiting {
+            return Poll::Pending;
+        }
+        this.pending_seek = None;
+        let target = target?;
+        this.inner.set_position(target);
+        Poll::Ready(Ok(target))
+    }
+}
+
+/// A [`Writer`] for async code: [`AsyncWrite`], then [`finish`](AsyncWriter::finish).
+///
+/// Writes copy into storage synchronously (like the blocking writer) and never wait for
+/// readers. `poll_flush` publishes to readers; `poll_shutdown` only flushes — call
+/// [`finish`](AsyncWriter::finish) to commit. Dropping it unfinished aborts the stream (except
+/// the writer handed to a [`get_or_produce`] producer, whose fate the helper decides).
+#[derive(Debug)]
+pub struct AsyncWriter {
+    /// Lock: this mutex, uncontended except against the `get_or_produce` supervisor after the
+    /// producer is done. `None` once finished or aborted.
+    slot: Arc<Mutex<Option<Writer>>>,
+    /// Whether dropping this handle aborts an unfinished stream.
+    owned: bool,
+}
+
+impl From<Writer> for AsyncWriter {
+    fn from(inner: Writer) -> Self {
+        AsyncWriter {
+            slot: Arc::new(Mutex::new(Some(inner))),
+            owned: true,
+        }
+    }
+}
+
+fn finished_error() -> io::Error {
+    io::Error::new(io::ErrorKind::BrokenPipe, "the writer was already finished or aborted")
+}
+
+impl AsyncWriter {
+    fn with<R>(&self, f: impl FnOnce(&mut Writer) -> R) -> io::Result<R> {
+        let mut slot = self.slot.lock().unwrap_or_else(|e| e.into_inner());
+        slot.as_mut().map(f).ok_or_else(finished_error)
+    }
+
+    fn take(&self) -> Option<Writer> {
+        self.slot.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+
+    /// Runs `f` on the blocking writer inside (for `set_expected_len`, `set_metadata`, …).
+    ///
+    /// # Errors
+    /// If the writer was already finished or aborted.
+    pub fn with_writer<R>(&mut self, f: impl FnOnce(&mut Writer) -> R) -> io::Result<R> {
+        self.with(f)
+    }
+
+    /// A new reader of this stream.
+    ///
+    /// # Errors
+    /// As [`Writer::reader`], or [`Error::Closed`](crate::Error::Closed) once finished.
+    pub fn reader(&self) -> Result<AsyncReader> {
+        match self.with(|w| w.reader()) {
+            Ok(r) => Ok(r?.into()),
+            Err(e) => Err(crate::Error::invalid(e.to_string())),
+        }
+    }
+
+    /// Commits the stream, as [`Writer::finish`].
+    ///
+    /// # Errors
+    /// As [`Writer::finish`]; [`Error::InvalidInput`](crate::Error::InvalidInput) if it was
+    /// already finished or aborted.
+    pub fn finish(self) -> Result<()> {
+        match self.take() {
+            Some(w) => w.finish(),
+            None => Err(crate::Error::invalid(finished_error().to_string())),
+        }
+    }
+
+    /// Aborts the stream, as [`Writer::abort_with`].
+    pub fn abort_with(self, cause: impl Into<Box<dyn std::error::Error + Send + Sync>>) {
+        if let Some(w) = self.take() {
+            w.abort_with(cause);
+        }
+    }
+}
+
+impl Drop for AsyncWriter {
+    fn drop(&mut self) {
+        if self.owned {
+            drop(self.take());
+        }
+    }
+}
+
+impl AsyncWrite for AsyncWriter {
+    fn poll_write(self: Pin<&mut Self>, _: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Poll::Ready(self.with(|w| io::Write::write(w, buf)).and_then(|r| r))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(self.with(io::Write::flush).and_then(|r| r))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.poll_flush(cx)
+    }
+}
+
+/// Async memoization: a reader of `key`; on a miss, spawns `producer` on the current tokio
+/// runtime to write the entry, and returns a reader at once (even the first caller streams).
+///
+/// When the producer's future resolves to `Ok(())` the entry is finished (unless the producer
+/// finished it itself). If it resolves to an error, panics, or its task is cancelled (runtime
+/// shutdown), the entry is aborted: every reader gets [`Error::Aborted`](crate::Error::Aborted)
+/// carrying that cause, and the next request retries. The returned future is `Send`.
+///
+/// # Errors
+/// As [`Cache::get_or_create`].
+///
+/// # Panics
+/// Outside a tokio runtime, on a miss (as `tokio::spawn`).
+pub fn get_or_produce<F, Fut>(cache: &Cache, key: &str, producer: F) -> Result<AsyncReader>
+where
+    F: FnOnce(AsyncWriter) -> Fut,
+    Fut: Future<Output = io::Result<()>> + Send + 'static,
+{
+    let writer = match cache.get_or_create(key)? {
+        Entry::Hit(r) => return Ok(r.into()),
+        Entry::Miss(w) => w,
+    };
+    let reader = writer.reader()?;
+    let owner = AsyncWriter::from(writer);
+    let lent = AsyncWriter {
+        slot: owner.slot.clone(),
+        owned: false,
+    };
+    let task = ::tokio::spawn(producer(lent));
+    ::tokio::spawn(async move {
+        // If this supervisor is dropped (runtime shutdown), `owner` drops and aborts.
+        let outcome = task.await;
+        let Some(w) = owner.take() else { return };
+        match outcome {
+            Ok(Ok(())) => {
+                if let Err(e) = w.finish() {
+                    tracing::warn!(error = %e, "memoized entry could not be finished");
+                }
+            }
+            Ok(Err(e)) => w.abort_with(e),
+            Err(e) if e.is_panic() => w.abort_with(Box::new(Closing("producer panicked")) as Box<_>),
+            Err(_) => w.abort_with(Box::new(Closing("producer task cancelled")) as Box<_>),
+        }
+    });
+    Ok(reader.into())
+}
