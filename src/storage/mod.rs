@@ -128,6 +128,79 @@ pub trait BlobReader: Send + Sync + fmt::Debug {
     }
 }
 
+// Forwarding impls, so boxed and shared storages (and their writers and readers) can be used
+// wherever a `Storage` is expected, e.g. `FaultyStorage::new(boxed)`. Every method is forwarded,
+// including the provided `read_bytes`, so wrapping never loses the zero-copy path.
+
+impl<S: Storage + ?Sized> Storage for Box<S> {
+    fn create(&self, name: &str) -> io::Result<Box<dyn BlobWriter>> {
+        (**self).create(name)
+    }
+    fn open(&self, name: &str) -> io::Result<(Arc<dyn BlobReader>, BlobInfo)> {
+        (**self).open(name)
+    }
+    fn remove(&self, name: &str) -> io::Result<()> {
+        (**self).remove(name)
+    }
+    fn list(&self) -> io::Result<Vec<BlobInfo>> {
+        (**self).list()
+    }
+    fn set_meta(&self, name: &str, meta: &[u8]) -> io::Result<()> {
+        (**self).set_meta(name, meta)
+    }
+}
+
+impl<S: Storage + ?Sized> Storage for Arc<S> {
+    fn create(&self, name: &str) -> io::Result<Box<dyn BlobWriter>> {
+        (**self).create(name)
+    }
+    fn open(&self, name: &str) -> io::Result<(Arc<dyn BlobReader>, BlobInfo)> {
+        (**self).open(name)
+    }
+    fn remove(&self, name: &str) -> io::Result<()> {
+        (**self).remove(name)
+    }
+    fn list(&self) -> io::Result<Vec<BlobInfo>> {
+        (**self).list()
+    }
+    fn set_meta(&self, name: &str, meta: &[u8]) -> io::Result<()> {
+        (**self).set_meta(name, meta)
+    }
+}
+
+impl<W: BlobWriter + ?Sized> BlobWriter for Box<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<()> {
+        (**self).write(buf)
+    }
+    fn publish(&mut self) -> io::Result<()> {
+        (**self).publish()
+    }
+    fn reader(&self) -> Arc<dyn BlobReader> {
+        (**self).reader()
+    }
+    fn commit(self: Box<Self>, meta: &[u8]) -> io::Result<()> {
+        (*self).commit(meta)
+    }
+}
+
+impl<R: BlobReader + ?Sized> BlobReader for Box<R> {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        (**self).read_at(buf, offset)
+    }
+    fn read_bytes(&self, offset: u64, max: usize) -> Option<io::Result<Bytes>> {
+        (**self).read_bytes(offset, max)
+    }
+}
+
+impl<R: BlobReader + ?Sized> BlobReader for Arc<R> {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        (**self).read_at(buf, offset)
+    }
+    fn read_bytes(&self, offset: u64, max: usize) -> Option<io::Result<Bytes>> {
+        (**self).read_bytes(offset, max)
+    }
+}
+
 /// A committed blob as [`Storage::list`] and [`Storage::open`] report it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BlobInfo {
