@@ -1,0 +1,102 @@
+//! Crash safety: a process killed with SIGKILL in the middle of a write leaves a directory
+//! that reopens with every finished entry intact and no trace of the unfinished one.
+//!
+//! The test re-executes its own binary in "child mode" (selected by an environment variable
+//! and an exact test-name filter); the child writes, reports readiness on stdout and waits to
+//! be killed.
+
+mod support;
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::thread;
+
+use streamcache::Cache;
+use support::*;
+
+const CHILD_ENV: &str = "STREAMCACHE_CRASH_CHILD_DIR";
+const READY: &str = "STREAMCACHE-CHILD-READY";
+const A_LEN: usize = 3 * (1 << 20) + 11;
+const B_HALF: usize = 5 * (1 << 20) / 2;
+
+/// The child's body: a no-op unless the parent selected it.
+#[test]
+fn child_mode() {
+    let Some(dir) = std::env::var_os(CHILD_ENV) else {
+        return;
+    };
+    let cache = Cache::builder().disk(Path::new(&dir)).build().unwrap();
+    put(&cache, "A", &pattern(A_LEN, 1));
+    let mut w = miss(&cache, "B");
+    w.write_all(&pattern(B_HALF, 2)).unwrap();
+    w.flush().unwrap();
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{READY}").unwrap();
+    out.flush().unwrap();
+    drop(out);
+    // Wait to be killed; never finish B.
+    loop {
+        thread::park();
+    }
+}
+
+#[test]
+fn sigkill_mid_write_keeps_finished_entries_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let exe = std::env::current_exe().unwrap();
+    let mut child = Command::new(exe)
+        .args(["--exact", "child_mode", "--nocapture", "--test-threads=1"])
+        .env(CHILD_ENV, dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    let lines = thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if line.contains(READY) {
+                let _ = tx.send(());
+            }
+        }
+    });
+    let ready = rx.recv_timeout(DEADLINE);
+    if ready.is_err() {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("child never reported readiness (crashed or deadlocked)");
+    }
+    // The child is mid-write: B's bytes are staged in tmp/ (else the test proves nothing).
+    let staged: u64 = files_under(&dir.path().join("tmp"))
+        .iter()
+        .map(|p| std::fs::metadata(p).map_or(0, |m| m.len()))
+        .sum();
+    assert!(staged >= B_HALF as u64, "B not staged in tmp/ ({staged} bytes)");
+    assert_eq!(data_files(dir.path()).len(), 1, "only A is committed");
+
+    child.kill().unwrap(); // SIGKILL on Unix
+    let status = child.wait().unwrap();
+    assert!(!status.success(), "child was supposed to be killed: {status:?}");
+    lines.join().unwrap();
+
+    let cache = deadline("reopen after crash", {
+        let dir = dir.path().to_path_buf();
+        move || Cache::builder().disk(dir).build().unwrap()
+    });
+    assert!(get_bytes(&cache, "A") == pattern(A_LEN, 1), "finished entry damaged");
+    assert!(cache.get("B").unwrap().is_none(), "half-written entry served");
+    assert_eq!(cache.keys(), ["A"]);
+    assert!(
+        files_under(&dir.path().join("tmp")).is_empty(),
+        "tmp/ not wiped at open"
+    );
+    // B can be written again from scratch.
+    put(&cache, "B", b"whole");
+    assert_eq!(get_bytes(&cache, "B"), b"whole");
+    drop(cache);
+    let cache = Cache::builder().disk(dir.path()).build().unwrap();
+    assert_eq!(get_bytes(&cache, "B"), b"whole");
+}
