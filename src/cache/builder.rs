@@ -173,11 +173,16 @@ impl CacheBuilder {
         if [self.ttl, self.tti, self.tick].contains(&Some(Duration::ZERO)) {
             return Err(Error::invalid("durations must be greater than zero"));
         }
+        let mut owned_disk = None;
         let storage: Arc<dyn Storage> = match &self.backend {
             Backend::Memory => Arc::new(MemoryStorage::new()),
-            Backend::Disk(dir) => Arc::new(DiskStorage::open_with(dir, self.sync)?),
+            Backend::Disk(dir) => {
+                let disk = DiskStorage::open_with(dir, self.sync)?;
+                owned_disk = Some(disk.clone());
+                Arc::new(disk)
+            }
             Backend::Custom(s) => s.clone(),
         };
-        Cache::start(storage, self)
+        Cache::start(storage, owned_disk, self)
     }
 }

@@ -14,7 +14,7 @@ use dashmap::mapref::entry::Entry as MapEntry;
 use lru::LruCache;
 
 use crate::error::{Error, Result};
-use crate::storage::Storage;
+use crate::storage::{DiskStorage, Storage};
 use crate::stream::{Closing, Observer, Reader, Writer};
 
 mod builder;
@@ -124,11 +124,15 @@ pub struct CacheStats {
 
 /// A keyed cache of byte streams. See the [crate documentation](crate).
 ///
-/// `Cache` is `Send + Sync`; share it with an `Arc`. Dropping it stops and joins the reaper
-/// and records recency on disk; readers and writers it handed out keep working.
+/// `Cache` is `Send + Sync`; share it with an `Arc`. Dropping it stops and joins the reaper,
+/// records recency on disk and releases the directory lock, so the directory can be reopened
+/// at once; readers it handed out keep working (a writer still open may fail to commit once
+/// another cache has opened the directory).
 pub struct Cache {
     inner: Arc<Inner>,
     reaper: Option<JoinHandle<()>>,
+    /// The disk storage this cache opened itself: its directory lock is released on drop.
+    owned_disk: Option<DiskStorage>,
 }
 
 impl fmt::Debug for Cache {
@@ -143,7 +147,11 @@ impl Cache {
         CacheBuilder::default()
     }
 
-    fn start(storage: Arc<dyn Storage>, b: CacheBuilder) -> Result<Cache> {
+    fn start(
+        storage: Arc<dyn Storage>,
+        owned_disk: Option<DiskStorage>,
+        b: CacheBuilder,
+    ) -> Result<Cache> {
         let (tx, rx) = mpsc::channel();
         let limits = Limits {
             max_entries: b.max_entries,
@@ -182,6 +190,7 @@ impl Cache {
         let cache = Cache {
             inner,
             reaper: Some(reaper),
+            owned_disk,
         };
         if cache.inner.over_limits() {
             let _ = cache.inner.jobs.send(Job::Maintain);
@@ -529,6 +538,10 @@ impl Drop for Cache {
             if state.committed.load(Ordering::SeqCst) && state.touched.load(Ordering::Relaxed) {
                 let _ = self.inner.storage.set_meta(&state.name(), &state.meta().encode());
             }
+        }
+        // Readers and writers may outlive the cache, but the directory is free for a new one.
+        if let Some(disk) = &self.owned_disk {
+            disk.unlock();
         }
     }
 }

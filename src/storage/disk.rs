@@ -76,8 +76,9 @@ struct DiskInner {
     data: PathBuf,
     tmp: PathBuf,
     sync: bool,
-    /// Holds the exclusive lock on `<dir>/LOCK`; released when dropped.
-    _lock: File,
+    /// Lock: this mutex. Holds the exclusive OS lock on `<dir>/LOCK` until dropped or
+    /// [`DiskStorage::unlock`]ed.
+    lock: Mutex<Option<File>>,
 }
 
 impl DiskStorage {
@@ -128,9 +129,20 @@ impl DiskStorage {
                 data,
                 tmp,
                 sync,
-                _lock: lock,
+                lock: Mutex::new(Some(lock)),
             }),
         })
+    }
+
+    /// Releases the directory lock now rather than when the last handle drops, so another
+    /// `DiskStorage` (in this or another process) can open the directory while readers or
+    /// writers of this one are still alive. A [`Cache`](crate::Cache) that opened the storage
+    /// does this when it is dropped.
+    ///
+    /// Existing readers keep working. A writer still open here may then fail to commit (the
+    /// next opener wipes `tmp/`): it gets an error and its stream is aborted, never half-served.
+    pub fn unlock(&self) {
+        drop(self.inner.lock.lock().unwrap_or_else(|e| e.into_inner()).take());
     }
 
     /// The directory this storage lives in.

@@ -224,11 +224,12 @@ impl Writer {
             }
             self.shared.set_committed();
         }
-        if !self.shared.progress.end(len, Status::Finished) {
-            return Err(self.shared.failure());
-        }
+        // Tell the cache first, so that once readers see the end, its books are up to date.
         if let Some(obs) = &self.shared.observer {
             obs.finished(len, commit);
+        }
+        if !self.shared.progress.end(len, Status::Finished) {
+            return Err(self.shared.failure());
         }
         Ok(())
     }
