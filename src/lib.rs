@@ -71,3 +71,8 @@ pub mod tokio;
 pub use cache::{Cache, CacheBuilder, CacheStats, Entry, RemovalCause};
 pub use error::{Error, Result};
 pub use stream::{Reader, Size, Stream, Writer};
+
+/// The README's examples, run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
