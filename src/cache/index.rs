@@ -60,6 +60,16 @@ pub(crate) struct Counters {
     pub(crate) over_limit: AtomicBool,
 }
 
+/// What entries need from the cache on their hot paths (reader open/close), held strongly so
+/// that no `Weak` upgrade is needed there.
+#[derive(Debug)]
+pub(crate) struct Books {
+    pub(crate) clock: Arc<dyn Clock>,
+    pub(crate) stats: Counters,
+    /// Whether a time to idle is configured (otherwise releases need no timestamp).
+    pub(crate) track_idle: bool,
+}
+
 pub(crate) type Listener = Arc<dyn Fn(&str, RemovalCause) + Send + Sync>;
 
 /// Everything the cache shares with its entries' observers and its reaper.
@@ -77,8 +87,7 @@ pub(crate) struct Inner {
     /// contributes its `accounted` field.
     pub(crate) bytes: AtomicU64,
     pub(crate) limits: Limits,
-    pub(crate) clock: Arc<dyn Clock>,
-    pub(crate) stats: Counters,
+    pub(crate) books: Arc<Books>,
     /// Next entry id (part of blob names, so a new version never reuses an old name).
     pub(crate) next_id: AtomicU64,
     pub(crate) jobs: Sender<Job>,
@@ -111,6 +120,7 @@ pub(crate) struct EntryState {
     pub(crate) key: Arc<str>,
     pub(crate) id: u64,
     pub(crate) cache: Weak<Inner>,
+    pub(crate) books: Arc<Books>,
     pub(crate) created: u64,
     /// Milliseconds; 0 while being written. Set once.
     pub(crate) finished: AtomicU64,
@@ -164,7 +174,7 @@ impl EntryState {
 
 impl Observer for EntryState {
     fn commit_meta(&self, _len: u64, user: &Bytes) -> Vec<u8> {
-        let now = self.cache.upgrade().map_or(0, |c| c.clock.now_millis());
+        let now = self.books.clock.now_millis();
         let _ = self.user.set(user.clone());
         self.finished.store(now, Ordering::Relaxed);
         self.last_access.store(now, Ordering::Relaxed);
@@ -181,11 +191,11 @@ impl Observer for EntryState {
         let Some(cache) = self.cache.upgrade() else {
             return;
         };
-        let now = cache.clock.now_millis();
+        let now = cache.books.clock.now_millis();
         let _ = self.finished.compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed);
         self.last_access.store(now, Ordering::Relaxed);
         self.idle_since.store(now, Ordering::Relaxed);
-        cache.stats.bytes_written.fetch_add(len, Ordering::Relaxed);
+        cache.books.stats.bytes_written.fetch_add(len, Ordering::Relaxed);
         if committed {
             self.committed.store(true, Ordering::SeqCst);
             if !self.live.load(Ordering::SeqCst) {
@@ -215,15 +225,15 @@ impl Observer for EntryState {
         if let Some(cache) = self.cache.upgrade()
             && self.live.load(Ordering::SeqCst)
         {
-            cache.stats.aborts.fetch_add(1, Ordering::Relaxed);
+            cache.books.stats.aborts.fetch_add(1, Ordering::Relaxed);
             cache.unlink_id(&self.key, self.id, RemovalCause::Aborted);
         }
     }
 
     fn released(&self) {
-        if let Some(cache) = self.cache.upgrade() {
+        if self.books.track_idle {
             self.idle_since
-                .store(cache.clock.now_millis(), Ordering::Relaxed);
+                .store(self.books.clock.now_millis(), Ordering::Relaxed);
         }
     }
 
@@ -235,8 +245,8 @@ impl Observer for EntryState {
     }
 
     fn reader_closed(&self, bytes: u64) {
-        if let Some(cache) = self.cache.upgrade() {
-            cache.stats.bytes_read.fetch_add(bytes, Ordering::Relaxed);
+        if bytes > 0 {
+            self.books.stats.bytes_read.fetch_add(bytes, Ordering::Relaxed);
         }
     }
 }
@@ -403,9 +413,9 @@ impl Inner {
             let _ = self.jobs.send(Job::Delete(state.name()));
         }
         match cause {
-            RemovalCause::Explicit => &self.stats.removals,
-            RemovalCause::Aborted => &self.stats.removals,
-            _ => &self.stats.evictions,
+            RemovalCause::Explicit => &self.books.stats.removals,
+            RemovalCause::Aborted => &self.books.stats.removals,
+            _ => &self.books.stats.evictions,
         }
         .fetch_add(1, Ordering::Relaxed);
         if self.listener.is_some() {
@@ -448,7 +458,7 @@ impl Inner {
             }
         }
         let over = self.over_limits();
-        self.stats.over_limit.store(over, Ordering::Relaxed);
+        self.books.stats.over_limit.store(over, Ordering::Relaxed);
         // Entries we skipped go back as least recently used, in their old order.
         let mut lru = self.lru.lock().unwrap_or_else(|e| e.into_inner());
         for state in kept.into_iter().rev() {
@@ -465,7 +475,7 @@ impl Inner {
         if self.limits.ttl_ms.is_none() && self.limits.tti_ms.is_none() {
             return 0;
         }
-        let now = self.clock.now_millis();
+        let now = self.books.clock.now_millis();
         let stale: Vec<(Arc<Slot>, RemovalCause)> = self
             .index
             .iter()

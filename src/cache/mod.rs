@@ -26,7 +26,7 @@ mod reaper;
 pub use builder::CacheBuilder;
 pub use clock::{Clock, ManualClock, SystemClock};
 
-use index::{Counters, EntryState, Inner, Job, Limits, Slot, blob_name};
+use index::{Books, Counters, EntryState, Inner, Job, Limits, Slot, blob_name};
 use meta::EntryMeta;
 
 /// What [`Cache::get_or_create`] hands out.
@@ -170,9 +170,12 @@ impl Cache {
             index: DashMap::new(),
             lru: Mutex::new(LruCache::unbounded()),
             bytes: AtomicU64::new(0),
+            books: Arc::new(Books {
+                clock: b.clock,
+                stats: Counters::default(),
+                track_idle: limits.tti_ms.is_some(),
+            }),
             limits,
-            clock: b.clock,
-            stats: Counters::default(),
             next_id: AtomicU64::new(0),
             jobs: tx,
             listener: b.listener.clone(),
@@ -226,9 +229,9 @@ impl Cache {
     pub fn get_or_create(&self, key: &str) -> Result<Entry> {
         let inner = &self.inner;
         loop {
-            let now = inner.clock.now_millis();
+            let now = inner.books.clock.now_millis();
             if let Some(reader) = self.lookup(key, now)? {
-                inner.stats.hits.fetch_add(1, Ordering::Relaxed);
+                inner.books.stats.hits.fetch_add(1, Ordering::Relaxed);
                 return Ok(Entry::Hit(reader));
             }
             // Create the blob outside any index lock; if another thread inserts first, ours
@@ -239,6 +242,7 @@ impl Cache {
                 key: key_arc.clone(),
                 id,
                 cache: Arc::downgrade(inner),
+                books: inner.books.clone(),
                 created: now,
                 finished: AtomicU64::new(0),
                 last_access: AtomicU64::new(now),
@@ -267,7 +271,7 @@ impl Cache {
                 }
                 MapEntry::Occupied(_) => continue, // lost the race: `writer` drops silently
             }
-            inner.stats.misses.fetch_add(1, Ordering::Relaxed);
+            inner.books.stats.misses.fetch_add(1, Ordering::Relaxed);
             if inner.limits.max_entries.is_some() && inner.over_limits() {
                 let _ = inner.jobs.send(Job::Maintain);
             }
@@ -293,11 +297,11 @@ impl Cache {
     /// None today (stale or unreadable entries are dropped and reported as absent); the
     /// `Result` leaves room for storage errors.
     pub fn get(&self, key: &str) -> Result<Option<Reader>> {
-        let found = self.lookup(key, self.inner.clock.now_millis())?;
+        let found = self.lookup(key, self.inner.books.clock.now_millis())?;
         let counter = if found.is_some() {
-            &self.inner.stats.hits
+            &self.inner.books.stats.hits
         } else {
-            &self.inner.stats.misses
+            &self.inner.books.stats.misses
         };
         counter.fetch_add(1, Ordering::Relaxed);
         Ok(found)
@@ -343,7 +347,7 @@ impl Cache {
 
     /// Whether `key` is present and servable. Does not refresh recency.
     pub fn contains_key(&self, key: &str) -> bool {
-        let now = self.inner.clock.now_millis();
+        let now = self.inner.books.clock.now_millis();
         self.inner
             .index
             .get(key)
@@ -397,7 +401,7 @@ impl Cache {
 
     /// The cache's counters.
     pub fn stats(&self) -> CacheStats {
-        let s = &self.inner.stats;
+        let s = &self.inner.books.stats;
         CacheStats {
             hits: s.hits.load(Ordering::Relaxed),
             misses: s.misses.load(Ordering::Relaxed),
@@ -452,7 +456,7 @@ fn reload(inner: &Arc<Inner>) -> Result<()> {
         .storage
         .list()
         .map_err(|e| Error::from_io("list", "", e))?;
-    let now = inner.clock.now_millis();
+    let now = inner.books.clock.now_millis();
     let mut newest: HashMap<String, (u64, EntryMeta, u64)> = HashMap::new();
     let mut max_id = 0;
     for blob in blobs {
@@ -502,6 +506,7 @@ fn reload(inner: &Arc<Inner>) -> Result<()> {
             key: key.clone(),
             id,
             cache: Arc::downgrade(inner),
+            books: inner.books.clone(),
             created: meta.created,
             finished: AtomicU64::new(meta.finished.max(1)),
             last_access: AtomicU64::new(meta.last_access),

@@ -1,0 +1,264 @@
+//! Cache benchmarks, each against a baseline measured in the same run:
+//!
+//! * hit path: open and drop a reader of a small finished entry, vs a
+//!   `RwLock<HashMap<String, Arc<Vec<u8>>>>` lookup (memory and disk caches);
+//! * disk write of a 256 MiB entry (with content hashing) vs raw `std::fs` writes;
+//! * read-back of a finished 256 MiB disk entry through `io::Read`, vs raw page-cache reads:
+//!   cold (first read after reopening: every block is verified) and warm;
+//! * time to first byte of a late joiner on an entry still being produced.
+//!
+//! `cargo bench --bench cache` prints a Markdown table of medians (`BENCH_RUNS=n` to change
+//! the number of runs, default 7).
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::hint::black_box;
+use std::io::{Read, Write};
+use std::path::Path;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use streamcache::{Cache, Entry};
+
+const BIG: usize = 256 << 20;
+const CHUNK: usize = 64 << 10;
+const READ_BUF: usize = 1 << 20;
+const KEYS: usize = 1_000;
+const HITS: usize = 200_000;
+
+fn runs() -> usize {
+    std::env::var("BENCH_RUNS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(7)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn key(i: usize) -> String {
+    format!("https://example.com/objects/{i}")
+}
+
+/// Median nanoseconds per operation of `op(i)` over `HITS` operations.
+fn ns_per_op(mut op: impl FnMut(usize)) -> f64 {
+    median(
+        (0..runs())
+            .map(|_| {
+                let t = Instant::now();
+                for i in 0..HITS {
+                    op(i % KEYS);
+                }
+                t.elapsed().as_nanos() as f64 / HITS as f64
+            })
+            .collect(),
+    )
+}
+
+fn fill(cache: &Cache) {
+    for i in 0..KEYS {
+        if let Entry::Miss(mut w) = cache.get_or_create(&key(i)).unwrap() {
+            w.write_all(&[i as u8; 64]).unwrap();
+            w.finish().unwrap();
+        }
+    }
+}
+
+fn hit_path(rows: &mut Vec<[String; 4]>) {
+    let map: RwLock<HashMap<String, Arc<Vec<u8>>>> =
+        RwLock::new((0..KEYS).map(|i| (key(i), Arc::new(vec![i as u8; 64]))).collect());
+    let keys: Vec<String> = (0..KEYS).map(key).collect();
+    let base = ns_per_op(|i| {
+        black_box(map.read().unwrap().get(&keys[i]).cloned());
+    });
+    rows.push(row("hit path: RwLock<HashMap> lookup (baseline)", base, "ns/op", None));
+
+    let mem = Cache::builder().memory().build().unwrap();
+    fill(&mem);
+    let ns = ns_per_op(|i| {
+        black_box(mem.get(&keys[i]).unwrap().expect("present"));
+    });
+    rows.push(row("hit path: memory cache, open+drop reader", ns, "ns/op", Some(ns / base)));
+
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let disk = Cache::builder().disk(dir.path()).build().unwrap();
+        fill(&disk);
+    }
+    let disk = Cache::builder().disk(dir.path()).build().unwrap();
+    let ns = ns_per_op(|i| {
+        black_box(disk.get(&keys[i]).unwrap().expect("present"));
+    });
+    rows.push(row("hit path: disk cache (reloaded), open+drop reader", ns, "ns/op", Some(ns / base)));
+}
+
+fn gbps(bytes: usize, d: Duration) -> f64 {
+    bytes as f64 / d.as_secs_f64() / 1e9
+}
+
+fn raw_write(path: &Path, data: &[u8]) -> Duration {
+    let t = Instant::now();
+    let mut f = File::create(path).unwrap();
+    for c in data.chunks(CHUNK) {
+        f.write_all(c).unwrap();
+    }
+    drop(f);
+    t.elapsed()
+}
+
+fn raw_read(path: &Path, buf: &mut [u8]) -> Duration {
+    let t = Instant::now();
+    let mut f = File::open(path).unwrap();
+    let mut total = 0;
+    loop {
+        let n = f.read(buf).unwrap();
+        if n == 0 {
+            break;
+        }
+        total += n;
+    }
+    assert_eq!(total, BIG);
+    t.elapsed()
+}
+
+fn cache_read(cache: &Cache, k: &str, buf: &mut [u8]) -> Duration {
+    let t = Instant::now();
+    let mut r = cache.get(k).unwrap().expect("present");
+    let mut total = 0;
+    loop {
+        let n = r.read(buf).unwrap();
+        if n == 0 {
+            break;
+        }
+        total += n;
+    }
+    assert_eq!(total, BIG);
+    t.elapsed()
+}
+
+fn disk_throughput(rows: &mut Vec<[String; 4]>) {
+    let data: Vec<u8> = (0..BIG).map(|i| (i % 251) as u8).collect();
+    let dir = tempfile::tempdir().unwrap();
+    let raw_path = dir.path().join("raw.bin");
+    let cache_dir = dir.path().join("cache");
+    let mut raw_w = Vec::new();
+    let mut ours_w = Vec::new();
+    for run in 0..runs() {
+        let _ = std::fs::remove_file(&raw_path);
+        raw_w.push(gbps(BIG, raw_write(&raw_path, &data)));
+        let cache = Cache::builder().disk(&cache_dir).build().unwrap();
+        let k = format!("big-{run}");
+        let t = Instant::now();
+        let Entry::Miss(mut w) = cache.get_or_create(&k).unwrap() else { panic!("fresh key") };
+        for c in data.chunks(CHUNK) {
+            w.write_all(c).unwrap();
+        }
+        w.finish().unwrap();
+        ours_w.push(gbps(BIG, t.elapsed()));
+        cache.clear();
+        cache.run_pending_tasks();
+    }
+    let (base, ours) = (median(raw_w), median(ours_w));
+    rows.push(row("disk write 256 MiB: raw std::fs (baseline)", base, "GB/s", None));
+    rows.push(row("disk write 256 MiB: cache entry with blake3 blocks", ours, "GB/s", Some(ours / base)));
+
+    // Read-back. One finished entry; the raw file holds the same bytes; both page-cached.
+    {
+        let cache = Cache::builder().disk(&cache_dir).build().unwrap();
+        let Entry::Miss(mut w) = cache.get_or_create("big").unwrap() else { panic!() };
+        w.write_all(&data).unwrap();
+        w.finish().unwrap();
+    }
+    let mut buf = vec![0u8; READ_BUF];
+    let (mut raw_r, mut cold, mut warm) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..runs() {
+        raw_r.push(gbps(BIG, raw_read(&raw_path, &mut buf)));
+        // A reopened cache verifies every block on first touch.
+        let cache = Cache::builder().disk(&cache_dir).build().unwrap();
+        cold.push(gbps(BIG, cache_read(&cache, "big", &mut buf)));
+        warm.push(gbps(BIG, cache_read(&cache, "big", &mut buf)));
+    }
+    let base = median(raw_r);
+    rows.push(row("disk read-back 256 MiB: raw page-cache read (baseline)", base, "GB/s", None));
+    let cold = median(cold);
+    rows.push(row("disk read-back: reloaded entry, first read (verifies)", cold, "GB/s", Some(cold / base)));
+    let warm = median(warm);
+    rows.push(row("disk read-back: same entry, blocks already verified", warm, "GB/s", Some(warm / base)));
+}
+
+fn late_joiner(rows: &mut Vec<[String; 4]>) {
+    const TOTAL: usize = 64 << 20;
+    const PIECE: usize = 1 << 20;
+    let piece = vec![7u8; PIECE];
+    let mut fractions = Vec::new();
+    let mut ttfb = Vec::new();
+    for run in 0..runs() {
+        let cache = Arc::new(Cache::builder().memory().build().unwrap());
+        let k = format!("late-{run}");
+        let Entry::Miss(mut w) = cache.get_or_create(&k).unwrap() else { panic!() };
+        let piece = piece.clone();
+        let start = Instant::now();
+        let producer = std::thread::spawn(move || {
+            // 64 pieces over ~400 ms.
+            for i in 0..TOTAL / PIECE {
+                let due = Duration::from_micros(6_250 * i as u64);
+                if let Some(wait) = due.checked_sub(start.elapsed()) {
+                    std::thread::sleep(wait);
+                }
+                w.write_all(&piece).unwrap();
+                w.flush().unwrap();
+            }
+            w.finish().unwrap();
+            start.elapsed()
+        });
+        std::thread::sleep(Duration::from_millis(20));
+        let asked = Instant::now();
+        let Entry::Hit(mut r) = cache.get_or_create(&k).unwrap() else { panic!() };
+        let mut one = [0u8; 1];
+        r.read_exact(&mut one).unwrap();
+        let first = asked.elapsed();
+        let production = producer.join().unwrap();
+        ttfb.push(first.as_secs_f64() * 1e6);
+        fractions.push(first.as_secs_f64() / production.as_secs_f64() * 100.0);
+    }
+    rows.push(row("late joiner: time to first byte", median(ttfb), "µs", None));
+    rows.push(row("late joiner: first byte / production time (%)", median(fractions), "%", None));
+}
+
+fn row(name: &str, value: f64, unit: &str, ratio: Option<f64>) -> [String; 4] {
+    let r = [
+        name.to_owned(),
+        if value < 0.1 { format!("{value:.4}") } else { format!("{value:.2}") },
+        unit.to_owned(),
+        ratio.map_or_else(|| "—".to_owned(), |r| format!("{r:.2}×")),
+    ];
+    eprintln!("{}", r.join(" | "));
+    r
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; `cargo test --benches` would pass nothing: only run the
+    // measurements when asked to benchmark.
+    if !std::env::args().any(|a| a == "--bench") {
+        return;
+    }
+    // Optional filter: `cargo bench --bench cache -- hit` runs only matching sections.
+    let filter: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
+    let wanted = |name: &str| filter.is_empty() || filter.iter().any(|f| name.contains(f.as_str()));
+    let mut rows = Vec::new();
+    if wanted("hit") {
+        hit_path(&mut rows);
+    }
+    if wanted("disk") {
+        disk_throughput(&mut rows);
+    }
+    if wanted("late") {
+        late_joiner(&mut rows);
+    }
+    println!("\n| case | median | unit | ratio to baseline |\n| --- | --- | --- | --- |");
+    for r in rows {
+        println!("| {} | {} | {} | {} |", r[0], r[1], r[2], r[3]);
+    }
+}
