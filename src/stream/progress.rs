@@ -256,45 +256,86 @@ impl Progress {
 
 #[cfg(all(test, streamcache_loom))]
 mod loom_tests {
-    //! Exhaustive interleavings of the wake core: 1 writer, 2 readers, up to 3 publishes,
-    //! and abort/drop races. Run with
+    //! Interleavings of the wake core: a writer (the model's main thread) and one or two
+    //! readers, publishes, finish, abort, cancel, removal, and the async waker path. Each
+    //! model is kept small enough to be explored exhaustively in seconds. Run with
     //! `RUSTFLAGS="--cfg streamcache_loom" cargo test --release --lib loom`.
     use super::*;
     use loom::sync::Arc;
     use loom::thread;
 
-    /// Readers that wait for the end never miss the final wake-up and see every publish in
-    /// order (the length they observe never goes backwards).
+    /// Wakes a parked loom thread (a minimal executor for one future).
+    struct Unparker(thread::Thread);
+
+    impl std::task::Wake for Unparker {
+        fn wake(self: std::sync::Arc<Self>) {
+            self.0.unpark();
+        }
+    }
+
+    /// Polls until ready, parking between polls: a lost wake-up is a deadlock loom reports.
+    fn block_on<T>(mut poll: impl FnMut(&mut Context<'_>) -> Poll<T>) -> T {
+        let waker = Waker::from(std::sync::Arc::new(Unparker(thread::current())));
+        let mut cx = Context::from_waker(&waker);
+        loop {
+            if let Poll::Ready(v) = poll(&mut cx) {
+                return v;
+            }
+            thread::park();
+        }
+    }
+
+    /// Waits like a reader that wants everything: until the stream ends, checking that the
+    /// length it observes never goes backwards. Returns the last snapshot.
+    fn read_to_end(p: &Progress) -> Snapshot {
+        let mut seen = 0;
+        loop {
+            let snap = p.wait_for(seen + 1);
+            assert!(snap.len >= seen, "length went backwards");
+            seen = snap.len;
+            if !matches!(snap.status, Status::Open) {
+                return snap;
+            }
+        }
+    }
+
+    /// A waiting reader never misses a publish or the final wake-up, and sees the final
+    /// length with `Finished` (`end` may extend the length).
     #[test]
-    fn readers_see_all_publishes_then_finish() {
+    fn reader_sees_every_publish_then_finish() {
+        loom::model(|| {
+            let p = Arc::new(Progress::new_open());
+            p.acquire().unwrap();
+            let p2 = p.clone();
+            let reader = thread::spawn(move || {
+                let snap = read_to_end(&p2);
+                p2.release();
+                (snap.len, matches!(snap.status, Status::Finished))
+            });
+            p.publish(1);
+            p.publish(2);
+            assert!(p.end(3, Status::Finished));
+            p.release();
+            assert_eq!(reader.join().unwrap(), (3, true));
+            assert_eq!(p.handles(), 0);
+        });
+    }
+
+    /// Two readers asleep at the same time are both woken (notify_all, sleeper count).
+    #[test]
+    fn finish_wakes_every_sleeper() {
         loom::model(|| {
             let p = Arc::new(Progress::new_open());
             let readers: Vec<_> = (0..2)
                 .map(|_| {
                     let p = p.clone();
-                    p.acquire().unwrap();
-                    thread::spawn(move || {
-                        let mut seen = 0;
-                        loop {
-                            let snap = p.wait_for(seen + 1);
-                            assert!(snap.len >= seen);
-                            seen = snap.len;
-                            if matches!(snap.status, Status::Finished) {
-                                break;
-                            }
-                        }
-                        p.release();
-                        seen
-                    })
+                    thread::spawn(move || read_to_end(&p).len)
                 })
                 .collect();
-            for len in 1..=3 {
-                p.publish(len);
-            }
-            assert!(p.end(3, Status::Finished));
-            p.release();
+            p.publish(1);
+            assert!(p.end(1, Status::Finished));
             for r in readers {
-                assert_eq!(r.join().unwrap(), 3);
+                assert_eq!(r.join().unwrap(), 1);
             }
         });
     }
@@ -324,6 +365,29 @@ mod loom_tests {
         });
     }
 
+    /// A cancel racing a finish: whichever comes first, the stream ends cancelled (a cancel
+    /// also ends a finished stream), a finish after a cancel is refused, and a waiting reader
+    /// is woken either way.
+    #[test]
+    fn cancel_races_finish() {
+        loom::model(|| {
+            let p = Arc::new(Progress::new_open());
+            let p2 = p.clone();
+            let reader = thread::spawn(move || read_to_end(&p2));
+            let p3 = p.clone();
+            let canceller = thread::spawn(move || p3.end(0, Status::Cancelled(None)));
+            let finished = p.end(4, Status::Finished);
+            assert!(canceller.join().unwrap(), "cancel is never refused");
+            let last = reader.join().unwrap();
+            assert!(!matches!(last.status, Status::Open));
+            assert!(p.failed());
+            assert!(matches!(p.snapshot().status, Status::Cancelled(_)));
+            assert!(p.acquire().is_err(), "cancel closes to new readers");
+            // If the finish won, its length stands.
+            assert_eq!(p.peek().0, if finished { 4 } else { 0 });
+        });
+    }
+
     /// Finish racing with the lock-free fast path: a reader that sees `FINISHED` sees the
     /// final length.
     #[test]
@@ -343,6 +407,22 @@ mod loom_tests {
         });
     }
 
+    /// The async path: a task polling `poll_for` registers its waker under the lock, so a
+    /// publish or finish racing with the registration is never lost.
+    #[test]
+    fn async_waiter_is_woken() {
+        loom::model(|| {
+            let p = Arc::new(Progress::new_open());
+            let p2 = p.clone();
+            let task = thread::spawn(move || {
+                block_on(|cx| p2.poll_for(2, cx)).len
+            });
+            p.publish(1);
+            p.end(2, Status::Finished);
+            assert_eq!(task.join().unwrap(), 2);
+        });
+    }
+
     /// Blocking removal waits for the last reader's drop, and a reader that races the close
     /// either registers before it (and is waited for) or is refused.
     #[test]
@@ -352,10 +432,12 @@ mod loom_tests {
             let released = Arc::new(loom::sync::atomic::AtomicBool::new(false));
             let (p2, r2) = (p.clone(), released.clone());
             let reader = thread::spawn(move || {
-                if p2.acquire().is_ok() {
+                let acquired = p2.acquire().is_ok();
+                if acquired {
                     r2.store(true, Ordering::SeqCst);
                     p2.release();
                 }
+                acquired
             });
             let p3 = p.clone();
             let writer = thread::spawn(move || {
@@ -363,11 +445,12 @@ mod loom_tests {
                 p3.release();
             });
             p.close_and_wait_unused(None);
+            // A reader that got in was waited for: its work before `release` is visible now.
+            let seen = released.load(Ordering::SeqCst);
             assert_eq!(p.handles(), 0);
             assert!(p.acquire().is_err());
-            reader.join().unwrap();
+            assert_eq!(reader.join().unwrap(), seen);
             writer.join().unwrap();
-            let _ = released.load(Ordering::SeqCst);
         });
     }
 }
