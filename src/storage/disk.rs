@@ -312,7 +312,7 @@ impl BlobWriter for DiskWriter {
             self.block.update(&buf[..n]);
             self.len += n as u64;
             buf = &buf[n..];
-            if self.len % BLOCK == 0 {
+            if self.len.is_multiple_of(BLOCK) {
                 self.hashes.push(*self.block.finalize().as_bytes());
                 self.block.reset();
             }
@@ -332,7 +332,7 @@ impl BlobWriter for DiskWriter {
     }
 
     fn commit(mut self: Box<Self>, meta: &[u8]) -> io::Result<()> {
-        if self.len % BLOCK != 0 {
+        if !self.len.is_multiple_of(BLOCK) {
             self.hashes.push(*self.block.finalize().as_bytes());
         }
         let st = self.storage.clone();

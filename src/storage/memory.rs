@@ -32,10 +32,13 @@ pub struct MemoryStorage {
     inner: Arc<Inner>,
 }
 
+/// Committed blobs by name, with their metadata.
+type Committed = HashMap<String, (Arc<MemBlob>, Vec<u8>)>;
+
 #[derive(Debug, Default)]
 struct Inner {
     /// Lock: this mutex. Invariant: holds exactly the committed blobs.
-    committed: Mutex<HashMap<String, (Arc<MemBlob>, Vec<u8>)>>,
+    committed: Mutex<Committed>,
     pool: Pool,
 }
 

@@ -159,11 +159,10 @@ impl Progress {
     /// finished stream. Returns `false` if it had already ended (then nothing changes).
     pub(crate) fn end(&self, len: u64, status: Status) -> bool {
         let mut st = self.lock();
-        let may = match (&st.status, &status) {
-            (Status::Open, _) => true,
-            (Status::Finished, Status::Cancelled(_)) => true,
-            _ => false,
-        };
+        let may = matches!(
+            (&st.status, &status),
+            (Status::Open, _) | (Status::Finished, Status::Cancelled(_))
+        );
         if !may {
             return false;
         }
