@@ -43,7 +43,10 @@ fn disk() -> Store {
     }
 }
 
-fn stores() -> [(&'static str, fn() -> Store); 2] {
+/// A named way to make a fresh storage.
+type MakeStore = (&'static str, fn() -> Store);
+
+fn stores() -> [MakeStore; 2] {
     [("memory", mem), ("disk", disk)]
 }
 
