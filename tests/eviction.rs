@@ -1,0 +1,683 @@
+//! Eviction: LRU by entries and bytes, time to live, time to idle, the reaper, the listener,
+//! the policy, and recency across restarts.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Barrier, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use streamcache::cache::{EntryInfo, ManualClock, Policy, RemovalCause};
+use streamcache::{Cache, CacheBuilder, Entry};
+use support::*;
+
+const HOUR: Duration = Duration::from_secs(3600);
+
+type Events = Arc<Mutex<Vec<(String, RemovalCause)>>>;
+
+/// A builder whose reaper never wakes on its own (only `run_pending_tasks` and the
+/// limit-crossing wake-ups drive it), plus a manual clock and a recording listener.
+fn builder() -> (CacheBuilder, Arc<ManualClock>, Events) {
+    let clock = Arc::new(ManualClock::new());
+    let events: Events = Arc::default();
+    let sink = events.clone();
+    let b = Cache::builder()
+        .memory()
+        .clock(clock.clone())
+        .maintenance_interval(HOUR)
+        .eviction_listener(move |k, c| sink.lock().unwrap().push((k.to_owned(), c)));
+    (b, clock, events)
+}
+
+fn events_of(events: &Events) -> Vec<(String, RemovalCause)> {
+    let mut v = events.lock().unwrap().clone();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+fn ev(k: &str, c: RemovalCause) -> (String, RemovalCause) {
+    (k.to_owned(), c)
+}
+
+fn sorted_keys(cache: &Cache) -> Vec<String> {
+    let mut k = cache.keys();
+    k.sort();
+    k
+}
+
+// ---------------------------------------------------------------------------------------------
+// LRU
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn lru_by_count_evicts_least_recently_read() {
+    let (b, clock, events) = builder();
+    let cache = b.max_entries(3).build().unwrap();
+    for k in ["a", "b", "c"] {
+        put(&cache, k, k.as_bytes());
+        clock.advance(Duration::from_secs(1));
+    }
+    drop(hit(&cache, "a")); // a is now the most recently read
+    // Look-ups that must not refresh recency.
+    assert!(cache.contains_key("b"));
+    assert_eq!(cache.len(), 3);
+    put(&cache, "d", b"d");
+    cache.run_pending_tasks();
+    assert_eq!(sorted_keys(&cache), ["a", "c", "d"]);
+    assert_eq!(events_of(&events), [ev("b", RemovalCause::Size)]);
+    assert_eq!(cache.stats().evictions, 1);
+    cache.run_pending_tasks();
+    assert_eq!(cache.storage().list().unwrap().len(), 3, "evicted blob not deleted");
+}
+
+#[test]
+fn get_refreshes_recency_too() {
+    let (b, _clock, _events) = builder();
+    let cache = b.max_entries(2).build().unwrap();
+    put(&cache, "a", b"a");
+    put(&cache, "b", b"b");
+    drop(cache.get("a").unwrap().unwrap());
+    put(&cache, "c", b"c");
+    cache.run_pending_tasks();
+    assert_eq!(sorted_keys(&cache), ["a", "c"]);
+}
+
+#[test]
+fn finish_refreshes_recency() {
+    let (b, _clock, _events) = builder();
+    let cache = b.max_entries(2).build().unwrap();
+    let w = miss(&cache, "slow"); // created first …
+    put(&cache, "fast", b"fast");
+    w.finish().unwrap(); // … but finished last: more recent than "fast"
+    put(&cache, "new", b"new");
+    cache.run_pending_tasks();
+    assert_eq!(sorted_keys(&cache), ["new", "slow"]);
+}
+
+#[test]
+fn lru_by_size() {
+    let (b, _clock, events) = builder();
+    let cache = b.max_bytes(1000).build().unwrap();
+    put(&cache, "a", &[1; 400]);
+    put(&cache, "b", &[2; 400]);
+    drop(hit(&cache, "a"));
+    assert_eq!(cache.total_bytes(), 800);
+    put(&cache, "c", &[3; 400]);
+    cache.run_pending_tasks();
+    assert_eq!(sorted_keys(&cache), ["a", "c"]);
+    assert_eq!(cache.total_bytes(), 800);
+    assert_eq!(events_of(&events), [ev("b", RemovalCause::Size)]);
+    // One entry larger than the whole limit pushes everything else out, then itself.
+    put(&cache, "huge", &[4; 5000]);
+    cache.run_pending_tasks();
+    assert!(cache.total_bytes() <= 1000, "{}", cache.total_bytes());
+    assert!(!cache.stats().over_limit);
+}
+
+/// An entry in use when the limit is crossed is never cut: its reader reads every byte, and
+/// the limit is enforced once it is released.
+#[test]
+fn size_eviction_never_cuts_an_open_reader() {
+    deadline("open reader vs size eviction", || {
+        let (b, _clock, _events) = builder();
+        let cache = b.max_entries(1).build().unwrap();
+        let data = pattern(3 << 20, 1);
+        put(&cache, "a", &data);
+        let mut r = hit(&cache, "a");
+        let mut head = vec![0; 1000];
+        r.read_exact(&mut head).unwrap();
+        put(&cache, "b", b"b");
+        cache.run_pending_tasks();
+        let mut rest = Vec::new();
+        r.read_to_end(&mut rest).unwrap();
+        head.extend(rest);
+        assert!(head == data, "open reader cut by eviction");
+        drop(r);
+        cache.run_pending_tasks();
+        assert!(cache.len() <= 1, "limit not restored once the reader closed");
+        assert_eq!(cache.storage().list().unwrap().len(), cache.len());
+    });
+}
+
+/// An entry evicted (by time) while a reader is open: the reader still gets every byte.
+#[test]
+fn evicted_entry_with_open_reader_yields_every_byte() {
+    deadline("open reader vs ttl eviction", || {
+        let (b, clock, events) = builder();
+        let cache = b.time_to_live(Duration::from_secs(10)).build().unwrap();
+        let data = pattern(3 << 20, 2);
+        put(&cache, "a", &data);
+        let mut r = hit(&cache, "a");
+        let r2 = hit(&cache, "a");
+        let mut head = vec![0; 1 << 20];
+        r.read_exact(&mut head).unwrap();
+        clock.advance(Duration::from_secs(11));
+        cache.run_pending_tasks();
+        assert!(!cache.contains_key("a"));
+        assert_eq!(events_of(&events), [ev("a", RemovalCause::Expired)]);
+        let mut rest = Vec::new();
+        r.read_to_end(&mut rest).unwrap();
+        head.extend(rest);
+        assert!(head == data);
+        let mut at = vec![0; data.len()];
+        assert_eq!(r2.read_at(&mut at, 0).unwrap(), data.len());
+        assert!(at == data);
+        drop((r, r2));
+        cache.run_pending_tasks();
+        assert!(cache.storage().list().unwrap().is_empty());
+    });
+}
+
+#[test]
+fn entries_being_written_are_never_evicted_for_size() {
+    deadline("writer vs size eviction", || {
+        let (b, _clock, events) = builder();
+        let cache = b.max_bytes(1000).max_entries(2).build().unwrap();
+        put(&cache, "old", &[0; 100]);
+        let mut w1 = miss(&cache, "w1");
+        let mut w2 = miss(&cache, "w2");
+        let r = w1.reader().unwrap();
+        for _ in 0..10 {
+            w1.write_all(&[7; 1000]).unwrap();
+            w1.flush().unwrap();
+            w2.write_all(&[8; 100]).unwrap();
+            w2.flush().unwrap();
+            cache.run_pending_tasks();
+            assert!(cache.contains_key("w1") && cache.contains_key("w2"));
+        }
+        assert!(cache.stats().over_limit, "limit exceeded only by writers");
+        // "old" was the only candidate.
+        assert_eq!(events_of(&events), [ev("old", RemovalCause::Size)]);
+        drop(r);
+        w1.finish().unwrap();
+        w2.finish().unwrap();
+        cache.run_pending_tasks();
+        assert!(cache.total_bytes() <= 1000 && cache.len() <= 2);
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// time to live / time to idle
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn ttl_expired_entry_is_never_served_even_before_the_reaper() {
+    let (b, clock, events) = builder();
+    let cache = b.time_to_live(Duration::from_secs(10)).build().unwrap();
+    put(&cache, "a", b"a");
+    put(&cache, "b", b"b");
+    put(&cache, "c", b"c");
+    clock.advance(Duration::from_secs(9));
+    assert!(cache.contains_key("a"));
+    assert_eq!(get_bytes(&cache, "a"), b"a");
+    clock.advance(Duration::from_secs(1));
+    // The reaper has not run (its interval is an hour, nothing woke it).
+    assert!(!cache.contains_key("a"));
+    assert!(cache.get("a").unwrap().is_none());
+    drop(miss(&cache, "b")); // get_or_create misses an expired entry
+    put(&cache, "c", b"c2"); // and the new version is served
+    assert_eq!(get_bytes(&cache, "c"), b"c2");
+    cache.run_pending_tasks();
+    let got = events_of(&events);
+    assert!(got.contains(&ev("a", RemovalCause::Expired)), "{got:?}");
+    assert!(got.contains(&ev("b", RemovalCause::Expired)), "{got:?}");
+    assert!(got.contains(&ev("c", RemovalCause::Expired)), "{got:?}");
+    assert_eq!(got.len(), 4, "each removal exactly once: {got:?}"); // + b's aborted retry
+}
+
+#[test]
+fn ttl_counts_from_finish() {
+    let (b, clock, _events) = builder();
+    let cache = b.time_to_live(Duration::from_secs(10)).build().unwrap();
+    let mut w = miss(&cache, "k");
+    w.write_all(b"slow").unwrap();
+    w.flush().unwrap();
+    clock.advance(Duration::from_secs(60));
+    cache.run_pending_tasks();
+    assert!(cache.contains_key("k"), "an entry being written expired");
+    drop(hit(&cache, "k"));
+    w.finish().unwrap();
+    clock.advance(Duration::from_secs(9));
+    cache.run_pending_tasks();
+    assert_eq!(get_bytes(&cache, "k"), b"slow");
+    clock.advance(Duration::from_secs(1));
+    assert!(cache.get("k").unwrap().is_none());
+}
+
+/// Reading does not extend a time to live.
+#[test]
+fn ttl_is_not_extended_by_reads() {
+    let (b, clock, _events) = builder();
+    let cache = b.time_to_live(Duration::from_secs(10)).build().unwrap();
+    put(&cache, "k", b"v");
+    for _ in 0..9 {
+        clock.advance(Duration::from_secs(1));
+        assert_eq!(get_bytes(&cache, "k"), b"v");
+    }
+    clock.advance(Duration::from_secs(1));
+    assert!(cache.get("k").unwrap().is_none());
+}
+
+#[test]
+fn tti_spares_entries_in_use_and_expires_idle_ones() {
+    let (b, clock, events) = builder();
+    let cache = b.time_to_idle(Duration::from_secs(10)).build().unwrap();
+    put(&cache, "busy", b"busy");
+    put(&cache, "idle", b"idle");
+    let held = hit(&cache, "busy");
+    clock.advance(Duration::from_secs(11));
+    // Before the reaper: the idle entry is not served, the busy one is.
+    assert!(!cache.contains_key("idle"));
+    assert!(cache.get("idle").unwrap().is_none());
+    assert!(cache.contains_key("busy"));
+    cache.run_pending_tasks();
+    assert!(cache.contains_key("busy"), "an entry in use idled out");
+    assert_eq!(events_of(&events), [ev("idle", RemovalCause::Idle)]);
+    // Idle time counts from the release.
+    clock.advance(Duration::from_secs(100));
+    drop(held);
+    clock.advance(Duration::from_secs(9));
+    cache.run_pending_tasks();
+    assert!(cache.contains_key("busy"));
+    // Each use restarts it (contains_key does not: it is not a use).
+    drop(hit(&cache, "busy"));
+    clock.advance(Duration::from_secs(9));
+    assert!(cache.contains_key("busy"));
+    clock.advance(Duration::from_secs(1));
+    assert!(!cache.contains_key("busy"));
+    cache.run_pending_tasks();
+    assert_eq!(
+        events_of(&events),
+        [ev("busy", RemovalCause::Idle), ev("idle", RemovalCause::Idle)]
+    );
+    assert!(cache.storage().list().unwrap().is_empty());
+}
+
+/// An entry being written never idles out, however long the write takes.
+#[test]
+fn tti_spares_entries_being_written() {
+    let (b, clock, _events) = builder();
+    let cache = b.time_to_idle(Duration::from_secs(10)).build().unwrap();
+    let mut w = miss(&cache, "k");
+    w.write_all(b"x").unwrap();
+    w.flush().unwrap();
+    clock.advance(Duration::from_secs(100));
+    cache.run_pending_tasks();
+    assert!(cache.contains_key("k"));
+    w.finish().unwrap();
+    clock.advance(Duration::from_secs(9));
+    assert_eq!(get_bytes(&cache, "k"), b"x");
+}
+
+// ---------------------------------------------------------------------------------------------
+// limits under concurrency
+// ---------------------------------------------------------------------------------------------
+
+fn burst(cache: &Arc<Cache>, threads: usize, per_thread: usize, len: usize) {
+    let barrier = Arc::new(Barrier::new(threads));
+    let hs: Vec<_> = (0..threads)
+        .map(|t| {
+            let (cache, barrier) = (cache.clone(), barrier.clone());
+            thread::spawn(move || {
+                barrier.wait();
+                for i in 0..per_thread {
+                    let key = format!("{t}-{i}");
+                    if let Entry::Miss(mut w) = cache.get_or_create(&key).unwrap() {
+                        w.write_all(&pattern(len, i as u64)).unwrap();
+                        w.finish().unwrap();
+                    }
+                }
+            })
+        })
+        .collect();
+    for h in hs {
+        h.join().unwrap();
+    }
+}
+
+#[test]
+fn limits_hold_after_a_burst_with_run_pending_tasks() {
+    deadline("burst", || {
+        let cache = Arc::new(
+            Cache::builder()
+                .max_entries(10)
+                .max_bytes(50_000)
+                .maintenance_interval(HOUR)
+                .build()
+                .unwrap(),
+        );
+        burst(&cache, 8, 100, 3000);
+        cache.run_pending_tasks();
+        assert!(cache.len() <= 10, "len {}", cache.len());
+        assert!(cache.total_bytes() <= 50_000, "{}", cache.total_bytes());
+        assert_eq!(cache.storage().list().unwrap().len(), cache.len());
+        assert_eq!(cache.total_bytes(), 3000 * cache.len() as u64);
+        assert!(!cache.stats().over_limit);
+    });
+}
+
+/// Limits are restored by the writes themselves (the reaper is woken), not by a timer nor by
+/// `run_pending_tasks`.
+#[test]
+fn limits_restored_promptly_without_run_pending_tasks() {
+    for (what, b) in [
+        ("entries", Cache::builder().max_entries(10)),
+        ("bytes", Cache::builder().max_bytes(30_000)),
+    ] {
+        let cache = Arc::new(b.maintenance_interval(HOUR).build().unwrap());
+        let c = cache.clone();
+        deadline(what, move || burst(&c, 8, 100, 3000));
+        let until = Instant::now() + Duration::from_secs(10);
+        while cache.len() > 10 || cache.total_bytes() > 30_000 {
+            assert!(
+                Instant::now() < until,
+                "{what}: limits not restored within 10 s: len {} bytes {}",
+                cache.len(),
+                cache.total_bytes()
+            );
+            thread::sleep(Duration::from_millis(5)); // polling with a deadline
+        }
+    }
+}
+
+/// Eight threads hammer a small cache with get_or_create / write / finish / abort / read /
+/// remove for about two seconds: no deadlock, no wrong bytes, and the books balance at the end.
+#[test]
+fn storm_of_operations() {
+    const KEYS: usize = 12;
+    const MAX: u64 = 4;
+    let content = |k: usize| pattern(1000 + k * 3000, k as u64);
+    let cache = Arc::new(
+        Cache::builder()
+            .max_entries(MAX)
+            .maintenance_interval(Duration::from_millis(20))
+            .build()
+            .unwrap(),
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let reads = Arc::new(AtomicU64::new(0));
+    let c = cache.clone();
+    let (stop2, reads2) = (stop.clone(), reads.clone());
+    deadline("storm", move || {
+        let threads: Vec<_> = (0..8u64)
+            .map(|t| {
+                let (cache, stop, reads) = (c.clone(), stop2.clone(), reads2.clone());
+                thread::spawn(move || {
+                    let mut rng = t.wrapping_mul(0x2545_F491_4F6C_DD1D) | 1;
+                    let mut next = move |n: u64| {
+                        rng ^= rng << 13;
+                        rng ^= rng >> 7;
+                        rng ^= rng << 17;
+                        rng % n
+                    };
+                    while !stop.load(Ordering::Relaxed) {
+                        let k = next(KEYS as u64) as usize;
+                        let key = format!("k{k}");
+                        match next(10) {
+                            0 => {
+                                cache.remove(&key).unwrap();
+                            }
+                            1 => cache.run_pending_tasks(),
+                            _ => match cache.get_or_create(&key).unwrap() {
+                                // Never read while holding a writer (that could wait on us).
+                                Entry::Miss(mut w) => {
+                                    let data = content(k);
+                                    let (a, b) = data.split_at(data.len() / 2);
+                                    w.write_all(a).unwrap();
+                                    w.flush().unwrap();
+                                    match next(5) {
+                                        0 => w.abort(),
+                                        1 => {
+                                            cache.remove(&key).unwrap();
+                                            w.write_all(b).unwrap();
+                                            w.finish().unwrap();
+                                        }
+                                        _ => {
+                                            w.write_all(b).unwrap();
+                                            w.finish().unwrap();
+                                        }
+                                    }
+                                }
+                                Entry::Hit(mut r) => {
+                                    match read_all(&mut r) {
+                                        Ok(got) => assert!(got == content(k), "wrong bytes"),
+                                        Err(e) => assert!(is_aborted(&e), "{e:?}"),
+                                    }
+                                    reads.fetch_add(1, Ordering::Relaxed);
+                                }
+                            },
+                        }
+                    }
+                })
+            })
+            .collect();
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(2) {
+            thread::sleep(Duration::from_millis(50)); // the storm's duration, not a sync
+        }
+        stop2.store(true, Ordering::Relaxed);
+        for t in threads {
+            t.join().unwrap();
+        }
+    });
+    assert!(stop.load(Ordering::Relaxed));
+    assert!(reads.load(Ordering::Relaxed) > 0);
+    cache.run_pending_tasks();
+    assert!(cache.len() as u64 <= MAX, "len {}", cache.len());
+    let stored: BTreeMap<String, u64> = cache
+        .storage()
+        .list()
+        .unwrap()
+        .into_iter()
+        .map(|b| (b.name, b.len))
+        .collect();
+    assert_eq!(stored.len(), cache.len(), "leaked or missing blobs: {stored:?}");
+    let mut total = 0;
+    for key in cache.keys() {
+        let k: usize = key[1..].parse().unwrap();
+        assert!(get_bytes(&cache, &key) == content(k), "{key}");
+        total += content(k).len() as u64;
+    }
+    assert_eq!(cache.total_bytes(), total);
+}
+
+// ---------------------------------------------------------------------------------------------
+// listener and policy
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn listener_sees_each_removal_once_with_its_cause() {
+    let (b, clock, events) = builder();
+    let cache = b
+        .max_entries(3)
+        .time_to_live(Duration::from_secs(100))
+        .build()
+        .unwrap();
+    put(&cache, "explicit", b"x");
+    cache.remove("explicit").unwrap();
+    cache.remove("explicit").unwrap();
+    drop(miss(&cache, "aborted"));
+    let w = miss(&cache, "aborted-explicitly");
+    w.abort();
+    put(&cache, "s1", b"1");
+    put(&cache, "s2", b"2");
+    put(&cache, "s3", b"3");
+    put(&cache, "s4", b"4");
+    cache.run_pending_tasks();
+    assert_eq!(
+        events_of(&events),
+        [
+            ev("aborted", RemovalCause::Aborted),
+            ev("aborted-explicitly", RemovalCause::Aborted),
+            ev("explicit", RemovalCause::Explicit),
+            ev("s1", RemovalCause::Size),
+        ]
+    );
+    events.lock().unwrap().clear();
+    clock.advance(Duration::from_secs(100));
+    // One expired entry is found by a request, the others by the reaper: one event each.
+    assert!(cache.get("s2").unwrap().is_none());
+    assert!(cache.get("s2").unwrap().is_none());
+    cache.run_pending_tasks();
+    cache.run_pending_tasks();
+    assert_eq!(
+        events_of(&events),
+        [
+            ev("s2", RemovalCause::Expired),
+            ev("s3", RemovalCause::Expired),
+            ev("s4", RemovalCause::Expired),
+        ]
+    );
+    events.lock().unwrap().clear();
+    put(&cache, "c1", b"1");
+    put(&cache, "c2", b"2");
+    cache.clear();
+    cache.clear();
+    cache.run_pending_tasks();
+    assert_eq!(
+        events_of(&events),
+        [ev("c1", RemovalCause::Explicit), ev("c2", RemovalCause::Explicit)]
+    );
+    let s = cache.stats();
+    assert_eq!((s.removals, s.evictions, s.aborts), (5, 4, 2), "{s:?}");
+}
+
+#[test]
+fn listener_sees_idle() {
+    let (b, clock, events) = builder();
+    let cache = b.time_to_idle(Duration::from_secs(5)).build().unwrap();
+    put(&cache, "k", b"v");
+    clock.advance(Duration::from_secs(5));
+    assert!(cache.get("k").unwrap().is_none());
+    cache.run_pending_tasks();
+    assert_eq!(events_of(&events), [ev("k", RemovalCause::Idle)]);
+}
+
+#[derive(Debug)]
+struct KeepPinned;
+
+impl Policy for KeepPinned {
+    fn may_evict(&self, entry: &EntryInfo, _cause: RemovalCause) -> bool {
+        &entry.metadata[..] != b"pinned"
+    }
+}
+
+#[test]
+fn policy_vetoes_size_eviction() {
+    let (b, clock, events) = builder();
+    let cache = b.max_entries(2).policy(KeepPinned).build().unwrap();
+    let mut w = miss(&cache, "pinned");
+    w.set_metadata(&b"pinned"[..]);
+    w.write_all(b"keep me").unwrap();
+    w.finish().unwrap();
+    for k in ["a", "b", "c"] {
+        clock.advance(Duration::from_secs(1));
+        put(&cache, k, k.as_bytes());
+        cache.run_pending_tasks();
+        assert!(cache.contains_key("pinned"), "policy ignored");
+        assert_eq!(cache.len(), 2);
+    }
+    assert_eq!(sorted_keys(&cache), ["c", "pinned"]);
+    assert_eq!(
+        events_of(&events),
+        [ev("a", RemovalCause::Size), ev("b", RemovalCause::Size)]
+    );
+    assert!(!cache.stats().over_limit);
+    // Explicit removal is not subject to the policy.
+    assert!(cache.remove("pinned").unwrap());
+    assert!(!cache.contains_key("pinned"));
+}
+
+#[test]
+fn policy_keeping_everything_reports_over_limit() {
+    #[derive(Debug)]
+    struct KeepAll;
+    impl Policy for KeepAll {
+        fn may_evict(&self, _: &EntryInfo, _: RemovalCause) -> bool {
+            false
+        }
+    }
+    let (b, _clock, events) = builder();
+    let cache = b.max_entries(1).policy(KeepAll).build().unwrap();
+    put(&cache, "a", b"a");
+    put(&cache, "b", b"b");
+    cache.run_pending_tasks();
+    assert_eq!(cache.len(), 2);
+    assert!(cache.stats().over_limit);
+    assert!(events_of(&events).is_empty());
+}
+
+// ---------------------------------------------------------------------------------------------
+// restart
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn lru_order_survives_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new());
+    let open = |max: Option<u64>| {
+        let mut b = Cache::builder()
+            .disk(dir.path())
+            .clock(clock.clone())
+            .maintenance_interval(HOUR);
+        if let Some(m) = max {
+            b = b.max_entries(m);
+        }
+        b.build().unwrap()
+    };
+    {
+        let cache = open(None);
+        for k in ["old", "mid", "new"] {
+            put(&cache, k, k.as_bytes());
+            clock.advance(Duration::from_secs(1));
+        }
+        // Reading the oldest makes it the most recent.
+        assert_eq!(get_bytes(&cache, "old"), b"old");
+        clock.advance(Duration::from_secs(1));
+    }
+    {
+        let cache = open(Some(2));
+        cache.run_pending_tasks();
+        assert_eq!(sorted_keys(&cache), ["new", "old"], "recency lost across restart");
+    }
+    // And once more: recency of an entry read after a reload persists too.
+    {
+        let cache = open(None);
+        assert_eq!(get_bytes(&cache, "new"), b"new");
+        clock.advance(Duration::from_secs(1));
+    }
+    let cache = open(Some(1));
+    cache.run_pending_tasks();
+    assert_eq!(sorted_keys(&cache), ["new"]);
+    assert_eq!(data_files(dir.path()).len(), 1);
+}
+
+/// Entries whose time to live passed while the cache was closed do not come back.
+#[test]
+fn ttl_applies_across_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new());
+    let open = || {
+        Cache::builder()
+            .disk(dir.path())
+            .clock(clock.clone())
+            .time_to_live(Duration::from_secs(10))
+            .maintenance_interval(HOUR)
+            .build()
+            .unwrap()
+    };
+    {
+        let cache = open();
+        put(&cache, "a", b"a");
+        clock.advance(Duration::from_secs(5));
+        put(&cache, "b", b"b");
+    }
+    clock.advance(Duration::from_secs(6));
+    let cache = open();
+    assert_eq!(cache.keys(), ["b"]);
+    clock.advance(Duration::from_secs(5));
+    assert!(cache.get("b").unwrap().is_none());
+}
