@@ -67,20 +67,33 @@ fn fill(cache: &Cache) {
 }
 
 fn hit_path(rows: &mut Vec<[String; 4]>) {
-    let map: RwLock<HashMap<String, Arc<Vec<u8>>>> =
-        RwLock::new((0..KEYS).map(|i| (key(i), Arc::new(vec![i as u8; 64]))).collect());
+    let map: RwLock<HashMap<String, Arc<Vec<u8>>>> = RwLock::new(
+        (0..KEYS)
+            .map(|i| (key(i), Arc::new(vec![i as u8; 64])))
+            .collect(),
+    );
     let keys: Vec<String> = (0..KEYS).map(key).collect();
     let base = ns_per_op(|i| {
         black_box(map.read().unwrap().get(&keys[i]).cloned());
     });
-    rows.push(row("hit path: RwLock<HashMap> lookup (baseline)", base, "ns/op", None));
+    rows.push(row(
+        "hit path: RwLock<HashMap> lookup (baseline)",
+        base,
+        "ns/op",
+        None,
+    ));
 
     let mem = Cache::builder().memory().build().unwrap();
     fill(&mem);
     let ns = ns_per_op(|i| {
         black_box(mem.get(&keys[i]).unwrap().expect("present"));
     });
-    rows.push(row("hit path: memory cache, open+drop reader", ns, "ns/op", Some(ns / base)));
+    rows.push(row(
+        "hit path: memory cache, open+drop reader",
+        ns,
+        "ns/op",
+        Some(ns / base),
+    ));
 
     let dir = tempfile::tempdir().unwrap();
     {
@@ -91,7 +104,12 @@ fn hit_path(rows: &mut Vec<[String; 4]>) {
     let ns = ns_per_op(|i| {
         black_box(disk.get(&keys[i]).unwrap().expect("present"));
     });
-    rows.push(row("hit path: disk cache (reloaded), open+drop reader", ns, "ns/op", Some(ns / base)));
+    rows.push(row(
+        "hit path: disk cache (reloaded), open+drop reader",
+        ns,
+        "ns/op",
+        Some(ns / base),
+    ));
 }
 
 fn gbps(bytes: usize, d: Duration) -> f64 {
@@ -151,7 +169,9 @@ fn disk_throughput(rows: &mut Vec<[String; 4]>) {
         let cache = Cache::builder().disk(&cache_dir).build().unwrap();
         let k = format!("big-{run}");
         let t = Instant::now();
-        let Entry::Miss(mut w) = cache.get_or_create(&k).unwrap() else { panic!("fresh key") };
+        let Entry::Miss(mut w) = cache.get_or_create(&k).unwrap() else {
+            panic!("fresh key")
+        };
         for c in data.chunks(CHUNK) {
             w.write_all(c).unwrap();
         }
@@ -161,13 +181,25 @@ fn disk_throughput(rows: &mut Vec<[String; 4]>) {
         cache.run_pending_tasks();
     }
     let (base, ours) = (median(raw_w), median(ours_w));
-    rows.push(row("disk write 256 MiB: raw std::fs (baseline)", base, "GB/s", None));
-    rows.push(row("disk write 256 MiB: cache entry with blake3 blocks", ours, "GB/s", Some(ours / base)));
+    rows.push(row(
+        "disk write 256 MiB: raw std::fs (baseline)",
+        base,
+        "GB/s",
+        None,
+    ));
+    rows.push(row(
+        "disk write 256 MiB: cache entry with blake3 blocks",
+        ours,
+        "GB/s",
+        Some(ours / base),
+    ));
 
     // Read-back. One finished entry; the raw file holds the same bytes; both page-cached.
     {
         let cache = Cache::builder().disk(&cache_dir).build().unwrap();
-        let Entry::Miss(mut w) = cache.get_or_create("big").unwrap() else { panic!() };
+        let Entry::Miss(mut w) = cache.get_or_create("big").unwrap() else {
+            panic!()
+        };
         w.write_all(&data).unwrap();
         w.finish().unwrap();
     }
@@ -181,11 +213,26 @@ fn disk_throughput(rows: &mut Vec<[String; 4]>) {
         warm.push(gbps(BIG, cache_read(&cache, "big", &mut buf)));
     }
     let base = median(raw_r);
-    rows.push(row("disk read-back 256 MiB: raw page-cache read (baseline)", base, "GB/s", None));
+    rows.push(row(
+        "disk read-back 256 MiB: raw page-cache read (baseline)",
+        base,
+        "GB/s",
+        None,
+    ));
     let cold = median(cold);
-    rows.push(row("disk read-back: reloaded entry, first read (verifies)", cold, "GB/s", Some(cold / base)));
+    rows.push(row(
+        "disk read-back: reloaded entry, first read (verifies)",
+        cold,
+        "GB/s",
+        Some(cold / base),
+    ));
     let warm = median(warm);
-    rows.push(row("disk read-back: same entry, blocks already verified", warm, "GB/s", Some(warm / base)));
+    rows.push(row(
+        "disk read-back: same entry, blocks already verified",
+        warm,
+        "GB/s",
+        Some(warm / base),
+    ));
 }
 
 fn late_joiner(rows: &mut Vec<[String; 4]>) {
@@ -197,7 +244,9 @@ fn late_joiner(rows: &mut Vec<[String; 4]>) {
     for run in 0..runs() {
         let cache = Arc::new(Cache::builder().memory().build().unwrap());
         let k = format!("late-{run}");
-        let Entry::Miss(mut w) = cache.get_or_create(&k).unwrap() else { panic!() };
+        let Entry::Miss(mut w) = cache.get_or_create(&k).unwrap() else {
+            panic!()
+        };
         let piece = piece.clone();
         let start = Instant::now();
         let producer = std::thread::spawn(move || {
@@ -215,7 +264,9 @@ fn late_joiner(rows: &mut Vec<[String; 4]>) {
         });
         std::thread::sleep(Duration::from_millis(20));
         let asked = Instant::now();
-        let Entry::Hit(mut r) = cache.get_or_create(&k).unwrap() else { panic!() };
+        let Entry::Hit(mut r) = cache.get_or_create(&k).unwrap() else {
+            panic!()
+        };
         let mut one = [0u8; 1];
         r.read_exact(&mut one).unwrap();
         let first = asked.elapsed();
@@ -223,14 +274,28 @@ fn late_joiner(rows: &mut Vec<[String; 4]>) {
         ttfb.push(first.as_secs_f64() * 1e6);
         fractions.push(first.as_secs_f64() / production.as_secs_f64() * 100.0);
     }
-    rows.push(row("late joiner: time to first byte", median(ttfb), "µs", None));
-    rows.push(row("late joiner: first byte / production time (%)", median(fractions), "%", None));
+    rows.push(row(
+        "late joiner: time to first byte",
+        median(ttfb),
+        "µs",
+        None,
+    ));
+    rows.push(row(
+        "late joiner: first byte / production time (%)",
+        median(fractions),
+        "%",
+        None,
+    ));
 }
 
 fn row(name: &str, value: f64, unit: &str, ratio: Option<f64>) -> [String; 4] {
     let r = [
         name.to_owned(),
-        if value < 0.1 { format!("{value:.4}") } else { format!("{value:.2}") },
+        if value < 0.1 {
+            format!("{value:.4}")
+        } else {
+            format!("{value:.2}")
+        },
         unit.to_owned(),
         ratio.map_or_else(|| "—".to_owned(), |r| format!("{r:.2}×")),
     ];
@@ -245,7 +310,10 @@ fn main() {
         return;
     }
     // Optional filter: `cargo bench --bench cache -- hit` runs only matching sections.
-    let filter: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
+    let filter: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
     let wanted = |name: &str| filter.is_empty() || filter.iter().any(|f| name.contains(f.as_str()));
     let mut rows = Vec::new();
     if wanted("hit") {

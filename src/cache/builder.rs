@@ -45,6 +45,7 @@ pub struct CacheBuilder {
     pub(super) listener: Option<Listener>,
     pub(super) policy: Option<Arc<dyn Policy>>,
     pub(super) tick: Option<Duration>,
+    pub(super) max_idle_open: usize,
 }
 
 impl fmt::Debug for CacheBuilder {
@@ -75,6 +76,7 @@ impl Default for CacheBuilder {
             listener: None,
             policy: None,
             tick: None,
+            max_idle_open: 128,
         }
     }
 }
@@ -161,6 +163,15 @@ impl CacheBuilder {
         self
     }
 
+    /// How many finished entries that nobody is reading keep their storage handle open (an
+    /// open file, for disk storage), most recently released first; default 128. Entries being
+    /// written or read always keep theirs. A hit on an entry whose handle was closed reopens it
+    /// (for disk: a few system calls, and blocks are verified again as they are read).
+    pub fn max_idle_handles(mut self, n: usize) -> Self {
+        self.max_idle_open = n;
+        self
+    }
+
     /// Opens the storage, reloads finished entries it holds, and starts the reaper.
     ///
     /// # Errors
@@ -168,7 +179,9 @@ impl CacheBuilder {
     /// created or listed; [`Error::InvalidInput`] for a zero limit or duration.
     pub fn build(self) -> Result<Cache> {
         if self.max_entries == Some(0) || self.max_bytes == Some(0) {
-            return Err(Error::invalid("max_entries and max_bytes must be at least 1"));
+            return Err(Error::invalid(
+                "max_entries and max_bytes must be at least 1",
+            ));
         }
         if [self.ttl, self.tti, self.tick].contains(&Some(Duration::ZERO)) {
             return Err(Error::invalid("durations must be greater than zero"));

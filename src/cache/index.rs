@@ -93,6 +93,10 @@ pub(crate) struct Inner {
     pub(crate) jobs: Sender<Job>,
     pub(crate) listener: Option<Listener>,
     pub(crate) policy: Option<Arc<dyn Policy>>,
+    /// Lock: this mutex (a leaf lock). Finished entries that were released with their stream
+    /// open, oldest first; beyond `max_idle_open`, the oldest close their stream if unused.
+    pub(crate) idle_open: Mutex<std::collections::VecDeque<Weak<Slot>>>,
+    pub(crate) max_idle_open: usize,
 }
 
 impl fmt::Debug for Inner {
@@ -110,8 +114,44 @@ impl fmt::Debug for Inner {
 #[derive(Debug)]
 pub(crate) struct Slot {
     pub(crate) state: Arc<EntryState>,
-    /// The stream: set at creation for new entries, on first use for reloaded ones.
-    pub(crate) stream: OnceLock<Stream>,
+    /// Lock: this mutex, held to clone, open or drop the stream (the open is storage I/O, but
+    /// only this entry waits for it). Invariant: `Some` while the entry is being written or in
+    /// use; a finished, unused entry may drop it (closing its file) and reopen it on demand.
+    pub(crate) stream: Mutex<Option<Stream>>,
+}
+
+impl Slot {
+    pub(crate) fn new(state: Arc<EntryState>, stream: Option<Stream>) -> Arc<Slot> {
+        let slot = Arc::new(Slot {
+            state,
+            stream: Mutex::new(stream),
+        });
+        let _ = slot.state.slot.set(Arc::downgrade(&slot));
+        slot
+    }
+
+    fn lock_stream(&self) -> std::sync::MutexGuard<'_, Option<Stream>> {
+        self.stream.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn in_use(&self) -> bool {
+        self.lock_stream().as_ref().is_some_and(|s| s.handles() > 0)
+    }
+
+    pub(crate) fn failed(&self) -> bool {
+        self.lock_stream().as_ref().is_some_and(|s| s.failed())
+    }
+
+    /// Drops the stream of a finished entry nobody uses, closing its storage handle.
+    fn close_if_idle(&self) {
+        let mut guard = self.lock_stream();
+        let idle = guard.as_ref().is_some_and(|s| s.handles() == 0);
+        if idle && self.state.finished.load(Ordering::Relaxed) != 0 {
+            let stream = guard.take();
+            drop(guard);
+            drop(stream);
+        }
+    }
 }
 
 /// What the cache tracks about one entry; also the stream's observer.
@@ -138,6 +178,10 @@ pub(crate) struct EntryState {
     pub(crate) user: OnceLock<Bytes>,
     /// Read since committed or reloaded: its recency should be persisted.
     pub(crate) touched: AtomicBool,
+    /// The slot holding this state (weak: the slot owns the state).
+    pub(crate) slot: OnceLock<Weak<Slot>>,
+    /// Queued in `Inner::idle_open` (so releases do not queue it twice).
+    pub(crate) queued_idle: AtomicBool,
 }
 
 /// The blob name of version `id` of `key`: 128 bits of blake3(key), then the id.
@@ -192,10 +236,16 @@ impl Observer for EntryState {
             return;
         };
         let now = cache.books.clock.now_millis();
-        let _ = self.finished.compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed);
+        let _ = self
+            .finished
+            .compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed);
         self.last_access.store(now, Ordering::Relaxed);
         self.idle_since.store(now, Ordering::Relaxed);
-        cache.books.stats.bytes_written.fetch_add(len, Ordering::Relaxed);
+        cache
+            .books
+            .stats
+            .bytes_written
+            .fetch_add(len, Ordering::Relaxed);
         if committed {
             self.committed.store(true, Ordering::SeqCst);
             if !self.live.load(Ordering::SeqCst) {
@@ -235,6 +285,15 @@ impl Observer for EntryState {
             self.idle_since
                 .store(self.books.clock.now_millis(), Ordering::Relaxed);
         }
+        // A finished entry nobody uses keeps its open stream only while it is among the most
+        // recently released ones (bounding open files).
+        if self.finished.load(Ordering::Relaxed) != 0
+            && !self.queued_idle.load(Ordering::Relaxed)
+            && !self.queued_idle.swap(true, Ordering::AcqRel)
+            && let (Some(cache), Some(slot)) = (self.cache.upgrade(), self.slot.get())
+        {
+            cache.queue_idle(slot.clone());
+        }
     }
 
     fn corrupt(&self) {
@@ -246,12 +305,31 @@ impl Observer for EntryState {
 
     fn reader_closed(&self, bytes: u64) {
         if bytes > 0 {
-            self.books.stats.bytes_read.fetch_add(bytes, Ordering::Relaxed);
+            self.books
+                .stats
+                .bytes_read
+                .fetch_add(bytes, Ordering::Relaxed);
         }
     }
 }
 
 impl Inner {
+    fn queue_idle(&self, slot: Weak<Slot>) {
+        let evicted = {
+            let mut q = self.idle_open.lock().unwrap_or_else(|e| e.into_inner());
+            q.push_back(slot);
+            if q.len() > self.max_idle_open {
+                q.pop_front()
+            } else {
+                None
+            }
+        };
+        if let Some(old) = evicted.and_then(|w| w.upgrade()) {
+            old.state.queued_idle.store(false, Ordering::Release);
+            old.close_if_idle();
+        }
+    }
+
     /// Sets `state`'s contribution to the byte total to `len` (unless it left the index).
     fn account(&self, state: &EntryState, len: u64) {
         let mut cur = state.accounted.load(Ordering::Acquire);
@@ -291,7 +369,16 @@ impl Inner {
 
     /// Why `slot` must not be served at `now`, if it must not.
     pub(crate) fn expiry(&self, slot: &Slot, now: u64) -> Option<RemovalCause> {
-        let finished = slot.state.finished.load(Ordering::Relaxed);
+        match self.time_expiry(&slot.state, now) {
+            Some(RemovalCause::Idle) if slot.in_use() => None,
+            other => other,
+        }
+    }
+
+    /// Like `expiry`, from timestamps alone (no lock taken): `Idle` still needs the caller to
+    /// check that the entry is not in use.
+    fn time_expiry(&self, state: &EntryState, now: u64) -> Option<RemovalCause> {
+        let finished = state.finished.load(Ordering::Relaxed);
         if finished == 0 {
             return None; // being written: never expires
         }
@@ -300,20 +387,19 @@ impl Inner {
         {
             return Some(RemovalCause::Expired);
         }
-        if let Some(tti) = self.limits.tti_ms {
-            let idle_since = slot.state.idle_since.load(Ordering::Relaxed);
-            let in_use = slot.stream.get().is_some_and(|s| s.handles() > 0);
-            if !in_use && now >= idle_since.saturating_add(tti) {
-                return Some(RemovalCause::Idle);
-            }
+        if let Some(tti) = self.limits.tti_ms
+            && now >= state.idle_since.load(Ordering::Relaxed).saturating_add(tti)
+        {
+            return Some(RemovalCause::Idle);
         }
         None
     }
 
-    /// The slot's stream, opening a reloaded blob on first use.
-    fn stream_of<'s>(self: &Arc<Self>, slot: &'s Slot) -> Result<&'s Stream> {
-        if let Some(s) = slot.stream.get() {
-            return Ok(s);
+    /// The slot's stream, (re)opening a committed blob if it was closed or never opened.
+    fn stream_of(&self, slot: &Slot) -> Result<Stream> {
+        let mut guard = slot.lock_stream();
+        if let Some(s) = guard.as_ref() {
+            return Ok(s.clone());
         }
         let name = slot.state.name();
         let (blob, info) = self
@@ -331,17 +417,13 @@ impl Inner {
             user,
             Some(observer),
         );
-        let _ = slot.stream.set(stream);
-        Ok(slot.stream.get().expect("just set"))
+        *guard = Some(stream.clone());
+        Ok(stream)
     }
 
     /// Tries to serve `slot`. `Ok(None)` means the slot was stale (expired, removed, failed):
     /// it has been unlinked and the caller should look again.
-    pub(crate) fn try_hit(
-        self: &Arc<Self>,
-        slot: &Arc<Slot>,
-        now: u64,
-    ) -> Result<Option<Reader>> {
+    pub(crate) fn try_hit(&self, slot: &Arc<Slot>, now: u64) -> Result<Option<Reader>> {
         if let Some(cause) = self.expiry(slot, now) {
             self.unlink(slot, cause);
             return Ok(None);
@@ -406,7 +488,8 @@ impl Inner {
         if counted != GONE {
             self.bytes.fetch_sub(counted, Ordering::AcqRel);
         }
-        if let Some(stream) = slot.stream.get() {
+        let stream = slot.lock_stream().take();
+        if let Some(stream) = stream {
             stream.doom_keep();
         }
         if state.committed.load(Ordering::SeqCst) {
@@ -429,11 +512,7 @@ impl Inner {
         let mut evicted = 0;
         let mut kept = Vec::new();
         while self.over_limits() {
-            let victim = self
-                .lru
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .pop_lru();
+            let victim = self.lru.lock().unwrap_or_else(|e| e.into_inner()).pop_lru();
             let Some((_, state)) = victim else { break };
             let Some(slot) = self
                 .index
@@ -443,7 +522,7 @@ impl Inner {
             else {
                 continue;
             };
-            let in_use = slot.stream.get().is_some_and(|s| s.handles() > 0);
+            let in_use = slot.in_use();
             let len = slot.state.accounted.load(Ordering::Relaxed);
             let refused = self
                 .policy
@@ -476,13 +555,20 @@ impl Inner {
             return 0;
         }
         let now = self.books.clock.now_millis();
+        // Shard locks are held only while reading timestamps; the in-use check comes after.
         let stale: Vec<(Arc<Slot>, RemovalCause)> = self
             .index
             .iter()
-            .filter_map(|e| self.expiry(e.value(), now).map(|c| (e.value().clone(), c)))
+            .filter_map(|e| {
+                self.time_expiry(&e.value().state, now)
+                    .map(|c| (e.value().clone(), c))
+            })
             .collect();
         let mut evicted = 0;
         for (slot, cause) in stale {
+            if cause == RemovalCause::Idle && slot.in_use() {
+                continue;
+            }
             let len = slot.state.accounted.load(Ordering::Relaxed);
             if self
                 .policy

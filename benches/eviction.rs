@@ -1,0 +1,201 @@
+//! Eviction benchmarks, each with a figure measured in the same run:
+//!
+//! * insert-and-finish of 64-byte entries with `max_entries(10_000)` from 2 threads, against
+//!   moka's `insert` with `max_capacity(10_000)`;
+//! * index memory per entry at 1 million tiny entries (memory storage), from the process's
+//!   resident set size;
+//! * reload time of 100 000 entries from disk.
+//!
+//! `cargo bench --bench eviction` prints a Markdown table (`BENCH_RUNS=n`, default 5;
+//! a filter argument such as `-- reload` runs only matching sections).
+
+use std::hint::black_box;
+use std::io::Write;
+use std::sync::{Arc, Barrier};
+use std::time::Instant;
+
+use streamcache::{Cache, Entry};
+
+const OPS_PER_THREAD: usize = 200_000;
+const THREADS: usize = 2;
+
+fn runs() -> usize {
+    std::env::var("BENCH_RUNS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(5)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// Runs `op(thread, i)` on `THREADS` threads and returns operations per second.
+fn ops_per_sec(op: impl Fn(usize, usize) + Sync) -> f64 {
+    let barrier = Barrier::new(THREADS);
+    let start = std::sync::Mutex::new(None);
+    std::thread::scope(|s| {
+        for t in 0..THREADS {
+            let (op, barrier, start) = (&op, &barrier, &start);
+            s.spawn(move || {
+                if barrier.wait().is_leader() {
+                    *start.lock().unwrap() = Some(Instant::now());
+                }
+                for i in 0..OPS_PER_THREAD {
+                    op(t, i);
+                }
+            });
+        }
+    });
+    let elapsed = start.lock().unwrap().expect("started").elapsed();
+    (THREADS * OPS_PER_THREAD) as f64 / elapsed.as_secs_f64()
+}
+
+fn insert_throughput(rows: &mut Vec<[String; 4]>) {
+    let value = [7u8; 64];
+    let mut moka_runs = Vec::new();
+    let mut ours_runs = Vec::new();
+    for _ in 0..runs() {
+        let moka: moka::sync::Cache<String, Arc<[u8]>> = moka::sync::Cache::new(10_000);
+        moka_runs.push(ops_per_sec(|t, i| {
+            moka.insert(format!("key-{t}-{i}"), Arc::from(&value[..]));
+        }));
+        black_box(moka.entry_count());
+
+        let cache = Cache::builder()
+            .memory()
+            .max_entries(10_000)
+            .build()
+            .unwrap();
+        ours_runs.push(ops_per_sec(|t, i| {
+            if let Entry::Miss(mut w) = cache.get_or_create(&format!("key-{t}-{i}")).unwrap() {
+                w.write_all(&value).unwrap();
+                w.finish().unwrap();
+            }
+        }));
+        cache.run_pending_tasks();
+        assert!(cache.len() <= 10_000, "limit restored: {}", cache.len());
+    }
+    let (base, ours) = (median(moka_runs), median(ours_runs));
+    rows.push(row(
+        "insert 64 B, 2 threads, 10k cap: moka sync insert (baseline)",
+        base / 1e6,
+        "M ops/s",
+        None,
+    ));
+    rows.push(row(
+        "insert 64 B, 2 threads, 10k entries: get_or_create+write+finish",
+        ours / 1e6,
+        "M ops/s",
+        Some(ours / base),
+    ));
+}
+
+fn rss_bytes() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    let pages: u64 = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(0);
+    pages * 4096
+}
+
+fn memory_per_entry(rows: &mut Vec<[String; 4]>) {
+    const N: usize = 1_000_000;
+    const VALUE: usize = 8;
+    let keys: Vec<String> = (0..N).map(|i| format!("k{i:07}")).collect();
+    let key_bytes: usize = keys.iter().map(|k| k.len()).sum();
+    let before = rss_bytes();
+    let cache = Cache::builder().memory().build().unwrap();
+    for k in &keys {
+        if let Entry::Miss(mut w) = cache.get_or_create(k).unwrap() {
+            w.write_all(&[1; VALUE]).unwrap();
+            w.finish().unwrap();
+        }
+    }
+    cache.run_pending_tasks();
+    let after = rss_bytes();
+    assert_eq!(cache.len(), N);
+    let per_entry = (after.saturating_sub(before)) as f64 / N as f64;
+    let overhead = per_entry - (VALUE + key_bytes / N) as f64;
+    rows.push(row(
+        "memory per entry at 1M entries (RSS delta / N)",
+        per_entry,
+        "bytes",
+        None,
+    ));
+    rows.push(row(
+        "… of which overhead (minus key and value bytes)",
+        overhead,
+        "bytes",
+        None,
+    ));
+    drop(cache);
+}
+
+fn reload(rows: &mut Vec<[String; 4]>) {
+    const N: usize = 100_000;
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let cache = Cache::builder().disk(dir.path()).build().unwrap();
+        for i in 0..N {
+            if let Entry::Miss(mut w) = cache.get_or_create(&format!("entry-{i}")).unwrap() {
+                w.write_all(&(i as u64).to_le_bytes()).unwrap();
+                w.finish().unwrap();
+            }
+        }
+    }
+    let times: Vec<f64> = (0..runs().min(3))
+        .map(|_| {
+            let t = Instant::now();
+            let cache = Cache::builder().disk(dir.path()).build().unwrap();
+            let took = t.elapsed().as_secs_f64();
+            assert_eq!(cache.len(), N);
+            took
+        })
+        .collect();
+    rows.push(row(
+        "reload 100k entries from disk (page-cached metadata)",
+        median(times),
+        "s",
+        None,
+    ));
+}
+
+fn row(name: &str, value: f64, unit: &str, ratio: Option<f64>) -> [String; 4] {
+    let r = [
+        name.to_owned(),
+        format!("{value:.3}"),
+        unit.to_owned(),
+        ratio.map_or_else(|| "—".to_owned(), |r| format!("{r:.2}×")),
+    ];
+    eprintln!("{}", r.join(" | "));
+    r
+}
+
+fn main() {
+    if !std::env::args().any(|a| a == "--bench") {
+        return;
+    }
+    let filter: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    let wanted = |name: &str| filter.is_empty() || filter.iter().any(|f| name.contains(f.as_str()));
+    let mut rows = Vec::new();
+    if wanted("insert") {
+        insert_throughput(&mut rows);
+    }
+    if wanted("memory") {
+        memory_per_entry(&mut rows);
+    }
+    if wanted("reload") {
+        reload(&mut rows);
+    }
+    println!("\n| case | median | unit | ratio to baseline |\n| --- | --- | --- | --- |");
+    for r in rows {
+        println!("| {} | {} | {} | {} |", r[0], r[1], r[2], r[3]);
+    }
+}
