@@ -66,7 +66,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     reader.read_to_end(&mut bytes)?;
     let took = t.elapsed();
     assert_eq!(bytes.len(), TOTAL);
-    assert!(bytes.iter().enumerate().all(|(i, &b)| b == pattern(i % PIECE)));
+    assert!(
+        bytes
+            .iter()
+            .enumerate()
+            .all(|(i, &b)| b == pattern(i % PIECE))
+    );
     println!(
         "after reopen: {} MiB verified from disk in {:?}, producer ran {} time(s) in total ({:?} overall)",
         bytes.len() >> 20,

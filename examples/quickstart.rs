@@ -47,7 +47,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     producer.join().expect("producer thread")?;
     for (n, r) in readers.into_iter().enumerate() {
         let text = r.join().expect("reader thread")?;
-        println!("reader {n}: {} lines, done after {:?}", text.lines().count(), start.elapsed());
+        println!(
+            "reader {n}: {} lines, done after {:?}",
+            text.lines().count(),
+            start.elapsed()
+        );
     }
 
     // 3. Positional reads do not move the reader and wait only for the range they need.
@@ -64,7 +68,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         drop(w); // no finish()
         let err = r.read_to_end(&mut Vec::new()).unwrap_err();
         let typed = err.get_ref().and_then(|e| e.downcast_ref::<Error>());
-        println!("reader of an aborted entry: {err} ({})", matches!(typed, Some(Error::Aborted { .. })));
+        println!(
+            "reader of an aborted entry: {err} ({})",
+            matches!(typed, Some(Error::Aborted { .. }))
+        );
     }
     assert!(matches!(cache.get_or_create("flaky")?, Entry::Miss(_)));
 

@@ -138,13 +138,15 @@ impl AsyncSeek for AsyncReader {
             return Poll::Ready(Ok(this.inner.position()));
         };
         let mut waiting = false;
-        let target = this.inner.seek_target(pos, || match this.inner.poll_wait(u64::MAX, cx) {
-            Poll::Ready(r) => r,
-            Poll::Pending => {
-                waiting = true;
-                Ok(0)
-            }
-        });
+        let target = this
+            .inner
+            .seek_target(pos, || match this.inner.poll_wait(u64::MAX, cx) {
+                Poll::Ready(r) => r,
+                Poll::Pending => {
+                    waiting = true;
+                    Ok(0)
+                }
+            });
         if waiting {
             return Poll::Pending;
         }
@@ -180,7 +182,10 @@ impl From<Writer> for AsyncWriter {
 }
 
 fn finished_error() -> io::Error {
-    io::Error::new(io::ErrorKind::BrokenPipe, "the writer was already finished or aborted")
+    io::Error::new(
+        io::ErrorKind::BrokenPipe,
+        "the writer was already finished or aborted",
+    )
 }
 
 impl AsyncWriter {
@@ -241,7 +246,11 @@ impl Drop for AsyncWriter {
 }
 
 impl AsyncWrite for AsyncWriter {
-    fn poll_write(self: Pin<&mut Self>, _: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         Poll::Ready(self.with(|w| io::Write::write(w, buf)).and_then(|r| r))
     }
 
@@ -294,7 +303,9 @@ where
                 }
             }
             Ok(Err(e)) => w.abort_with(e),
-            Err(e) if e.is_panic() => w.abort_with(Box::new(Closing("producer panicked")) as Box<_>),
+            Err(e) if e.is_panic() => {
+                w.abort_with(Box::new(Closing("producer panicked")) as Box<_>)
+            }
             Err(_) => w.abort_with(Box::new(Closing("producer task cancelled")) as Box<_>),
         }
     });

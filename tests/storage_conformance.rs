@@ -103,7 +103,11 @@ fn read_range(r: &dyn BlobReader, offset: u64, len: usize) -> io::Result<Vec<u8>
         if n == 0 {
             break;
         }
-        assert!(n <= len - done, "read_at returned {n} for a {} byte buffer", len - done);
+        assert!(
+            n <= len - done,
+            "read_at returned {n} for a {} byte buffer",
+            len - done
+        );
         done += n;
     }
     buf.truncate(done);
@@ -161,7 +165,10 @@ fn sorted(mut v: Vec<BlobInfo>) -> Vec<BlobInfo> {
 }
 
 fn names(s: &dyn Storage) -> Vec<String> {
-    sorted(s.list().unwrap()).into_iter().map(|b| b.name).collect()
+    sorted(s.list().unwrap())
+        .into_iter()
+        .map(|b| b.name)
+        .collect()
 }
 
 #[track_caller]
@@ -355,16 +362,18 @@ fn check_remove(s: &dyn Storage) {
 /// Invalid names are refused by `create` with `InvalidInput`; other calls fail cleanly.
 fn check_invalid_names(s: &dyn Storage) {
     let long = "a".repeat(129);
-    for bad in ["", "../x", "a/b", "a.meta", "x\0", "é", " ", ".", "..", &long] {
+    for bad in [
+        "", "../x", "a/b", "a.meta", "x\0", "é", " ", ".", "..", &long,
+    ] {
         match s.create(bad) {
-            Err(e) => assert_eq!(e.kind(), io::ErrorKind::InvalidInput, "create({bad:?}): {e}"),
+            Err(e) => assert_eq!(
+                e.kind(),
+                io::ErrorKind::InvalidInput,
+                "create({bad:?}): {e}"
+            ),
             Ok(_) => panic!("create({bad:?}) accepted"),
         }
-        for r in [
-            s.open(bad).map(drop),
-            s.remove(bad),
-            s.set_meta(bad, b"x"),
-        ] {
+        for r in [s.open(bad).map(drop), s.remove(bad), s.set_meta(bad, b"x")] {
             let kind = r.expect_err(bad).kind();
             assert!(
                 matches!(kind, io::ErrorKind::InvalidInput | io::ErrorKind::NotFound),
@@ -482,7 +491,9 @@ fn wrappers_forward_read_bytes() {
         w.write(b"zero-copy").unwrap();
         w.publish().unwrap();
         let r = w.reader();
-        let got = r.read_bytes(5, 100).unwrap_or_else(|| panic!("{name}: no read_bytes"));
+        let got = r
+            .read_bytes(5, 100)
+            .unwrap_or_else(|| panic!("{name}: no read_bytes"));
         assert_eq!(&got.unwrap()[..], b"copy", "{name}");
     }
 }
@@ -575,7 +586,12 @@ fn disk_flipped_byte_is_invalid_data_never_wrong_bytes() {
             let (r, info) = s.open("blob").unwrap();
             assert_eq!(info.len, len as u64);
             // The exact byte, a read spanning the block, and the whole blob: all errors.
-            for (off, n) in [(at, 1), (bad_block * MIB, MIB), (at.saturating_sub(10), 20), (0, len)] {
+            for (off, n) in [
+                (at, 1),
+                (bad_block * MIB, MIB),
+                (at.saturating_sub(10), 20),
+                (0, len),
+            ] {
                 match read_range(&*r, off as u64, n) {
                     Err(e) => assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{e}"),
                     Ok(got) => {
@@ -632,7 +648,10 @@ fn disk_damaged_record_is_discarded() {
     let record = data.with_file_name("blob.meta");
     assert!(record.exists(), "layout changed: no {}", record.display());
     flip(&record, 20);
-    assert_eq!(s.open("blob").unwrap_err().kind(), io::ErrorKind::InvalidData);
+    assert_eq!(
+        s.open("blob").unwrap_err().kind(),
+        io::ErrorKind::InvalidData
+    );
     assert_eq!(names(&s), ["fine"]);
     assert!(!data.exists() && !record.exists());
     assert_not_found(s.open("blob"));
@@ -670,7 +689,11 @@ fn disk_truncated_data_is_discarded_at_list() {
         assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{err}");
     }
     for name in ["short", "long"] {
-        assert_eq!(s.open(name).unwrap_err().kind(), io::ErrorKind::InvalidData, "{name}");
+        assert_eq!(
+            s.open(name).unwrap_err().kind(),
+            io::ErrorKind::InvalidData,
+            "{name}"
+        );
     }
     assert_eq!(names(&s), ["fine"]);
     assert!(!short.exists() && !long.exists());
@@ -716,7 +739,10 @@ fn faulty_fail_nth_gives_the_chosen_error() {
         let mut w = s.create("w").unwrap();
         w.write(b"one").unwrap();
         w.write(b"two").unwrap();
-        assert_eq!(w.write(b"three").unwrap_err().kind(), io::ErrorKind::StorageFull);
+        assert_eq!(
+            w.write(b"three").unwrap_err().kind(),
+            io::ErrorKind::StorageFull
+        );
         drop(w);
         assert_not_found(s.open("w"));
         let mut w = s.create("w").unwrap();
@@ -728,7 +754,11 @@ fn faulty_fail_nth_gives_the_chosen_error() {
         let mut w = s.create("cm").unwrap();
         let r = w.reader();
         w.write(b"data").unwrap();
-        assert_eq!(w.commit(b"").unwrap_err().kind(), io::ErrorKind::Other, "{name}");
+        assert_eq!(
+            w.commit(b"").unwrap_err().kind(),
+            io::ErrorKind::Other,
+            "{name}"
+        );
         assert_not_found(s.open("cm"));
         assert!(!names(&s).contains(&"cm".to_string()));
         drop(r);
@@ -739,7 +769,10 @@ fn faulty_fail_nth_gives_the_chosen_error() {
         s.fail_nth(FaultOp::Read, 2, io::ErrorKind::TimedOut);
         let mut buf = [0; 10];
         assert_eq!(r.read_at(&mut buf, 0).unwrap(), 10);
-        assert_eq!(r.read_at(&mut buf, 0).unwrap_err().kind(), io::ErrorKind::TimedOut);
+        assert_eq!(
+            r.read_at(&mut buf, 0).unwrap_err().kind(),
+            io::ErrorKind::TimedOut
+        );
         assert_eq!(r.read_at(&mut buf, 0).unwrap(), 10);
         assert_pattern(&buf, 0);
         s.fail_nth(FaultOp::Read, 1, io::ErrorKind::UnexpectedEof);
@@ -756,7 +789,10 @@ fn faulty_fail_nth_gives_the_chosen_error() {
         s.fail_nth(FaultOp::Open, 1, io::ErrorKind::Interrupted);
         assert_eq!(s.open("rd").unwrap_err().kind(), io::ErrorKind::Interrupted);
         s.fail_nth(FaultOp::Remove, 1, io::ErrorKind::ResourceBusy);
-        assert_eq!(s.remove("rd").unwrap_err().kind(), io::ErrorKind::ResourceBusy);
+        assert_eq!(
+            s.remove("rd").unwrap_err().kind(),
+            io::ErrorKind::ResourceBusy
+        );
         s.open("rd").unwrap();
         s.remove("rd").unwrap();
         assert_not_found(s.open("rd"));
@@ -776,7 +812,10 @@ fn faulty_counts_across_blobs() {
     a.write(b"1").unwrap();
     b.write(b"2").unwrap();
     a.write(b"3").unwrap();
-    assert_eq!(b.write(b"4").unwrap_err().kind(), io::ErrorKind::StorageFull);
+    assert_eq!(
+        b.write(b"4").unwrap_err().kind(),
+        io::ErrorKind::StorageFull
+    );
     a.write(b"5").unwrap();
     b.write(b"6").unwrap();
     assert_eq!(s.calls(FaultOp::Write), 6);

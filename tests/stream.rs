@@ -74,7 +74,10 @@ fn assert_cause(e: &io::Error, text: &str) {
         other => panic!("no cause in {other:?}"),
     };
     let cause = cause.unwrap_or_else(|| panic!("{err:?} has no cause"));
-    assert!(cause.to_string().contains(text), "cause {cause} lacks {text:?}");
+    assert!(
+        cause.to_string().contains(text),
+        "cause {cause} lacks {text:?}"
+    );
 }
 
 fn closed_cause(e: &Error) -> String {
@@ -107,7 +110,8 @@ fn readers_before_during_after_see_all_bytes() {
             let mut r = during;
             read_all(&mut r).unwrap()
         });
-        w.write_all(&pattern(len as u64 / 2, len - len / 2)).unwrap();
+        w.write_all(&pattern(len as u64 / 2, len - len / 2))
+            .unwrap();
         let during_late = stream.reader().unwrap();
         w.finish().unwrap();
         let mut after = stream.reader().unwrap();
@@ -185,7 +189,10 @@ fn cancel_before_finish() {
         assert_closed(&e);
         assert!(matches!(w.finish(), Err(Error::Closed { .. })));
         assert!(!stream.size().finished);
-        assert_eq!(s.open("cancel").unwrap_err().kind(), io::ErrorKind::NotFound);
+        assert_eq!(
+            s.open("cancel").unwrap_err().kind(),
+            io::ErrorKind::NotFound
+        );
     });
 }
 
@@ -321,7 +328,10 @@ fn remove_when_unused_deletes_after_last_handle() {
         let got = read_all(&mut r).unwrap();
         assert_pattern(&got, 0);
         drop(r);
-        assert!(s.open("rwu").is_ok(), "deleted while a Stream handle is alive");
+        assert!(
+            s.open("rwu").is_ok(),
+            "deleted while a Stream handle is alive"
+        );
         drop(stream);
         assert_eq!(s.open("rwu").unwrap_err().kind(), io::ErrorKind::NotFound);
 
@@ -451,7 +461,11 @@ fn seek_end_waits_for_finish_unless_length_declared() {
         let tail = read_all(&mut r).unwrap();
         assert_eq!(tail.len(), 10);
         assert_pattern(&tail, 140);
-        assert_eq!(r.seek(SeekFrom::End(5)).unwrap(), 155, "past the end is allowed");
+        assert_eq!(
+            r.seek(SeekFrom::End(5)).unwrap(),
+            155,
+            "past the end is allowed"
+        );
         assert_eq!(r.read(&mut [0; 4]).unwrap(), 0);
 
         // Declared length: no waiting, even with the writer stalled.
@@ -508,7 +522,10 @@ fn abort_and_drop_give_aborted_never_eof() {
                 End::AbortWith => w.abort_with("producer failed"),
                 End::Drop => drop(w),
             }
-            for e in [blocked_seq.join().unwrap_err(), blocked_at.join().unwrap_err()] {
+            for e in [
+                blocked_seq.join().unwrap_err(),
+                blocked_at.join().unwrap_err(),
+            ] {
                 assert_aborted(&e);
             }
             // A reader that has data left may read the published bytes, but must end in an
@@ -574,7 +591,10 @@ fn storage_write_error_aborts() {
             // The writer is dead: further writes and finish fail.
             assert!(w.write_all(b"x").is_err());
             assert!(w.finish().is_err());
-            assert_eq!(s.open("enospc").unwrap_err().kind(), io::ErrorKind::NotFound);
+            assert_eq!(
+                s.open("enospc").unwrap_err().kind(),
+                io::ErrorKind::NotFound
+            );
         });
     }
 }
@@ -594,7 +614,10 @@ fn storage_commit_and_read_errors() {
             let e = w.finish().unwrap_err();
             assert_eq!(e.kind(), io::ErrorKind::PermissionDenied, "{e}");
             assert_aborted(&read_all(&mut r).unwrap_err());
-            assert_eq!(s.open("commit").unwrap_err().kind(), io::ErrorKind::NotFound);
+            assert_eq!(
+                s.open("commit").unwrap_err().kind(),
+                io::ErrorKind::NotFound
+            );
 
             let mut w = Writer::create(s.clone(), "read").unwrap();
             let mut r = w.reader().unwrap();
@@ -685,7 +708,10 @@ fn declared_length_is_enforced() {
         // Less than already written.
         let mut w = Writer::create(s.clone(), "late").unwrap();
         w.write_all(&pattern(0, 20)).unwrap();
-        assert!(matches!(w.set_expected_len(19), Err(Error::InvalidInput { .. })));
+        assert!(matches!(
+            w.set_expected_len(19),
+            Err(Error::InvalidInput { .. })
+        ));
         w.set_expected_len(20).unwrap();
         w.finish().unwrap();
     });
@@ -838,7 +864,11 @@ fn fan_out(s: Arc<dyn Storage>, seed: u64) {
     for i in 0..READERS {
         // Half the readers exist before writing starts; the others are made by their thread
         // once the writer is under way.
-        let early = if i % 2 == 0 { Some(w.reader().unwrap()) } else { None };
+        let early = if i % 2 == 0 {
+            Some(w.reader().unwrap())
+        } else {
+            None
+        };
         let (stream, barrier, checked) = (stream.clone(), barrier.clone(), checked.clone());
         handles.push(thread::spawn(move || {
             let mut rng = Rng::new(seed ^ (i as u64 * 7919));
@@ -865,7 +895,9 @@ fn fan_out(s: Arc<dyn Storage>, seed: u64) {
                 1 => {
                     let mut pos = 0u64;
                     loop {
-                        let chunk = r.read_chunk(1 + rng.below(3 * MIB as u64) as usize).unwrap();
+                        let chunk = r
+                            .read_chunk(1 + rng.below(3 * MIB as u64) as usize)
+                            .unwrap();
                         if chunk.is_empty() {
                             break;
                         }
@@ -928,7 +960,9 @@ fn fan_out(s: Arc<dyn Storage>, seed: u64) {
 
 #[test]
 fn stress_fan_out_memory() {
-    deadline("fan-out on memory", || fan_out(Arc::new(MemoryStorage::new()), 1));
+    deadline("fan-out on memory", || {
+        fan_out(Arc::new(MemoryStorage::new()), 1)
+    });
 }
 
 #[test]

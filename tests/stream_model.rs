@@ -228,7 +228,11 @@ impl Model {
                 let pos_before = r.reader.position();
                 let mut buf = vec![0; n];
                 let res = r.reader.read_at(&mut buf, off);
-                assert_eq!(r.reader.position(), pos_before, "read_at moved the position");
+                assert_eq!(
+                    r.reader.position(),
+                    pos_before,
+                    "read_at moved the position"
+                );
                 match ended {
                     Ended::Aborted => assert_aborted(&res.unwrap_err()),
                     Ended::Finished => {

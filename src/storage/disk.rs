@@ -142,7 +142,13 @@ impl DiskStorage {
     /// Existing readers keep working. A writer still open here may then fail to commit (the
     /// next opener wipes `tmp/`): it gets an error and its stream is aborted, never half-served.
     pub fn unlock(&self) {
-        drop(self.inner.lock.lock().unwrap_or_else(|e| e.into_inner()).take());
+        drop(
+            self.inner
+                .lock
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take(),
+        );
     }
 
     /// The directory this storage lives in.
@@ -243,7 +249,9 @@ impl Record {
             return Err("content digest mismatch".into());
         }
         let m = cur.u64()?;
-        let meta = cur.take(usize::try_from(m).map_err(|_| "metadata too long")?)?.to_vec();
+        let meta = cur
+            .take(usize::try_from(m).map_err(|_| "metadata too long")?)?
+            .to_vec();
         if !cur.0.is_empty() {
             return Err("trailing bytes".into());
         }
@@ -264,7 +272,9 @@ impl<'a> Cursor<'a> {
     }
 
     fn u64(&mut self) -> std::result::Result<u64, String> {
-        Ok(u64::from_le_bytes(self.take(8)?.try_into().expect("8 bytes")))
+        Ok(u64::from_le_bytes(
+            self.take(8)?.try_into().expect("8 bytes"),
+        ))
     }
 }
 
@@ -405,10 +415,16 @@ impl VerifiedReader {
         scratch.resize(size, 0);
         let got = read_full_at(&self.file, scratch, start)?;
         if got != size {
-            return Err(corrupt(&self.path, format!("file shorter than its length {}", self.len)));
+            return Err(corrupt(
+                &self.path,
+                format!("file shorter than its length {}", self.len),
+            ));
         }
         if blake3::hash(scratch).as_bytes() != &self.hashes[block as usize] {
-            return Err(corrupt(&self.path, format!("block {block} fails its blake3 check")));
+            return Err(corrupt(
+                &self.path,
+                format!("block {block} fails its blake3 check"),
+            ));
         }
         self.verified[(block / 64) as usize].fetch_or(1 << (block % 64), Ordering::AcqRel);
         out.copy_from_slice(&scratch[from..from + out.len()]);
@@ -473,7 +489,11 @@ impl DiskStorage {
         }
         for name in metas {
             let valid = validate_name(&name).is_ok() && datas.remove(&name);
-            let record = if valid { self.read_record(&name) } else { Err(not_found(&name)) };
+            let record = if valid {
+                self.read_record(&name)
+            } else {
+                Err(not_found(&name))
+            };
             let data_path = shard.join(&name);
             match record {
                 Ok(rec) => match fs::metadata(&data_path) {
@@ -549,7 +569,9 @@ impl Storage for DiskStorage {
             path,
             len: record.len,
             hashes: record.hashes,
-            verified: (0..blocks.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
+            verified: (0..blocks.div_ceil(64))
+                .map(|_| AtomicU64::new(0))
+                .collect(),
             scratch: Mutex::new(Vec::new()),
         };
         Ok((Arc::new(reader), info))
@@ -627,7 +649,9 @@ mod tests {
     fn flipped_byte_is_an_error_not_data() {
         let dir = tempfile::tempdir().unwrap();
         let s = DiskStorage::open(dir.path()).unwrap();
-        let data: Vec<u8> = (0..3 * BLOCK as usize + 7).map(|i| (i % 251) as u8).collect();
+        let data: Vec<u8> = (0..3 * BLOCK as usize + 7)
+            .map(|i| (i % 251) as u8)
+            .collect();
         let mut w = s.create("blob").unwrap();
         w.write(&data).unwrap();
         w.commit(b"m").unwrap();

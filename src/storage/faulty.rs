@@ -88,7 +88,11 @@ impl FaultyStorage {
     /// with `kind`.
     pub fn fail_nth(&self, op: FaultOp, n: u64, kind: io::ErrorKind) {
         let base = self.plan.calls[op.index()].load(Ordering::SeqCst);
-        self.plan.armed.lock().unwrap().push((op, base + n.max(1), kind));
+        self.plan
+            .armed
+            .lock()
+            .unwrap()
+            .push((op, base + n.max(1), kind));
     }
 
     /// How many calls of `op` were made so far.

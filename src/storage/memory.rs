@@ -172,7 +172,9 @@ struct MemWriter {
 impl MemWriter {
     fn next_segment(&mut self, want: usize) {
         self.release_segment();
-        let cap = (self.written as usize).max(want).clamp(MIN_SEGMENT, SEGMENT);
+        let cap = (self.written as usize)
+            .max(want)
+            .clamp(MIN_SEGMENT, SEGMENT);
         self.seg = self.storage.pool.take(cap);
         self.pooled = cap == SEGMENT;
     }

@@ -239,7 +239,10 @@ pub fn validate_name(name: &str) -> io::Result<()> {
 }
 
 pub(crate) fn not_found(name: &str) -> io::Error {
-    io::Error::new(io::ErrorKind::NotFound, format!("no committed blob {name:?}"))
+    io::Error::new(
+        io::ErrorKind::NotFound,
+        format!("no committed blob {name:?}"),
+    )
 }
 
 #[cfg(test)]

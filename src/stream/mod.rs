@@ -150,7 +150,10 @@ impl Shared {
     }
 
     pub(crate) fn metadata(&self) -> Bytes {
-        self.metadata.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.metadata
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     pub(crate) fn set_metadata(&self, meta: Bytes) {
@@ -158,7 +161,10 @@ impl Shared {
     }
 
     pub(crate) fn is_doomed(&self) -> bool {
-        self.on_unused.lock().unwrap_or_else(|e| e.into_inner()).is_some()
+        self.on_unused
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
     }
 
     fn doom(&self, how: OnUnused) {
@@ -209,7 +215,11 @@ impl Shared {
 
 impl Drop for Shared {
     fn drop(&mut self) {
-        let how = self.on_unused.get_mut().unwrap_or_else(|e| e.into_inner()).take();
+        let how = self
+            .on_unused
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
         if let Some(OnUnused::Delete) = how
             && *self.committed.get_mut()
             && let Err(e) = self.storage.remove(&self.name)

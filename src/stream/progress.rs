@@ -413,9 +413,7 @@ mod loom_tests {
         loom::model(|| {
             let p = Arc::new(Progress::new_open());
             let p2 = p.clone();
-            let task = thread::spawn(move || {
-                block_on(|cx| p2.poll_for(2, cx)).len
-            });
+            let task = thread::spawn(move || block_on(|cx| p2.poll_for(2, cx)).len);
             p.publish(1);
             p.end(2, Status::Finished);
             assert_eq!(task.join().unwrap(), 2);

@@ -259,7 +259,9 @@ impl Reader {
         if offset >= len {
             return Ok(0);
         }
-        let want = buf.len().min(usize::try_from(len - offset).unwrap_or(usize::MAX));
+        let want = buf
+            .len()
+            .min(usize::try_from(len - offset).unwrap_or(usize::MAX));
         let mut done = 0;
         while done < want {
             let n = self

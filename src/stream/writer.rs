@@ -202,7 +202,9 @@ impl Writer {
                 "finished after {} bytes but {expected} were declared",
                 self.written
             );
-            self.end_failed(Some(Arc::new(Closing("finished short of the declared length"))));
+            self.end_failed(Some(Arc::new(Closing(
+                "finished short of the declared length",
+            ))));
             return Err(Error::invalid(reason));
         }
         self.live()?;
