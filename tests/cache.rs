@@ -75,7 +75,10 @@ fn three_requests_one_writer() {
             }
             w.finish().unwrap();
             for r in readers {
-                assert!(r.join().unwrap() == data, "{name}: reader saw different bytes");
+                assert!(
+                    r.join().unwrap() == data,
+                    "{name}: reader saw different bytes"
+                );
             }
             assert_eq!(get_bytes(&cache, "k"), data);
             let s = cache.stats();
@@ -91,7 +94,10 @@ fn concurrent_get_while_writing() {
         deadline(name, move || {
             let data = pattern(2 * MIB + 7, 2);
             let mut w = miss(&cache, "k");
-            let mut r = cache.get("k").unwrap().expect("in-progress entry is served");
+            let mut r = cache
+                .get("k")
+                .unwrap()
+                .expect("in-progress entry is served");
             assert!(cache.contains_key("k"));
             let reader = thread::spawn(move || read_all(&mut r).unwrap());
             for chunk in data.chunks(100_000) {
@@ -117,7 +123,11 @@ fn reuse_after_clean() {
         cache.clear();
         assert!(cache.is_empty(), "{name}");
         assert!(cache.get("a").unwrap().is_none());
-        assert_eq!(read_all(&mut open).unwrap(), b"alpha", "{name}: open reader cut");
+        assert_eq!(
+            read_all(&mut open).unwrap(),
+            b"alpha",
+            "{name}: open reader cut"
+        );
         drop(open);
         put(&cache, "a", b"again"); // `put` asserts the miss
         assert_eq!(get_bytes(&cache, "a"), b"again");
@@ -159,7 +169,10 @@ fn herd(cache: Cache, name: &'static str) {
             })
             .collect();
         for t in threads {
-            assert!(t.join().unwrap() == *data, "{name}: a reader saw different bytes");
+            assert!(
+                t.join().unwrap() == *data,
+                "{name}: a reader saw different bytes"
+            );
         }
         assert_eq!(misses.load(Ordering::SeqCst), 1, "{name}: exactly one Miss");
         let s = cache.stats();
@@ -215,7 +228,10 @@ fn reload_restores_bytes_key_and_metadata() {
     assert!(r.size().finished);
     assert!(read_all(&mut r).unwrap() == big);
     assert_eq!(get_bytes(&cache, "empty"), b"");
-    assert!(cache.get("half").unwrap().is_none(), "unfinished entry came back");
+    assert!(
+        cache.get("half").unwrap().is_none(),
+        "unfinished entry came back"
+    );
     drop(miss(&cache, "half")); // a miss, as asserted by `miss`
     assert!(files_under(&dir.path().join("tmp")).is_empty());
 }
@@ -231,10 +247,18 @@ fn reader_key_is_the_cache_key() {
         let r = w.reader().unwrap();
         assert_eq!(r.key(), "my/key", "Reader::key of a writer's reader");
         w.finish().unwrap();
-        assert_eq!(hit(&cache, "my/key").key(), "my/key", "Reader::key of a hit");
+        assert_eq!(
+            hit(&cache, "my/key").key(),
+            "my/key",
+            "Reader::key of a hit"
+        );
     }
     let cache = disk(dir.path());
-    assert_eq!(cache.get("my/key").unwrap().unwrap().key(), "my/key", "after reload");
+    assert_eq!(
+        cache.get("my/key").unwrap().unwrap().key(),
+        "my/key",
+        "after reload"
+    );
 }
 
 /// The key carried by `Error::Aborted` is the cache key.
@@ -332,7 +356,10 @@ fn storage_full_mid_write() {
         assert!(e.to_string().contains("injected"), "cause lost: {e}");
         assert!(!cache.contains_key("k"));
         assert!(cache.get("k").unwrap().is_none());
-        assert!(cache.storage().list().unwrap().is_empty(), "half-written blob committed");
+        assert!(
+            cache.storage().list().unwrap().is_empty(),
+            "half-written blob committed"
+        );
         // The cache still works, for other keys and for the same key.
         put(&cache, "other", &chunk);
         put(&cache, "k", &chunk);
@@ -399,7 +426,10 @@ fn remove_while_readers_open() {
             assert!(at == data, "{name}: read_at reader cut by remove");
             drop((a, b));
             cache.run_pending_tasks();
-            assert!(cache.storage().list().unwrap().is_empty(), "{name}: blob not deleted");
+            assert!(
+                cache.storage().list().unwrap().is_empty(),
+                "{name}: blob not deleted"
+            );
             drop(miss(&cache, "k")); // new requests miss
         });
     }
@@ -426,13 +456,19 @@ fn writer_of_removed_entry_finishes() {
             w.write_all(rest).unwrap();
             w.finish().expect("a removed entry's writer may finish");
             assert!(reader.join().unwrap() == d, "reader of removed entry cut");
-            assert!(cache.get("k").unwrap().is_none(), "finish resurrected the key");
+            assert!(
+                cache.get("k").unwrap().is_none(),
+                "finish resurrected the key"
+            );
             cache.run_pending_tasks();
             assert!(cache.storage().list().unwrap().is_empty());
         });
     }
     let cache = disk(dir.path());
-    assert!(cache.get("k").unwrap().is_none(), "removed entry came back after reopen");
+    assert!(
+        cache.get("k").unwrap().is_none(),
+        "removed entry came back after reopen"
+    );
     assert!(data_files(dir.path()).is_empty());
 }
 
@@ -464,7 +500,10 @@ fn corrupted_data_file_is_detected() {
         ("sequential", |r, data, _bad| {
             let mut got = Vec::new();
             let res = r.read_to_end(&mut got).map(|_| ());
-            assert!(got.len() < data.len(), "wrong bytes delivered as a clean read");
+            assert!(
+                got.len() < data.len(),
+                "wrong bytes delivered as a clean read"
+            );
             assert!(data.starts_with(&got), "wrong bytes delivered");
             res
         }),
@@ -493,19 +532,32 @@ fn corrupted_data_file_is_detected() {
             .expect("data file of k");
         flip_byte(target, bad as u64);
         let cache = disk(dir.path());
-        let mut r = cache.get("k").unwrap().expect("reopen does not read content");
+        let mut r = cache
+            .get("k")
+            .unwrap()
+            .expect("reopen does not read content");
         let e = probe(&mut r, &data, bad).expect_err(what);
         assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{what}: {e:?}");
-        assert!(matches!(inner_error(&e), Some(Error::Corrupt { .. })), "{what}: {e:?}");
+        assert!(
+            matches!(inner_error(&e), Some(Error::Corrupt { .. })),
+            "{what}: {e:?}"
+        );
         // A first block that is intact reads fine through read_at.
         let mut b = vec![0; 100];
         r.read_at(&mut b, 0).unwrap();
         assert_eq!(b, data[..100]);
-        assert!(cache.get("k").unwrap().is_none(), "{what}: corrupt entry still served");
+        assert!(
+            cache.get("k").unwrap().is_none(),
+            "{what}: corrupt entry still served"
+        );
         assert_eq!(get_bytes(&cache, "fine"), b"untouched");
         drop(r);
         cache.run_pending_tasks();
-        assert_eq!(data_files(dir.path()).len(), 1, "{what}: corrupt blob not deleted");
+        assert_eq!(
+            data_files(dir.path()).len(),
+            1,
+            "{what}: corrupt blob not deleted"
+        );
     }
 }
 
@@ -546,6 +598,27 @@ fn corrupted_record_or_truncated_file_drops_entry() {
         assert_eq!(get_bytes(&cache, "fine"), b"untouched");
         drop(miss(&cache, "k"));
     }
+}
+
+/// A stored file deleted behind the cache's back: the entry is dropped, the key misses.
+#[test]
+fn data_file_deleted_externally() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let cache = disk(dir.path());
+        put(&cache, "k", b"value");
+        put(&cache, "fine", b"untouched");
+    }
+    let victim = data_files(dir.path())
+        .into_iter()
+        .find(|p| std::fs::metadata(p).unwrap().len() == 5)
+        .unwrap();
+    std::fs::remove_file(&victim).unwrap();
+    let _ = std::fs::remove_file(victim.with_extension("meta"));
+    let cache = disk(dir.path());
+    assert!(cache.get("k").unwrap().is_none());
+    drop(miss(&cache, "k"));
+    assert_eq!(get_bytes(&cache, "fine"), b"untouched");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -632,7 +705,11 @@ fn second_open_of_a_directory_is_refused() {
         Err(Error::Locked { dir: d }) => assert_eq!(d, dir.path()),
         other => panic!("expected Error::Locked, got {other:?}"),
     }
-    let msg = Cache::builder().disk(dir.path()).build().unwrap_err().to_string();
+    let msg = Cache::builder()
+        .disk(dir.path())
+        .build()
+        .unwrap_err()
+        .to_string();
     assert!(msg.contains(&dir.path().display().to_string()), "{msg}");
     // The refused open did not disturb the first cache.
     assert_eq!(get_bytes(&first, "k"), b"v");
@@ -734,7 +811,11 @@ fn get_or_produce_failure_aborts_and_retries() {
             })
             .unwrap();
         assert_eq!(read_all(&mut r).unwrap(), b"third time lucky");
-        assert_eq!(runs.load(Ordering::SeqCst), 3, "each failure must be retried");
+        assert_eq!(
+            runs.load(Ordering::SeqCst),
+            3,
+            "each failure must be retried"
+        );
         assert_eq!(get_bytes(&cache, "k"), b"third time lucky");
         assert_eq!(cache.stats().aborts, 2);
     });

@@ -74,20 +74,32 @@ fn sigkill_mid_write_keeps_finished_entries_only() {
         .iter()
         .map(|p| std::fs::metadata(p).map_or(0, |m| m.len()))
         .sum();
-    assert!(staged >= B_HALF as u64, "B not staged in tmp/ ({staged} bytes)");
+    assert!(
+        staged >= B_HALF as u64,
+        "B not staged in tmp/ ({staged} bytes)"
+    );
     assert_eq!(data_files(dir.path()).len(), 1, "only A is committed");
 
     child.kill().unwrap(); // SIGKILL on Unix
     let status = child.wait().unwrap();
-    assert!(!status.success(), "child was supposed to be killed: {status:?}");
+    assert!(
+        !status.success(),
+        "child was supposed to be killed: {status:?}"
+    );
     lines.join().unwrap();
 
     let cache = deadline("reopen after crash", {
         let dir = dir.path().to_path_buf();
         move || Cache::builder().disk(dir).build().unwrap()
     });
-    assert!(get_bytes(&cache, "A") == pattern(A_LEN, 1), "finished entry damaged");
-    assert!(cache.get("B").unwrap().is_none(), "half-written entry served");
+    assert!(
+        get_bytes(&cache, "A") == pattern(A_LEN, 1),
+        "finished entry damaged"
+    );
+    assert!(
+        cache.get("B").unwrap().is_none(),
+        "half-written entry served"
+    );
     assert_eq!(cache.keys(), ["A"]);
     assert!(
         files_under(&dir.path().join("tmp")).is_empty(),
@@ -99,4 +111,65 @@ fn sigkill_mid_write_keeps_finished_entries_only() {
     drop(cache);
     let cache = Cache::builder().disk(dir.path()).build().unwrap();
     assert_eq!(get_bytes(&cache, "B"), b"whole");
+}
+
+const LOCK_ENV: &str = "STREAMCACHE_LOCK_CHILD_DIR";
+
+/// Child body for the cross-process lock test: holds the cache open until killed.
+#[test]
+fn lock_child_mode() {
+    let Some(dir) = std::env::var_os(LOCK_ENV) else {
+        return;
+    };
+    let cache = Cache::builder().disk(Path::new(&dir)).build().unwrap();
+    put(&cache, "from-child", b"child");
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{READY}").unwrap();
+    out.flush().unwrap();
+    drop(out);
+    loop {
+        thread::park();
+    }
+}
+
+/// Another live process holding the directory makes `build` fail with `Error::Locked`
+/// naming it; once that process dies (even by SIGKILL) the directory opens again.
+#[test]
+fn directory_locked_by_another_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "lock_child_mode",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(LOCK_ENV, dir.path())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    let lines = thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if line.contains(READY) {
+                let _ = tx.send(());
+            }
+        }
+    });
+    if rx.recv_timeout(DEADLINE).is_err() {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("lock child never reported readiness");
+    }
+    let refused = Cache::builder().disk(dir.path()).build();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    lines.join().unwrap();
+    match refused {
+        Err(streamcache::Error::Locked { dir: d }) => assert_eq!(d, dir.path()),
+        other => panic!("expected Error::Locked while the child lives, got {other:?}"),
+    }
+    let cache = Cache::builder().disk(dir.path()).build().unwrap();
+    assert_eq!(get_bytes(&cache, "from-child"), b"child");
 }

@@ -70,7 +70,11 @@ fn lru_by_count_evicts_least_recently_read() {
     assert_eq!(events_of(&events), [ev("b", RemovalCause::Size)]);
     assert_eq!(cache.stats().evictions, 1);
     cache.run_pending_tasks();
-    assert_eq!(cache.storage().list().unwrap().len(), 3, "evicted blob not deleted");
+    assert_eq!(
+        cache.storage().list().unwrap().len(),
+        3,
+        "evicted blob not deleted"
+    );
 }
 
 #[test]
@@ -137,7 +141,10 @@ fn size_eviction_never_cuts_an_open_reader() {
         assert!(head == data, "open reader cut by eviction");
         drop(r);
         cache.run_pending_tasks();
-        assert!(cache.len() <= 1, "limit not restored once the reader closed");
+        assert!(
+            cache.len() <= 1,
+            "limit not restored once the reader closed"
+        );
         assert_eq!(cache.storage().list().unwrap().len(), cache.len());
     });
 }
@@ -291,7 +298,10 @@ fn tti_spares_entries_in_use_and_expires_idle_ones() {
     cache.run_pending_tasks();
     assert_eq!(
         events_of(&events),
-        [ev("busy", RemovalCause::Idle), ev("idle", RemovalCause::Idle)]
+        [
+            ev("busy", RemovalCause::Idle),
+            ev("idle", RemovalCause::Idle)
+        ]
     );
     assert!(cache.storage().list().unwrap().is_empty());
 }
@@ -474,7 +484,11 @@ fn storm_of_operations() {
         .into_iter()
         .map(|b| (b.name, b.len))
         .collect();
-    assert_eq!(stored.len(), cache.len(), "leaked or missing blobs: {stored:?}");
+    assert_eq!(
+        stored.len(),
+        cache.len(),
+        "leaked or missing blobs: {stored:?}"
+    );
     let mut total = 0;
     for key in cache.keys() {
         let k: usize = key[1..].parse().unwrap();
@@ -539,7 +553,10 @@ fn listener_sees_each_removal_once_with_its_cause() {
     cache.run_pending_tasks();
     assert_eq!(
         events_of(&events),
-        [ev("c1", RemovalCause::Explicit), ev("c2", RemovalCause::Explicit)]
+        [
+            ev("c1", RemovalCause::Explicit),
+            ev("c2", RemovalCause::Explicit)
+        ]
     );
     let s = cache.stats();
     assert_eq!((s.removals, s.evictions, s.aborts), (5, 4, 2), "{s:?}");
@@ -641,7 +658,11 @@ fn lru_order_survives_a_restart() {
     {
         let cache = open(Some(2));
         cache.run_pending_tasks();
-        assert_eq!(sorted_keys(&cache), ["new", "old"], "recency lost across restart");
+        assert_eq!(
+            sorted_keys(&cache),
+            ["new", "old"],
+            "recency lost across restart"
+        );
     }
     // And once more: recency of an entry read after a reload persists too.
     {
@@ -680,4 +701,56 @@ fn ttl_applies_across_restart() {
     assert_eq!(cache.keys(), ["b"]);
     clock.advance(Duration::from_secs(5));
     assert!(cache.get("b").unwrap().is_none());
+}
+
+/// A policy's veto keeps an expired entry from the reaper, but it is still never served.
+#[test]
+fn policy_veto_does_not_serve_expired_entries() {
+    let (b, clock, events) = builder();
+    let cache = b
+        .time_to_live(Duration::from_secs(10))
+        .policy(KeepPinned)
+        .build()
+        .unwrap();
+    let mut w = miss(&cache, "pinned");
+    w.set_metadata(&b"pinned"[..]);
+    w.finish().unwrap();
+    put(&cache, "plain", b"p");
+    clock.advance(Duration::from_secs(10));
+    cache.run_pending_tasks();
+    assert_eq!(events_of(&events), [ev("plain", RemovalCause::Expired)]);
+    assert!(
+        cache.get("pinned").unwrap().is_none(),
+        "expired entry served"
+    );
+    drop(miss(&cache, "pinned"));
+}
+
+/// A writer that finishes after its cache was dropped commits an entry stamped with the
+/// cache's clock, so it is reloaded like any other (here: not taken for expired).
+#[test]
+fn writer_finishing_after_cache_drop_is_stamped_with_the_clock() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new());
+    let open = || {
+        Cache::builder()
+            .disk(dir.path())
+            .clock(clock.clone())
+            .time_to_live(HOUR)
+            .maintenance_interval(HOUR)
+            .build()
+            .unwrap()
+    };
+    let cache = open();
+    let mut w = miss(&cache, "late");
+    w.write_all(b"written after the cache closed").unwrap();
+    drop(cache);
+    w.finish().unwrap();
+    let cache = open();
+    assert_eq!(
+        cache.keys(),
+        ["late"],
+        "entry finished after the cache dropped was discarded at reload"
+    );
+    assert_eq!(get_bytes(&cache, "late"), b"written after the cache closed");
 }
