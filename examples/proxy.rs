@@ -1,0 +1,125 @@
+//! A caching reverse proxy for GET requests on hyper, backed by a streamcache disk cache.
+//!
+//! ```text
+//! cargo run --release --example proxy --features tokio -- \
+//!     --listen 127.0.0.1:8080 --upstream http://127.0.0.1:9000 --dir ./proxy-cache
+//! ```
+//!
+//! The first request of a path (and query) fetches it upstream once and streams it while it
+//! fills the cache; concurrent and later requests stream from the cache, ranges included.
+//! See `examples/proxy/server.rs` for the behaviour and `tests/proxy.rs` for its tests.
+
+#[path = "proxy/server.rs"]
+mod server;
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use tracing_subscriber::EnvFilter;
+
+const USAGE: &str = "\
+A caching reverse proxy for GET requests (streamcache example).
+
+USAGE:
+    proxy --listen ADDR --upstream URL --dir DIR [OPTIONS]
+
+OPTIONS:
+    --listen ADDR              address to listen on, e.g. 127.0.0.1:8080
+    --upstream URL             origin base URL, e.g. http://127.0.0.1:9000
+    --dir DIR                  cache directory (created if missing; reused across restarts)
+    --upstream-timeout SECS    wait at most this long for the origin's response head [30]
+    --max-bytes N              evict least recently used entries above N bytes [unlimited]
+    -h, --help                 print this help
+
+Logs go to stderr; set RUST_LOG (e.g. RUST_LOG=debug) to change the level [info].";
+
+struct Args {
+    listen: SocketAddr,
+    config: server::Config,
+}
+
+fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Option<Args>, String> {
+    let (mut listen, mut upstream, mut dir) = (None, None, None);
+    let (mut timeout, mut max_bytes) = (Duration::from_secs(30), None);
+    while let Some(flag) = args.next() {
+        if flag == "-h" || flag == "--help" {
+            return Ok(None);
+        }
+        let (name, inline) = match flag.split_once('=') {
+            Some((n, v)) => (n.to_owned(), Some(v.to_owned())),
+            None => (flag, None),
+        };
+        let value = match inline.or_else(|| args.next()) {
+            Some(v) => v,
+            None => return Err(format!("{name} needs a value")),
+        };
+        let bad = |e: &dyn std::fmt::Display| format!("bad value for {name}: {value:?} ({e})");
+        match name.as_str() {
+            "--listen" => listen = Some(value.parse().map_err(|e| bad(&e))?),
+            "--upstream" => {
+                let uri: hyper::Uri = value.parse().map_err(|e| bad(&e))?;
+                if uri.scheme_str() != Some("http") || uri.authority().is_none() {
+                    return Err(bad(&"expected http://host:port"));
+                }
+                upstream = Some(uri);
+            }
+            "--dir" => dir = Some(value),
+            "--upstream-timeout" => {
+                timeout = Duration::from_secs_f64(value.parse().map_err(|e| bad(&e))?);
+            }
+            "--max-bytes" => max_bytes = Some(value.parse().map_err(|e| bad(&e))?),
+            _ => return Err(format!("unknown option {name}")),
+        }
+    }
+    let missing = |what| format!("{what} is required");
+    let mut config = server::Config::new(
+        upstream.ok_or_else(|| missing("--upstream"))?,
+        dir.ok_or_else(|| missing("--dir"))?,
+    );
+    config.upstream_timeout = timeout;
+    config.max_bytes = max_bytes;
+    Ok(Some(Args {
+        listen: listen.ok_or_else(|| missing("--listen"))?,
+        config,
+    }))
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let args = match parse_args(std::env::args().skip(1)) {
+        Ok(Some(args)) => args,
+        Ok(None) => {
+            println!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        Err(msg) => {
+            eprintln!("error: {msg}\n\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    let result = async {
+        let proxy = server::Proxy::open(&args.config)?;
+        let listener = tokio::net::TcpListener::bind(args.listen).await?;
+        tracing::info!(
+            listen = %listener.local_addr()?,
+            upstream = %args.config.upstream,
+            dir = %args.config.dir.display(),
+            entries = proxy.cache().len(),
+            "proxy ready"
+        );
+        server::serve(listener, proxy, std::future::pending()).await?;
+        Ok::<_, Box<dyn std::error::Error>>(())
+    };
+    match result.await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
