@@ -1,0 +1,759 @@
+//! End-to-end tests of the caching proxy example (`examples/proxy`) over real sockets on
+//! 127.0.0.1, against a local, slow, request-counting origin; plus a check that many async
+//! readers of one in-progress stream share a `current_thread` runtime without blocking it.
+//!
+//! Every test runs under a deadline, so a hang fails instead of stalling the suite.
+
+#[path = "../examples/proxy/server.rs"]
+mod server;
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::header::{self, HeaderValue};
+use hyper::service::service_fn;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use streamcache::{Cache, Entry};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::{JoinHandle, JoinSet};
+use tokio::time::{sleep, timeout};
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Size of the origin's bodies.
+const SIZE: usize = 3 << 20;
+/// The origin sends this much per chunk, with a short pause in between.
+const ORIGIN_CHUNK: usize = 64 << 10;
+const ORIGIN_PAUSE: Duration = Duration::from_millis(2);
+const DEADLINE: Duration = Duration::from_secs(60);
+
+/// The origin's content: the same deterministic bytes for every path.
+fn content() -> Vec<u8> {
+    (0..SIZE)
+        .map(|i| (i % 251) as u8 ^ (i >> 16) as u8)
+        .collect()
+}
+
+/// Runs a test body under [`DEADLINE`].
+async fn deadline<T>(f: impl Future<Output = T>) -> T {
+    timeout(DEADLINE, f)
+        .await
+        .expect("test exceeded its deadline")
+}
+
+fn init_logs() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Origin
+
+/// A local origin server. Routes (the first path segment):
+///
+/// * `/file/…`: 200, `Content-Length`, content type and ETag, slow chunks;
+/// * `/chunked/…`: the same without `Content-Length` (chunked);
+/// * `/gated/…`, `/gated-chunked/…`: send half the body, wait for [`Origin::open_gate`], send
+///   the rest;
+/// * `/flaky/…`, `/flaky-chunked/…`: the first request of a path sends half the body, waits
+///   for the gate, then breaks the connection; later requests get the whole body;
+/// * anything else: 404.
+struct Origin {
+    addr: SocketAddr,
+    hits: Arc<Mutex<HashMap<String, usize>>>,
+    gate: watch::Sender<bool>,
+    server: JoinHandle<()>,
+}
+
+impl Origin {
+    async fn start() -> Origin {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let hits: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
+        let (gate, _) = watch::channel(false);
+        let (hits2, gate2) = (hits.clone(), gate.clone());
+        let server = tokio::spawn(async move {
+            let mut conns = JoinSet::new();
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let (hits, gate) = (hits2.clone(), gate2.clone());
+                conns.spawn(async move {
+                    let svc = service_fn(move |req: Request<Incoming>| {
+                        let (hits, gate) = (hits.clone(), gate.clone());
+                        async move { Ok::<_, Infallible>(origin_handle(req, &hits, &gate)) }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+                while conns.try_join_next().is_some() {}
+            }
+            // `conns` drops with this task: aborting it closes every origin connection.
+        });
+        Origin {
+            addr,
+            hits,
+            gate,
+            server,
+        }
+    }
+
+    fn url(&self) -> hyper::Uri {
+        format!("http://{}", self.addr).parse().unwrap()
+    }
+
+    /// Requests the origin received for `path` (path and query).
+    fn hits(&self, path: &str) -> usize {
+        self.hits.lock().unwrap().get(path).copied().unwrap_or(0)
+    }
+
+    fn total_hits(&self) -> usize {
+        self.hits.lock().unwrap().values().sum()
+    }
+
+    fn open_gate(&self) {
+        self.gate.send_replace(true);
+    }
+
+    /// Stops accepting and closes every connection.
+    async fn stop(self) {
+        self.server.abort();
+        let _ = self.server.await;
+    }
+}
+
+fn origin_handle(
+    req: Request<Incoming>,
+    hits: &Mutex<HashMap<String, usize>>,
+    gate: &watch::Sender<bool>,
+) -> Response<ChanBody> {
+    let path = req.uri().path_and_query().unwrap().as_str().to_owned();
+    let nth = {
+        let mut hits = hits.lock().unwrap();
+        let n = hits.entry(path.clone()).or_default();
+        *n += 1;
+        *n
+    };
+    let route = req.uri().path().split('/').nth(1).unwrap_or("").to_owned();
+    let (tx, rx) = mpsc::channel(4);
+    let chunked = route.ends_with("-chunked") || route == "chunked";
+    let route = route.trim_end_matches("-chunked");
+    if !matches!(route, "file" | "chunked" | "gated" | "flaky") {
+        let _ = tx.try_send(Ok(Bytes::from_static(b"nope")));
+        let mut resp = Response::new(ChanBody { rx, len: Some(4) });
+        *resp.status_mut() = StatusCode::NOT_FOUND;
+        return resp;
+    }
+    let gated = route == "gated" || route == "flaky";
+    let dies = route == "flaky" && nth == 1;
+    let mut gate = gate.subscribe();
+    tokio::spawn(async move {
+        let data = Bytes::from(content());
+        for (i, start) in (0..SIZE).step_by(ORIGIN_CHUNK).enumerate() {
+            if gated && start == SIZE / 2 {
+                let _ = gate.wait_for(|open| *open).await;
+                if dies {
+                    let _ = tx.send(Err(io::Error::other("origin died"))).await;
+                    return;
+                }
+            }
+            let end = (start + ORIGIN_CHUNK).min(SIZE);
+            if tx.send(Ok(data.slice(start..end))).await.is_err() {
+                return;
+            }
+            if i % 2 == 1 {
+                sleep(ORIGIN_PAUSE).await;
+            }
+        }
+    });
+    let len = (!chunked).then_some(SIZE as u64);
+    let mut resp = Response::new(ChanBody { rx, len });
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/x-test"),
+    );
+    h.insert(header::ETAG, HeaderValue::from_static("\"v1\""));
+    if let Some(len) = len {
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    }
+    resp
+}
+
+/// The origin's response body: chunks from a channel; an `Err` breaks the connection.
+struct ChanBody {
+    rx: mpsc::Receiver<io::Result<Bytes>>,
+    len: Option<u64>,
+}
+
+impl Body for ChanBody {
+    type Data = Bytes;
+    type Error = io::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        self.rx
+            .poll_recv(cx)
+            .map(|next| next.map(|r| r.map(Frame::data)))
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.len
+            .map_or_else(SizeHint::default, SizeHint::with_exact)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Proxy and client
+
+struct RunningProxy {
+    addr: SocketAddr,
+    proxy: Arc<server::Proxy>,
+    stop: oneshot::Sender<()>,
+    task: JoinHandle<io::Result<()>>,
+}
+
+async fn start_proxy(dir: &std::path::Path, upstream: hyper::Uri) -> RunningProxy {
+    init_logs();
+    let proxy = server::Proxy::open(&server::Config::new(upstream, dir)).unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = oneshot::channel();
+    let task = tokio::spawn(server::serve(listener, proxy.clone(), async {
+        let _ = stopped.await;
+    }));
+    RunningProxy {
+        addr,
+        proxy,
+        stop,
+        task,
+    }
+}
+
+impl RunningProxy {
+    fn url(&self, path: &str) -> hyper::Uri {
+        format!("http://{}{path}", self.addr).parse().unwrap()
+    }
+
+    /// Stops serving, closes its connections and drops the cache (releasing the directory).
+    async fn shutdown(self) {
+        let _ = self.stop.send(());
+        self.task.await.unwrap().unwrap();
+        assert_eq!(Arc::strong_count(&self.proxy), 1, "the proxy state leaked");
+    }
+}
+
+type HttpClient = Client<HttpConnector, Empty<Bytes>>;
+
+fn client() -> HttpClient {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+/// Sends a GET; returns the response with its body still streaming.
+async fn send(client: &HttpClient, url: hyper::Uri, range: Option<&str>) -> Response<Incoming> {
+    let mut req = Request::get(url);
+    if let Some(r) = range {
+        req = req.header(header::RANGE, r);
+    }
+    client
+        .request(req.body(Empty::new()).unwrap())
+        .await
+        .unwrap()
+}
+
+/// A GET with its whole body.
+async fn fetch(
+    client: &HttpClient,
+    url: hyper::Uri,
+    range: Option<&str>,
+) -> (Response<()>, Result<Bytes, BoxError>) {
+    let resp = send(client, url, range).await;
+    let (parts, body) = resp.into_parts();
+    let body = body
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .map_err(Into::into);
+    (Response::from_parts(parts, ()), body)
+}
+
+fn header_str(resp: &Response<()>, name: header::HeaderName) -> Option<&str> {
+    resp.headers().get(name).map(|v| v.to_str().unwrap())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tests
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_concurrent_clients_one_origin_request() {
+    deadline(async {
+        let origin = Origin::start().await;
+        let dir = tempfile::tempdir().unwrap();
+        let proxy = start_proxy(dir.path(), origin.url()).await;
+        let client = client();
+        let expected = content();
+
+        let mut clients = JoinSet::new();
+        for _ in 0..20 {
+            let (client, url) = (client.clone(), proxy.url("/file/a?v=1"));
+            clients.spawn(async move { fetch(&client, url, None).await });
+        }
+        let mut n = 0;
+        while let Some(done) = clients.join_next().await {
+            let (resp, body) = done.unwrap();
+            assert_eq!(resp.status(), StatusCode::OK);
+            assert_eq!(header_str(&resp, header::CONTENT_LENGTH), Some("3145728"));
+            assert_eq!(
+                header_str(&resp, header::CONTENT_TYPE),
+                Some("application/x-test")
+            );
+            assert_eq!(header_str(&resp, header::ETAG), Some("\"v1\""));
+            let body = body.expect("complete body");
+            assert!(body == expected[..], "body differs ({} bytes)", body.len());
+            n += 1;
+        }
+        assert_eq!(n, 20);
+        assert_eq!(origin.hits("/file/a?v=1"), 1, "the origin saw one request");
+
+        // A later request is a hit; another query is another key.
+        let (resp, body) = fetch(&client, proxy.url("/file/a?v=1"), None).await;
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert!(body.unwrap() == expected[..]);
+        let (_, body) = fetch(&client, proxy.url("/file/a?v=2"), None).await;
+        assert!(body.unwrap() == expected[..]);
+        assert_eq!(origin.hits("/file/a?v=1"), 1);
+        assert_eq!(origin.hits("/file/a?v=2"), 1);
+        proxy.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ranges_are_answered_mid_download() {
+    deadline(async {
+        let origin = Origin::start().await;
+        let dir = tempfile::tempdir().unwrap();
+        let proxy = start_proxy(dir.path(), origin.url()).await;
+        let client = client();
+        let expected = content();
+
+        // The first client starts the download; the origin then stalls at half the body.
+        let first = {
+            let (client, url) = (client.clone(), proxy.url("/gated/r"));
+            tokio::spawn(async move { fetch(&client, url, None).await })
+        };
+
+        // A range inside the first half is answered while the origin is stalled.
+        let (resp, body) = fetch(&client, proxy.url("/gated/r"), Some("bytes=1000-1999")).await;
+        assert_eq!(resp.status(), StatusCode::PARTIAL_CONTENT);
+        assert_eq!(
+            header_str(&resp, header::CONTENT_RANGE),
+            Some("bytes 1000-1999/3145728")
+        );
+        assert_eq!(header_str(&resp, header::CONTENT_LENGTH), Some("1000"));
+        assert_eq!(
+            header_str(&resp, header::CONTENT_TYPE),
+            Some("application/x-test")
+        );
+        assert!(body.unwrap() == expected[1000..2000]);
+
+        // A suffix range waits for its bytes only: headers come at once (the length is
+        // known), the body completes once the origin goes on.
+        let tail = send(&client, proxy.url("/gated/r"), Some("bytes=-100")).await;
+        assert_eq!(tail.status(), StatusCode::PARTIAL_CONTENT);
+        assert_eq!(
+            tail.headers()[header::CONTENT_RANGE],
+            format!("bytes {}-{}/{SIZE}", SIZE - 100, SIZE - 1)
+        );
+        let tail =
+            tokio::spawn(async move { tail.into_body().collect().await.map(|c| c.to_bytes()) });
+        sleep(Duration::from_millis(200)).await;
+        assert!(!tail.is_finished(), "the tail cannot exist yet");
+        assert!(!first.is_finished());
+        origin.open_gate();
+        assert!(tail.await.unwrap().unwrap() == expected[SIZE - 100..]);
+
+        let (resp, body) = fetch(&client, proxy.url("/gated/r"), Some("bytes=3000000-")).await;
+        assert_eq!(resp.status(), StatusCode::PARTIAL_CONTENT);
+        assert_eq!(
+            header_str(&resp, header::CONTENT_RANGE),
+            Some("bytes 3000000-3145727/3145728")
+        );
+        assert!(body.unwrap() == expected[3_000_000..]);
+        let (resp, _) = fetch(&client, proxy.url("/gated/r"), Some("bytes=3145728-")).await;
+        assert_eq!(resp.status(), StatusCode::RANGE_NOT_SATISFIABLE);
+        assert_eq!(
+            header_str(&resp, header::CONTENT_RANGE),
+            Some("bytes */3145728")
+        );
+        // A range end past the end is clamped.
+        let (resp, body) = fetch(
+            &client,
+            proxy.url("/gated/r"),
+            Some("bytes=3145700-9999999"),
+        )
+        .await;
+        assert_eq!(
+            header_str(&resp, header::CONTENT_RANGE),
+            Some("bytes 3145700-3145727/3145728")
+        );
+        assert!(body.unwrap() == expected[3_145_700..]);
+
+        let (resp, body) = first.await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert!(body.unwrap() == expected[..]);
+        assert_eq!(origin.hits("/gated/r"), 1);
+        proxy.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ranges_without_content_length_mid_download() {
+    deadline(async {
+        let origin = Origin::start().await;
+        let dir = tempfile::tempdir().unwrap();
+        let proxy = start_proxy(dir.path(), origin.url()).await;
+        let client = client();
+        let expected = content();
+
+        let first = send(&client, proxy.url("/gated-chunked/r"), None).await;
+        assert_eq!(first.status(), StatusCode::OK);
+        assert!(first.headers().get(header::CONTENT_LENGTH).is_none());
+        let first =
+            tokio::spawn(async move { first.into_body().collect().await.map(|c| c.to_bytes()) });
+
+        // The total is unknown while the origin stalls: the range says so with `/*`.
+        let (resp, body) = fetch(&client, proxy.url("/gated-chunked/r"), Some("bytes=10-19")).await;
+        assert_eq!(resp.status(), StatusCode::PARTIAL_CONTENT);
+        assert_eq!(
+            header_str(&resp, header::CONTENT_RANGE),
+            Some("bytes 10-19/*")
+        );
+        assert!(body.unwrap() == expected[10..20]);
+
+        // A suffix needs the total: it waits for the end of the download.
+        let tail = {
+            let (client, url) = (client.clone(), proxy.url("/gated-chunked/r"));
+            tokio::spawn(async move { fetch(&client, url, Some("bytes=-5")).await })
+        };
+        sleep(Duration::from_millis(200)).await;
+        assert!(!tail.is_finished());
+        origin.open_gate();
+        let (resp, body) = tail.await.unwrap();
+        assert_eq!(resp.status(), StatusCode::PARTIAL_CONTENT);
+        assert_eq!(
+            header_str(&resp, header::CONTENT_RANGE),
+            Some("bytes 3145723-3145727/3145728")
+        );
+        assert!(body.unwrap() == expected[SIZE - 5..]);
+        assert!(first.await.unwrap().unwrap() == expected[..]);
+        assert_eq!(origin.hits("/gated-chunked/r"), 1);
+        proxy.shutdown().await;
+    })
+    .await;
+}
+
+/// An origin that breaks mid-body: every client streaming sees an error, nothing is cached,
+/// the next request goes upstream again (and, the origin being well now, is cached).
+async fn broken_origin_case(path: &str, with_length: bool) {
+    let origin = Origin::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = start_proxy(dir.path(), origin.url()).await;
+    let client = client();
+    let expected = content();
+
+    // Three clients have their response heads before the origin breaks.
+    let mut streaming = Vec::new();
+    for _ in 0..3 {
+        let resp = send(&client, proxy.url(path), None).await;
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(
+            resp.headers().contains_key(header::CONTENT_LENGTH),
+            with_length
+        );
+        streaming.push(tokio::spawn(async move {
+            resp.into_body().collect().await.map(|c| c.to_bytes())
+        }));
+    }
+    origin.open_gate();
+    for s in streaming {
+        let err = s
+            .await
+            .unwrap()
+            .expect_err("a broken body must not look complete");
+        tracing::debug!(error = %err, "client saw");
+    }
+    assert_eq!(origin.hits(path), 1);
+
+    let (resp, body) = fetch(&client, proxy.url(path), None).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert!(body.unwrap() == expected[..]);
+    assert_eq!(origin.hits(path), 2, "the broken entry was not cached");
+    let (_, body) = fetch(&client, proxy.url(path), None).await;
+    assert!(body.unwrap() == expected[..]);
+    assert_eq!(origin.hits(path), 2, "the complete entry was cached");
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn origin_dying_mid_body_with_content_length() {
+    deadline(broken_origin_case("/flaky/x", true)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn origin_dying_mid_body_chunked() {
+    deadline(broken_origin_case("/flaky-chunked/x", false)).await;
+}
+
+/// A raw HTTP/1.0 GET; returns everything the proxy sent before closing.
+async fn http10_get(addr: SocketAddr, path: &str) -> Vec<u8> {
+    let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+    conn.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    let _ = conn.read_to_end(&mut out).await;
+    out
+}
+
+/// HTTP/1.0 has no chunked encoding, so an entry of unknown length is only sent once its
+/// length is final: a broken one gets an error status, never a close-delimited short body.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http10_client_never_gets_a_short_body() {
+    deadline(async {
+        let origin = Origin::start().await;
+        let dir = tempfile::tempdir().unwrap();
+        let proxy = start_proxy(dir.path(), origin.url()).await;
+        let client = client();
+        let expected = content();
+
+        let first = send(&client, proxy.url("/flaky-chunked/old"), None).await;
+        assert_eq!(first.status(), StatusCode::OK);
+        let old = tokio::spawn(http10_get(proxy.addr, "/flaky-chunked/old"));
+        sleep(Duration::from_millis(100)).await;
+        assert!(!old.is_finished(), "waits for the final length");
+        origin.open_gate();
+        let raw = old.await.unwrap();
+        assert!(
+            raw.starts_with(b"HTTP/1.0 502"),
+            "{:?}",
+            String::from_utf8_lossy(&raw[..40.min(raw.len())])
+        );
+        assert!(first.into_body().collect().await.is_err());
+
+        // Once cached, the whole body with its length.
+        let (_, body) = fetch(&client, proxy.url("/flaky-chunked/old"), None).await;
+        assert!(body.unwrap() == expected[..]);
+        let raw = http10_get(proxy.addr, "/flaky-chunked/old").await;
+        let head_end = raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+        let head = String::from_utf8_lossy(&raw[..head_end]).to_lowercase();
+        assert!(head.starts_with("http/1.0 200"), "{head}");
+        assert!(head.contains("content-length: 3145728"), "{head}");
+        assert!(raw[head_end..] == expected[..]);
+        assert_eq!(origin.hits("/flaky-chunked/old"), 2);
+        proxy.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn non_200_is_not_cached() {
+    deadline(async {
+        let origin = Origin::start().await;
+        let dir = tempfile::tempdir().unwrap();
+        let proxy = start_proxy(dir.path(), origin.url()).await;
+        let client = client();
+        for n in 1..=2 {
+            let (resp, body) = fetch(&client, proxy.url("/missing/x"), None).await;
+            assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+            assert_eq!(&body.unwrap()[..], b"nope");
+            assert_eq!(origin.hits("/missing/x"), n);
+        }
+        assert!(!proxy.proxy.cache().contains_key("/missing/x"));
+        proxy.shutdown().await;
+
+        // No origin at all: 502, not cached either.
+        origin.stop().await;
+        let proxy = start_proxy(dir.path(), "http://127.0.0.1:9".parse().unwrap()).await;
+        let (resp, _) = fetch(&client, proxy.url("/file/none"), None).await;
+        assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
+        assert!(!proxy.proxy.cache().contains_key("/file/none"));
+        proxy.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_serves_from_disk_without_origin() {
+    deadline(async {
+        let origin = Origin::start().await;
+        let upstream = origin.url();
+        let dir = tempfile::tempdir().unwrap();
+        let expected = content();
+        let client = client();
+
+        let proxy = start_proxy(dir.path(), upstream.clone()).await;
+        for path in ["/file/keep", "/chunked/keep"] {
+            let (resp, body) = fetch(&client, proxy.url(path), None).await;
+            assert_eq!(resp.status(), StatusCode::OK);
+            assert!(body.unwrap() == expected[..]);
+        }
+        proxy.shutdown().await;
+        let seen = origin.total_hits();
+        assert_eq!(seen, 2);
+        origin.stop().await; // any upstream request would now fail
+
+        let proxy = start_proxy(dir.path(), upstream).await;
+        assert_eq!(proxy.proxy.cache().len(), 2);
+        for path in ["/file/keep", "/chunked/keep"] {
+            let (resp, body) = fetch(&client, proxy.url(path), None).await;
+            assert_eq!(resp.status(), StatusCode::OK, "{path}");
+            assert_eq!(
+                header_str(&resp, header::CONTENT_TYPE),
+                Some("application/x-test")
+            );
+            assert_eq!(header_str(&resp, header::ETAG), Some("\"v1\""));
+            assert_eq!(header_str(&resp, header::CONTENT_LENGTH), Some("3145728"));
+            assert!(body.unwrap() == expected[..]);
+            let (resp, body) = fetch(&client, proxy.url(path), Some("bytes=-3")).await;
+            assert_eq!(resp.status(), StatusCode::PARTIAL_CONTENT);
+            assert!(body.unwrap() == expected[SIZE - 3..]);
+        }
+        proxy.shutdown().await;
+    })
+    .await;
+}
+
+#[test]
+fn range_header_parsing() {
+    use server::RangeSpec::*;
+    let p = |s: &str| server::parse_range(&HeaderValue::from_str(s).unwrap());
+    assert_eq!(p("bytes=0-499"), Some(FromTo(0, 499)));
+    assert_eq!(p("bytes=500-"), Some(From(500)));
+    assert_eq!(p("bytes=-500"), Some(Suffix(500)));
+    assert_eq!(p("bytes= 5 - 9 "), Some(FromTo(5, 9)));
+    for ignored in [
+        "bytes=9-5",
+        "bytes=-",
+        "bytes=0-1,5-6",
+        "items=0-1",
+        "bytes=+1-2",
+        "bytes=a-b",
+    ] {
+        assert_eq!(p(ignored), None, "{ignored}");
+    }
+    assert_eq!(FromTo(0, 499).resolve(100), Some((0, 99)));
+    assert_eq!(From(100).resolve(100), None);
+    assert_eq!(Suffix(500).resolve(100), Some((0, 99)));
+    assert_eq!(Suffix(0).resolve(100), None);
+    assert_eq!(Suffix(1).resolve(0), None);
+}
+
+#[test]
+fn metadata_round_trip() {
+    let mut h = hyper::HeaderMap::new();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    h.insert(header::ETAG, HeaderValue::from_static("W/\"x:y\""));
+    h.insert(header::SERVER, HeaderValue::from_static("not kept"));
+    let decoded = server::decode_head(&server::encode_head(&h)).unwrap();
+    assert_eq!(
+        decoded,
+        vec![
+            (
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/html; charset=utf-8")
+            ),
+            (header::ETAG, HeaderValue::from_static("W/\"x:y\"")),
+        ]
+    );
+    assert!(server::decode_head(b"").is_none());
+}
+
+/// 50 async readers of one stream being written, all on one `current_thread` runtime with the
+/// writer: if anything blocked the executor thread, the writer could not progress and this
+/// would hit its deadline.
+#[tokio::test(flavor = "current_thread")]
+async fn fifty_async_readers_on_current_thread() {
+    deadline(async {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::builder().disk(dir.path()).build().unwrap();
+        let Entry::Miss(w) = cache.get_or_create("in-progress").unwrap() else {
+            unreachable!()
+        };
+        let expected: Vec<u8> = content()[..512 << 10].to_vec();
+
+        let mut readers = JoinSet::new();
+        for i in 0..50 {
+            // Half from the writer, half as cache hits of the entry in progress.
+            let r: streamcache::tokio::AsyncReader = if i % 2 == 0 {
+                w.reader().unwrap().into()
+            } else {
+                let Entry::Hit(r) = cache.get_or_create("in-progress").unwrap() else {
+                    panic!("expected a hit")
+                };
+                r.into()
+            };
+            readers.spawn(async move {
+                let mut r = r;
+                let mut out = Vec::new();
+                if i % 3 == 0 {
+                    loop {
+                        let chunk = r.read_chunk(8 << 10).await?;
+                        if chunk.is_empty() {
+                            break;
+                        }
+                        out.extend_from_slice(&chunk);
+                    }
+                } else {
+                    r.read_to_end(&mut out).await?;
+                }
+                io::Result::Ok(out)
+            });
+        }
+        let data = expected.clone();
+        let writer = tokio::spawn(async move {
+            let mut w = streamcache::tokio::AsyncWriter::from(w);
+            for chunk in data.chunks(16 << 10) {
+                w.write_all(chunk).await?;
+                w.flush().await?;
+                sleep(Duration::from_millis(1)).await;
+            }
+            w.finish().map_err(io::Error::from)
+        });
+        writer.await.unwrap().unwrap();
+        let mut n = 0;
+        while let Some(out) = readers.join_next().await {
+            assert!(out.unwrap().unwrap() == expected);
+            n += 1;
+        }
+        assert_eq!(n, 50);
+    })
+    .await;
+}
