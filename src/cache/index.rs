@@ -7,7 +7,7 @@
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::Sender;
-use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::sync::{Arc, Mutex, Weak};
 
 use bytes::Bytes;
 use dashmap::DashMap;
@@ -82,7 +82,7 @@ pub(crate) struct Inner {
     /// Lock: this mutex (a leaf lock). Finished, live entries by recency (least recent
     /// first out). Inserted only while `EntryState::live` is true under this lock, removed by
     /// `finalize` under it, so no dead entry stays.
-    pub(crate) lru: Mutex<LruCache<u64, Arc<EntryState>>>,
+    pub(crate) lru: Mutex<LruCache<u64, Arc<Slot>>>,
     /// Bytes of live entries, including those still being written. Lock-free; each entry
     /// contributes its `accounted` field.
     pub(crate) bytes: AtomicU64,
@@ -93,9 +93,10 @@ pub(crate) struct Inner {
     pub(crate) jobs: Sender<Job>,
     pub(crate) listener: Option<Listener>,
     pub(crate) policy: Option<Arc<dyn Policy>>,
-    /// Lock: this mutex (a leaf lock). Finished entries that were released with their stream
-    /// open, oldest first; beyond `max_idle_open`, the oldest close their stream if unused.
-    pub(crate) idle_open: Mutex<std::collections::VecDeque<Weak<Slot>>>,
+    /// Lock: this mutex (a leaf lock). Finished entries (key, id) that were released with
+    /// their stream open, oldest first; beyond `max_idle_open`, the oldest close their stream
+    /// if unused.
+    pub(crate) idle_open: Mutex<std::collections::VecDeque<(Arc<str>, u64)>>,
     pub(crate) max_idle_open: usize,
 }
 
@@ -110,53 +111,12 @@ impl fmt::Debug for Inner {
     }
 }
 
-/// One entry in the index.
+/// One entry: what the index maps a key to, and the observer of the entry's stream.
+///
+/// Reference cycle, broken on purpose: while `stream` is `Some`, the stream's observer is this
+/// slot. `finalize`, `close_if_idle` and `Cache`'s drop take the stream out.
 #[derive(Debug)]
 pub(crate) struct Slot {
-    pub(crate) state: Arc<EntryState>,
-    /// Lock: this mutex, held to clone, open or drop the stream (the open is storage I/O, but
-    /// only this entry waits for it). Invariant: `Some` while the entry is being written or in
-    /// use; a finished, unused entry may drop it (closing its file) and reopen it on demand.
-    pub(crate) stream: Mutex<Option<Stream>>,
-}
-
-impl Slot {
-    pub(crate) fn new(state: Arc<EntryState>, stream: Option<Stream>) -> Arc<Slot> {
-        let slot = Arc::new(Slot {
-            state,
-            stream: Mutex::new(stream),
-        });
-        let _ = slot.state.slot.set(Arc::downgrade(&slot));
-        slot
-    }
-
-    fn lock_stream(&self) -> std::sync::MutexGuard<'_, Option<Stream>> {
-        self.stream.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    pub(crate) fn in_use(&self) -> bool {
-        self.lock_stream().as_ref().is_some_and(|s| s.handles() > 0)
-    }
-
-    pub(crate) fn failed(&self) -> bool {
-        self.lock_stream().as_ref().is_some_and(|s| s.failed())
-    }
-
-    /// Drops the stream of a finished entry nobody uses, closing its storage handle.
-    fn close_if_idle(&self) {
-        let mut guard = self.lock_stream();
-        let idle = guard.as_ref().is_some_and(|s| s.handles() == 0);
-        if idle && self.state.finished.load(Ordering::Relaxed) != 0 {
-            let stream = guard.take();
-            drop(guard);
-            drop(stream);
-        }
-    }
-}
-
-/// What the cache tracks about one entry; also the stream's observer.
-#[derive(Debug)]
-pub(crate) struct EntryState {
     pub(crate) key: Arc<str>,
     pub(crate) id: u64,
     pub(crate) cache: Weak<Inner>,
@@ -174,14 +134,70 @@ pub(crate) struct EntryState {
     pub(crate) live: AtomicBool,
     /// The blob is committed in storage (SeqCst, see `live`).
     pub(crate) committed: AtomicBool,
-    /// User metadata, known once finished (or at reload).
-    pub(crate) user: OnceLock<Bytes>,
     /// Read since committed or reloaded: its recency should be persisted.
     pub(crate) touched: AtomicBool,
-    /// The slot holding this state (weak: the slot owns the state).
-    pub(crate) slot: OnceLock<Weak<Slot>>,
     /// Queued in `Inner::idle_open` (so releases do not queue it twice).
     pub(crate) queued_idle: AtomicBool,
+    /// Lock: this mutex, held to clone, open or drop the stream (the open is storage I/O, but
+    /// only this entry waits for it). Invariant: `Some` while the entry is being written or in
+    /// use; a finished, unused entry may drop it (closing its file) and reopen it on demand.
+    pub(crate) stream: Mutex<Option<Stream>>,
+}
+
+impl Slot {
+    pub(crate) fn new(
+        inner: &Arc<Inner>,
+        key: Arc<str>,
+        id: u64,
+        created: u64,
+        finished: u64,
+        last_access: u64,
+        len: u64,
+    ) -> Slot {
+        Slot {
+            key,
+            id,
+            cache: Arc::downgrade(inner),
+            books: inner.books.clone(),
+            created,
+            finished: AtomicU64::new(finished),
+            last_access: AtomicU64::new(last_access),
+            idle_since: AtomicU64::new(last_access),
+            accounted: AtomicU64::new(len),
+            live: AtomicBool::new(false),
+            committed: AtomicBool::new(finished != 0),
+            touched: AtomicBool::new(false),
+            queued_idle: AtomicBool::new(false),
+            stream: Mutex::new(None),
+        }
+    }
+
+    pub(crate) fn lock_stream(&self) -> std::sync::MutexGuard<'_, Option<Stream>> {
+        self.stream.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn in_use(&self) -> bool {
+        self.lock_stream().as_ref().is_some_and(|s| s.handles() > 0)
+    }
+
+    pub(crate) fn failed(&self) -> bool {
+        self.lock_stream().as_ref().is_some_and(|s| s.failed())
+    }
+
+    /// Drops the stream of a finished entry nobody uses, closing its storage handle.
+    fn close_if_idle(&self) {
+        let mut guard = self.lock_stream();
+        let idle = guard.as_ref().is_some_and(|s| s.handles() == 0);
+        if idle && self.finished.load(Ordering::Relaxed) != 0 {
+            let stream = guard.take();
+            drop(guard);
+            drop(stream);
+        }
+    }
+
+    pub(crate) fn name(&self) -> String {
+        blob_name(&self.key, self.id)
+    }
 }
 
 /// The blob name of version `id` of `key`: 128 bits of blake3(key), then the id.
@@ -190,39 +206,19 @@ pub(crate) fn blob_name(key: &str, id: u64) -> String {
     format!("{}-{id:016x}", &hash.to_hex()[..32])
 }
 
-impl EntryState {
-    pub(crate) fn name(&self) -> String {
-        blob_name(&self.key, self.id)
-    }
-
-    fn info(&self, len: u64) -> EntryInfo {
-        EntryInfo {
-            key: self.key.to_string(),
-            len,
-            created: self.created,
-            last_access: self.last_access.load(Ordering::Relaxed),
-            metadata: self.user.get().cloned().unwrap_or_default(),
-        }
-    }
-
-    pub(crate) fn meta(&self) -> EntryMeta {
+impl Observer for Slot {
+    fn commit_meta(&self, _len: u64, user: &Bytes) -> Vec<u8> {
+        let now = self.books.clock.now_millis();
+        self.finished.store(now, Ordering::Relaxed);
+        self.last_access.store(now, Ordering::Relaxed);
         EntryMeta {
             key: self.key.to_string(),
             created: self.created,
-            finished: self.finished.load(Ordering::Relaxed),
-            last_access: self.last_access.load(Ordering::Relaxed),
-            user: self.user.get().cloned().unwrap_or_default(),
+            finished: now,
+            last_access: now,
+            user: user.clone(),
         }
-    }
-}
-
-impl Observer for EntryState {
-    fn commit_meta(&self, _len: u64, user: &Bytes) -> Vec<u8> {
-        let now = self.books.clock.now_millis();
-        let _ = self.user.set(user.clone());
-        self.finished.store(now, Ordering::Relaxed);
-        self.last_access.store(now, Ordering::Relaxed);
-        self.meta().encode()
+        .encode()
     }
 
     fn published(&self, len: u64) {
@@ -257,7 +253,7 @@ impl Observer for EntryState {
         let me = cache
             .index
             .get(&*self.key)
-            .map(|s| s.state.clone())
+            .map(|s| s.clone())
             .filter(|s| s.id == self.id);
         if let Some(me) = me {
             let mut lru = cache.lru.lock().unwrap_or_else(|e| e.into_inner());
@@ -290,9 +286,9 @@ impl Observer for EntryState {
         if self.finished.load(Ordering::Relaxed) != 0
             && !self.queued_idle.load(Ordering::Relaxed)
             && !self.queued_idle.swap(true, Ordering::AcqRel)
-            && let (Some(cache), Some(slot)) = (self.cache.upgrade(), self.slot.get())
+            && let Some(cache) = self.cache.upgrade()
         {
-            cache.queue_idle(slot.clone());
+            cache.queue_idle(self.key.clone(), self.id);
         }
     }
 
@@ -314,24 +310,62 @@ impl Observer for EntryState {
 }
 
 impl Inner {
-    fn queue_idle(&self, slot: Weak<Slot>) {
+    /// The entry's record as stored (user metadata included), from its open stream or from
+    /// storage.
+    pub(crate) fn current_meta(&self, slot: &Slot) -> EntryMeta {
+        let user = match slot.lock_stream().as_ref() {
+            Some(stream) => Some(stream.metadata()),
+            None => None,
+        };
+        let user = user.unwrap_or_else(|| {
+            self.storage
+                .open(&slot.name())
+                .ok()
+                .and_then(|(_, info)| EntryMeta::decode(&info.meta).ok())
+                .map(|m| m.user)
+                .unwrap_or_default()
+        });
+        EntryMeta {
+            key: slot.key.to_string(),
+            created: slot.created,
+            finished: slot.finished.load(Ordering::Relaxed),
+            last_access: slot.last_access.load(Ordering::Relaxed),
+            user,
+        }
+    }
+
+    fn info(&self, slot: &Slot, len: u64) -> EntryInfo {
+        let meta = self.current_meta(slot);
+        EntryInfo {
+            key: meta.key,
+            len,
+            created: meta.created,
+            last_access: meta.last_access,
+            metadata: meta.user,
+        }
+    }
+
+    fn queue_idle(&self, key: Arc<str>, id: u64) {
         let evicted = {
             let mut q = self.idle_open.lock().unwrap_or_else(|e| e.into_inner());
-            q.push_back(slot);
+            q.push_back((key, id));
             if q.len() > self.max_idle_open {
                 q.pop_front()
             } else {
                 None
             }
         };
-        if let Some(old) = evicted.and_then(|w| w.upgrade()) {
-            old.state.queued_idle.store(false, Ordering::Release);
+        let old = evicted.and_then(|(key, id)| {
+            self.index.get(&*key).map(|s| s.clone()).filter(|s| s.id == id)
+        });
+        if let Some(old) = old {
+            old.queued_idle.store(false, Ordering::Release);
             old.close_if_idle();
         }
     }
 
     /// Sets `state`'s contribution to the byte total to `len` (unless it left the index).
-    fn account(&self, state: &EntryState, len: u64) {
+    fn account(&self, state: &Slot, len: u64) {
         let mut cur = state.accounted.load(Ordering::Acquire);
         loop {
             if cur == GONE || cur >= len {
@@ -369,7 +403,7 @@ impl Inner {
 
     /// Why `slot` must not be served at `now`, if it must not.
     pub(crate) fn expiry(&self, slot: &Slot, now: u64) -> Option<RemovalCause> {
-        match self.time_expiry(&slot.state, now) {
+        match self.time_expiry(slot, now) {
             Some(RemovalCause::Idle) if slot.in_use() => None,
             other => other,
         }
@@ -377,7 +411,7 @@ impl Inner {
 
     /// Like `expiry`, from timestamps alone (no lock taken): `Idle` still needs the caller to
     /// check that the entry is not in use.
-    fn time_expiry(&self, state: &EntryState, now: u64) -> Option<RemovalCause> {
+    fn time_expiry(&self, state: &Slot, now: u64) -> Option<RemovalCause> {
         let finished = state.finished.load(Ordering::Relaxed);
         if finished == 0 {
             return None; // being written: never expires
@@ -396,22 +430,24 @@ impl Inner {
     }
 
     /// The slot's stream, (re)opening a committed blob if it was closed or never opened.
-    fn stream_of(&self, slot: &Slot) -> Result<Stream> {
+    fn stream_of(&self, slot: &Arc<Slot>) -> Result<Stream> {
         let mut guard = slot.lock_stream();
         if let Some(s) = guard.as_ref() {
             return Ok(s.clone());
         }
-        let name = slot.state.name();
+        let name = slot.name();
         let (blob, info) = self
             .storage
             .open(&name)
             .map_err(|e| Error::from_io("open", &name, e))?;
-        let user = slot.state.user.get().cloned().unwrap_or_default();
-        let observer: Arc<dyn Observer> = slot.state.clone();
+        let user = EntryMeta::decode(&info.meta)
+            .map(|m| m.user)
+            .unwrap_or_default();
+        let observer: Arc<dyn Observer> = slot.clone();
         let stream = Stream::committed(
             self.storage.clone(),
             &name,
-            &slot.state.key,
+            &slot.key,
             blob,
             info.len,
             user,
@@ -431,7 +467,7 @@ impl Inner {
         let stream = match self.stream_of(slot) {
             Ok(s) => s,
             Err(e) => {
-                tracing::warn!(key = %slot.state.key, error = %e, "dropping entry that cannot be opened");
+                tracing::warn!(key = %slot.key, error = %e, "dropping entry that cannot be opened");
                 self.unlink(slot, RemovalCause::Corrupt);
                 return Ok(None);
             }
@@ -445,13 +481,13 @@ impl Inner {
             self.unlink(slot, RemovalCause::Aborted);
             return Ok(None);
         }
-        slot.state.last_access.store(now, Ordering::Relaxed);
-        if !slot.state.touched.load(Ordering::Relaxed) {
-            slot.state.touched.store(true, Ordering::Relaxed);
+        slot.last_access.store(now, Ordering::Relaxed);
+        if !slot.touched.load(Ordering::Relaxed) {
+            slot.touched.store(true, Ordering::Relaxed);
         }
-        if slot.state.finished.load(Ordering::Relaxed) != 0 {
+        if slot.finished.load(Ordering::Relaxed) != 0 {
             let mut lru = self.lru.lock().unwrap_or_else(|e| e.into_inner());
-            lru.promote(&slot.state.id);
+            lru.promote(&slot.id);
         }
         Ok(Some(reader))
     }
@@ -460,7 +496,7 @@ impl Inner {
     pub(crate) fn unlink(&self, slot: &Arc<Slot>, cause: RemovalCause) -> bool {
         let removed = self
             .index
-            .remove_if(&*slot.state.key, |_, v| Arc::ptr_eq(v, slot))
+            .remove_if(&*slot.key, |_, v| Arc::ptr_eq(v, slot))
             .is_some();
         if removed {
             self.finalize(slot, cause);
@@ -470,7 +506,7 @@ impl Inner {
 
     /// Removes the entry with id `id` under `key`, if that is what the index holds.
     pub(crate) fn unlink_id(&self, key: &str, id: u64, cause: RemovalCause) {
-        if let Some((_, slot)) = self.index.remove_if(key, |_, v| v.state.id == id) {
+        if let Some((_, slot)) = self.index.remove_if(key, |_, v| v.id == id) {
             self.finalize(&slot, cause);
         }
     }
@@ -478,7 +514,7 @@ impl Inner {
     /// Everything that follows a slot's removal from the index. Runs once per slot; does no
     /// I/O itself (deletion is the reaper's job).
     pub(crate) fn finalize(&self, slot: &Slot, cause: RemovalCause) {
-        let state = &slot.state;
+        let state = slot;
         state.live.store(false, Ordering::SeqCst);
         self.lru
             .lock()
@@ -518,16 +554,16 @@ impl Inner {
                 .index
                 .get(&*state.key)
                 .map(|s| s.clone())
-                .filter(|s| s.state.id == state.id)
+                .filter(|s| s.id == state.id)
             else {
                 continue;
             };
             let in_use = slot.in_use();
-            let len = slot.state.accounted.load(Ordering::Relaxed);
+            let len = slot.accounted.load(Ordering::Relaxed);
             let refused = self
                 .policy
                 .as_ref()
-                .is_some_and(|p| !p.may_evict(&state.info(len), RemovalCause::Size));
+                .is_some_and(|p| !p.may_evict(&self.info(&slot, len), RemovalCause::Size));
             if in_use || refused {
                 kept.push(state);
                 continue;
@@ -560,7 +596,7 @@ impl Inner {
             .index
             .iter()
             .filter_map(|e| {
-                self.time_expiry(&e.value().state, now)
+                self.time_expiry(e.value(), now)
                     .map(|c| (e.value().clone(), c))
             })
             .collect();
@@ -569,11 +605,11 @@ impl Inner {
             if cause == RemovalCause::Idle && slot.in_use() {
                 continue;
             }
-            let len = slot.state.accounted.load(Ordering::Relaxed);
+            let len = slot.accounted.load(Ordering::Relaxed);
             if self
                 .policy
                 .as_ref()
-                .is_some_and(|p| !p.may_evict(&slot.state.info(len), cause))
+                .is_some_and(|p| !p.may_evict(&self.info(&slot, len), cause))
             {
                 continue;
             }

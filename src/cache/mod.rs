@@ -3,8 +3,8 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, mpsc};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -26,7 +26,7 @@ mod reaper;
 pub use builder::CacheBuilder;
 pub use clock::{Clock, ManualClock, SystemClock};
 
-use index::{Books, Counters, EntryState, Inner, Job, Limits, Slot, blob_name};
+use index::{Books, Counters, Inner, Job, Limits, Slot, blob_name};
 use meta::EntryMeta;
 
 /// What [`Cache::get_or_create`] hands out.
@@ -234,37 +234,25 @@ impl Cache {
             // is discarded and we read theirs.
             let id = inner.next_id.fetch_add(1, Ordering::Relaxed);
             let key_arc: Arc<str> = Arc::from(key);
-            let state = Arc::new(EntryState {
-                key: key_arc.clone(),
-                id,
-                cache: Arc::downgrade(inner),
-                books: inner.books.clone(),
-                created: now,
-                finished: AtomicU64::new(0),
-                last_access: AtomicU64::new(now),
-                idle_since: AtomicU64::new(now),
-                accounted: AtomicU64::new(0),
-                live: AtomicBool::new(false),
-                committed: AtomicBool::new(false),
-                user: OnceLock::new(),
-                touched: AtomicBool::new(false),
-                slot: OnceLock::new(),
-                queued_idle: AtomicBool::new(false),
-            });
-            let observer: Arc<dyn Observer> = state.clone();
+            let slot = Arc::new(Slot::new(inner, key_arc.clone(), id, now, 0, now, 0));
+            let observer: Arc<dyn Observer> = slot.clone();
             let writer = Writer::create_observed(
                 inner.storage.clone(),
                 &blob_name(key, id),
                 Some(key),
                 Some(observer),
             )?;
-            let slot = Slot::new(state.clone(), Some(writer.stream()));
+            *slot.lock_stream() = Some(writer.stream());
             match inner.index.entry(key_arc) {
                 MapEntry::Vacant(v) => {
-                    state.live.store(true, Ordering::SeqCst);
+                    slot.live.store(true, Ordering::SeqCst);
                     v.insert(slot);
                 }
-                MapEntry::Occupied(_) => continue, // lost the race: `writer` drops silently
+                MapEntry::Occupied(_) => {
+                    // Lost the race: break the slot/stream cycle; `writer` drops silently.
+                    drop(slot.lock_stream().take());
+                    continue;
+                }
             }
             inner.books.stats.misses.fetch_add(1, Ordering::Relaxed);
             if inner.limits.max_entries.is_some() && inner.over_limits() {
@@ -500,26 +488,19 @@ fn reload(inner: &Arc<Inner>) -> Result<()> {
     let mut lru = inner.lru.lock().unwrap_or_else(|e| e.into_inner());
     for (id, meta, len) in entries {
         let key: Arc<str> = Arc::from(meta.key.as_str());
-        let state = Arc::new(EntryState {
-            key: key.clone(),
+        let slot = Arc::new(Slot::new(
+            inner,
+            key.clone(),
             id,
-            cache: Arc::downgrade(inner),
-            books: inner.books.clone(),
-            created: meta.created,
-            finished: AtomicU64::new(meta.finished.max(1)),
-            last_access: AtomicU64::new(meta.last_access),
-            idle_since: AtomicU64::new(meta.last_access),
-            accounted: AtomicU64::new(len),
-            live: AtomicBool::new(true),
-            committed: AtomicBool::new(true),
-            user: OnceLock::from(meta.user),
-            touched: AtomicBool::new(false),
-            slot: OnceLock::new(),
-            queued_idle: AtomicBool::new(false),
-        });
+            meta.created,
+            meta.finished.max(1),
+            meta.last_access,
+            len,
+        ));
+        slot.live.store(true, Ordering::SeqCst);
         inner.bytes.fetch_add(len, Ordering::Relaxed);
-        lru.put(id, state.clone());
-        inner.index.insert(key, Slot::new(state, None));
+        lru.put(id, slot.clone());
+        inner.index.insert(key, slot);
     }
     Ok(())
 }
@@ -531,15 +512,14 @@ impl Drop for Cache {
             let _ = reaper.join();
         }
         // Persist recency of entries read since they were committed or reloaded, so that LRU
-        // order survives a restart (best effort).
-        for e in self.inner.index.iter() {
-            let state = &e.value().state;
-            if state.committed.load(Ordering::SeqCst) && state.touched.load(Ordering::Relaxed) {
-                let _ = self
-                    .inner
-                    .storage
-                    .set_meta(&state.name(), &state.meta().encode());
+        // order survives a restart (best effort), and break each slot's cycle with its stream.
+        let slots: Vec<Arc<Slot>> = self.inner.index.iter().map(|e| e.value().clone()).collect();
+        for slot in slots {
+            if slot.committed.load(Ordering::SeqCst) && slot.touched.load(Ordering::Relaxed) {
+                let meta = self.inner.current_meta(&slot);
+                let _ = self.inner.storage.set_meta(&slot.name(), &meta.encode());
             }
+            drop(slot.lock_stream().take());
         }
         // Readers and writers may outlive the cache, but the directory is free for a new one.
         if let Some(disk) = &self.owned_disk {

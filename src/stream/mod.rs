@@ -340,6 +340,11 @@ impl Stream {
         self.shared.expected_len()
     }
 
+    /// The user metadata the writer attached (empty if none).
+    pub fn metadata(&self) -> Bytes {
+        self.shared.metadata()
+    }
+
     /// Number of live readers, plus one while the writer is open.
     pub fn handles(&self) -> usize {
         self.shared.progress.handles()
