@@ -268,10 +268,8 @@ impl Observer for Slot {
     }
 
     fn aborted(&self) {
-        if let Some(cache) = self.cache.upgrade()
-            && self.live.load(Ordering::SeqCst)
-        {
-            cache.books.stats.aborts.fetch_add(1, Ordering::Relaxed);
+        // A request may already have unlinked the failed entry; `finalize` counts it once.
+        if let Some(cache) = self.cache.upgrade() {
             cache.unlink_id(&self.key, self.id, RemovalCause::Aborted);
         }
     }
@@ -280,6 +278,12 @@ impl Observer for Slot {
         if self.books.track_idle {
             self.idle_since
                 .store(self.books.clock.now_millis(), Ordering::Relaxed);
+        }
+        // An entry that was spared by size eviction because it was in use may go now.
+        if self.books.stats.over_limit.load(Ordering::Relaxed)
+            && let Some(cache) = self.cache.upgrade()
+        {
+            let _ = cache.jobs.send(Job::Maintain);
         }
         // A finished entry nobody uses keeps its open stream only while it is among the most
         // recently released ones (bounding open files).
@@ -356,7 +360,10 @@ impl Inner {
             }
         };
         let old = evicted.and_then(|(key, id)| {
-            self.index.get(&*key).map(|s| s.clone()).filter(|s| s.id == id)
+            self.index
+                .get(&*key)
+                .map(|s| s.clone())
+                .filter(|s| s.id == id)
         });
         if let Some(old) = old {
             old.queued_idle.store(false, Ordering::Release);
@@ -531,10 +538,14 @@ impl Inner {
         if state.committed.load(Ordering::SeqCst) {
             let _ = self.jobs.send(Job::Delete(state.name()));
         }
+        let stats = &self.books.stats;
         match cause {
-            RemovalCause::Explicit => &self.books.stats.removals,
-            RemovalCause::Aborted => &self.books.stats.removals,
-            _ => &self.books.stats.evictions,
+            RemovalCause::Explicit => &stats.removals,
+            RemovalCause::Aborted => {
+                stats.aborts.fetch_add(1, Ordering::Relaxed);
+                &stats.removals
+            }
+            _ => &stats.evictions,
         }
         .fetch_add(1, Ordering::Relaxed);
         if self.listener.is_some() {
@@ -585,7 +596,8 @@ impl Inner {
         evicted
     }
 
-    /// Time-based eviction: every finished entry past its time to live or idle.
+    /// Time-based eviction: every finished entry past its time to live or idle (the policy is
+    /// not consulted: such entries are never served again anyway).
     pub(crate) fn evict_expired(&self) -> usize {
         if self.limits.ttl_ms.is_none() && self.limits.tti_ms.is_none() {
             return 0;
@@ -603,14 +615,6 @@ impl Inner {
         let mut evicted = 0;
         for (slot, cause) in stale {
             if cause == RemovalCause::Idle && slot.in_use() {
-                continue;
-            }
-            let len = slot.accounted.load(Ordering::Relaxed);
-            if self
-                .policy
-                .as_ref()
-                .is_some_and(|p| !p.may_evict(&self.info(&slot, len), cause))
-            {
                 continue;
             }
             if self.unlink(&slot, cause) {

@@ -73,13 +73,15 @@ pub struct EntryInfo {
     pub metadata: Bytes,
 }
 
-/// A custom eviction policy: vetoes evictions the reaper would otherwise make.
+/// A custom eviction policy: vetoes size evictions the reaper would otherwise make.
 ///
 /// **Contract:** called on the reaper thread, without any cache lock held, for each candidate
-/// of a time-to-live, time-to-idle or size eviction. Return `false` to keep the entry (a
-/// size limit may then stay exceeded, which [`CacheStats::over_limit`] reports). It is not
-/// consulted for explicit removals or aborted writes. It must not block for long and must
-/// not call back into the cache.
+/// of a size eviction (`cause` is [`RemovalCause::Size`]; other causes are reserved for the
+/// future). Return `false` to keep the entry: the size limit may then stay exceeded, which
+/// [`CacheStats::over_limit`] reports. Expired and idle entries are never served again, so
+/// their removal is not subject to the policy; nor are explicit removals and aborted writes.
+/// It may read the entry's metadata (from storage, if the entry is not open); it must not
+/// block for long and must not call back into the cache.
 ///
 /// ```
 /// use streamcache::cache::{EntryInfo, Policy, RemovalCause};

@@ -36,17 +36,24 @@
 //!
 //! # Integrity
 //!
-//! Readers of a committed blob opened through [`Storage::open`] check each 1 MiB block against
-//! its hash the first time this `open` handle touches it (reading the whole block, even for a
-//! small `read_at`), and serve later reads of that block straight from the file. A block that
-//! fails its check is an [`Error::Corrupt`] read error, never data.
+//! Once a blob is committed — whether its readers came from the writer or from
+//! [`Storage::open`] — every read checks the 1 MiB blocks it touches against their hashes: a
+//! block is read whole and hashed the first time it is read in a *use* of the blob (a period
+//! during which it has readers, shared by all of them), and served straight from the file for
+//! the rest of that use. When the last reader goes ([`BlobReader::idle`]), the record of checked
+//! blocks is forgotten. So a file altered at rest is caught by the next read of each altered
+//! block — sequential, `read_at` in the middle or after a seek alike — without reading the
+//! whole blob first; a block that fails is an [`Error::Corrupt`] read error, never data. (A
+//! block rewritten *during* a use, after it was checked, is not re-checked until the next use.)
+//! Bytes read while the blob is still being written are not checked: they were just written
+//! by this process.
 
 use std::fs::{self, File};
 use std::io::{self, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use tempfile::{NamedTempFile, TempPath};
 
@@ -305,6 +312,8 @@ struct DiskWriter {
     storage: Arc<DiskInner>,
     name: String,
     file: Arc<File>,
+    /// The reader every reader of this blob shares; it starts checking hashes at commit.
+    reader: Arc<DiskReader>,
     /// The staged file; deleted when dropped unless committed.
     staged: TempPath,
     len: u64,
@@ -336,9 +345,7 @@ impl BlobWriter for DiskWriter {
     }
 
     fn reader(&self) -> Arc<dyn BlobReader> {
-        Arc::new(PlainReader {
-            file: self.file.clone(),
-        })
+        self.reader.clone()
     }
 
     fn commit(mut self: Box<Self>, meta: &[u8]) -> io::Result<()> {
@@ -349,9 +356,11 @@ impl BlobWriter for DiskWriter {
         if st.sync {
             self.file.sync_data()?;
         }
+        let hashes = std::mem::take(&mut self.hashes);
+        let check = Check::new(self.len, hashes.clone());
         let record = Record {
             len: self.len,
-            hashes: std::mem::take(&mut self.hashes),
+            hashes,
             meta: meta.to_vec(),
         }
         .encode();
@@ -361,51 +370,84 @@ impl BlobWriter for DiskWriter {
         if fresh_shard {
             st.fsync_dir(&st.data)?;
         }
-        let DiskWriter { staged, name, .. } = *self;
+        let DiskWriter {
+            staged,
+            name,
+            reader,
+            ..
+        } = *self;
         staged.persist(shard.join(&name)).map_err(|e| e.error)?;
         if let Err(e) = st.write_meta(&name, &record) {
             let _ = fs::remove_file(shard.join(&name));
             return Err(e);
         }
         st.fsync_dir(&shard)?;
+        // From now on the file is at rest: its readers check what they read.
+        let _ = reader.check.set(check);
         Ok(())
     }
 }
 
-/// Reads a blob written by this process: no verification needed.
+/// Reads one blob through a file handle shared by all its readers.
+///
+/// While the blob is being written, reads are plain positional reads. Once it is committed
+/// (or when it was opened from storage), each block is checked against its blake3 hash the
+/// first time it is read after the blob was last idle; when the last reader of the blob goes
+/// away ([`BlobReader::idle`]) the record of checked blocks is forgotten, so a file altered
+/// between uses is always caught.
 #[derive(Debug)]
-struct PlainReader {
+struct DiskReader {
     file: Arc<File>,
-}
-
-impl BlobReader for PlainReader {
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
-        read_full_at(&self.file, buf, offset)
-    }
-}
-
-/// Reads a committed blob, checking each block's hash the first time it is touched.
-#[derive(Debug)]
-struct VerifiedReader {
-    file: File,
+    /// The committed data file (for error messages).
     path: PathBuf,
-    len: u64,
-    hashes: Vec<[u8; 32]>,
-    /// Bit `b` set once block `b` matched its hash. Lock-free; a race only verifies twice.
-    verified: Vec<AtomicU64>,
+    /// Set once: at commit, or at open.
+    check: OnceLock<Check>,
     /// A block-sized scratch buffer for verification, reused to avoid page faults.
     scratch: Mutex<Vec<u8>>,
 }
 
-impl VerifiedReader {
+#[derive(Debug)]
+struct Check {
+    len: u64,
+    hashes: Vec<[u8; 32]>,
+    /// Bit `b` set once block `b` matched its hash since the last `idle`. Lock-free; a race
+    /// only verifies twice.
+    verified: Box<[AtomicU64]>,
+}
+
+impl Check {
+    fn new(len: u64, hashes: Vec<[u8; 32]>) -> Check {
+        let words = hashes.len().div_ceil(64);
+        Check {
+            len,
+            hashes,
+            verified: (0..words).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+
     fn is_verified(&self, block: u64) -> bool {
         self.verified[(block / 64) as usize].load(Ordering::Acquire) & (1 << (block % 64)) != 0
     }
+}
+
+impl DiskReader {
+    fn new(file: Arc<File>, path: PathBuf, check: Option<Check>) -> DiskReader {
+        let cell = OnceLock::new();
+        if let Some(c) = check {
+            let _ = cell.set(c);
+        }
+        DiskReader {
+            file,
+            path,
+            check: cell,
+            scratch: Mutex::new(Vec::new()),
+        }
+    }
 
     /// Reads block `block` whole, checks it, and copies `[from, from + out.len())` of it out.
-    fn verify_block(&self, block: u64, from: usize, out: &mut [u8]) -> io::Result<()> {
+    fn verify_block(&self, c: &Check, block: u64, from: usize, out: &mut [u8]) -> io::Result<()> {
         let start = block * BLOCK;
-        let size = (self.len - start).min(BLOCK) as usize;
+        let size = (c.len - start).min(BLOCK) as usize;
         let mut guard = self.scratch.try_lock().ok();
         let mut own = Vec::new();
         let scratch = match guard.as_deref_mut() {
@@ -417,27 +459,25 @@ impl VerifiedReader {
         if got != size {
             return Err(corrupt(
                 &self.path,
-                format!("file shorter than its length {}", self.len),
+                format!("file shorter than its length {}", c.len),
             ));
         }
-        if blake3::hash(scratch).as_bytes() != &self.hashes[block as usize] {
+        if blake3::hash(scratch).as_bytes() != &c.hashes[block as usize] {
             return Err(corrupt(
                 &self.path,
                 format!("block {block} fails its blake3 check"),
             ));
         }
-        self.verified[(block / 64) as usize].fetch_or(1 << (block % 64), Ordering::AcqRel);
+        c.verified[(block / 64) as usize].fetch_or(1 << (block % 64), Ordering::AcqRel);
         out.copy_from_slice(&scratch[from..from + out.len()]);
         Ok(())
     }
-}
 
-impl BlobReader for VerifiedReader {
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
-        if offset >= self.len {
+    fn read_checked(&self, c: &Check, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        if offset >= c.len {
             return Ok(0);
         }
-        let total = buf.len().min((self.len - offset) as usize);
+        let total = buf.len().min((c.len - offset) as usize);
         let mut done = 0;
         while done < total {
             let pos = offset + done as u64;
@@ -445,16 +485,33 @@ impl BlobReader for VerifiedReader {
             let from = (pos % BLOCK) as usize;
             let n = (total - done).min(BLOCK as usize - from);
             let out = &mut buf[done..done + n];
-            if self.is_verified(block) {
+            if c.is_verified(block) {
                 if read_full_at(&self.file, out, pos)? != n {
                     return Err(corrupt(&self.path, "file shorter than its length"));
                 }
             } else {
-                self.verify_block(block, from, out)?;
+                self.verify_block(c, block, from, out)?;
             }
             done += n;
         }
         Ok(done)
+    }
+}
+
+impl BlobReader for DiskReader {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        match self.check.get() {
+            Some(c) => self.read_checked(c, buf, offset),
+            None => read_full_at(&self.file, buf, offset),
+        }
+    }
+
+    fn idle(&self) {
+        if let Some(c) = self.check.get() {
+            for word in c.verified.iter() {
+                word.store(0, Ordering::Release);
+            }
+        }
     }
 }
 
@@ -533,10 +590,13 @@ impl Storage for DiskStorage {
             .prefix(name)
             .tempfile_in(&self.inner.tmp)?
             .into_parts();
+        let file = Arc::new(file);
+        let reader = Arc::new(DiskReader::new(file.clone(), self.blob_path(name), None));
         Ok(Box::new(DiskWriter {
             storage: self.inner.clone(),
             name: name.to_owned(),
-            file: Arc::new(file),
+            file,
+            reader,
             staged,
             len: 0,
             block: blake3::Hasher::new(),
@@ -563,17 +623,8 @@ impl Storage for DiskStorage {
             len: record.len,
             meta: record.meta,
         };
-        let blocks = record.hashes.len();
-        let reader = VerifiedReader {
-            file,
-            path,
-            len: record.len,
-            hashes: record.hashes,
-            verified: (0..blocks.div_ceil(64))
-                .map(|_| AtomicU64::new(0))
-                .collect(),
-            scratch: Mutex::new(Vec::new()),
-        };
+        let check = Check::new(record.len, record.hashes);
+        let reader = DiskReader::new(Arc::new(file), path, Some(check));
         Ok((Arc::new(reader), info))
     }
 

@@ -148,6 +148,10 @@ impl BlobReader for FaultyReader {
         }
         self.inner.read_bytes(offset, max)
     }
+
+    fn idle(&self) {
+        self.inner.idle()
+    }
 }
 
 impl Storage for FaultyStorage {

@@ -126,6 +126,11 @@ pub trait BlobReader: Send + Sync + fmt::Debug {
         let _ = (offset, max);
         None
     }
+
+    /// Called when the last reader of the blob has gone away (it may get new ones later).
+    /// Implementations may drop caches; [`DiskStorage`] forgets which blocks it has checked,
+    /// so the next use checks them again. The default does nothing.
+    fn idle(&self) {}
 }
 
 // Forwarding impls, so boxed and shared storages (and their writers and readers) can be used
@@ -190,6 +195,9 @@ impl<R: BlobReader + ?Sized> BlobReader for Box<R> {
     fn read_bytes(&self, offset: u64, max: usize) -> Option<io::Result<Bytes>> {
         (**self).read_bytes(offset, max)
     }
+    fn idle(&self) {
+        (**self).idle()
+    }
 }
 
 impl<R: BlobReader + ?Sized> BlobReader for Arc<R> {
@@ -198,6 +206,9 @@ impl<R: BlobReader + ?Sized> BlobReader for Arc<R> {
     }
     fn read_bytes(&self, offset: u64, max: usize) -> Option<io::Result<Bytes>> {
         (**self).read_bytes(offset, max)
+    }
+    fn idle(&self) {
+        (**self).idle()
     }
 }
 

@@ -205,10 +205,11 @@ impl Shared {
 
     /// Releases one reader/writer handle.
     pub(crate) fn release(&self) {
-        if self.progress.release()
-            && let Some(obs) = &self.observer
-        {
-            obs.released();
+        if self.progress.release() {
+            self.blob.idle();
+            if let Some(obs) = &self.observer {
+                obs.released();
+            }
         }
     }
 }
