@@ -24,7 +24,11 @@ enum Op {
     /// `get_or_create(KEYS[k])`.
     Create(usize),
     /// Write `len` bytes (seeded) to the `w`-th held writer.
-    Write { w: usize, len: usize, seed: u64 },
+    Write {
+        w: usize,
+        len: usize,
+        seed: u64,
+    },
     Finish(usize),
     Abort(usize),
     Remove(usize),
@@ -143,7 +147,11 @@ impl Harness {
                 let mut h = self.held.remove(w % self.held.len());
                 h.writer.finish().unwrap();
                 let got = read_all(&mut h.early).unwrap();
-                check!(got == h.data, "early reader of {:?} read wrong bytes", h.key);
+                check!(
+                    got == h.data,
+                    "early reader of {:?} read wrong bytes",
+                    h.key
+                );
                 if h.live {
                     self.finished.insert(h.key, h.data);
                 }
@@ -169,7 +177,10 @@ impl Harness {
                     was_writing = true;
                 }
                 let removed = self.cache().remove(key).unwrap();
-                check!(removed == (was || was_writing), "remove({key:?}) returned {removed}");
+                check!(
+                    removed == (was || was_writing),
+                    "remove({key:?}) returned {removed}"
+                );
             }
             Op::Get(k) => {
                 let key = KEYS[k];
@@ -221,13 +232,19 @@ impl Harness {
             match (self.finished.get(key), writer) {
                 (Some(_), Some(_)) => unreachable!("model: finished and writing"),
                 (Some(want), None) => {
-                    check!(cache.contains_key(key), "{key:?} finished but not contained");
+                    check!(
+                        cache.contains_key(key),
+                        "{key:?} finished but not contained"
+                    );
                     let mut r = cache.get(key).unwrap();
                     let got = r.as_mut().map(|r| read_all(r).unwrap());
                     check!(got.as_ref() == Some(want), "get({key:?}) = wrong content");
                 }
                 (None, Some(h)) => {
-                    check!(cache.contains_key(key), "{key:?} in progress but not contained");
+                    check!(
+                        cache.contains_key(key),
+                        "{key:?} in progress but not contained"
+                    );
                     let r = cache.get(key).unwrap();
                     check!(r.is_some(), "{key:?} in progress but get() missed");
                     let r = r.unwrap();
@@ -239,11 +256,17 @@ impl Harness {
                     );
                     let mut buf = vec![0; h.data.len()];
                     let n = r.read_at(&mut buf, 0).unwrap();
-                    check!(n == buf.len() && buf == h.data, "in-progress {key:?}: wrong prefix");
+                    check!(
+                        n == buf.len() && buf == h.data,
+                        "in-progress {key:?}: wrong prefix"
+                    );
                 }
                 (None, None) => {
                     check!(!cache.contains_key(key), "{key:?} absent but contained");
-                    check!(cache.get(key).unwrap().is_none(), "{key:?} absent but get() hit");
+                    check!(
+                        cache.get(key).unwrap().is_none(),
+                        "{key:?} absent but get() hit"
+                    );
                 }
             }
         }
@@ -322,7 +345,9 @@ fn run_model(cases: u32, make: fn() -> (Backend, Option<tempfile::TempDir>)) {
 #[test]
 fn model_memory() {
     deadline_in(std::time::Duration::from_secs(300), "model memory", || {
-        run_model(256, || (Backend::Memory(Arc::new(MemoryStorage::new())), None))
+        run_model(256, || {
+            (Backend::Memory(Arc::new(MemoryStorage::new())), None)
+        })
     });
 }
 
