@@ -72,7 +72,23 @@ pub use cache::{Cache, CacheBuilder, CacheStats, Entry, RemovalCause};
 pub use error::{Error, Result};
 pub use stream::{Reader, Size, Stream, Writer};
 
-/// The README's examples, run as doctests.
-#[cfg(doctest)]
+/// The README's examples, run as doctests (they include the async one, hence the feature).
+#[cfg(all(doctest, feature = "tokio"))]
 #[doc = include_str!("../README.md")]
 struct ReadmeDoctests;
+
+#[cfg(test)]
+mod tests {
+    /// The pinned thread-safety of the public types.
+    #[test]
+    fn public_types_are_thread_safe() {
+        fn send_sync<T: Send + Sync + 'static>() {}
+        fn send<T: Send + 'static>() {}
+        send_sync::<crate::Cache>();
+        send_sync::<crate::Reader>();
+        send_sync::<crate::Stream>();
+        send_sync::<crate::Error>();
+        send::<crate::Writer>();
+        send::<crate::Entry>();
+    }
+}

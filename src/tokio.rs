@@ -311,3 +311,31 @@ where
     });
     Ok(reader.into())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn assert_send<T: Send>(_: &T) {}
+
+    /// The adapters' futures can move across threads of a multi-threaded runtime.
+    #[test]
+    fn futures_and_handles_are_send() {
+        let cache = Cache::builder().build().unwrap();
+        let Entry::Miss(w) = cache.get_or_create("k").unwrap() else {
+            panic!("fresh cache")
+        };
+        let mut reader = AsyncReader::from(w.reader().unwrap());
+        let writer = AsyncWriter::from(w);
+        assert_send(&writer);
+        let mut buf = [0u8; 4];
+        assert_send(&reader.read_at(&mut buf, 0));
+        assert_send(&reader.read_chunk(16));
+        let rt = ::tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let _guard = rt.enter();
+        let produced = get_or_produce(&cache, "other", |_w| async { Ok(()) });
+        assert_send(&produced);
+    }
+}
