@@ -317,10 +317,8 @@ impl Inner {
     /// The entry's record as stored (user metadata included), from its open stream or from
     /// storage.
     pub(crate) fn current_meta(&self, slot: &Slot) -> EntryMeta {
-        let user = match slot.lock_stream().as_ref() {
-            Some(stream) => Some(stream.metadata()),
-            None => None,
-        };
+        // The guard is dropped at the end of this statement, before any storage I/O.
+        let user = slot.lock_stream().as_ref().map(Stream::metadata);
         let user = user.unwrap_or_else(|| {
             self.storage
                 .open(&slot.name())
