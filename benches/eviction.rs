@@ -102,37 +102,73 @@ fn rss_bytes() -> u64 {
     pages * 4096
 }
 
-fn memory_per_entry(rows: &mut Vec<[String; 4]>) {
-    const N: usize = 1_000_000;
+const MEM_ENTRIES: usize = 1_000_000;
+
+/// Child-process body: fills either a bare `MemoryStorage` or a cache with 1M tiny entries and
+/// prints the resident-set growth per entry. (Separate processes, because freed memory is not
+/// returned to the OS and would flatter whichever ran second.)
+fn memory_child(mode: &str) {
+    use streamcache::storage::{MemoryStorage, Storage};
     const VALUE: usize = 8;
-    let keys: Vec<String> = (0..N).map(|i| format!("k{i:07}")).collect();
-    let key_bytes: usize = keys.iter().map(|k| k.len()).sum();
+    let keys: Vec<String> = (0..MEM_ENTRIES).map(|i| format!("k{i:07}")).collect();
     let before = rss_bytes();
-    let cache = Cache::builder().memory().build().unwrap();
-    for k in &keys {
-        if let Entry::Miss(mut w) = cache.get_or_create(k).unwrap() {
-            w.write_all(&[1; VALUE]).unwrap();
-            w.finish().unwrap();
+    let keep: Box<dyn std::any::Any> = if mode == "storage" {
+        // The same blobs, name lengths and record sizes stored without the cache.
+        let storage = MemoryStorage::new();
+        let meta = vec![0u8; 60]; // the cache's entry record for these keys
+        for i in 0..MEM_ENTRIES {
+            let mut w = storage.create(&format!("{i:032x}-{i:016x}")).unwrap();
+            w.write(&[1; VALUE]).unwrap();
+            w.commit(&meta).unwrap();
         }
-    }
-    cache.run_pending_tasks();
-    let after = rss_bytes();
-    assert_eq!(cache.len(), N);
-    let per_entry = (after.saturating_sub(before)) as f64 / N as f64;
-    let overhead = per_entry - (VALUE + key_bytes / N) as f64;
+        Box::new(storage)
+    } else {
+        let cache = Cache::builder().memory().build().unwrap();
+        for k in &keys {
+            if let Entry::Miss(mut w) = cache.get_or_create(k).unwrap() {
+                w.write_all(&[1; VALUE]).unwrap();
+                w.finish().unwrap();
+            }
+        }
+        cache.run_pending_tasks();
+        assert_eq!(cache.len(), MEM_ENTRIES);
+        Box::new(cache)
+    };
+    let per_entry = rss_bytes().saturating_sub(before) as f64 / MEM_ENTRIES as f64;
+    println!("{per_entry}");
+    drop(keep);
+}
+
+fn memory_per_entry(rows: &mut Vec<[String; 4]>) {
+    let measure = |mode: &str| -> f64 {
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .arg("--bench")
+            .env("EVICTION_MEMORY_CHILD", mode)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "child failed: {out:?}");
+        String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+    };
+    let storage_only = measure("storage");
+    let with_cache = measure("cache");
     rows.push(row(
-        "memory per entry at 1M entries (RSS delta / N)",
-        per_entry,
+        "memory per entry at 1M tiny entries: storage alone (RSS)",
+        storage_only,
         "bytes",
         None,
     ));
     rows.push(row(
-        "… of which overhead (minus key and value bytes)",
-        overhead,
+        "memory per entry at 1M tiny entries: cache total (RSS)",
+        with_cache,
         "bytes",
         None,
     ));
-    drop(cache);
+    rows.push(row(
+        "… index overhead per entry (cache minus storage)",
+        with_cache - storage_only,
+        "bytes",
+        None,
+    ));
 }
 
 fn reload(rows: &mut Vec<[String; 4]>) {
@@ -177,6 +213,10 @@ fn row(name: &str, value: f64, unit: &str, ratio: Option<f64>) -> [String; 4] {
 
 fn main() {
     if !std::env::args().any(|a| a == "--bench") {
+        return;
+    }
+    if let Ok(mode) = std::env::var("EVICTION_MEMORY_CHILD") {
+        memory_child(&mode);
         return;
     }
     let filter: Vec<String> = std::env::args()

@@ -4,13 +4,15 @@
 //! (look-ups clone the `Arc<Slot>` out and drop the guard). `lru` is a leaf lock. The stream's
 //! own lock is taken only without either of these held.
 
+use std::borrow::Borrow;
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::Sender;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use bytes::Bytes;
-use dashmap::DashMap;
+use dashmap::DashSet;
 use lru::LruCache;
 
 use super::clock::Clock;
@@ -20,8 +22,17 @@ use crate::error::{Error, Result};
 use crate::storage::Storage;
 use crate::stream::{Observer, Reader, Stream};
 
-/// `EntryState::accounted` once the entry left the index: its bytes no longer count.
+/// `Slot::accounted` once the entry left the index: its bytes no longer count.
 const GONE: u64 = u64::MAX;
+
+/// `Slot::flags`: in the index. Set before insertion, cleared once by `finalize`.
+const LIVE: u8 = 1;
+/// `Slot::flags`: the blob is committed in storage.
+const COMMITTED: u8 = 2;
+/// `Slot::flags`: read since committed or reloaded (its recency should be persisted).
+const TOUCHED: u8 = 4;
+/// `Slot::flags`: queued in `Inner::idle_open`.
+const QUEUED_IDLE: u8 = 8;
 
 /// Work for the reaper thread.
 #[derive(Debug)]
@@ -68,20 +79,61 @@ pub(crate) struct Books {
     pub(crate) stats: Counters,
     /// Whether a time to idle is configured (otherwise releases need no timestamp).
     pub(crate) track_idle: bool,
+    /// The cache, for the entries' less frequent callbacks (set once, right after the cache
+    /// is built; weak, so entries never keep a dropped cache alive).
+    pub(crate) cache: OnceLock<Weak<Inner>>,
 }
+
+impl Books {
+    pub(crate) fn cache(&self) -> Option<Arc<Inner>> {
+        self.cache.get().and_then(Weak::upgrade)
+    }
+}
+
+/// How the index holds a slot: hashed and compared by its key, so the set needs no second
+/// copy of the key.
+#[derive(Debug, Clone)]
+pub(crate) struct Indexed(pub(crate) Arc<Slot>);
+
+impl Borrow<str> for Indexed {
+    fn borrow(&self) -> &str {
+        &self.0.key
+    }
+}
+
+impl Hash for Indexed {
+    fn hash<H: Hasher>(&self, h: &mut H) {
+        // Must agree with `str`'s `Hash`, since look-ups borrow the key as `&str`.
+        (*self.0.key).hash(h);
+    }
+}
+
+impl PartialEq for Indexed {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.key == other.0.key
+    }
+}
+
+impl Eq for Indexed {}
 
 pub(crate) type Listener = Arc<dyn Fn(&str, RemovalCause) + Send + Sync>;
 
 /// Everything the cache shares with its entries' observers and its reaper.
 pub(crate) struct Inner {
     pub(crate) storage: Arc<dyn Storage>,
-    /// Lock: DashMap's shard locks, held only inside a single map call. Invariant: a key maps
-    /// to the slot that new requests are served from; a slot leaves the map exactly once
-    /// (`unlink`), and `finalize` runs exactly once per slot that was in the map.
-    pub(crate) index: DashMap<Arc<str>, Arc<Slot>>,
+    /// Lock: DashSet's shard locks, held only inside a single set call. Invariant: a key maps
+    /// to the slot that new requests are served from; a slot leaves the set exactly once
+    /// (`unlink`), and `finalize` runs exactly once per slot that was in the set.
+    pub(crate) index: DashSet<Indexed>,
+    /// Number of slots in `index` (the set's own `len` locks every shard). Incremented after
+    /// an insertion, decremented by `finalize`.
+    pub(crate) entries: AtomicUsize,
+    /// A `Maintain` job is queued and the reaper has not started on it: further requests
+    /// need not queue another. Cleared by the reaper before it evicts.
+    pub(crate) maintain_pending: AtomicBool,
     /// Lock: this mutex (a leaf lock). Finished, live entries by recency (least recent
-    /// first out). Inserted only while `EntryState::live` is true under this lock, removed by
-    /// `finalize` under it, so no dead entry stays.
+    /// first out). Inserted only while the slot is `LIVE`, checked under this lock; `finalize`
+    /// clears `LIVE` then removes it under this lock, so no dead entry stays.
     pub(crate) lru: Mutex<LruCache<u64, Arc<Slot>>>,
     /// Bytes of live entries, including those still being written. Lock-free; each entry
     /// contributes its `accounted` field.
@@ -104,7 +156,7 @@ impl fmt::Debug for Inner {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Cache")
             .field("storage", &self.storage)
-            .field("entries", &self.index.len())
+            .field("entries", &self.entries.load(Ordering::Relaxed))
             .field("bytes", &self.bytes.load(Ordering::Relaxed))
             .field("limits", &self.limits)
             .finish_non_exhaustive()
@@ -115,29 +167,27 @@ impl fmt::Debug for Inner {
 ///
 /// Reference cycle, broken on purpose: while `stream` is `Some`, the stream's observer is this
 /// slot. `finalize`, `close_if_idle` and `Cache`'s drop take the stream out.
+///
+/// Kept small (one 112-byte allocation): the creation time and user metadata live in the
+/// stored record, not here.
 #[derive(Debug)]
 pub(crate) struct Slot {
     pub(crate) key: Arc<str>,
     pub(crate) id: u64,
-    pub(crate) cache: Weak<Inner>,
     pub(crate) books: Arc<Books>,
-    pub(crate) created: u64,
     /// Milliseconds; 0 while being written. Set once.
     pub(crate) finished: AtomicU64,
+    /// When a reader was last opened (recency, persisted).
     pub(crate) last_access: AtomicU64,
-    /// When the last handle was released (time-to-idle base).
+    /// Time-to-idle base: when the last handle was released. While the entry is being written
+    /// (no release can happen), it holds the creation time.
     pub(crate) idle_since: AtomicU64,
     /// Bytes counted into `Inner::bytes`, or `GONE`.
     pub(crate) accounted: AtomicU64,
-    /// In the index. Set once before insertion, cleared once by `finalize` (SeqCst: pairs
-    /// with `committed` so that one of `finalize` and `finished` deletes a late commit).
-    pub(crate) live: AtomicBool,
-    /// The blob is committed in storage (SeqCst, see `live`).
-    pub(crate) committed: AtomicBool,
-    /// Read since committed or reloaded: its recency should be persisted.
-    pub(crate) touched: AtomicBool,
-    /// Queued in `Inner::idle_open` (so releases do not queue it twice).
-    pub(crate) queued_idle: AtomicBool,
+    /// `LIVE | COMMITTED | TOUCHED | QUEUED_IDLE`. `LIVE` and `COMMITTED` share the atomic so
+    /// that exactly one of `finalize` (clearing `LIVE`) and `finished` (setting `COMMITTED`)
+    /// sees the other's bit and deletes a blob committed after its entry was removed.
+    pub(crate) flags: AtomicU8,
     /// Lock: this mutex, held to clone, open or drop the stream (the open is storage I/O, but
     /// only this entry waits for it). Invariant: `Some` while the entry is being written or in
     /// use; a finished, unused entry may drop it (closing its file) and reopen it on demand.
@@ -149,27 +199,41 @@ impl Slot {
         inner: &Arc<Inner>,
         key: Arc<str>,
         id: u64,
-        created: u64,
         finished: u64,
-        last_access: u64,
+        since: u64,
         len: u64,
     ) -> Slot {
         Slot {
             key,
             id,
-            cache: Arc::downgrade(inner),
             books: inner.books.clone(),
-            created,
             finished: AtomicU64::new(finished),
-            last_access: AtomicU64::new(last_access),
-            idle_since: AtomicU64::new(last_access),
+            last_access: AtomicU64::new(since),
+            idle_since: AtomicU64::new(since),
             accounted: AtomicU64::new(len),
-            live: AtomicBool::new(false),
-            committed: AtomicBool::new(finished != 0),
-            touched: AtomicBool::new(false),
-            queued_idle: AtomicBool::new(false),
+            flags: AtomicU8::new(if finished != 0 { COMMITTED } else { 0 }),
             stream: Mutex::new(None),
         }
+    }
+
+    fn has(&self, flag: u8) -> bool {
+        self.flags.load(Ordering::SeqCst) & flag != 0
+    }
+
+    pub(crate) fn is_live(&self) -> bool {
+        self.has(LIVE)
+    }
+
+    pub(crate) fn set_live(&self) {
+        self.flags.fetch_or(LIVE, Ordering::SeqCst);
+    }
+
+    pub(crate) fn is_committed(&self) -> bool {
+        self.has(COMMITTED)
+    }
+
+    pub(crate) fn is_touched(&self) -> bool {
+        self.has(TOUCHED)
     }
 
     pub(crate) fn lock_stream(&self) -> std::sync::MutexGuard<'_, Option<Stream>> {
@@ -209,26 +273,21 @@ pub(crate) fn blob_name(key: &str, id: u64) -> String {
 impl Observer for Slot {
     fn commit_meta(&self, _len: u64, user: &Bytes) -> Vec<u8> {
         let now = self.books.clock.now_millis();
+        // Still being written: `idle_since` holds the creation time.
+        let created = self.idle_since.load(Ordering::Relaxed);
         self.finished.store(now, Ordering::Relaxed);
         self.last_access.store(now, Ordering::Relaxed);
-        EntryMeta {
-            key: self.key.to_string(),
-            created: self.created,
-            finished: now,
-            last_access: now,
-            user: user.clone(),
-        }
-        .encode()
+        EntryMeta::encode_parts(&self.key, created, now, now, user)
     }
 
     fn published(&self, len: u64) {
-        if let Some(cache) = self.cache.upgrade() {
+        if let Some(cache) = self.books.cache() {
             cache.account(self, len);
         }
     }
 
     fn finished(&self, len: u64, committed: bool) {
-        let Some(cache) = self.cache.upgrade() else {
+        let Some(cache) = self.books.cache() else {
             return;
         };
         let now = cache.books.clock.now_millis();
@@ -242,34 +301,27 @@ impl Observer for Slot {
             .stats
             .bytes_written
             .fetch_add(len, Ordering::Relaxed);
-        if committed {
-            self.committed.store(true, Ordering::SeqCst);
-            if !self.live.load(Ordering::SeqCst) {
-                // Removed while it was being written: nobody else will delete it.
-                let _ = cache.jobs.send(Job::Delete(self.name()));
-            }
+        if committed && self.flags.fetch_or(COMMITTED, Ordering::SeqCst) & LIVE == 0 {
+            // Removed while it was being written: nobody else will delete it.
+            let _ = cache.jobs.send(Job::Delete(self.name()));
         }
         cache.account(self, len);
-        let me = cache
-            .index
-            .get(&*self.key)
-            .map(|s| s.clone())
-            .filter(|s| s.id == self.id);
+        let me = cache.slot(&self.key).filter(|s| s.id == self.id);
         if let Some(me) = me {
             let mut lru = cache.lru.lock().unwrap_or_else(|e| e.into_inner());
-            // Checked under the LRU lock: `finalize` clears `live` before taking it.
-            if self.live.load(Ordering::SeqCst) {
+            // Checked under the LRU lock: `finalize` clears `LIVE` before taking it.
+            if self.is_live() {
                 lru.put(self.id, me);
             }
         }
         if cache.over_limits() {
-            let _ = cache.jobs.send(Job::Maintain);
+            cache.request_maintenance();
         }
     }
 
     fn aborted(&self) {
         // A request may already have unlinked the failed entry; `finalize` counts it once.
-        if let Some(cache) = self.cache.upgrade() {
+        if let Some(cache) = self.books.cache() {
             cache.unlink_id(&self.key, self.id, RemovalCause::Aborted);
         }
     }
@@ -281,23 +333,23 @@ impl Observer for Slot {
         }
         // An entry that was spared by size eviction because it was in use may go now.
         if self.books.stats.over_limit.load(Ordering::Relaxed)
-            && let Some(cache) = self.cache.upgrade()
+            && let Some(cache) = self.books.cache()
         {
-            let _ = cache.jobs.send(Job::Maintain);
+            cache.request_maintenance();
         }
         // A finished entry nobody uses keeps its open stream only while it is among the most
         // recently released ones (bounding open files).
         if self.finished.load(Ordering::Relaxed) != 0
-            && !self.queued_idle.load(Ordering::Relaxed)
-            && !self.queued_idle.swap(true, Ordering::AcqRel)
-            && let Some(cache) = self.cache.upgrade()
+            && !self.has(QUEUED_IDLE)
+            && self.flags.fetch_or(QUEUED_IDLE, Ordering::AcqRel) & QUEUED_IDLE == 0
+            && let Some(cache) = self.books.cache()
         {
             cache.queue_idle(self.key.clone(), self.id);
         }
     }
 
     fn corrupt(&self) {
-        if let Some(cache) = self.cache.upgrade() {
+        if let Some(cache) = self.books.cache() {
             tracing::warn!(key = %self.key, "dropping entry whose stored data is corrupt");
             cache.unlink_id(&self.key, self.id, RemovalCause::Corrupt);
         }
@@ -314,26 +366,36 @@ impl Observer for Slot {
 }
 
 impl Inner {
+    /// Asks the reaper to enforce limits soon (coalesced: one queued request at a time).
+    pub(crate) fn request_maintenance(&self) {
+        if !self.maintain_pending.swap(true, Ordering::AcqRel) {
+            let _ = self.jobs.send(Job::Maintain);
+        }
+    }
+
     /// The entry's record as stored (user metadata included), from its open stream or from
     /// storage.
     pub(crate) fn current_meta(&self, slot: &Slot) -> EntryMeta {
-        // The guard is dropped at the end of this statement, before any storage I/O.
-        let user = slot.lock_stream().as_ref().map(Stream::metadata);
-        let user = user.unwrap_or_else(|| {
-            self.storage
-                .open(&slot.name())
-                .ok()
-                .and_then(|(_, info)| EntryMeta::decode(&info.meta).ok())
-                .map(|m| m.user)
-                .unwrap_or_default()
-        });
+        let stored = self
+            .storage
+            .open(&slot.name())
+            .ok()
+            .and_then(|(_, info)| EntryMeta::decode(&info.meta).ok());
+        // The guard is dropped at the end of this statement.
+        let open_user = slot.lock_stream().as_ref().map(Stream::metadata);
+        let (created, stored_user) = stored.map_or((0, Bytes::new()), |m| (m.created, m.user));
         EntryMeta {
             key: slot.key.to_string(),
-            created: slot.created,
+            created,
             finished: slot.finished.load(Ordering::Relaxed),
             last_access: slot.last_access.load(Ordering::Relaxed),
-            user,
+            user: open_user.unwrap_or(stored_user),
         }
+    }
+
+    /// The slot indexed under `key`, if any.
+    pub(crate) fn slot(&self, key: &str) -> Option<Arc<Slot>> {
+        self.index.get(key).map(|s| s.0.clone())
     }
 
     fn info(&self, slot: &Slot, len: u64) -> EntryInfo {
@@ -357,14 +419,9 @@ impl Inner {
                 None
             }
         };
-        let old = evicted.and_then(|(key, id)| {
-            self.index
-                .get(&*key)
-                .map(|s| s.clone())
-                .filter(|s| s.id == id)
-        });
+        let old = evicted.and_then(|(key, id)| self.slot(&key).filter(|s| s.id == id));
         if let Some(old) = old {
-            old.queued_idle.store(false, Ordering::Release);
+            old.flags.fetch_and(!QUEUED_IDLE, Ordering::AcqRel);
             old.close_if_idle();
         }
     }
@@ -390,7 +447,7 @@ impl Inner {
             .max_bytes
             .is_some_and(|max| self.bytes.load(Ordering::Relaxed) > max)
         {
-            let _ = self.jobs.send(Job::Maintain);
+            self.request_maintenance();
         }
     }
 
@@ -398,7 +455,7 @@ impl Inner {
         let entries = self
             .limits
             .max_entries
-            .is_some_and(|max| self.index.len() as u64 > max);
+            .is_some_and(|max| self.entries.load(Ordering::Relaxed) as u64 > max);
         entries
             || self
                 .limits
@@ -452,7 +509,7 @@ impl Inner {
         let stream = Stream::committed(
             self.storage.clone(),
             &name,
-            &slot.key,
+            slot.key.clone(),
             blob,
             info.len,
             user,
@@ -487,8 +544,8 @@ impl Inner {
             return Ok(None);
         }
         slot.last_access.store(now, Ordering::Relaxed);
-        if !slot.touched.load(Ordering::Relaxed) {
-            slot.touched.store(true, Ordering::Relaxed);
+        if !slot.is_touched() {
+            slot.flags.fetch_or(TOUCHED, Ordering::Relaxed);
         }
         if slot.finished.load(Ordering::Relaxed) != 0 {
             let mut lru = self.lru.lock().unwrap_or_else(|e| e.into_inner());
@@ -501,7 +558,7 @@ impl Inner {
     pub(crate) fn unlink(&self, slot: &Arc<Slot>, cause: RemovalCause) -> bool {
         let removed = self
             .index
-            .remove_if(&*slot.key, |_, v| Arc::ptr_eq(v, slot))
+            .remove_if(&*slot.key, |v| Arc::ptr_eq(&v.0, slot))
             .is_some();
         if removed {
             self.finalize(slot, cause);
@@ -511,7 +568,7 @@ impl Inner {
 
     /// Removes the entry with id `id` under `key`, if that is what the index holds.
     pub(crate) fn unlink_id(&self, key: &str, id: u64, cause: RemovalCause) {
-        if let Some((_, slot)) = self.index.remove_if(key, |_, v| v.id == id) {
+        if let Some(Indexed(slot)) = self.index.remove_if(key, |v| v.0.id == id) {
             self.finalize(&slot, cause);
         }
     }
@@ -520,7 +577,8 @@ impl Inner {
     /// I/O itself (deletion is the reaper's job).
     pub(crate) fn finalize(&self, slot: &Slot, cause: RemovalCause) {
         let state = slot;
-        state.live.store(false, Ordering::SeqCst);
+        let was = state.flags.fetch_and(!LIVE, Ordering::SeqCst);
+        self.entries.fetch_sub(1, Ordering::Relaxed);
         self.lru
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -533,7 +591,7 @@ impl Inner {
         if let Some(stream) = stream {
             stream.doom_keep();
         }
-        if state.committed.load(Ordering::SeqCst) {
+        if was & COMMITTED != 0 {
             let _ = self.jobs.send(Job::Delete(state.name()));
         }
         let stats = &self.books.stats;
@@ -559,12 +617,7 @@ impl Inner {
         while self.over_limits() {
             let victim = self.lru.lock().unwrap_or_else(|e| e.into_inner()).pop_lru();
             let Some((_, state)) = victim else { break };
-            let Some(slot) = self
-                .index
-                .get(&*state.key)
-                .map(|s| s.clone())
-                .filter(|s| s.id == state.id)
-            else {
+            let Some(slot) = self.slot(&state.key).filter(|s| s.id == state.id) else {
                 continue;
             };
             let in_use = slot.in_use();
@@ -586,7 +639,7 @@ impl Inner {
         // Entries we skipped go back as least recently used, in their old order.
         let mut lru = self.lru.lock().unwrap_or_else(|e| e.into_inner());
         for state in kept.into_iter().rev() {
-            if state.live.load(Ordering::SeqCst) {
+            if state.is_live() {
                 lru.push(state.id, state.clone());
                 lru.demote(&state.id);
             }
@@ -606,8 +659,8 @@ impl Inner {
             .index
             .iter()
             .filter_map(|e| {
-                self.time_expiry(e.value(), now)
-                    .map(|c| (e.value().clone(), c))
+                self.time_expiry(&e.key().0, now)
+                    .map(|c| (e.key().0.clone(), c))
             })
             .collect();
         let mut evicted = 0;

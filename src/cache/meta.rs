@@ -19,15 +19,32 @@ pub(crate) struct EntryMeta {
 
 impl EntryMeta {
     pub(crate) fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(4 + 8 * 5 + self.key.len() + self.user.len());
+        Self::encode_parts(
+            &self.key,
+            self.created,
+            self.finished,
+            self.last_access,
+            &self.user,
+        )
+    }
+
+    /// Encodes a record without building an `EntryMeta` first.
+    pub(crate) fn encode_parts(
+        key: &str,
+        created: u64,
+        finished: u64,
+        last_access: u64,
+        user: &[u8],
+    ) -> Vec<u8> {
+        let mut out = Vec::with_capacity(4 + 8 * 5 + key.len() + user.len());
         out.extend_from_slice(MAGIC);
-        for n in [self.created, self.finished, self.last_access] {
+        for n in [created, finished, last_access] {
             out.extend_from_slice(&n.to_le_bytes());
         }
-        out.extend_from_slice(&(self.key.len() as u64).to_le_bytes());
-        out.extend_from_slice(self.key.as_bytes());
-        out.extend_from_slice(&(self.user.len() as u64).to_le_bytes());
-        out.extend_from_slice(&self.user);
+        out.extend_from_slice(&(key.len() as u64).to_le_bytes());
+        out.extend_from_slice(key.as_bytes());
+        out.extend_from_slice(&(user.len() as u64).to_le_bytes());
+        out.extend_from_slice(user);
         out
     }
 

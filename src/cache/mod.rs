@@ -3,14 +3,13 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, mpsc};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, mpsc};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use bytes::Bytes;
-use dashmap::DashMap;
-use dashmap::mapref::entry::Entry as MapEntry;
+use dashmap::DashSet;
 use lru::LruCache;
 
 use crate::error::{Error, Result};
@@ -26,7 +25,7 @@ mod reaper;
 pub use builder::CacheBuilder;
 pub use clock::{Clock, ManualClock, SystemClock};
 
-use index::{Books, Counters, Inner, Job, Limits, Slot, blob_name};
+use index::{Books, Counters, Indexed, Inner, Job, Limits, Slot, blob_name};
 use meta::EntryMeta;
 
 /// What [`Cache::get_or_create`] hands out.
@@ -169,13 +168,16 @@ impl Cache {
         });
         let inner = Arc::new(Inner {
             storage: storage.clone(),
-            index: DashMap::new(),
+            index: DashSet::new(),
+            entries: AtomicUsize::new(0),
+            maintain_pending: AtomicBool::new(false),
             lru: Mutex::new(LruCache::unbounded()),
             bytes: AtomicU64::new(0),
             books: Arc::new(Books {
                 clock: b.clock,
                 stats: Counters::default(),
                 track_idle: limits.tti_ms.is_some(),
+                cache: OnceLock::new(),
             }),
             limits,
             next_id: AtomicU64::new(0),
@@ -185,6 +187,7 @@ impl Cache {
             idle_open: Mutex::default(),
             max_idle_open: b.max_idle_open,
         });
+        let _ = inner.books.cache.set(Arc::downgrade(&inner));
         reload(&inner)?;
         let reaper = reaper::spawn(Arc::downgrade(&inner), storage, b.listener, rx, tick)
             .map_err(|e| Error::io("spawn reaper thread", "", e))?;
@@ -194,7 +197,7 @@ impl Cache {
             owned_disk,
         };
         if cache.inner.over_limits() {
-            let _ = cache.inner.jobs.send(Job::Maintain);
+            cache.inner.request_maintenance();
         }
         Ok(cache)
     }
@@ -236,29 +239,27 @@ impl Cache {
             // is discarded and we read theirs.
             let id = inner.next_id.fetch_add(1, Ordering::Relaxed);
             let key_arc: Arc<str> = Arc::from(key);
-            let slot = Arc::new(Slot::new(inner, key_arc.clone(), id, now, 0, now, 0));
+            let slot = Arc::new(Slot::new(inner, key_arc.clone(), id, 0, now, 0));
             let observer: Arc<dyn Observer> = slot.clone();
             let writer = Writer::create_observed(
                 inner.storage.clone(),
-                &blob_name(key, id),
-                Some(key),
+                blob_name(key, id),
+                Some(key_arc),
                 Some(observer),
             )?;
             *slot.lock_stream() = Some(writer.stream());
-            match inner.index.entry(key_arc) {
-                MapEntry::Vacant(v) => {
-                    slot.live.store(true, Ordering::SeqCst);
-                    v.insert(slot);
-                }
-                MapEntry::Occupied(_) => {
-                    // Lost the race: break the slot/stream cycle; `writer` drops silently.
-                    drop(slot.lock_stream().take());
-                    continue;
-                }
+            slot.set_live();
+            if !inner.index.insert(Indexed(slot.clone())) {
+                // Lost the race: break the slot/stream cycle; `writer` drops silently (the
+                // slot is not live, so its abort touches nothing).
+                slot.flags.store(0, Ordering::SeqCst);
+                drop(slot.lock_stream().take());
+                continue;
             }
+            inner.entries.fetch_add(1, Ordering::Relaxed);
             inner.books.stats.misses.fetch_add(1, Ordering::Relaxed);
             if inner.limits.max_entries.is_some() && inner.over_limits() {
-                let _ = inner.jobs.send(Job::Maintain);
+                inner.request_maintenance();
             }
             return Ok(Entry::Miss(writer));
         }
@@ -267,7 +268,7 @@ impl Cache {
     /// Serves `key` if it is present and servable; unlinks stale slots on the way.
     fn lookup(&self, key: &str, now: u64) -> Result<Option<Reader>> {
         loop {
-            let Some(slot) = self.inner.index.get(key).map(|s| s.clone()) else {
+            let Some(slot) = self.inner.slot(key) else {
                 return Ok(None);
             };
             if let Some(reader) = self.inner.try_hit(&slot, now)? {
@@ -333,7 +334,7 @@ impl Cache {
     /// Whether `key` is present and servable. Does not refresh recency.
     pub fn contains_key(&self, key: &str) -> bool {
         let now = self.inner.books.clock.now_millis();
-        let slot = self.inner.index.get(key).map(|s| s.clone());
+        let slot = self.inner.slot(key);
         slot.is_some_and(|s| self.inner.expiry(&s, now).is_none() && !stream_failed(&s))
     }
 
@@ -345,7 +346,7 @@ impl Cache {
     /// None today; the `Result` leaves room for storage errors.
     pub fn remove(&self, key: &str) -> Result<bool> {
         match self.inner.index.remove(key) {
-            Some((_, slot)) => {
+            Some(Indexed(slot)) => {
                 self.inner.finalize(&slot, RemovalCause::Explicit);
                 Ok(true)
             }
@@ -355,8 +356,7 @@ impl Cache {
 
     /// Removes every entry, as [`remove`](Cache::remove) does (safe while streams are open).
     pub fn clear(&self) {
-        let slots: Vec<Arc<Slot>> = self.inner.index.iter().map(|e| e.value().clone()).collect();
-        for slot in slots {
+        for slot in self.slots() {
             self.inner.unlink(&slot, RemovalCause::Explicit);
         }
     }
@@ -364,12 +364,17 @@ impl Cache {
     /// Number of entries (finished or being written). Eventually consistent with concurrent
     /// updates; expired entries count until the reaper removes them.
     pub fn len(&self) -> usize {
-        self.inner.index.len()
+        self.inner.entries.load(Ordering::Relaxed)
     }
 
     /// Whether [`len`](Cache::len) is zero.
     pub fn is_empty(&self) -> bool {
-        self.inner.index.is_empty()
+        self.len() == 0
+    }
+
+    /// A snapshot of the slots (shard locks are held only while copying pointers).
+    fn slots(&self) -> Vec<Arc<Slot>> {
+        self.inner.index.iter().map(|e| e.key().0.clone()).collect()
     }
 
     /// Bytes held by entries, including bytes of entries still being written.
@@ -382,7 +387,7 @@ impl Cache {
         self.inner
             .index
             .iter()
-            .map(|e| e.key().to_string())
+            .map(|e| e.key().0.key.to_string())
             .collect()
     }
 
@@ -492,17 +497,18 @@ fn reload(inner: &Arc<Inner>) -> Result<()> {
         let key: Arc<str> = Arc::from(meta.key.as_str());
         let slot = Arc::new(Slot::new(
             inner,
-            key.clone(),
+            key,
             id,
-            meta.created,
             meta.finished.max(1),
             meta.last_access,
             len,
         ));
-        slot.live.store(true, Ordering::SeqCst);
+        slot.set_live();
         inner.bytes.fetch_add(len, Ordering::Relaxed);
         lru.put(id, slot.clone());
-        inner.index.insert(key, slot);
+        if inner.index.insert(Indexed(slot)) {
+            inner.entries.fetch_add(1, Ordering::Relaxed);
+        }
     }
     Ok(())
 }
@@ -515,9 +521,8 @@ impl Drop for Cache {
         }
         // Persist recency of entries read since they were committed or reloaded, so that LRU
         // order survives a restart (best effort), and break each slot's cycle with its stream.
-        let slots: Vec<Arc<Slot>> = self.inner.index.iter().map(|e| e.value().clone()).collect();
-        for slot in slots {
-            if slot.committed.load(Ordering::SeqCst) && slot.touched.load(Ordering::Relaxed) {
+        for slot in self.slots() {
+            if slot.is_committed() && slot.is_touched() {
                 let meta = self.inner.current_meta(&slot);
                 let _ = self.inner.storage.set_meta(&slot.name(), &meta.encode());
             }
@@ -535,6 +540,18 @@ mod tests {
     use std::io::{Read, Write};
 
     use super::*;
+
+    /// The per-entry budget (issue: at most 256 bytes of index overhead per entry at 1M
+    /// entries; `benches/eviction.rs` measures the whole). The slot must stay one 112-byte
+    /// allocation: 96 bytes of fields plus the `Arc` header.
+    #[test]
+    fn slot_stays_small() {
+        assert!(
+            std::mem::size_of::<index::Slot>() <= 88,
+            "{}",
+            std::mem::size_of::<index::Slot>()
+        );
+    }
 
     fn open_fds() -> usize {
         std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count())

@@ -67,6 +67,11 @@ fn run(
                 break;
             }
             if let Some(inner) = inner.upgrade() {
+                // Requests from now on must queue a new job: what they changed may come after
+                // this pass looked.
+                inner
+                    .maintain_pending
+                    .store(false, std::sync::atomic::Ordering::Release);
                 inner.evict_expired();
                 inner.evict_for_size();
             }

@@ -1,52 +1,4 @@
-//! Blobs in a directory, committed by atomic rename, checked block by block with blake3.
-//!
-//! # Layout
-//!
-//! ```text
-//! <dir>/
-//!   LOCK                     held with an exclusive OS file lock while a DiskStorage is open
-//!   tmp/                     blobs being written and metadata being replaced (wiped at open)
-//!   v1/<ab>/<name>           committed data; <ab> is the first two characters of the name
-//!   v1/<ab>/<name>.meta      its metadata record (below)
-//! ```
-//!
-//! # Metadata record (`.meta`, little endian)
-//!
-//! | field | size |
-//! | --- | --- |
-//! | magic `b"SCMETA01"` | 8 |
-//! | data length | 8 |
-//! | block size (1 MiB) | 8 |
-//! | block count `n` | 8 |
-//! | blake3 of each block | 32 × n |
-//! | content digest: blake3 of the concatenated block hashes | 32 |
-//! | length of the caller's metadata `m` | 8 |
-//! | the caller's metadata | m |
-//! | blake3 of everything above | 32 |
-//!
-//! # Commit and crash safety
-//!
-//! Data is written to `tmp/`. [`commit`](super::BlobWriter::commit) (optionally fsyncs the
-//! data), writes the record to `tmp/` (optionally fsynced), renames the data into `v1/`, then
-//! renames the record next to it (optionally fsyncing the directory). The record is the commit
-//! point: at listing, data without a record is an interrupted commit and is deleted, and a
-//! record whose checksum or data length does not match is discarded. Without the sync option a
-//! power loss can lose recent commits (never expose half of one: the record's checksum and the
-//! data length are checked, and each block's hash on read); with it, a committed blob survives.
-//!
-//! # Integrity
-//!
-//! Once a blob is committed — whether its readers came from the writer or from
-//! [`Storage::open`] — every read checks the 1 MiB blocks it touches against their hashes: a
-//! block is read whole and hashed the first time it is read in a *use* of the blob (a period
-//! during which it has readers, shared by all of them), and served straight from the file for
-//! the rest of that use. When the last reader goes ([`BlobReader::idle`]), the record of checked
-//! blocks is forgotten. So a file altered at rest is caught by the next read of each altered
-//! block — sequential, `read_at` in the middle or after a seek alike — without reading the
-//! whole blob first; a block that fails is an [`Error::Corrupt`] read error, never data. (A
-//! block rewritten *during* a use, after it was checked, is not re-checked until the next use.)
-//! Bytes read while the blob is still being written are not checked: they were just written
-//! by this process.
+//! Disk storage; the layout and guarantees are documented on [`DiskStorage`].
 
 use std::fs::{self, File};
 use std::io::{self, Write};
@@ -67,11 +19,61 @@ const DATA_DIR: &str = "v1";
 const TMP_DIR: &str = "tmp";
 const META_EXT: &str = "meta";
 
-/// Blobs stored as files in a directory. See the [module docs](self) for the layout.
+/// Blobs stored as files in a directory, committed by atomic rename, checked block by block
+/// with blake3.
 ///
 /// All readers of a blob share one file handle and use positional reads, so opening another
-/// reader costs no system call. The directory is locked against other processes for as long
-/// as any clone of this handle lives.
+/// reader costs no system call. The directory is locked against other processes until every
+/// clone of this handle is dropped or [`unlock`](DiskStorage::unlock) is called.
+///
+///
+/// # Layout
+///
+/// ```text
+/// <dir>/
+///   LOCK                     held with an exclusive OS file lock while a DiskStorage is open
+///   tmp/                     blobs being written and metadata being replaced (wiped at open)
+///   v1/<ab>/<name>           committed data; <ab> is the first two characters of the name
+///   v1/<ab>/<name>.meta      its metadata record (below)
+/// ```
+///
+/// # Metadata record (`.meta`, little endian)
+///
+/// | field | size |
+/// | --- | --- |
+/// | magic `b"SCMETA01"` | 8 |
+/// | data length | 8 |
+/// | block size (1 MiB) | 8 |
+/// | block count `n` | 8 |
+/// | blake3 of each block | 32 × n |
+/// | content digest: blake3 of the concatenated block hashes | 32 |
+/// | length of the caller's metadata `m` | 8 |
+/// | the caller's metadata | m |
+/// | blake3 of everything above | 32 |
+///
+/// # Commit and crash safety
+///
+/// Data is written to `tmp/`. [`commit`](BlobWriter::commit) (optionally fsyncs the
+/// data), writes the record to `tmp/` (optionally fsynced), renames the data into `v1/`, then
+/// renames the record next to it (optionally fsyncing the directory). The record is the commit
+/// point: at listing, data without a record is an interrupted commit and is deleted, and a
+/// record whose checksum or data length does not match is discarded. Without the sync option a
+/// power loss can lose recent commits (never expose half of one: the record's checksum and the
+/// data length are checked, and each block's hash on read); with it, a committed blob survives.
+///
+/// # Integrity
+///
+/// Once a blob is committed — whether its readers came from the writer or from
+/// [`Storage::open`] — every read checks the 1 MiB blocks it touches against their hashes: a
+/// block is read whole and hashed the first time it is read in a *use* of the blob (a period
+/// during which it has readers, shared by all of them), and served straight from the file for
+/// the rest of that use. When the last reader goes ([`BlobReader::idle`]), the record of checked
+/// blocks is forgotten. So a file altered at rest is caught by the next read of each altered
+/// block — sequential, `read_at` in the middle or after a seek alike — without reading the
+/// whole blob first; a block that fails is an [`Error::Corrupt`] read error, never data. (A
+/// block rewritten *during* a use, after it was checked, is not re-checked until the next use.)
+/// Bytes read while the blob is still being written are not checked: they were just written
+/// by this process.
 #[derive(Debug, Clone)]
 pub struct DiskStorage {
     inner: Arc<DiskInner>,

@@ -1,10 +1,11 @@
 //! In-memory storage: append-only segments, zero-copy reads, recycled buffers.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::io;
 use std::sync::{Arc, Mutex, RwLock};
 
 use bytes::{Bytes, BytesMut};
+use dashmap::DashMap;
 
 use super::{BlobInfo, BlobReader, BlobWriter, Storage, not_found, validate_name};
 
@@ -32,13 +33,14 @@ pub struct MemoryStorage {
     inner: Arc<Inner>,
 }
 
-/// Committed blobs by name, with their metadata.
-type Committed = HashMap<String, (Arc<MemBlob>, Vec<u8>)>;
+/// Committed blobs by name, with their metadata (boxed slices: no spare capacity).
+type Committed = DashMap<Box<str>, (Arc<MemBlob>, Box<[u8]>)>;
 
 #[derive(Debug, Default)]
 struct Inner {
-    /// Lock: this mutex. Invariant: holds exactly the committed blobs.
-    committed: Mutex<Committed>,
+    /// Lock: the map's shard locks, held for one map call. Invariant: holds exactly the
+    /// committed blobs.
+    committed: Committed,
     pool: Pool,
 }
 
@@ -52,7 +54,7 @@ impl MemoryStorage {
     pub fn with_pool_limit(bytes: usize) -> Self {
         MemoryStorage {
             inner: Arc::new(Inner {
-                committed: Mutex::default(),
+                committed: DashMap::new(),
                 pool: Pool {
                     spent: Mutex::default(),
                     max: bytes / SEGMENT,
@@ -103,15 +105,14 @@ impl Pool {
 /// The chunks of one blob.
 #[derive(Debug, Default)]
 struct MemBlob {
-    /// Lock: this `RwLock`; the writer takes it only to push. Invariant: `starts[i]` is the
-    /// offset of `chunks[i]`, chunks are non-empty and contiguous.
+    /// Lock: this `RwLock`; the writer takes it only to push. Invariant: `chunks[i].0` is the
+    /// offset of `chunks[i].1`; chunks are non-empty and contiguous.
     chunks: RwLock<Chunks>,
 }
 
 #[derive(Debug, Default)]
 struct Chunks {
-    starts: Vec<u64>,
-    data: Vec<Bytes>,
+    chunks: Vec<(u64, Bytes)>,
     len: u64,
 }
 
@@ -120,18 +121,22 @@ impl Chunks {
         if chunk.is_empty() {
             return;
         }
-        self.starts.push(self.len);
+        if self.chunks.len() < 4 {
+            // Most blobs have one or two chunks: do not reserve room for four.
+            self.chunks.reserve_exact(1);
+        }
+        let at = self.len;
         self.len += chunk.len() as u64;
-        self.data.push(chunk);
+        self.chunks.push((at, chunk));
     }
 
     fn slice(&self, offset: u64, max: usize) -> Bytes {
         if offset >= self.len || max == 0 {
             return Bytes::new();
         }
-        let i = self.starts.partition_point(|&s| s <= offset) - 1;
-        let chunk = &self.data[i];
-        let from = (offset - self.starts[i]) as usize;
+        let i = self.chunks.partition_point(|(s, _)| *s <= offset) - 1;
+        let (start, chunk) = &self.chunks[i];
+        let from = (offset - start) as usize;
         let to = chunk.len().min(from.saturating_add(max));
         chunk.slice(from..to)
     }
@@ -217,14 +222,17 @@ impl BlobWriter for MemWriter {
     }
 
     fn commit(mut self: Box<Self>, meta: &[u8]) -> io::Result<()> {
+        if !self.pooled && !self.seg.is_empty() {
+            // The last, small segment is not recycled: hand it over whole (no split, so no
+            // shared-buffer header is allocated for it).
+            let chunk = std::mem::take(&mut self.seg).freeze();
+            self.blob.chunks.write().unwrap().push(chunk);
+        }
         self.publish()?;
         self.release_segment();
         let blob = self.blob.clone();
-        self.storage
-            .committed
-            .lock()
-            .unwrap()
-            .insert(std::mem::take(&mut self.name), (blob, meta.to_vec()));
+        let name = std::mem::take(&mut self.name).into_boxed_str();
+        self.storage.committed.insert(name, (blob, meta.into()));
         Ok(())
     }
 }
@@ -249,38 +257,46 @@ impl Storage for MemoryStorage {
     }
 
     fn open(&self, name: &str) -> io::Result<(Arc<dyn BlobReader>, BlobInfo)> {
-        let committed = self.inner.committed.lock().unwrap();
-        let (blob, meta) = committed.get(name).ok_or_else(|| not_found(name))?;
+        let entry = self
+            .inner
+            .committed
+            .get(name)
+            .ok_or_else(|| not_found(name))?;
+        let (blob, meta) = entry.value();
         let len = blob.chunks.read().unwrap().len;
         let info = BlobInfo {
             name: name.to_owned(),
             len,
-            meta: meta.clone(),
+            meta: meta.to_vec(),
         };
         Ok((blob.clone(), info))
     }
 
     fn remove(&self, name: &str) -> io::Result<()> {
-        let removed = self.inner.committed.lock().unwrap().remove(name);
+        let removed = self.inner.committed.remove(name);
         removed.map(drop).ok_or_else(|| not_found(name))
     }
 
     fn list(&self) -> io::Result<Vec<BlobInfo>> {
-        let committed = self.inner.committed.lock().unwrap();
-        Ok(committed
+        Ok(self
+            .inner
+            .committed
             .iter()
-            .map(|(name, (blob, meta))| BlobInfo {
-                name: name.clone(),
-                len: blob.chunks.read().unwrap().len,
-                meta: meta.clone(),
+            .map(|e| BlobInfo {
+                name: e.key().to_string(),
+                len: e.value().0.chunks.read().unwrap().len,
+                meta: e.value().1.to_vec(),
             })
             .collect())
     }
 
     fn set_meta(&self, name: &str, meta: &[u8]) -> io::Result<()> {
-        let mut committed = self.inner.committed.lock().unwrap();
-        let entry = committed.get_mut(name).ok_or_else(|| not_found(name))?;
-        entry.1 = meta.to_vec();
+        let mut entry = self
+            .inner
+            .committed
+            .get_mut(name)
+            .ok_or_else(|| not_found(name))?;
+        entry.1 = meta.into();
         Ok(())
     }
 }

@@ -89,7 +89,7 @@ pub(crate) struct Shared {
     /// The blob's name in storage.
     pub(crate) name: String,
     /// What errors and `key()` report: the cache key, or the name for a bare stream.
-    pub(crate) key: String,
+    pub(crate) key: Arc<str>,
     pub(crate) progress: Progress,
     pub(crate) blob: Arc<dyn BlobReader>,
     storage: Arc<dyn Storage>,
@@ -117,7 +117,7 @@ impl fmt::Debug for Shared {
 impl Shared {
     pub(crate) fn new(
         name: String,
-        key: Option<&str>,
+        key: Option<Arc<str>>,
         progress: Progress,
         blob: Arc<dyn BlobReader>,
         storage: Arc<dyn Storage>,
@@ -125,7 +125,7 @@ impl Shared {
         observer: Option<Arc<dyn Observer>>,
     ) -> Self {
         Shared {
-            key: key.map_or_else(|| name.clone(), str::to_owned),
+            key: key.unwrap_or_else(|| Arc::from(name.as_str())),
             name,
             progress,
             blob,
@@ -187,7 +187,7 @@ impl Shared {
 
     /// The error readers get from a failed stream.
     pub(crate) fn failure(&self) -> Error {
-        let key = self.key.clone();
+        let key = self.key.to_string();
         match self.progress.snapshot().status {
             Status::Aborted(cause) => Error::Aborted { key, cause },
             Status::Cancelled(cause) => Error::Closed { key, cause },
@@ -197,7 +197,7 @@ impl Shared {
 
     pub(crate) fn new_reader(self: &Arc<Self>) -> Result<Reader> {
         self.progress.acquire().map_err(|cause| Error::Closed {
-            key: self.key.clone(),
+            key: self.key.to_string(),
             cause,
         })?;
         Ok(Reader::new(self.clone()))
@@ -287,7 +287,7 @@ impl Stream {
     pub(crate) fn committed(
         storage: Arc<dyn Storage>,
         name: &str,
-        key: &str,
+        key: Arc<str>,
         blob: Arc<dyn BlobReader>,
         len: u64,
         user: Bytes,

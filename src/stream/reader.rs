@@ -156,7 +156,7 @@ impl Reader {
 
     fn short_read(&self, offset: u64) -> io::Error {
         io::Error::from(Error::Corrupt {
-            path: self.shared.key.clone().into(),
+            path: self.shared.key.to_string().into(),
             reason: format!("storage returned no data at published offset {offset}"),
         })
     }

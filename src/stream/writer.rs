@@ -39,24 +39,24 @@ impl Writer {
     /// # Errors
     /// [`Error::InvalidInput`] for a bad name, or the storage's error as [`Error::Io`].
     pub fn create(storage: Arc<dyn Storage>, name: &str) -> Result<Writer> {
-        Self::create_observed(storage, name, None, None)
+        Self::create_observed(storage, name.to_owned(), None, None)
     }
 
     pub(crate) fn create_observed(
         storage: Arc<dyn Storage>,
-        name: &str,
-        key: Option<&str>,
+        name: String,
+        key: Option<Arc<str>>,
         observer: Option<Arc<dyn Observer>>,
     ) -> Result<Writer> {
-        let blob = storage.create(name).map_err(|e| {
+        let blob = storage.create(&name).map_err(|e| {
             if e.kind() == io::ErrorKind::InvalidInput {
                 Error::invalid(e.to_string())
             } else {
-                Error::from_io("create", name, e)
+                Error::from_io("create", &name, e)
             }
         })?;
         let shared = Shared::new(
-            name.to_owned(),
+            name,
             key,
             Progress::new_open(),
             blob.reader(),
@@ -146,7 +146,7 @@ impl Writer {
     fn fail(&mut self, op: &'static str, e: io::Error) -> Error {
         let cause: Cause = Arc::new(io::Error::new(e.kind(), format!("{op} failed: {e}")));
         self.end_failed(Some(cause));
-        Error::from_io(op, &self.shared.key, e)
+        Error::from_io(op, &*self.shared.key, e)
     }
 
     fn end_failed(&mut self, cause: Option<Cause>) {
