@@ -71,7 +71,9 @@ pub trait Storage: Send + Sync + fmt::Debug {
 
     /// Lists every committed blob with its length and metadata, without reading content.
     ///
-    /// Implementations may delete leftovers they find on the way (an incomplete commit).
+    /// Implementations may delete leftovers they find on the way (an incomplete commit), so
+    /// the caller must not list while a commit may be in flight — a cache lists once, when it
+    /// opens the storage.
     ///
     /// # Errors
     /// An I/O error that prevents listing at all; individual bad blobs are skipped instead.
