@@ -161,43 +161,57 @@ impl Reader {
         })
     }
 
+    /// Makes `self.chunk` cover `self.pos` through the storage's zero-copy path, fetching at
+    /// most `max` bytes. `Ok(false)` if the storage has no such path (use `read_at`).
+    fn load_chunk(&mut self, max: usize) -> io::Result<bool> {
+        let chunk_end = self.chunk_pos + self.chunk.len() as u64;
+        if (self.chunk_pos..chunk_end).contains(&self.pos) {
+            return Ok(true);
+        }
+        match self.shared.blob.read_bytes(self.pos, max) {
+            Some(Ok(chunk)) if !chunk.is_empty() => {
+                self.chunk = chunk;
+                self.chunk_pos = self.pos;
+                Ok(true)
+            }
+            Some(Ok(_)) => Err(self.short_read(self.pos)),
+            Some(Err(e)) => Err(self.storage_error(e)),
+            None => Ok(false),
+        }
+    }
+
+    /// Consumes up to `max` bytes of the loaded chunk: returns their range in `self.chunk`.
+    fn take_from_chunk(&mut self, max: usize) -> std::ops::Range<usize> {
+        let from = (self.pos - self.chunk_pos) as usize;
+        let n = max.min(self.chunk.len() - from);
+        self.pos += n as u64;
+        self.count(n);
+        from..from + n
+    }
+
     /// Reads at `self.pos` given that `len` bytes are readable.
     pub(crate) fn read_ready(&mut self, buf: &mut [u8], len: u64) -> io::Result<usize> {
         if self.pos >= len || buf.is_empty() {
             return Ok(0);
         }
-        let avail = len - self.pos;
-        let chunk_end = self.chunk_pos + self.chunk.len() as u64;
-        if !(self.chunk_pos..chunk_end).contains(&self.pos) {
-            let max = usize::try_from(avail).unwrap_or(usize::MAX);
-            match self.shared.blob.read_bytes(self.pos, max) {
-                Some(Ok(chunk)) if !chunk.is_empty() => {
-                    self.chunk = chunk;
-                    self.chunk_pos = self.pos;
-                }
-                Some(Ok(_)) => return Err(self.short_read(self.pos)),
-                Some(Err(e)) => return Err(self.storage_error(e)),
-                None => {
-                    let want = buf.len().min(max);
-                    let n = self
-                        .shared
-                        .blob
-                        .read_at(&mut buf[..want], self.pos)
-                        .map_err(|e| self.storage_error(e))?;
-                    if n == 0 {
-                        return Err(self.short_read(self.pos));
-                    }
-                    self.pos += n as u64;
-                    self.count(n);
-                    return Ok(n);
-                }
+        let avail = usize::try_from(len - self.pos).unwrap_or(usize::MAX);
+        if !self.load_chunk(avail)? {
+            let want = buf.len().min(avail);
+            let n = self
+                .shared
+                .blob
+                .read_at(&mut buf[..want], self.pos)
+                .map_err(|e| self.storage_error(e))?;
+            if n == 0 {
+                return Err(self.short_read(self.pos));
             }
+            self.pos += n as u64;
+            self.count(n);
+            return Ok(n);
         }
-        let from = (self.pos - self.chunk_pos) as usize;
-        let n = buf.len().min(self.chunk.len() - from);
-        buf[..n].copy_from_slice(&self.chunk[from..from + n]);
-        self.pos += n as u64;
-        self.count(n);
+        let range = self.take_from_chunk(buf.len());
+        let n = range.len();
+        buf[..n].copy_from_slice(&self.chunk[range]);
         Ok(n)
     }
 
@@ -216,28 +230,14 @@ impl Reader {
             return Ok(Bytes::new());
         }
         let max = max.min(usize::try_from(len - self.pos).unwrap_or(usize::MAX));
-        let chunk_end = self.chunk_pos + self.chunk.len() as u64;
-        if !(self.chunk_pos..chunk_end).contains(&self.pos) {
-            match self.shared.blob.read_bytes(self.pos, max) {
-                Some(Ok(chunk)) if !chunk.is_empty() => {
-                    self.chunk = chunk;
-                    self.chunk_pos = self.pos;
-                }
-                Some(Ok(_)) => return Err(self.short_read(self.pos)),
-                Some(Err(e)) => return Err(self.storage_error(e)),
-                None => {
-                    let mut buf = vec![0; max];
-                    let n = self.read_ready(&mut buf, len)?;
-                    buf.truncate(n);
-                    return Ok(Bytes::from(buf));
-                }
-            }
+        if !self.load_chunk(max)? {
+            let mut buf = vec![0; max];
+            let n = self.read_ready(&mut buf, len)?;
+            buf.truncate(n);
+            return Ok(Bytes::from(buf));
         }
-        let from = (self.pos - self.chunk_pos) as usize;
-        let n = max.min(self.chunk.len() - from);
-        self.pos += n as u64;
-        self.count(n);
-        Ok(self.chunk.slice(from..from + n))
+        let range = self.take_from_chunk(max);
+        Ok(self.chunk.slice(range))
     }
 
     /// Reads exactly `buf.len()` bytes at `offset` — or fewer only if the stream finishes

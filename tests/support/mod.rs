@@ -4,47 +4,14 @@
 
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
-use std::thread;
-use std::time::Duration;
 
 use streamcache::{Cache, Entry, Error, Reader, Writer};
 
-/// How long a blocking test body may run before it counts as a deadlock.
-pub const DEADLINE: Duration = Duration::from_secs(60);
-
-/// Runs `f` on its own thread; fails the test if it does not return within [`DEADLINE`]
-/// (a deadlock), and re-raises its panic if it panicked.
-pub fn deadline<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-    deadline_in(DEADLINE, what, f)
-}
-
-/// [`deadline`] with a chosen limit.
-pub fn deadline_in<T: Send + 'static>(
-    limit: Duration,
-    what: &str,
-    f: impl FnOnce() -> T + Send + 'static,
-) -> T {
-    let (tx, rx) = mpsc::channel();
-    let handle = thread::Builder::new()
-        .name(format!("deadline: {what}"))
-        .spawn(move || {
-            let out = f();
-            let _ = tx.send(());
-            out
-        })
-        .unwrap();
-    match rx.recv_timeout(limit) {
-        Ok(()) => handle.join().unwrap(),
-        Err(mpsc::RecvTimeoutError::Disconnected) => match handle.join() {
-            Ok(_) => unreachable!("sent before returning"),
-            Err(panic) => std::panic::resume_unwind(panic),
-        },
-        Err(mpsc::RecvTimeoutError::Timeout) => {
-            panic!("{what}: did not complete within {limit:?} (deadlock?)")
-        }
-    }
-}
+// The deadline helpers are shared with the stream-level tests.
+#[path = "../common/mod.rs"]
+mod common;
+#[allow(unused_imports)]
+pub use common::{DEADLINE, deadline, deadline_in};
 
 /// Deterministic, position-dependent test bytes (so a shifted or wrong block is visible).
 pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
