@@ -112,7 +112,13 @@ async fn main() -> ExitCode {
             entries = proxy.cache().len(),
             "proxy ready"
         );
-        server::serve(listener, proxy, std::future::pending()).await?;
+        // Ctrl-C stops accepting, closes connections and drops the cache, which records
+        // recency on disk and releases the directory.
+        let shutdown = async {
+            let _ = tokio::signal::ctrl_c().await;
+            tracing::info!("shutting down");
+        };
+        server::serve(listener, proxy, shutdown).await?;
         Ok::<_, Box<dyn std::error::Error>>(())
     };
     match result.await {
