@@ -4,7 +4,7 @@ use std::fs::{self, File};
 use std::io::{self, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use tempfile::{NamedTempFile, TempPath};
@@ -67,11 +67,15 @@ const META_EXT: &str = "meta";
 /// [`Storage::open`] — every read checks the 1 MiB blocks it touches against their hashes: a
 /// block is read whole and hashed the first time it is read in a *use* of the blob (a period
 /// during which it has readers, shared by all of them), and served straight from the file for
-/// the rest of that use. When the last reader goes ([`BlobReader::idle`]), the record of checked
-/// blocks is forgotten. So a file altered at rest is caught by the next read of each altered
-/// block — sequential, `read_at` in the middle or after a seek alike — without reading the
-/// whole blob first; a block that fails is an [`Error::Corrupt`] read error, never data. (A
-/// block rewritten *during* a use, after it was checked, is not re-checked until the next use.)
+/// the rest of that use. When a new use starts (after [`BlobReader::idle`]), the file is
+/// `fstat`ed: if its size, inode, modification or change time differ from when the blocks were
+/// checked, the record of checked blocks is forgotten. So a file altered at rest is caught by
+/// the next read of each altered block — sequential, `read_at` in the middle or after a seek
+/// alike — without reading the whole blob first; a block that fails is an [`Error::Corrupt`]
+/// read error, never data. Limits, by design: a block rewritten *during* a use, after it was
+/// checked, is re-checked only at the next use; and damage that bypasses the file system
+/// (a bad sector under the page cache, a write that restores the times) is caught only once
+/// this process reads the file afresh, e.g. after a restart.
 /// Bytes read while the blob is still being written are not checked: they were just written
 /// by this process.
 #[derive(Debug, Clone)]
@@ -359,7 +363,7 @@ impl BlobWriter for DiskWriter {
             self.file.sync_data()?;
         }
         let hashes = std::mem::take(&mut self.hashes);
-        let check = Check::new(self.len, hashes.clone());
+        let check = Check::new(self.len, hashes.clone(), &self.file);
         let record = Record {
             len: self.len,
             hashes,
@@ -394,9 +398,8 @@ impl BlobWriter for DiskWriter {
 ///
 /// While the blob is being written, reads are plain positional reads. Once it is committed
 /// (or when it was opened from storage), each block is checked against its blake3 hash the
-/// first time it is read after the blob was last idle; when the last reader of the blob goes
-/// away ([`BlobReader::idle`]) the record of checked blocks is forgotten, so a file altered
-/// between uses is always caught.
+/// first time it is read; a use that starts after the blob was idle ([`BlobReader::idle`])
+/// keeps those checks only if the file's `fstat` stamp is unchanged.
 #[derive(Debug)]
 struct DiskReader {
     file: Arc<File>,
@@ -408,22 +411,66 @@ struct DiskReader {
     scratch: Mutex<Vec<u8>>,
 }
 
+/// What `fstat` says about a file: if any of it changes, its content may have.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stamp {
+    len: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+    ino: u64,
+}
+
+impl Stamp {
+    fn of(file: &File) -> Option<Stamp> {
+        use std::os::unix::fs::MetadataExt;
+        let md = file.metadata().ok()?;
+        Some(Stamp {
+            len: md.len(),
+            mtime: (md.mtime(), md.mtime_nsec()),
+            ctime: (md.ctime(), md.ctime_nsec()),
+            ino: md.ino(),
+        })
+    }
+}
+
 #[derive(Debug)]
 struct Check {
     len: u64,
     hashes: Vec<[u8; 32]>,
-    /// Bit `b` set once block `b` matched its hash since the last `idle`. Lock-free; a race
-    /// only verifies twice.
+    /// Bit `b` set once block `b` matched its hash (and the file's stamp has not changed
+    /// since). Lock-free; a race only verifies twice.
     verified: Box<[AtomicU64]>,
+    /// Set by `idle`: the next read first compares the file's stamp with `stamp`.
+    recheck: AtomicBool,
+    /// Lock: this mutex. The file's stamp when the bits in `verified` were earned.
+    stamp: Mutex<Option<Stamp>>,
 }
 
 impl Check {
-    fn new(len: u64, hashes: Vec<[u8; 32]>) -> Check {
+    fn new(len: u64, hashes: Vec<[u8; 32]>, file: &File) -> Check {
         let words = hashes.len().div_ceil(64);
         Check {
             len,
             hashes,
             verified: (0..words).map(|_| AtomicU64::new(0)).collect(),
+            recheck: AtomicBool::new(false),
+            stamp: Mutex::new(Stamp::of(file)),
+        }
+    }
+
+    /// At the start of a use: forgets every checked block if the file changed since they
+    /// were checked (or if that cannot be told).
+    fn revalidate(&self, file: &File) {
+        if !self.recheck.swap(false, Ordering::AcqRel) {
+            return;
+        }
+        let now = Stamp::of(file);
+        let mut stamp = self.stamp.lock().unwrap_or_else(|e| e.into_inner());
+        if now.is_none() || *stamp != now {
+            for word in self.verified.iter() {
+                word.store(0, Ordering::Release);
+            }
+            *stamp = now;
         }
     }
 
@@ -476,6 +523,7 @@ impl DiskReader {
     }
 
     fn read_checked(&self, c: &Check, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        c.revalidate(&self.file);
         if offset >= c.len {
             return Ok(0);
         }
@@ -510,9 +558,7 @@ impl BlobReader for DiskReader {
 
     fn idle(&self) {
         if let Some(c) = self.check.get() {
-            for word in c.verified.iter() {
-                word.store(0, Ordering::Release);
-            }
+            c.recheck.store(true, Ordering::Release);
         }
     }
 }
@@ -625,7 +671,7 @@ impl Storage for DiskStorage {
             len: record.len,
             meta: record.meta,
         };
-        let check = Check::new(record.len, record.hashes);
+        let check = Check::new(record.len, record.hashes, &file);
         let reader = DiskReader::new(Arc::new(file), path, Some(check));
         Ok((Arc::new(reader), info))
     }
@@ -722,6 +768,34 @@ mod tests {
         assert_eq!(err.kind(), io::ErrorKind::InvalidData);
         let err = r.read_at(&mut buf, 2 * BLOCK - 5).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+    }
+
+    /// Regression: a finished blob read through the writer's handle was never checked, and a
+    /// handle kept open checked each block once forever, so a file altered on disk between two
+    /// uses was served as a clean read.
+    #[test]
+    fn file_altered_between_uses_is_caught() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = DiskStorage::open(dir.path()).unwrap();
+        let data = vec![5u8; BLOCK as usize + 10];
+        let mut w = s.create("blob").unwrap();
+        let r = w.reader();
+        w.write(&data).unwrap();
+        w.commit(b"").unwrap();
+        let mut buf = vec![0; data.len()];
+        assert_eq!(r.read_at(&mut buf, 0).unwrap(), data.len());
+        r.idle();
+        // Same length, one byte changed, through another handle.
+        let other = File::options()
+            .write(true)
+            .open(s.blob_path("blob"))
+            .unwrap();
+        other.write_all_at(&[6], 3).unwrap();
+        drop(other);
+        let err = r.read_at(&mut buf, 0).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+        // The untouched block is still fine.
+        assert_eq!(r.read_at(&mut buf[..10], BLOCK).unwrap(), 10);
     }
 
     #[test]
