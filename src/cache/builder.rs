@@ -188,7 +188,16 @@ impl CacheBuilder {
         }
         let mut owned_disk = None;
         let storage: Arc<dyn Storage> = match &self.backend {
-            Backend::Memory => Arc::new(MemoryStorage::new()),
+            Backend::Memory => {
+                let pool = self
+                    .max_bytes
+                    .map_or(MemoryStorage::DEFAULT_POOL_LIMIT, |max| {
+                        usize::try_from(max).map_or(MemoryStorage::DEFAULT_POOL_LIMIT, |max| {
+                            max.min(MemoryStorage::DEFAULT_POOL_LIMIT)
+                        })
+                    });
+                Arc::new(MemoryStorage::with_pool_limit(pool))
+            }
             Backend::Disk(dir) => {
                 let disk = DiskStorage::open_with(dir, self.sync)?;
                 owned_disk = Some(disk.clone());
