@@ -172,12 +172,15 @@ impl Cache {
             entries: AtomicUsize::new(0),
             maintain_pending: AtomicBool::new(false),
             lru: Mutex::new(LruCache::unbounded()),
+            hit_ring: (0..index::HIT_RING).map(|_| AtomicU64::new(0)).collect(),
+            hit_head: AtomicUsize::new(0),
             bytes: AtomicU64::new(0),
             books: Arc::new(Books {
                 clock: b.clock,
                 stats: Counters::default(),
                 track_idle: limits.tti_ms.is_some(),
                 cache: OnceLock::new(),
+                access: AtomicU64::new(0),
             }),
             limits,
             next_id: AtomicU64::new(0),
@@ -188,6 +191,7 @@ impl Cache {
             max_idle_open: b.max_idle_open,
         });
         let _ = inner.books.cache.set(Arc::downgrade(&inner));
+        inner.books.now();
         reload(&inner)?;
         let reaper = reaper::spawn(Arc::downgrade(&inner), storage, b.listener, rx, tick)
             .map_err(|e| Error::io("spawn reaper thread", "", e))?;
@@ -230,8 +234,7 @@ impl Cache {
     pub fn get_or_create(&self, key: &str) -> Result<Entry> {
         let inner = &self.inner;
         loop {
-            let now = inner.books.clock.now_millis();
-            if let Some(reader) = self.lookup(key, now)? {
+            if let Some(reader) = self.lookup(key, inner.exact_now())? {
                 inner.books.stats.hits.fetch_add(1, Ordering::Relaxed);
                 return Ok(Entry::Hit(reader));
             }
@@ -239,6 +242,7 @@ impl Cache {
             // is discarded and we read theirs.
             let id = inner.next_id.fetch_add(1, Ordering::Relaxed);
             let key_arc: Arc<str> = Arc::from(key);
+            let now = inner.books.now();
             let slot = Arc::new(Slot::new(inner, key_arc.clone(), id, 0, now, 0));
             let observer: Arc<dyn Observer> = slot.clone();
             let writer = Writer::create_observed(
@@ -266,7 +270,7 @@ impl Cache {
     }
 
     /// Serves `key` if it is present and servable; unlinks stale slots on the way.
-    fn lookup(&self, key: &str, now: u64) -> Result<Option<Reader>> {
+    fn lookup(&self, key: &str, now: Option<u64>) -> Result<Option<Reader>> {
         loop {
             let Some(slot) = self.inner.slot(key) else {
                 return Ok(None);
@@ -283,7 +287,7 @@ impl Cache {
     /// None today (stale or unreadable entries are dropped and reported as absent); the
     /// `Result` leaves room for storage errors.
     pub fn get(&self, key: &str) -> Result<Option<Reader>> {
-        let found = self.lookup(key, self.inner.books.clock.now_millis())?;
+        let found = self.lookup(key, self.inner.exact_now())?;
         let counter = if found.is_some() {
             &self.inner.books.stats.hits
         } else {
@@ -504,6 +508,11 @@ fn reload(inner: &Arc<Inner>) -> Result<()> {
             len,
         ));
         slot.set_live();
+        // Stamps of this session must order after those persisted by the last one.
+        inner
+            .books
+            .access
+            .fetch_max(meta.last_access, Ordering::Relaxed);
         inner.bytes.fetch_add(len, Ordering::Relaxed);
         lru.put(id, slot.clone());
         if inner.index.insert(Indexed(slot)) {

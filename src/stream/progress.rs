@@ -12,7 +12,7 @@
 use std::task::{Context, Poll, Waker};
 
 use crate::error::Cause;
-use crate::sync::{AtomicU8, AtomicU64, Condvar, Mutex, MutexGuard, Ordering};
+use crate::sync::{AtomicU8, AtomicU64, AtomicUsize, Condvar, Mutex, MutexGuard, Ordering};
 
 /// How a stream stands.
 #[derive(Debug, Clone)]
@@ -26,6 +26,9 @@ pub(crate) enum Status {
     /// Forcibly closed; readers and writer fail.
     Cancelled(Option<Cause>),
 }
+
+/// `Progress::refs`: closed to new readers.
+const CLOSED: usize = 1 << (usize::BITS - 1);
 
 const OPEN: u8 = 0;
 const FINISHED: u8 = 1;
@@ -57,8 +60,6 @@ struct State {
     /// `Some` once the stream is closed to new readers (shutdown, removal, cancel), with the
     /// reason given.
     closed: Option<Option<Cause>>,
-    /// Live readers plus the writer while it is open.
-    handles: usize,
     /// Threads blocked in `wait_*` (to skip `notify_all` when nobody waits).
     sleepers: usize,
     /// Async waiters to wake on the next change.
@@ -73,6 +74,12 @@ pub(crate) struct Progress {
     len: AtomicU64,
     /// Lock-free copy of `State::status`'s code (`OPEN`, `FINISHED`, `FAILED`); same rule.
     status: AtomicU8,
+    /// Live readers plus the writer while it is open, with the `CLOSED` bit once the stream is
+    /// closed to new readers. Lock-free: acquiring a reader is one compare-and-swap that fails
+    /// once `CLOSED` is set; `CLOSED` is set (with `AcqRel`) only after `State::closed` holds
+    /// the reason. A release that drops the count to zero while `CLOSED` is set takes the lock
+    /// and signals `cond`, for `close_and_wait_unused`.
+    refs: AtomicUsize,
     /// Lock: this mutex. Invariant: `len`/`status` above always equal the fields inside once
     /// the lock is released; `len` never decreases; `status` leaves `Open` at most once.
     state: Mutex<State>,
@@ -96,11 +103,11 @@ impl Progress {
         Progress {
             len: AtomicU64::new(len),
             status: AtomicU8::new(status.code()),
+            refs: AtomicUsize::new(handles),
             state: Mutex::new(State {
                 len,
                 status,
                 closed: None,
-                handles,
                 sleepers: 0,
                 wakers: Vec::new(),
             }),
@@ -171,7 +178,7 @@ impl Progress {
             self.len.store(len, Ordering::Release);
         }
         if let Status::Cancelled(cause) = &status {
-            st.closed.get_or_insert_with(|| cause.clone());
+            self.mark_closed(&mut st, cause.clone());
         }
         self.status.store(status.code(), Ordering::Release);
         st.status = status;
@@ -179,28 +186,44 @@ impl Progress {
         true
     }
 
+    /// Records the closing reason (first one wins), then sets `CLOSED`.
+    fn mark_closed(&self, st: &mut State, cause: Option<Cause>) {
+        st.closed.get_or_insert(cause);
+        self.refs.fetch_or(CLOSED, Ordering::AcqRel);
+    }
+
     /// Closes the stream to new readers with `cause` (first reason wins). Existing readers go on.
     pub(crate) fn close(&self, cause: Option<Cause>) {
         let mut st = self.lock();
-        st.closed.get_or_insert(cause);
+        self.mark_closed(&mut st, cause);
     }
 
     /// Registers a new reader. Fails with the closing reason if the stream is closed.
     pub(crate) fn acquire(&self) -> Result<(), Option<Cause>> {
-        let mut st = self.lock();
-        if let Some(cause) = &st.closed {
-            return Err(cause.clone());
+        let mut cur = self.refs.load(Ordering::Acquire);
+        loop {
+            if cur & CLOSED != 0 {
+                return Err(self.lock().closed.clone().flatten());
+            }
+            match self
+                .refs
+                .compare_exchange_weak(cur, cur + 1, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => return Ok(()),
+                Err(now) => cur = now,
+            }
         }
-        st.handles += 1;
-        Ok(())
     }
 
     /// Drops a reader or the writer. Returns `true` if that was the last handle.
     pub(crate) fn release(&self) -> bool {
-        let mut st = self.lock();
-        st.handles -= 1;
-        let last = st.handles == 0;
-        if last {
+        let prev = self.refs.fetch_sub(1, Ordering::AcqRel);
+        debug_assert!(prev & !CLOSED > 0, "released more handles than acquired");
+        let last = prev & !CLOSED == 1;
+        if last && prev & CLOSED != 0 {
+            // Someone may be waiting in `close_and_wait_unused`: taking the lock orders this
+            // signal after its check of the count.
+            let mut st = self.lock();
             self.wake(&mut st);
         }
         last
@@ -208,7 +231,7 @@ impl Progress {
 
     /// Live readers plus the writer while open.
     pub(crate) fn handles(&self) -> usize {
-        self.lock().handles
+        self.refs.load(Ordering::Acquire) & !CLOSED
     }
 
     /// Blocks until at least `end` bytes are published or the stream has ended.
@@ -244,8 +267,8 @@ impl Progress {
     /// Closes the stream to new readers, then blocks until every handle is released.
     pub(crate) fn close_and_wait_unused(&self, cause: Option<Cause>) {
         let mut st = self.lock();
-        st.closed.get_or_insert(cause);
-        while st.handles > 0 {
+        self.mark_closed(&mut st, cause);
+        while self.handles() > 0 {
             st.sleepers += 1;
             st = self.cond.wait(st).unwrap_or_else(|e| e.into_inner());
             st.sleepers -= 1;
