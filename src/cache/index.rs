@@ -647,7 +647,7 @@ impl Inner {
     fn record_hit(&self, id: u64) {
         let i = self.hit_head.fetch_add(1, Ordering::Relaxed);
         self.hit_ring[i % HIT_RING].store(id + 1, Ordering::Release);
-        if (i + 1) % HIT_RING == 0 {
+        if (i + 1).is_multiple_of(HIT_RING) {
             // Keep the access clock close to the real one.
             self.books.now();
             if let Ok(mut lru) = self.lru.try_lock() {
