@@ -310,7 +310,7 @@ impl Observer for Slot {
         }
     }
 
-    fn finished(&self, len: u64, committed: bool) {
+    fn finished(self: Arc<Self>, len: u64, committed: bool) {
         let Some(cache) = self.books.cache() else {
             return;
         };
@@ -329,13 +329,12 @@ impl Observer for Slot {
             // Removed while it was being written: nobody else will delete it.
             let _ = cache.jobs.send(Job::Delete(self.name()));
         }
-        cache.account(self, len);
-        let me = cache.slot(&self.key).filter(|s| s.id == self.id);
-        if let Some(me) = me {
+        cache.account(&self, len);
+        {
             let mut lru = cache.lru.lock().unwrap_or_else(|e| e.into_inner());
             // Checked under the LRU lock: `finalize` clears `LIVE` before taking it.
             if self.is_live() {
-                lru.put(self.id, me);
+                lru.put(self.id, self.clone());
             }
         }
         if cache.over_limits() {
@@ -678,10 +677,10 @@ impl Inner {
         let mut kept = Vec::new();
         while self.over_limits() {
             let victim = self.lru.lock().unwrap_or_else(|e| e.into_inner()).pop_lru();
-            let Some((_, state)) = victim else { break };
-            let Some(slot) = self.slot(&state.key).filter(|s| s.id == state.id) else {
+            let Some((_, slot)) = victim else { break };
+            if !slot.is_live() {
                 continue;
-            };
+            }
             let in_use = slot.in_use();
             let len = slot.accounted.load(Ordering::Relaxed);
             let refused = self
@@ -689,7 +688,7 @@ impl Inner {
                 .as_ref()
                 .is_some_and(|p| !p.may_evict(&self.info(&slot, len), RemovalCause::Size));
             if in_use || refused {
-                kept.push(state);
+                kept.push(slot);
                 continue;
             }
             if self.unlink(&slot, RemovalCause::Size) {

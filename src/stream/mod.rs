@@ -65,7 +65,8 @@ pub(crate) trait Observer: Send + Sync + fmt::Debug {
     /// The writer published `len` bytes in total.
     fn published(&self, len: u64);
     /// The stream finished at `len`; `committed` is false if it was doomed first.
-    fn finished(&self, len: u64, committed: bool);
+    /// (Takes the `Arc` so the cache can file the entry without looking it up.)
+    fn finished(self: Arc<Self>, len: u64, committed: bool);
     /// The stream was aborted.
     fn aborted(&self);
     /// The last reader or writer handle was released.

@@ -228,7 +228,7 @@ impl Writer {
         }
         // Tell the cache first, so that once readers see the end, its books are up to date.
         if let Some(obs) = &self.shared.observer {
-            obs.finished(len, commit);
+            obs.clone().finished(len, commit);
         }
         if !self.shared.progress.end(len, Status::Finished) {
             return Err(self.shared.failure());
