@@ -64,7 +64,6 @@ pub(crate) struct Limits {
 /// Counters behind [`super::CacheStats`]. Relaxed atomics: statistics are eventually exact.
 #[derive(Debug, Default)]
 pub(crate) struct Counters {
-    pub(crate) hits: AtomicU64,
     pub(crate) misses: AtomicU64,
     pub(crate) aborts: AtomicU64,
     pub(crate) removals: AtomicU64,
@@ -86,9 +85,9 @@ pub(crate) struct Books {
     /// is built; weak, so entries never keep a dropped cache alive).
     pub(crate) cache: OnceLock<Weak<Inner>>,
     /// Access clock for recency stamps when no expiry needs the exact time: milliseconds,
-    /// raised to the real clock on every exact reading (misses, finishes, and every
-    /// `HIT_RING` hits) and by one on each hit in between, so stamps are unique and ordered
-    /// and run at most a few milliseconds ahead of the clock. Saves a clock read per hit.
+    /// raised to one past the real clock on every exact reading (misses, finishes, and every
+    /// `HIT_RING` hits), so a hit is stamped after the finish or miss that preceded it and at
+    /// most a ring's worth of hits behind the clock. Saves a clock read per hit.
     pub(crate) access: AtomicU64,
 }
 
@@ -96,13 +95,14 @@ impl Books {
     /// An exact reading of the clock, which also advances the access clock.
     pub(crate) fn now(&self) -> u64 {
         let now = self.clock.now_millis();
-        self.access.fetch_max(now, Ordering::Relaxed);
+        // Hits stamped from here on order after anything stamped with `now`.
+        self.access.fetch_max(now + 1, Ordering::Relaxed);
         now
     }
 
     /// A recency stamp without reading the clock.
     fn access_stamp(&self) -> u64 {
-        self.access.fetch_add(1, Ordering::Relaxed) + 1
+        self.access.load(Ordering::Relaxed)
     }
 
     pub(crate) fn cache(&self) -> Option<Arc<Inner>> {
@@ -156,7 +156,7 @@ pub(crate) struct Inner {
     /// clears `LIVE` then removes it under this lock, so no dead entry stays.
     pub(crate) lru: Mutex<LruCache<u64, Arc<Slot>>>,
     /// Recent hits (entry id + 1; 0 = empty) not yet applied to `lru`. Lock-free ring written
-    /// at `hit_head`; see `record_hit`.
+    /// at `hit_head`; see `record_hit`. `hit_head` also counts served hits (statistics).
     pub(crate) hit_ring: Box<[AtomicU64]>,
     pub(crate) hit_head: AtomicUsize,
     /// Bytes of live entries, including those still being written. Lock-free; each entry
@@ -569,20 +569,38 @@ impl Inner {
             self.unlink(slot, RemovalCause::Explicit);
             return Ok(None);
         };
-        if stream.failed() {
+        if reader.failed() {
             drop(reader);
             self.unlink(slot, RemovalCause::Aborted);
             return Ok(None);
         }
+        self.note_hit(slot, now);
+        Ok(Some(reader))
+    }
+
+    /// The fast path of a hit, for a caller that holds the index's shard guard: a reader of
+    /// the slot's open stream if the entry is not (possibly) expired. Takes only the slot's
+    /// lock and does no I/O; `None` sends the caller to `try_hit`. The caller must not drop a
+    /// returned reader while it holds the guard (see `Cache::lookup`).
+    pub(crate) fn hit_open(&self, slot: &Slot, now: Option<u64>) -> Option<Reader> {
+        if let Some(now) = now
+            && self.time_expiry(slot, now).is_some()
+        {
+            return None;
+        }
+        slot.lock_stream().as_ref()?.reader().ok()
+    }
+
+    /// Books a served hit: recency stamp and promotion, and the "touched" mark.
+    pub(crate) fn note_hit(&self, slot: &Slot, now: Option<u64>) {
         let stamp = now.unwrap_or_else(|| self.books.access_stamp());
         slot.last_access.store(stamp, Ordering::Relaxed);
         if !slot.is_touched() {
             slot.flags.fetch_or(TOUCHED, Ordering::Relaxed);
         }
-        if slot.finished.load(Ordering::Relaxed) != 0 {
-            self.record_hit(slot.id);
-        }
-        Ok(Some(reader))
+        // Recorded for entries still being written too (their promotion is a no-op): the
+        // ring's cursor is the hit counter.
+        self.record_hit(slot.id);
     }
 
     /// Removes `slot` from the index if it is still there, then finalizes it.

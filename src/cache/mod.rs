@@ -235,7 +235,6 @@ impl Cache {
         let inner = &self.inner;
         loop {
             if let Some(reader) = self.lookup(key, inner.exact_now())? {
-                inner.books.stats.hits.fetch_add(1, Ordering::Relaxed);
                 return Ok(Entry::Hit(reader));
             }
             // Create the blob outside any index lock; if another thread inserts first, ours
@@ -272,9 +271,23 @@ impl Cache {
     /// Serves `key` if it is present and servable; unlinks stale slots on the way.
     fn lookup(&self, key: &str, now: Option<u64>) -> Result<Option<Reader>> {
         loop {
-            let Some(slot) = self.inner.slot(key) else {
-                return Ok(None);
+            // Fast path under the shard's read guard: no slot refcount traffic, no I/O.
+            let (slot, refused) = {
+                let Some(entry) = self.inner.index.get(key) else {
+                    return Ok(None);
+                };
+                let slot = &entry.key().0;
+                match self.inner.hit_open(slot, now) {
+                    Some(reader) if !reader.failed() => {
+                        self.inner.note_hit(slot, now);
+                        return Ok(Some(reader));
+                    }
+                    // A failed stream's reader is dropped below, after the guard: dropping the
+                    // last handle calls back into the index.
+                    refused => (slot.clone(), refused),
+                }
             };
+            drop(refused);
             if let Some(reader) = self.inner.try_hit(&slot, now)? {
                 return Ok(Some(reader));
             }
@@ -288,12 +301,13 @@ impl Cache {
     /// `Result` leaves room for storage errors.
     pub fn get(&self, key: &str) -> Result<Option<Reader>> {
         let found = self.lookup(key, self.inner.exact_now())?;
-        let counter = if found.is_some() {
-            &self.inner.books.stats.hits
-        } else {
-            &self.inner.books.stats.misses
-        };
-        counter.fetch_add(1, Ordering::Relaxed);
+        if found.is_none() {
+            self.inner
+                .books
+                .stats
+                .misses
+                .fetch_add(1, Ordering::Relaxed);
+        }
         Ok(found)
     }
 
@@ -399,7 +413,8 @@ impl Cache {
     pub fn stats(&self) -> CacheStats {
         let s = &self.inner.books.stats;
         CacheStats {
-            hits: s.hits.load(Ordering::Relaxed),
+            // Every served hit goes through the recency ring, whose cursor counts them.
+            hits: self.inner.hit_head.load(Ordering::Relaxed) as u64,
             misses: s.misses.load(Ordering::Relaxed),
             aborts: s.aborts.load(Ordering::Relaxed),
             removals: s.removals.load(Ordering::Relaxed),

@@ -71,6 +71,11 @@ impl Reader {
         }
     }
 
+    /// Whether the stream failed (aborted or cancelled). Lock-free.
+    pub(crate) fn failed(&self) -> bool {
+        self.shared.progress.failed()
+    }
+
     fn progress(&self) -> &Progress {
         &self.shared.progress
     }
