@@ -690,14 +690,41 @@ impl Storage for DiskStorage {
     }
 
     fn list(&self) -> io::Result<Vec<BlobInfo>> {
-        let mut out = Vec::new();
+        let mut shards = Vec::new();
         for shard in fs::read_dir(&self.inner.data)? {
             let shard = shard?;
             if shard.file_type()?.is_dir() {
-                self.list_shard(&shard.path(), &mut out)?;
+                shards.push(shard.path());
             }
         }
-        Ok(out)
+        // Reading records is system-call bound: spread the shards over the available cores.
+        let workers = std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .clamp(1, 8)
+            .min(shards.len().max(1));
+        let per = shards.len().div_ceil(workers).max(1);
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = shards
+                .chunks(per)
+                .map(|part| {
+                    scope.spawn(move || -> io::Result<Vec<BlobInfo>> {
+                        let mut out = Vec::new();
+                        for shard in part {
+                            self.list_shard(shard, &mut out)?;
+                        }
+                        Ok(out)
+                    })
+                })
+                .collect();
+            let mut all = Vec::new();
+            for h in handles {
+                let part = h
+                    .join()
+                    .map_err(|_| io::Error::other("listing thread panicked"))??;
+                all.extend(part);
+            }
+            Ok(all)
+        })
     }
 
     fn set_meta(&self, name: &str, meta: &[u8]) -> io::Result<()> {
