@@ -20,24 +20,17 @@ use std::time::{Duration, Instant};
 
 use streamcache::{Cache, Entry};
 
+#[path = "support/mod.rs"]
+mod support;
+
+use support::{Table, median, runs};
+
 const BIG: usize = 256 << 20;
 const CHUNK: usize = 64 << 10;
 const READ_BUF: usize = 1 << 20;
 /// Keys cycled by the hit-path loop (fits the default 128 open idle handles).
 const KEYS: usize = 100;
 const HITS: usize = 200_000;
-
-fn runs() -> usize {
-    std::env::var("BENCH_RUNS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(7)
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
 
 fn key(i: usize) -> String {
     format!("https://example.com/objects/{i}")
@@ -46,7 +39,7 @@ fn key(i: usize) -> String {
 /// Median nanoseconds per operation of `op(i)` over `HITS` operations.
 fn ns_per_op(mut op: impl FnMut(usize)) -> f64 {
     median(
-        (0..runs())
+        (0..runs(7))
             .map(|_| {
                 let t = Instant::now();
                 for i in 0..HITS {
@@ -67,7 +60,7 @@ fn fill(cache: &Cache) {
     }
 }
 
-fn hit_path(rows: &mut Vec<[String; 4]>) {
+fn hit_path(rows: &mut Table) {
     let map: RwLock<HashMap<String, Arc<Vec<u8>>>> = RwLock::new(
         (0..KEYS)
             .map(|i| (key(i), Arc::new(vec![i as u8; 64])))
@@ -77,24 +70,24 @@ fn hit_path(rows: &mut Vec<[String; 4]>) {
     let base = ns_per_op(|i| {
         black_box(map.read().unwrap().get(&keys[i]).cloned());
     });
-    rows.push(row(
+    rows.row(
         "hit path: RwLock<HashMap> lookup (baseline)",
         base,
         "ns/op",
         None,
-    ));
+    );
 
     let mem = Cache::builder().memory().build().unwrap();
     fill(&mem);
     let ns = ns_per_op(|i| {
         black_box(mem.get(&keys[i]).unwrap().expect("present"));
     });
-    rows.push(row(
+    rows.row(
         "hit path: memory cache, open+drop reader",
         ns,
         "ns/op",
         Some(ns / base),
-    ));
+    );
 
     let dir = tempfile::tempdir().unwrap();
     {
@@ -105,12 +98,12 @@ fn hit_path(rows: &mut Vec<[String; 4]>) {
     let ns = ns_per_op(|i| {
         black_box(disk.get(&keys[i]).unwrap().expect("present"));
     });
-    rows.push(row(
+    rows.row(
         "hit path: disk cache (reloaded), open+drop reader",
         ns,
         "ns/op",
         Some(ns / base),
-    ));
+    );
 }
 
 fn gbps(bytes: usize, d: Duration) -> f64 {
@@ -157,14 +150,14 @@ fn cache_read(cache: &Cache, k: &str, buf: &mut [u8]) -> Duration {
     t.elapsed()
 }
 
-fn disk_throughput(rows: &mut Vec<[String; 4]>) {
+fn disk_throughput(rows: &mut Table) {
     let data: Vec<u8> = (0..BIG).map(|i| (i % 251) as u8).collect();
     let dir = tempfile::tempdir().unwrap();
     let raw_path = dir.path().join("raw.bin");
     let cache_dir = dir.path().join("cache");
     let mut raw_w = Vec::new();
     let mut ours_w = Vec::new();
-    for run in 0..runs() {
+    for run in 0..runs(7) {
         let _ = std::fs::remove_file(&raw_path);
         raw_w.push(gbps(BIG, raw_write(&raw_path, &data)));
         let cache = Cache::builder().disk(&cache_dir).build().unwrap();
@@ -182,18 +175,18 @@ fn disk_throughput(rows: &mut Vec<[String; 4]>) {
         cache.run_pending_tasks();
     }
     let (base, ours) = (median(raw_w), median(ours_w));
-    rows.push(row(
+    rows.row(
         "disk write 256 MiB: raw std::fs (baseline)",
         base,
         "GB/s",
         None,
-    ));
-    rows.push(row(
+    );
+    rows.row(
         "disk write 256 MiB: cache entry with blake3 blocks",
         ours,
         "GB/s",
         Some(ours / base),
-    ));
+    );
 
     // Read-back. One finished entry; the raw file holds the same bytes; both page-cached.
     {
@@ -206,7 +199,7 @@ fn disk_throughput(rows: &mut Vec<[String; 4]>) {
     }
     let mut buf = vec![0u8; READ_BUF];
     let (mut raw_r, mut cold, mut warm) = (Vec::new(), Vec::new(), Vec::new());
-    for _ in 0..runs() {
+    for _ in 0..runs(7) {
         raw_r.push(gbps(BIG, raw_read(&raw_path, &mut buf)));
         // A reopened cache verifies every block on first touch.
         let cache = Cache::builder().disk(&cache_dir).build().unwrap();
@@ -214,35 +207,35 @@ fn disk_throughput(rows: &mut Vec<[String; 4]>) {
         warm.push(gbps(BIG, cache_read(&cache, "big", &mut buf)));
     }
     let base = median(raw_r);
-    rows.push(row(
+    rows.row(
         "disk read-back 256 MiB: raw page-cache read (baseline)",
         base,
         "GB/s",
         None,
-    ));
+    );
     let cold = median(cold);
-    rows.push(row(
+    rows.row(
         "disk read-back: reloaded entry, first read (verifies)",
         cold,
         "GB/s",
         Some(cold / base),
-    ));
+    );
     let warm = median(warm);
-    rows.push(row(
+    rows.row(
         "disk read-back: same entry, blocks already verified",
         warm,
         "GB/s",
         Some(warm / base),
-    ));
+    );
 }
 
-fn late_joiner(rows: &mut Vec<[String; 4]>) {
+fn late_joiner(rows: &mut Table) {
     const TOTAL: usize = 64 << 20;
     const PIECE: usize = 1 << 20;
     let piece = vec![7u8; PIECE];
     let mut fractions = Vec::new();
     let mut ttfb = Vec::new();
-    for run in 0..runs() {
+    for run in 0..runs(7) {
         let cache = Arc::new(Cache::builder().memory().build().unwrap());
         let k = format!("late-{run}");
         let Entry::Miss(mut w) = cache.get_or_create(&k).unwrap() else {
@@ -275,59 +268,28 @@ fn late_joiner(rows: &mut Vec<[String; 4]>) {
         ttfb.push(first.as_secs_f64() * 1e6);
         fractions.push(first.as_secs_f64() / production.as_secs_f64() * 100.0);
     }
-    rows.push(row(
-        "late joiner: time to first byte",
-        median(ttfb),
-        "µs",
-        None,
-    ));
-    rows.push(row(
+    rows.row("late joiner: time to first byte", median(ttfb), "µs", None);
+    rows.row(
         "late joiner: first byte / production time (%)",
         median(fractions),
         "%",
         None,
-    ));
-}
-
-fn row(name: &str, value: f64, unit: &str, ratio: Option<f64>) -> [String; 4] {
-    let r = [
-        name.to_owned(),
-        if value < 0.1 {
-            format!("{value:.4}")
-        } else {
-            format!("{value:.2}")
-        },
-        unit.to_owned(),
-        ratio.map_or_else(|| "—".to_owned(), |r| format!("{r:.2}×")),
-    ];
-    eprintln!("{}", r.join(" | "));
-    r
+    );
 }
 
 fn main() {
-    // `cargo bench` passes `--bench`; `cargo test --benches` would pass nothing: only run the
-    // measurements when asked to benchmark.
-    if !std::env::args().any(|a| a == "--bench") {
+    if !support::benchmarking() {
         return;
     }
-    // Optional filter: `cargo bench --bench cache -- hit` runs only matching sections.
-    let filter: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| !a.starts_with("--"))
-        .collect();
-    let wanted = |name: &str| filter.is_empty() || filter.iter().any(|f| name.contains(f.as_str()));
-    let mut rows = Vec::new();
-    if wanted("hit") {
+    let mut rows = Table::default();
+    if support::wanted("hit") {
         hit_path(&mut rows);
     }
-    if wanted("disk") {
+    if support::wanted("disk") {
         disk_throughput(&mut rows);
     }
-    if wanted("late") {
+    if support::wanted("late") {
         late_joiner(&mut rows);
     }
-    println!("\n| case | median | unit | ratio to baseline |\n| --- | --- | --- | --- |");
-    for r in rows {
-        println!("| {} | {} | {} | {} |", r[0], r[1], r[2], r[3]);
-    }
+    rows.print();
 }

@@ -16,20 +16,13 @@ use std::time::Instant;
 
 use streamcache::{Cache, Entry};
 
+#[path = "support/mod.rs"]
+mod support;
+
+use support::{Table, median, runs};
+
 const OPS_PER_THREAD: usize = 200_000;
 const THREADS: usize = 2;
-
-fn runs() -> usize {
-    std::env::var("BENCH_RUNS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(5)
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
 
 /// Runs `op(thread, i)` on `THREADS` threads and returns operations per second.
 fn ops_per_sec(op: impl Fn(usize, usize) + Sync) -> f64 {
@@ -52,11 +45,11 @@ fn ops_per_sec(op: impl Fn(usize, usize) + Sync) -> f64 {
     (THREADS * OPS_PER_THREAD) as f64 / elapsed.as_secs_f64()
 }
 
-fn insert_throughput(rows: &mut Vec<[String; 4]>) {
+fn insert_throughput(rows: &mut Table) {
     let value = [7u8; 64];
     let mut moka_runs = Vec::new();
     let mut ours_runs = Vec::new();
-    for _ in 0..runs() {
+    for _ in 0..runs(5) {
         let moka: moka::sync::Cache<String, Arc<[u8]>> = moka::sync::Cache::new(10_000);
         moka_runs.push(ops_per_sec(|t, i| {
             moka.insert(format!("key-{t}-{i}"), Arc::from(&value[..]));
@@ -78,18 +71,18 @@ fn insert_throughput(rows: &mut Vec<[String; 4]>) {
         assert!(cache.len() <= 10_000, "limit restored: {}", cache.len());
     }
     let (base, ours) = (median(moka_runs), median(ours_runs));
-    rows.push(row(
+    rows.row(
         "insert 64 B, 2 threads, 10k cap: moka sync insert (baseline)",
         base / 1e6,
         "M ops/s",
         None,
-    ));
-    rows.push(row(
+    );
+    rows.row(
         "insert 64 B, 2 threads, 10k entries: get_or_create+write+finish",
         ours / 1e6,
         "M ops/s",
         Some(ours / base),
-    ));
+    );
 }
 
 fn rss_bytes() -> u64 {
@@ -139,7 +132,7 @@ fn memory_child(mode: &str) {
     drop(keep);
 }
 
-fn memory_per_entry(rows: &mut Vec<[String; 4]>) {
+fn memory_per_entry(rows: &mut Table) {
     let measure = |mode: &str| -> f64 {
         let out = std::process::Command::new(std::env::current_exe().unwrap())
             .arg("--bench")
@@ -151,27 +144,27 @@ fn memory_per_entry(rows: &mut Vec<[String; 4]>) {
     };
     let storage_only = measure("storage");
     let with_cache = measure("cache");
-    rows.push(row(
+    rows.row(
         "memory per entry at 1M tiny entries: storage alone (RSS)",
         storage_only,
         "bytes",
         None,
-    ));
-    rows.push(row(
+    );
+    rows.row(
         "memory per entry at 1M tiny entries: cache total (RSS)",
         with_cache,
         "bytes",
         None,
-    ));
-    rows.push(row(
+    );
+    rows.row(
         "… index overhead per entry (cache minus storage)",
         with_cache - storage_only,
         "bytes",
         None,
-    ));
+    );
 }
 
-fn reload(rows: &mut Vec<[String; 4]>) {
+fn reload(rows: &mut Table) {
     const N: usize = 100_000;
     let dir = tempfile::tempdir().unwrap();
     {
@@ -183,7 +176,7 @@ fn reload(rows: &mut Vec<[String; 4]>) {
             }
         }
     }
-    let times: Vec<f64> = (0..runs().min(3))
+    let times: Vec<f64> = (0..runs(5).min(3))
         .map(|_| {
             let t = Instant::now();
             let cache = Cache::builder().disk(dir.path()).build().unwrap();
@@ -192,50 +185,31 @@ fn reload(rows: &mut Vec<[String; 4]>) {
             took
         })
         .collect();
-    rows.push(row(
+    rows.row(
         "reload 100k entries from disk (page-cached metadata)",
         median(times),
         "s",
         None,
-    ));
-}
-
-fn row(name: &str, value: f64, unit: &str, ratio: Option<f64>) -> [String; 4] {
-    let r = [
-        name.to_owned(),
-        format!("{value:.3}"),
-        unit.to_owned(),
-        ratio.map_or_else(|| "—".to_owned(), |r| format!("{r:.2}×")),
-    ];
-    eprintln!("{}", r.join(" | "));
-    r
+    );
 }
 
 fn main() {
-    if !std::env::args().any(|a| a == "--bench") {
+    if !support::benchmarking() {
         return;
     }
     if let Ok(mode) = std::env::var("EVICTION_MEMORY_CHILD") {
         memory_child(&mode);
         return;
     }
-    let filter: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| !a.starts_with("--"))
-        .collect();
-    let wanted = |name: &str| filter.is_empty() || filter.iter().any(|f| name.contains(f.as_str()));
-    let mut rows = Vec::new();
-    if wanted("insert") {
+    let mut rows = Table::default();
+    if support::wanted("insert") {
         insert_throughput(&mut rows);
     }
-    if wanted("memory") {
+    if support::wanted("memory") {
         memory_per_entry(&mut rows);
     }
-    if wanted("reload") {
+    if support::wanted("reload") {
         reload(&mut rows);
     }
-    println!("\n| case | median | unit | ratio to baseline |\n| --- | --- | --- | --- |");
-    for r in rows {
-        println!("| {} | {} | {} | {} |", r[0], r[1], r[2], r[3]);
-    }
+    rows.print();
 }

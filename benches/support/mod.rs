@@ -1,0 +1,63 @@
+//! What the table-printing benchmarks (`cache`, `eviction`) share: run count, medians, a
+//! section filter and the Markdown table.
+#![allow(dead_code, unreachable_pub)]
+
+/// Repetitions per measurement: `BENCH_RUNS`, else `default`.
+pub fn runs(default: usize) -> usize {
+    std::env::var("BENCH_RUNS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
+}
+
+pub fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// Whether this process was started by `cargo bench` (which passes `--bench`); under
+/// `cargo test --benches` the measurements are skipped.
+pub fn benchmarking() -> bool {
+    std::env::args().any(|a| a == "--bench")
+}
+
+/// Whether the section `name` was asked for: `cargo bench --bench X -- hit disk` runs only the
+/// sections whose names contain one of the words; no words run everything.
+pub fn wanted(name: &str) -> bool {
+    let filter: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    filter.is_empty() || filter.iter().any(|f| name.contains(f.as_str()))
+}
+
+/// Rows of `case | median | unit | ratio to baseline`, echoed to stderr as they come.
+#[derive(Default)]
+pub struct Table {
+    rows: Vec<[String; 4]>,
+}
+
+impl Table {
+    pub fn row(&mut self, name: &str, value: f64, unit: &str, ratio: Option<f64>) {
+        let value = if value.abs() < 0.1 {
+            format!("{value:.4}")
+        } else {
+            format!("{value:.2}")
+        };
+        let r = [
+            name.to_owned(),
+            value,
+            unit.to_owned(),
+            ratio.map_or_else(|| "—".to_owned(), |r| format!("{r:.2}×")),
+        ];
+        eprintln!("{}", r.join(" | "));
+        self.rows.push(r);
+    }
+
+    pub fn print(&self) {
+        println!("\n| case | median | unit | ratio to baseline |\n| --- | --- | --- | --- |");
+        for r in &self.rows {
+            println!("| {} | {} | {} | {} |", r[0], r[1], r[2], r[3]);
+        }
+    }
+}
