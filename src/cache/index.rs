@@ -17,6 +17,7 @@ use lru::LruCache;
 
 use super::clock::Clock;
 use super::meta::EntryMeta;
+use super::reaper;
 use super::{EntryInfo, Policy, RemovalCause};
 use crate::error::{Error, Result};
 use crate::storage::Storage;
@@ -50,6 +51,15 @@ pub(crate) enum Job {
     Sync(Sender<()>),
     /// Stop.
     Shutdown,
+}
+
+/// How `finalize` deletes a committed blob.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Deletion {
+    /// Queue a `Delete` job (any thread: requests never do I/O).
+    Queue,
+    /// Delete it at once (the reaper's own evictions: no job, no second copy of the name).
+    Inline,
 }
 
 /// Limits and options fixed at build time.
@@ -290,8 +300,19 @@ impl Slot {
 
 /// The blob name of version `id` of `key`: 128 bits of blake3(key), then the id.
 pub(crate) fn blob_name(key: &str, id: u64) -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
     let hash = blake3::hash(key.as_bytes());
-    format!("{}-{id:016x}", &hash.to_hex()[..32])
+    // Written digit by digit into an exactly sized buffer (no formatting machinery).
+    let mut name = String::with_capacity(32 + 1 + 16);
+    for b in &hash.as_bytes()[..16] {
+        name.push(HEX[usize::from(b >> 4)] as char);
+        name.push(HEX[usize::from(b & 15)] as char);
+    }
+    name.push('-');
+    for shift in (0..16).rev() {
+        name.push(HEX[((id >> (shift * 4)) & 15) as usize] as char);
+    }
+    name
 }
 
 impl Observer for Slot {
@@ -605,12 +626,17 @@ impl Inner {
 
     /// Removes `slot` from the index if it is still there, then finalizes it.
     pub(crate) fn unlink(&self, slot: &Arc<Slot>, cause: RemovalCause) -> bool {
+        self.unlink_as(slot, cause, Deletion::Queue)
+    }
+
+    /// `unlink`, deleting the blob as `deletion` says.
+    fn unlink_as(&self, slot: &Arc<Slot>, cause: RemovalCause, deletion: Deletion) -> bool {
         let removed = self
             .index
             .remove_if(&*slot.key, |v| Arc::ptr_eq(&v.0, slot))
             .is_some();
         if removed {
-            self.finalize(slot, cause);
+            self.finalize_as(slot, cause, deletion);
         }
         removed
     }
@@ -625,6 +651,12 @@ impl Inner {
     /// Everything that follows a slot's removal from the index. Runs once per slot; does no
     /// I/O itself (deletion is the reaper's job).
     pub(crate) fn finalize(&self, slot: &Slot, cause: RemovalCause) {
+        self.finalize_as(slot, cause, Deletion::Queue);
+    }
+
+    /// `finalize`; with `Deletion::Inline` (reaper thread only) the blob is deleted right here
+    /// instead of through a `Delete` job. Called without any lock held.
+    fn finalize_as(&self, slot: &Slot, cause: RemovalCause, deletion: Deletion) {
         let state = slot;
         let was = state.flags.fetch_and(!LIVE, Ordering::SeqCst);
         self.entries.fetch_sub(1, Ordering::Relaxed);
@@ -637,12 +669,23 @@ impl Inner {
             self.bytes.fetch_sub(counted, Ordering::AcqRel);
         }
         let stream = slot.lock_stream().take();
-        if let Some(stream) = stream {
+        if let Some(stream) = &stream {
             stream.doom_keep();
         }
         if was & COMMITTED != 0 {
-            let _ = self.jobs.send(Job::Delete(state.name()));
+            // The open stream knows the blob's name: no need to derive it again.
+            match (deletion, &stream) {
+                (Deletion::Inline, Some(stream)) => reaper::delete(&*self.storage, stream.name()),
+                (Deletion::Inline, None) => reaper::delete(&*self.storage, &state.name()),
+                (Deletion::Queue, Some(stream)) => {
+                    let _ = self.jobs.send(Job::Delete(stream.name().to_owned()));
+                }
+                (Deletion::Queue, None) => {
+                    let _ = self.jobs.send(Job::Delete(state.name()));
+                }
+            }
         }
+        drop(stream);
         let stats = &self.books.stats;
         match cause {
             RemovalCause::Explicit => &stats.removals,
@@ -709,7 +752,7 @@ impl Inner {
                 kept.push(slot);
                 continue;
             }
-            if self.unlink(&slot, RemovalCause::Size) {
+            if self.unlink_as(&slot, RemovalCause::Size, Deletion::Inline) {
                 evicted += 1;
             }
         }
@@ -747,7 +790,7 @@ impl Inner {
             if cause == RemovalCause::Idle && slot.in_use() {
                 continue;
             }
-            if self.unlink(&slot, cause) {
+            if self.unlink_as(&slot, cause, Deletion::Inline) {
                 evicted += 1;
             }
         }

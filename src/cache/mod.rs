@@ -577,6 +577,22 @@ mod tests {
         );
     }
 
+    /// Blob names are persistent: they must keep the format `<32 hex of blake3(key)>-<16 hex id>`.
+    #[test]
+    fn blob_names_keep_their_format() {
+        for (key, id) in [
+            ("", 0),
+            ("key", 1),
+            ("ключ/x y", u64::MAX),
+            ("k", 0x0123_4567_89ab_cdef),
+        ] {
+            let hash = blake3::hash(key.as_bytes());
+            let want = format!("{}-{id:016x}", &hash.to_hex()[..32]);
+            assert_eq!(blob_name(key, id), want);
+            assert_eq!(blob_name(key, id).capacity(), 49);
+        }
+    }
+
     fn open_fds() -> usize {
         std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count())
     }
