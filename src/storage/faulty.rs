@@ -134,6 +134,11 @@ impl BlobWriter for FaultyWriter {
         self.plan.check(FaultOp::Commit)?;
         self.inner.commit(meta)
     }
+
+    fn commit_owned(self: Box<Self>, meta: Vec<u8>) -> io::Result<()> {
+        self.plan.check(FaultOp::Commit)?;
+        self.inner.commit_owned(meta)
+    }
 }
 
 impl BlobReader for FaultyReader {

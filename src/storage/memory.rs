@@ -117,14 +117,17 @@ impl Pool {
 /// The chunks of one blob.
 #[derive(Debug, Default)]
 struct MemBlob {
-    /// Lock: this `RwLock`; the writer takes it only to push. Invariant: `chunks[i].0` is the
-    /// offset of `chunks[i].1`; chunks are non-empty and contiguous.
+    /// Lock: this `RwLock`; the writer takes it only to push.
     chunks: RwLock<Chunks>,
 }
 
+/// Invariant: `first` is the chunk at offset 0 (empty only while nothing was pushed); `rest[i].0`
+/// is the offset of `rest[i].1`; chunks are non-empty and contiguous. Most blobs have a single
+/// chunk, which needs no list allocation.
 #[derive(Debug, Default)]
 struct Chunks {
-    chunks: Vec<(u64, Bytes)>,
+    first: Bytes,
+    rest: Vec<(u64, Bytes)>,
     len: u64,
 }
 
@@ -133,21 +136,30 @@ impl Chunks {
         if chunk.is_empty() {
             return;
         }
-        if self.chunks.len() < 4 {
-            // Most blobs have one or two chunks: do not reserve room for four.
-            self.chunks.reserve_exact(1);
-        }
         let at = self.len;
         self.len += chunk.len() as u64;
-        self.chunks.push((at, chunk));
+        if self.first.is_empty() {
+            self.first = chunk;
+            return;
+        }
+        if self.rest.len() < 3 {
+            // Most blobs have one or two chunks: do not reserve room for four.
+            self.rest.reserve_exact(1);
+        }
+        self.rest.push((at, chunk));
     }
 
     fn slice(&self, offset: u64, max: usize) -> Bytes {
         if offset >= self.len || max == 0 {
             return Bytes::new();
         }
-        let i = self.chunks.partition_point(|(s, _)| *s <= offset) - 1;
-        let (start, chunk) = &self.chunks[i];
+        let (start, chunk) = if offset < self.first.len() as u64 {
+            (0, &self.first)
+        } else {
+            let i = self.rest.partition_point(|(s, _)| *s <= offset) - 1;
+            let (start, chunk) = &self.rest[i];
+            (*start, chunk)
+        };
         let from = (offset - start) as usize;
         let to = chunk.len().min(from.saturating_add(max));
         chunk.slice(from..to)
@@ -233,7 +245,11 @@ impl BlobWriter for MemWriter {
         self.blob.clone()
     }
 
-    fn commit(mut self: Box<Self>, meta: &[u8]) -> io::Result<()> {
+    fn commit(self: Box<Self>, meta: &[u8]) -> io::Result<()> {
+        self.commit_owned(meta.to_vec())
+    }
+
+    fn commit_owned(mut self: Box<Self>, meta: Vec<u8>) -> io::Result<()> {
         if !self.pooled && !self.seg.is_empty() {
             // The last, small segment is not recycled: hand it over whole (no split, so no
             // shared-buffer header is allocated for it).
@@ -244,7 +260,10 @@ impl BlobWriter for MemWriter {
         self.release_segment();
         let blob = self.blob.clone();
         let name = std::mem::take(&mut self.name).into_boxed_str();
-        self.storage.committed.insert(name, (blob, meta.into()));
+        // No copy when `meta` has no spare capacity (the cache's records are sized exactly).
+        self.storage
+            .committed
+            .insert(name, (blob, meta.into_boxed_slice()));
         Ok(())
     }
 }

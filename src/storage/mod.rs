@@ -110,6 +110,16 @@ pub trait BlobWriter: Send + fmt::Debug {
     /// # Errors
     /// Any I/O error; the blob is then discarded.
     fn commit(self: Box<Self>, meta: &[u8]) -> io::Result<()>;
+
+    /// [`commit`](BlobWriter::commit) with metadata the caller no longer needs, so that a
+    /// backend that keeps it (like [`MemoryStorage`]) can take it without a copy. The default
+    /// calls `commit`.
+    ///
+    /// # Errors
+    /// As [`commit`](BlobWriter::commit).
+    fn commit_owned(self: Box<Self>, meta: Vec<u8>) -> io::Result<()> {
+        self.commit(&meta)
+    }
 }
 
 /// Positional reads of one blob, shared by every reader of it.
@@ -187,6 +197,9 @@ impl<W: BlobWriter + ?Sized> BlobWriter for Box<W> {
     }
     fn commit(self: Box<Self>, meta: &[u8]) -> io::Result<()> {
         (*self).commit(meta)
+    }
+    fn commit_owned(self: Box<Self>, meta: Vec<u8>) -> io::Result<()> {
+        (*self).commit_owned(meta)
     }
 }
 
