@@ -60,6 +60,9 @@ enum Deletion {
     Queue,
     /// Delete it at once (the reaper's own evictions: no job, no second copy of the name).
     Inline,
+    /// As `Inline`, for a slot the caller already took out of `lru` (size eviction): it cannot
+    /// be filed again (only `finished`, once, files it), so `finalize` skips the LRU lock.
+    InlineUnfiled,
 }
 
 /// Limits and options fixed at build time.
@@ -660,10 +663,12 @@ impl Inner {
         let state = slot;
         let was = state.flags.fetch_and(!LIVE, Ordering::SeqCst);
         self.entries.fetch_sub(1, Ordering::Relaxed);
-        self.lru
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .pop(&state.id);
+        if deletion != Deletion::InlineUnfiled {
+            self.lru
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .pop(&state.id);
+        }
         let counted = state.accounted.swap(GONE, Ordering::AcqRel);
         if counted != GONE {
             self.bytes.fetch_sub(counted, Ordering::AcqRel);
@@ -675,8 +680,12 @@ impl Inner {
         if was & COMMITTED != 0 {
             // The open stream knows the blob's name: no need to derive it again.
             match (deletion, &stream) {
-                (Deletion::Inline, Some(stream)) => reaper::delete(&*self.storage, stream.name()),
-                (Deletion::Inline, None) => reaper::delete(&*self.storage, &state.name()),
+                (Deletion::Inline | Deletion::InlineUnfiled, Some(stream)) => {
+                    reaper::delete(&*self.storage, stream.name());
+                }
+                (Deletion::Inline | Deletion::InlineUnfiled, None) => {
+                    reaper::delete(&*self.storage, &state.name());
+                }
                 (Deletion::Queue, Some(stream)) => {
                     let _ = self.jobs.send(Job::Delete(stream.name().to_owned()));
                 }
@@ -720,7 +729,13 @@ impl Inner {
     fn apply_hits(&self, lru: &mut LruCache<u64, Arc<Slot>>) {
         let head = self.hit_head.load(Ordering::Acquire);
         for k in 0..HIT_RING {
-            let id = self.hit_ring[(head + k) % HIT_RING].swap(0, Ordering::AcqRel);
+            let cell = &self.hit_ring[(head + k) % HIT_RING];
+            // A plain load first: empty cells (the common case when the reaper runs after
+            // inserts) cost no read-modify-write.
+            if cell.load(Ordering::Acquire) == 0 {
+                continue;
+            }
+            let id = cell.swap(0, Ordering::AcqRel);
             if id != 0 {
                 lru.promote(&(id - 1));
             }
@@ -730,14 +745,20 @@ impl Inner {
     /// Size eviction: least recently used first, skipping entries in use or that the policy
     /// keeps. Returns how many were evicted.
     pub(crate) fn evict_for_size(&self) -> usize {
-        {
+        let mut held = {
             let mut lru = self.lru.lock().unwrap_or_else(|e| e.into_inner());
             self.apply_hits(&mut lru);
-        }
+            Some(lru)
+        };
         let mut evicted = 0;
         let mut kept = Vec::new();
         while self.over_limits() {
-            let victim = self.lru.lock().unwrap_or_else(|e| e.into_inner()).pop_lru();
+            // The first victim comes under the lock taken to apply the hits; the guard is
+            // dropped before the victim is looked at.
+            let victim = match held.take() {
+                Some(mut lru) => lru.pop_lru(),
+                None => self.lru.lock().unwrap_or_else(|e| e.into_inner()).pop_lru(),
+            };
             let Some((_, slot)) = victim else { break };
             if !slot.is_live() {
                 continue;
@@ -752,12 +773,16 @@ impl Inner {
                 kept.push(slot);
                 continue;
             }
-            if self.unlink_as(&slot, RemovalCause::Size, Deletion::Inline) {
+            if self.unlink_as(&slot, RemovalCause::Size, Deletion::InlineUnfiled) {
                 evicted += 1;
             }
         }
+        drop(held);
         let over = self.over_limits();
         self.books.stats.over_limit.store(over, Ordering::Relaxed);
+        if kept.is_empty() {
+            return evicted;
+        }
         // Entries we skipped go back as least recently used, in their old order.
         let mut lru = self.lru.lock().unwrap_or_else(|e| e.into_inner());
         for state in kept.into_iter().rev() {
