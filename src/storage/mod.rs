@@ -149,41 +149,43 @@ pub trait BlobReader: Send + Sync + fmt::Debug {
 // wherever a `Storage` is expected, e.g. `FaultyStorage::new(boxed)`. Every method is forwarded,
 // including the provided `read_bytes`, so wrapping never loses the zero-copy path.
 
-impl<S: Storage + ?Sized> Storage for Box<S> {
-    fn create(&self, name: &str) -> io::Result<Box<dyn BlobWriter>> {
-        (**self).create(name)
-    }
-    fn open(&self, name: &str) -> io::Result<(Arc<dyn BlobReader>, BlobInfo)> {
-        (**self).open(name)
-    }
-    fn remove(&self, name: &str) -> io::Result<()> {
-        (**self).remove(name)
-    }
-    fn list(&self) -> io::Result<Vec<BlobInfo>> {
-        (**self).list()
-    }
-    fn set_meta(&self, name: &str, meta: &[u8]) -> io::Result<()> {
-        (**self).set_meta(name, meta)
-    }
+/// Forwards `Storage` and `BlobReader` through a smart pointer.
+macro_rules! forward_through {
+    ($ptr:ident) => {
+        impl<S: Storage + ?Sized> Storage for $ptr<S> {
+            fn create(&self, name: &str) -> io::Result<Box<dyn BlobWriter>> {
+                (**self).create(name)
+            }
+            fn open(&self, name: &str) -> io::Result<(Arc<dyn BlobReader>, BlobInfo)> {
+                (**self).open(name)
+            }
+            fn remove(&self, name: &str) -> io::Result<()> {
+                (**self).remove(name)
+            }
+            fn list(&self) -> io::Result<Vec<BlobInfo>> {
+                (**self).list()
+            }
+            fn set_meta(&self, name: &str, meta: &[u8]) -> io::Result<()> {
+                (**self).set_meta(name, meta)
+            }
+        }
+
+        impl<R: BlobReader + ?Sized> BlobReader for $ptr<R> {
+            fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+                (**self).read_at(buf, offset)
+            }
+            fn read_bytes(&self, offset: u64, max: usize) -> Option<io::Result<Bytes>> {
+                (**self).read_bytes(offset, max)
+            }
+            fn idle(&self) {
+                (**self).idle()
+            }
+        }
+    };
 }
 
-impl<S: Storage + ?Sized> Storage for Arc<S> {
-    fn create(&self, name: &str) -> io::Result<Box<dyn BlobWriter>> {
-        (**self).create(name)
-    }
-    fn open(&self, name: &str) -> io::Result<(Arc<dyn BlobReader>, BlobInfo)> {
-        (**self).open(name)
-    }
-    fn remove(&self, name: &str) -> io::Result<()> {
-        (**self).remove(name)
-    }
-    fn list(&self) -> io::Result<Vec<BlobInfo>> {
-        (**self).list()
-    }
-    fn set_meta(&self, name: &str, meta: &[u8]) -> io::Result<()> {
-        (**self).set_meta(name, meta)
-    }
-}
+forward_through!(Box);
+forward_through!(Arc);
 
 impl<W: BlobWriter + ?Sized> BlobWriter for Box<W> {
     fn write(&mut self, buf: &[u8]) -> io::Result<()> {
@@ -200,30 +202,6 @@ impl<W: BlobWriter + ?Sized> BlobWriter for Box<W> {
     }
     fn commit_owned(self: Box<Self>, meta: Vec<u8>) -> io::Result<()> {
         (*self).commit_owned(meta)
-    }
-}
-
-impl<R: BlobReader + ?Sized> BlobReader for Box<R> {
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
-        (**self).read_at(buf, offset)
-    }
-    fn read_bytes(&self, offset: u64, max: usize) -> Option<io::Result<Bytes>> {
-        (**self).read_bytes(offset, max)
-    }
-    fn idle(&self) {
-        (**self).idle()
-    }
-}
-
-impl<R: BlobReader + ?Sized> BlobReader for Arc<R> {
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
-        (**self).read_at(buf, offset)
-    }
-    fn read_bytes(&self, offset: u64, max: usize) -> Option<io::Result<Bytes>> {
-        (**self).read_bytes(offset, max)
-    }
-    fn idle(&self) {
-        (**self).idle()
     }
 }
 
