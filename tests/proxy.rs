@@ -272,29 +272,13 @@ fn client() -> HttpClient {
     Client::builder(TokioExecutor::new()).build_http()
 }
 
-/// The usual fixture: a counting origin, a proxy over a fresh cache directory, a client, and
-/// the bytes the origin serves.
-struct Setup {
-    origin: Origin,
-    dir: tempfile::TempDir,
-    proxy: RunningProxy,
-    client: HttpClient,
-    expected: Vec<u8>,
-}
-
-impl Setup {
-    async fn start() -> Setup {
-        let origin = Origin::start().await;
-        let dir = tempfile::tempdir().unwrap();
-        let proxy = start_proxy(dir.path(), origin.url()).await;
-        Setup {
-            origin,
-            dir,
-            proxy,
-            client: client(),
-            expected: content(),
-        }
-    }
+/// The usual fixture: a counting origin, a proxy over a fresh cache directory (keep the
+/// `TempDir` alive), a client, and the bytes the origin serves.
+async fn setup() -> (Origin, tempfile::TempDir, RunningProxy, HttpClient, Vec<u8>) {
+    let origin = Origin::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let proxy = start_proxy(dir.path(), origin.url()).await;
+    (origin, dir, proxy, client(), content())
 }
 
 /// Sends a GET; returns the response with its body still streaming.
@@ -335,13 +319,7 @@ fn header_str(resp: &Response<()>, name: header::HeaderName) -> Option<&str> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn twenty_concurrent_clients_one_origin_request() {
     deadline(async {
-        let Setup {
-            origin,
-            dir: _dir,
-            proxy,
-            client,
-            expected,
-        } = Setup::start().await;
+        let (origin, _dir, proxy, client, expected) = setup().await;
 
         let mut clients = JoinSet::new();
         for _ in 0..20 {
@@ -381,13 +359,7 @@ async fn twenty_concurrent_clients_one_origin_request() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ranges_are_answered_mid_download() {
     deadline(async {
-        let Setup {
-            origin,
-            dir: _dir,
-            proxy,
-            client,
-            expected,
-        } = Setup::start().await;
+        let (origin, _dir, proxy, client, expected) = setup().await;
 
         // The first client starts the download; the origin then stalls at half the body.
         let first = {
@@ -463,13 +435,7 @@ async fn ranges_are_answered_mid_download() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ranges_without_content_length_mid_download() {
     deadline(async {
-        let Setup {
-            origin,
-            dir: _dir,
-            proxy,
-            client,
-            expected,
-        } = Setup::start().await;
+        let (origin, _dir, proxy, client, expected) = setup().await;
 
         let first = send(&client, proxy.url("/gated-chunked/r"), None).await;
         assert_eq!(first.status(), StatusCode::OK);
@@ -511,13 +477,7 @@ async fn ranges_without_content_length_mid_download() {
 /// An origin that breaks mid-body: every client streaming sees an error, nothing is cached,
 /// the next request goes upstream again (and, the origin being well now, is cached).
 async fn broken_origin_case(path: &str, with_length: bool) {
-    let Setup {
-        origin,
-        dir: _dir,
-        proxy,
-        client,
-        expected,
-    } = Setup::start().await;
+    let (origin, _dir, proxy, client, expected) = setup().await;
 
     // Three clients have their response heads before the origin breaks.
     let mut streaming = Vec::new();
@@ -578,13 +538,7 @@ async fn http10_get(addr: SocketAddr, path: &str) -> Vec<u8> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http10_client_never_gets_a_short_body() {
     deadline(async {
-        let Setup {
-            origin,
-            dir: _dir,
-            proxy,
-            client,
-            expected,
-        } = Setup::start().await;
+        let (origin, _dir, proxy, client, expected) = setup().await;
 
         let first = send(&client, proxy.url("/flaky-chunked/old"), None).await;
         assert_eq!(first.status(), StatusCode::OK);
