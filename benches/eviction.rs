@@ -112,7 +112,7 @@ fn memory_child(mode: &str) {
         for i in 0..MEM_ENTRIES {
             let mut w = storage.create(&format!("{i:032x}-{i:016x}")).unwrap();
             w.write(&[1; VALUE]).unwrap();
-            w.commit(&meta).unwrap();
+            w.commit(meta.clone()).unwrap();
         }
         Box::new(storage)
     } else {

@@ -156,7 +156,7 @@ fn write_pattern(w: &mut dyn BlobWriter, from: usize, len: usize) {
 fn commit_pattern(s: &dyn Storage, name: &str, len: usize, meta: &[u8]) {
     let mut w = s.create(name).unwrap();
     write_pattern(&mut *w, 0, len);
-    w.commit(meta).unwrap();
+    w.commit(meta.to_vec()).unwrap();
 }
 
 fn sorted(mut v: Vec<BlobInfo>) -> Vec<BlobInfo> {
@@ -202,10 +202,12 @@ fn check_write_publish_read(s: &dyn Storage) {
     write_pattern(&mut *w, half, len - half);
     w.publish().unwrap();
     check_content(&*early, len);
-    w.commit(b"meta").unwrap();
+    w.commit(b"meta".to_vec()).unwrap();
     check_content(&*early, len);
     check_content(&*late, len);
     let (opened, info) = s.open("blob").unwrap();
+    // `info` reports what `open` does, without opening.
+    assert_eq!(s.info("blob").unwrap(), info);
     assert_eq!(
         info,
         BlobInfo {
@@ -255,7 +257,7 @@ fn check_publish_visible_across_threads(s: &dyn Storage) {
     for h in handles {
         assert_eq!(h.join().unwrap(), pos);
     }
-    w.commit(b"").unwrap();
+    w.commit(b"".to_vec()).unwrap();
 }
 
 /// Readers keep working after commit and after the blob is removed.
@@ -264,11 +266,12 @@ fn check_readers_survive_commit_and_remove(s: &dyn Storage) {
     let mut w = s.create("survivor").unwrap();
     let from_writer = w.reader();
     write_pattern(&mut *w, 0, len);
-    w.commit(b"m").unwrap();
+    w.commit(b"m".to_vec()).unwrap();
     check_content(&*from_writer, len);
     let (opened, _) = s.open("survivor").unwrap();
     s.remove("survivor").unwrap();
     assert_not_found(s.open("survivor"));
+    assert_not_found(s.info("survivor"));
     assert!(!names(s).contains(&"survivor".to_string()));
     check_content(&*from_writer, len);
     check_content(&*opened, len);
@@ -285,9 +288,11 @@ fn check_uncommitted_invisible_and_discarded(s: &dyn Storage) {
     write_pattern(&mut *w, 0, 5000);
     w.publish().unwrap();
     assert_not_found(s.open("pending"));
+    assert_not_found(s.info("pending"));
     assert_eq!(names(s), ["other"]);
     drop(w);
     assert_not_found(s.open("pending"));
+    assert_not_found(s.info("pending"));
     assert_eq!(names(s), ["other"]);
     // The reader made before the drop still reads what was published.
     let got = read_range(&*r, 0, 5000).unwrap();
@@ -296,7 +301,7 @@ fn check_uncommitted_invisible_and_discarded(s: &dyn Storage) {
     // The name can be used again, and the new blob holds only its own bytes.
     let mut w = s.create("pending").unwrap();
     w.write(b"fresh").unwrap();
-    w.commit(b"").unwrap();
+    w.commit(b"".to_vec()).unwrap();
     let (r2, info) = s.open("pending").unwrap();
     assert_eq!(info.len, 5);
     assert_eq!(read_range(&*r2, 0, 100).unwrap(), b"fresh");
@@ -413,7 +418,7 @@ fn check_read_bytes_agrees(s: &dyn Storage) {
         }
     };
     check(&*live);
-    w.commit(b"").unwrap();
+    w.commit(b"".to_vec()).unwrap();
     check(&*live);
     check(&*s.open("rb").unwrap().0);
 }
@@ -422,7 +427,7 @@ fn check_read_bytes_agrees(s: &dyn Storage) {
 fn check_empty_blob(s: &dyn Storage) {
     let w = s.create("empty").unwrap();
     let r = w.reader();
-    w.commit(b"").unwrap();
+    w.commit(b"".to_vec()).unwrap();
     assert_eq!(read_range(&*r, 0, 10).unwrap(), b"");
     let (r, info) = s.open("empty").unwrap();
     assert_eq!(info.len, 0);
@@ -747,7 +752,7 @@ fn faulty_fail_nth_gives_the_chosen_error() {
         assert_not_found(s.open("w"));
         let mut w = s.create("w").unwrap();
         w.write(b"fine").unwrap();
-        w.commit(b"").unwrap();
+        w.commit(b"".to_vec()).unwrap();
 
         // Commit: the blob is discarded.
         s.fail_nth(FaultOp::Commit, 1, io::ErrorKind::Other);
@@ -755,7 +760,7 @@ fn faulty_fail_nth_gives_the_chosen_error() {
         let r = w.reader();
         w.write(b"data").unwrap();
         assert_eq!(
-            w.commit(b"").unwrap_err().kind(),
+            w.commit(b"".to_vec()).unwrap_err().kind(),
             io::ErrorKind::Other,
             "{name}"
         );

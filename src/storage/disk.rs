@@ -354,7 +354,7 @@ impl BlobWriter for DiskWriter {
         self.reader.clone()
     }
 
-    fn commit(mut self: Box<Self>, meta: &[u8]) -> io::Result<()> {
+    fn commit(mut self: Box<Self>, meta: Vec<u8>) -> io::Result<()> {
         if !self.len.is_multiple_of(BLOCK) {
             self.hashes.push(*self.block.finalize().as_bytes());
         }
@@ -367,7 +367,7 @@ impl BlobWriter for DiskWriter {
         let record = Record {
             len: self.len,
             hashes,
-            meta: meta.to_vec(),
+            meta,
         }
         .encode();
         let shard = st.shard(&self.name);
@@ -676,6 +676,17 @@ impl Storage for DiskStorage {
         Ok((Arc::new(reader), info))
     }
 
+    /// Reads the record only: the data file is not opened.
+    fn info(&self, name: &str) -> io::Result<BlobInfo> {
+        validate_name(name)?;
+        let record = self.read_record(name)?;
+        Ok(BlobInfo {
+            name: name.to_owned(),
+            len: record.len,
+            meta: record.meta,
+        })
+    }
+
     fn remove(&self, name: &str) -> io::Result<()> {
         validate_name(name)?;
         match fs::remove_file(self.inner.meta_path(name)) {
@@ -780,7 +791,7 @@ mod tests {
             .collect();
         let mut w = s.create("blob").unwrap();
         w.write(&data).unwrap();
-        w.commit(b"m").unwrap();
+        w.commit(b"m".to_vec()).unwrap();
         let path = s.blob_path("blob");
         let mut bytes = fs::read(&path).unwrap();
         bytes[2 * BLOCK as usize + 3] ^= 1;
@@ -808,7 +819,7 @@ mod tests {
         let mut w = s.create("blob").unwrap();
         let r = w.reader();
         w.write(&data).unwrap();
-        w.commit(b"").unwrap();
+        w.commit(b"".to_vec()).unwrap();
         let mut buf = vec![0; data.len()];
         assert_eq!(r.read_at(&mut buf, 0).unwrap(), data.len());
         r.idle();
@@ -831,10 +842,10 @@ mod tests {
         let s = DiskStorage::open(dir.path()).unwrap();
         let mut w = s.create("kept").unwrap();
         w.write(b"abc").unwrap();
-        w.commit(b"").unwrap();
+        w.commit(b"".to_vec()).unwrap();
         let mut w = s.create("lost").unwrap();
         w.write(b"xyz").unwrap();
-        w.commit(b"").unwrap();
+        w.commit(b"".to_vec()).unwrap();
         // Simulate a crash between the data rename and the record rename.
         fs::remove_file(s.inner.meta_path("lost")).unwrap();
         let names: Vec<_> = s.list().unwrap().into_iter().map(|b| b.name).collect();

@@ -130,14 +130,9 @@ impl BlobWriter for FaultyWriter {
         })
     }
 
-    fn commit(self: Box<Self>, meta: &[u8]) -> io::Result<()> {
+    fn commit(self: Box<Self>, meta: Vec<u8>) -> io::Result<()> {
         self.plan.check(FaultOp::Commit)?;
         self.inner.commit(meta)
-    }
-
-    fn commit_owned(self: Box<Self>, meta: Vec<u8>) -> io::Result<()> {
-        self.plan.check(FaultOp::Commit)?;
-        self.inner.commit_owned(meta)
     }
 }
 
@@ -176,6 +171,11 @@ impl Storage for FaultyStorage {
             plan: self.plan.clone(),
         };
         Ok((Arc::new(reader), info))
+    }
+
+    fn info(&self, name: &str) -> io::Result<BlobInfo> {
+        self.plan.check(FaultOp::Open)?;
+        self.inner.info(name)
     }
 
     fn remove(&self, name: &str) -> io::Result<()> {

@@ -245,11 +245,7 @@ impl BlobWriter for MemWriter {
         self.blob.clone()
     }
 
-    fn commit(self: Box<Self>, meta: &[u8]) -> io::Result<()> {
-        self.commit_owned(meta.to_vec())
-    }
-
-    fn commit_owned(mut self: Box<Self>, meta: Vec<u8>) -> io::Result<()> {
+    fn commit(mut self: Box<Self>, meta: Vec<u8>) -> io::Result<()> {
         if !self.pooled && !self.seg.is_empty() {
             // The last, small segment is not recycled: hand it over whole (no split, so no
             // shared-buffer header is allocated for it).

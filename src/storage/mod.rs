@@ -63,6 +63,15 @@ pub trait Storage: Send + Sync + fmt::Debug {
     /// [`io::ErrorKind::InvalidData`] if the stored blob is inconsistent.
     fn open(&self, name: &str) -> io::Result<(Arc<dyn BlobReader>, BlobInfo)>;
 
+    /// A committed blob's length and metadata, without opening it for reading. The default
+    /// uses [`open`](Storage::open); backends where opening costs more should override it.
+    ///
+    /// # Errors
+    /// As [`open`](Storage::open).
+    fn info(&self, name: &str) -> io::Result<BlobInfo> {
+        self.open(name).map(|(_, info)| info)
+    }
+
     /// Deletes a committed blob. Readers that are already open keep working.
     ///
     /// # Errors
@@ -106,20 +115,12 @@ pub trait BlobWriter: Send + fmt::Debug {
 
     /// Publishes, then commits the blob with `meta` as its metadata: it becomes visible to
     /// [`Storage::open`] and [`Storage::list`] and, for persistent storage, survives a restart.
+    /// The metadata is handed over, so a backend that keeps it (like [`MemoryStorage`]) needs
+    /// no copy.
     ///
     /// # Errors
     /// Any I/O error; the blob is then discarded.
-    fn commit(self: Box<Self>, meta: &[u8]) -> io::Result<()>;
-
-    /// [`commit`](BlobWriter::commit) with metadata the caller no longer needs, so that a
-    /// backend that keeps it (like [`MemoryStorage`]) can take it without a copy. The default
-    /// calls `commit`.
-    ///
-    /// # Errors
-    /// As [`commit`](BlobWriter::commit).
-    fn commit_owned(self: Box<Self>, meta: Vec<u8>) -> io::Result<()> {
-        self.commit(&meta)
-    }
+    fn commit(self: Box<Self>, meta: Vec<u8>) -> io::Result<()>;
 }
 
 /// Positional reads of one blob, shared by every reader of it.
@@ -159,6 +160,9 @@ macro_rules! forward_through {
             fn open(&self, name: &str) -> io::Result<(Arc<dyn BlobReader>, BlobInfo)> {
                 (**self).open(name)
             }
+            fn info(&self, name: &str) -> io::Result<BlobInfo> {
+                (**self).info(name)
+            }
             fn remove(&self, name: &str) -> io::Result<()> {
                 (**self).remove(name)
             }
@@ -197,11 +201,8 @@ impl<W: BlobWriter + ?Sized> BlobWriter for Box<W> {
     fn reader(&self) -> Arc<dyn BlobReader> {
         (**self).reader()
     }
-    fn commit(self: Box<Self>, meta: &[u8]) -> io::Result<()> {
+    fn commit(self: Box<Self>, meta: Vec<u8>) -> io::Result<()> {
         (*self).commit(meta)
-    }
-    fn commit_owned(self: Box<Self>, meta: Vec<u8>) -> io::Result<()> {
-        (*self).commit_owned(meta)
     }
 }
 

@@ -221,7 +221,7 @@ impl Writer {
                 Some(obs) => obs.commit_meta(len, &user),
                 None => user.to_vec(),
             };
-            if let Err(e) = blob.commit_owned(meta) {
+            if let Err(e) = blob.commit(meta) {
                 return Err(self.fail("commit", e));
             }
             self.shared.set_committed();
