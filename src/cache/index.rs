@@ -338,11 +338,16 @@ impl Observer for Slot {
         let Some(cache) = self.books.cache() else {
             return;
         };
-        let now = cache.books.now();
-        let _ = self
-            .finished
-            .compare_exchange(0, now, Ordering::Relaxed, Ordering::Relaxed);
-        self.last_access.store(now, Ordering::Relaxed);
+        // A committed entry was stamped by `commit_meta` a moment ago; a doomed one was not.
+        let now = match self.finished.load(Ordering::Relaxed) {
+            0 => {
+                let now = cache.books.now();
+                self.finished.store(now, Ordering::Relaxed);
+                self.last_access.store(now, Ordering::Relaxed);
+                now
+            }
+            stamped => stamped,
+        };
         self.idle_since.store(now, Ordering::Relaxed);
         cache
             .books
@@ -430,9 +435,9 @@ impl Inner {
     pub(crate) fn current_meta(&self, slot: &Slot) -> EntryMeta {
         let stored = self
             .storage
-            .open(&slot.name())
+            .info(&slot.name())
             .ok()
-            .and_then(|(_, info)| EntryMeta::decode(&info.meta).ok());
+            .and_then(|info| EntryMeta::decode(&info.meta).ok());
         // The guard is dropped at the end of this statement.
         let open_user = slot.lock_stream().as_ref().map(Stream::metadata);
         let (created, stored_user) = stored.map_or((0, Bytes::new()), |m| (m.created, m.user));
@@ -478,14 +483,14 @@ impl Inner {
         }
     }
 
-    /// Sets `state`'s contribution to the byte total to `len` (unless it left the index).
-    fn account(&self, state: &Slot, len: u64) {
-        let mut cur = state.accounted.load(Ordering::Acquire);
+    /// Sets `slot`'s contribution to the byte total to `len` (unless it left the index).
+    fn account(&self, slot: &Slot, len: u64) {
+        let mut cur = slot.accounted.load(Ordering::Acquire);
         loop {
             if cur == GONE || cur >= len {
                 return;
             }
-            match state
+            match slot
                 .accounted
                 .compare_exchange(cur, len, Ordering::AcqRel, Ordering::Acquire)
             {
@@ -493,12 +498,8 @@ impl Inner {
                 Err(now) => cur = now,
             }
         }
-        self.bytes.fetch_add(len - cur, Ordering::AcqRel);
-        if self
-            .limits
-            .max_bytes
-            .is_some_and(|max| self.bytes.load(Ordering::Relaxed) > max)
-        {
+        let total = self.bytes.fetch_add(len - cur, Ordering::AcqRel) + (len - cur);
+        if self.limits.max_bytes.is_some_and(|max| total > max) {
             self.request_maintenance();
         }
     }
@@ -525,8 +526,8 @@ impl Inner {
 
     /// Like `expiry`, from timestamps alone (no lock taken): `Idle` still needs the caller to
     /// check that the entry is not in use.
-    fn time_expiry(&self, state: &Slot, now: u64) -> Option<RemovalCause> {
-        let finished = state.finished.load(Ordering::Relaxed);
+    fn time_expiry(&self, slot: &Slot, now: u64) -> Option<RemovalCause> {
+        let finished = slot.finished.load(Ordering::Relaxed);
         if finished == 0 {
             return None; // being written: never expires
         }
@@ -536,7 +537,7 @@ impl Inner {
             return Some(RemovalCause::Expired);
         }
         if let Some(tti) = self.limits.tti_ms
-            && now >= state.idle_since.load(Ordering::Relaxed).saturating_add(tti)
+            && now >= slot.idle_since.load(Ordering::Relaxed).saturating_add(tti)
         {
             return Some(RemovalCause::Idle);
         }
@@ -660,16 +661,15 @@ impl Inner {
     /// `finalize`; with `Deletion::Inline` (reaper thread only) the blob is deleted right here
     /// instead of through a `Delete` job. Called without any lock held.
     fn finalize_as(&self, slot: &Slot, cause: RemovalCause, deletion: Deletion) {
-        let state = slot;
-        let was = state.flags.fetch_and(!LIVE, Ordering::SeqCst);
+        let was = slot.flags.fetch_and(!LIVE, Ordering::SeqCst);
         self.entries.fetch_sub(1, Ordering::Relaxed);
         if deletion != Deletion::InlineUnfiled {
             self.lru
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .pop(&state.id);
+                .pop(&slot.id);
         }
-        let counted = state.accounted.swap(GONE, Ordering::AcqRel);
+        let counted = slot.accounted.swap(GONE, Ordering::AcqRel);
         if counted != GONE {
             self.bytes.fetch_sub(counted, Ordering::AcqRel);
         }
@@ -679,18 +679,13 @@ impl Inner {
         }
         if was & COMMITTED != 0 {
             // The open stream knows the blob's name: no need to derive it again.
-            match (deletion, &stream) {
-                (Deletion::Inline | Deletion::InlineUnfiled, Some(stream)) => {
-                    reaper::delete(&*self.storage, stream.name());
-                }
-                (Deletion::Inline | Deletion::InlineUnfiled, None) => {
-                    reaper::delete(&*self.storage, &state.name());
-                }
-                (Deletion::Queue, Some(stream)) => {
-                    let _ = self.jobs.send(Job::Delete(stream.name().to_owned()));
-                }
-                (Deletion::Queue, None) => {
-                    let _ = self.jobs.send(Job::Delete(state.name()));
+            let name = stream
+                .as_ref()
+                .map_or_else(|| slot.name(), |s| s.name().to_owned());
+            match deletion {
+                Deletion::Inline | Deletion::InlineUnfiled => reaper::delete(&*self.storage, &name),
+                Deletion::Queue => {
+                    let _ = self.jobs.send(Job::Delete(name));
                 }
             }
         }
@@ -706,7 +701,7 @@ impl Inner {
         }
         .fetch_add(1, Ordering::Relaxed);
         if self.listener.is_some() {
-            let _ = self.jobs.send(Job::Notify(state.key.clone(), cause));
+            let _ = self.jobs.send(Job::Notify(slot.key.clone(), cause));
         }
     }
 

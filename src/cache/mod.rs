@@ -353,7 +353,7 @@ impl Cache {
     pub fn contains_key(&self, key: &str) -> bool {
         let now = self.inner.books.clock.now_millis();
         let slot = self.inner.slot(key);
-        slot.is_some_and(|s| self.inner.expiry(&s, now).is_none() && !stream_failed(&s))
+        slot.is_some_and(|s| self.inner.expiry(&s, now).is_none() && !s.failed())
     }
 
     /// Removes `key` and returns whether it was present. Returns at once: new requests miss
@@ -438,10 +438,6 @@ impl Cache {
     pub fn storage(&self) -> &Arc<dyn Storage> {
         &self.inner.storage
     }
-}
-
-fn stream_failed(slot: &Slot) -> bool {
-    slot.failed()
 }
 
 fn run_producer<F>(mut w: Writer, producer: F)
