@@ -2,6 +2,7 @@
 
 use std::collections::VecDeque;
 use std::io;
+use std::ops::Range;
 use std::sync::{Arc, Mutex, RwLock};
 
 use bytes::{Bytes, BytesMut};
@@ -149,9 +150,11 @@ impl Chunks {
         self.rest.push((at, chunk));
     }
 
-    fn slice(&self, offset: u64, max: usize) -> Bytes {
+    /// The chunk holding `offset` and the range of it to read, at most `max` bytes; `None`
+    /// past the end (or for `max == 0`).
+    fn locate(&self, offset: u64, max: usize) -> Option<(&Bytes, Range<usize>)> {
         if offset >= self.len || max == 0 {
-            return Bytes::new();
+            return None;
         }
         let (start, chunk) = if offset < self.first.len() as u64 {
             (0, &self.first)
@@ -161,8 +164,7 @@ impl Chunks {
             (*start, chunk)
         };
         let from = (offset - start) as usize;
-        let to = chunk.len().min(from.saturating_add(max));
-        chunk.slice(from..to)
+        Some((chunk, from..chunk.len().min(from.saturating_add(max))))
     }
 }
 
@@ -170,19 +172,21 @@ impl BlobReader for MemBlob {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
         let chunks = self.chunks.read().unwrap();
         let mut done = 0;
-        while done < buf.len() {
-            let piece = chunks.slice(offset + done as u64, buf.len() - done);
-            if piece.is_empty() {
-                break;
-            }
-            buf[done..done + piece.len()].copy_from_slice(&piece);
-            done += piece.len();
+        // Copies straight out of the chunks: no `Bytes` handle (refcount) per piece.
+        while let Some((chunk, range)) = chunks.locate(offset + done as u64, buf.len() - done) {
+            let n = range.len();
+            buf[done..done + n].copy_from_slice(&chunk[range]);
+            done += n;
         }
         Ok(done)
     }
 
     fn read_bytes(&self, offset: u64, max: usize) -> Option<io::Result<Bytes>> {
-        Some(Ok(self.chunks.read().unwrap().slice(offset, max)))
+        let chunks = self.chunks.read().unwrap();
+        let piece = chunks
+            .locate(offset, max)
+            .map_or_else(Bytes::new, |(chunk, range)| chunk.slice(range));
+        Some(Ok(piece))
     }
 }
 
