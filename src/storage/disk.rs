@@ -363,7 +363,7 @@ impl BlobWriter for DiskWriter {
             self.file.sync_data()?;
         }
         let hashes = std::mem::take(&mut self.hashes);
-        let check = Check::new(self.len, hashes.clone(), &self.file);
+        let check = Check::new(self.len, hashes.clone(), Stamp::of(&self.file));
         let record = Record {
             len: self.len,
             hashes,
@@ -422,14 +422,19 @@ struct Stamp {
 
 impl Stamp {
     fn of(file: &File) -> Option<Stamp> {
+        file.metadata().ok().map(|md| Stamp::from(&md))
+    }
+}
+
+impl From<&fs::Metadata> for Stamp {
+    fn from(md: &fs::Metadata) -> Stamp {
         use std::os::unix::fs::MetadataExt;
-        let md = file.metadata().ok()?;
-        Some(Stamp {
+        Stamp {
             len: md.len(),
             mtime: (md.mtime(), md.mtime_nsec()),
             ctime: (md.ctime(), md.ctime_nsec()),
             ino: md.ino(),
-        })
+        }
     }
 }
 
@@ -447,14 +452,14 @@ struct Check {
 }
 
 impl Check {
-    fn new(len: u64, hashes: Vec<[u8; 32]>, file: &File) -> Check {
+    fn new(len: u64, hashes: Vec<[u8; 32]>, stamp: Option<Stamp>) -> Check {
         let words = hashes.len().div_ceil(64);
         Check {
             len,
             hashes,
             verified: (0..words).map(|_| AtomicU64::new(0)).collect(),
             recheck: AtomicBool::new(false),
-            stamp: Mutex::new(Stamp::of(file)),
+            stamp: Mutex::new(stamp),
         }
     }
 
@@ -663,7 +668,8 @@ impl Storage for DiskStorage {
                 e
             }
         })?;
-        if file.metadata()?.len() != record.len {
+        let md = file.metadata()?;
+        if md.len() != record.len {
             return Err(corrupt(&path, "data length does not match its record"));
         }
         let info = BlobInfo {
@@ -671,7 +677,7 @@ impl Storage for DiskStorage {
             len: record.len,
             meta: record.meta,
         };
-        let check = Check::new(record.len, record.hashes, &file);
+        let check = Check::new(record.len, record.hashes, Some(Stamp::from(&md)));
         let reader = DiskReader::new(Arc::new(file), path, Some(check));
         Ok((Arc::new(reader), info))
     }
