@@ -30,9 +30,10 @@ pub(crate) enum Status {
 /// `Progress::refs`: closed to new readers.
 const CLOSED: usize = 1 << (usize::BITS - 1);
 
-const OPEN: u8 = 0;
-const FINISHED: u8 = 1;
-const FAILED: u8 = 2;
+/// Status codes of `Progress::peek`.
+pub(crate) const OPEN: u8 = 0;
+pub(crate) const FINISHED: u8 = 1;
+pub(crate) const FAILED: u8 = 2;
 
 impl Status {
     fn code(&self) -> u8 {

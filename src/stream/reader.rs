@@ -7,11 +7,8 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 
 use super::Shared;
-use super::progress::{Progress, Status};
+use super::progress::{FAILED, FINISHED, Progress};
 use crate::error::Error;
-
-const FINISHED: u8 = 1;
-const FAILED: u8 = 2;
 
 /// How much of a stream exists.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -128,10 +125,8 @@ impl Reader {
             if let Some(len) = self.check(end)? {
                 return Ok(len);
             }
-            let snap = self.progress().wait_for(end);
-            if matches!(snap.status, Status::Aborted(_) | Status::Cancelled(_)) {
-                return Err(self.failure());
-            }
+            // `check` above reports how the wait ended (bytes, end, or failure).
+            self.progress().wait_for(end);
         }
     }
 
