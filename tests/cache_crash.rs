@@ -9,7 +9,7 @@ mod support;
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::thread;
 
@@ -32,43 +32,67 @@ fn child_mode() {
     let mut w = miss(&cache, "B");
     w.write_all(&pattern(B_HALF, 2)).unwrap();
     w.flush().unwrap();
+    ready_then_wait(); // never finishes B
+}
+
+/// Child side: tells the parent it is ready, then waits to be killed.
+fn ready_then_wait() -> ! {
     let mut out = std::io::stdout().lock();
     writeln!(out, "{READY}").unwrap();
     out.flush().unwrap();
     drop(out);
-    // Wait to be killed; never finish B.
     loop {
         thread::park();
+    }
+}
+
+/// A child process running one test of this binary in child mode, past its readiness line.
+struct ReadyChild {
+    child: Child,
+    lines: thread::JoinHandle<()>,
+}
+
+impl ReadyChild {
+    /// Runs the test `name` with `env` set to `dir`; returns once it reports readiness, and
+    /// fails the test (killing it) if it does not within the deadline.
+    fn spawn(name: &str, env: &str, dir: &Path) -> ReadyChild {
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", name, "--nocapture", "--test-threads=1"])
+            .env(env, dir)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        let lines = thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if line.contains(READY) {
+                    let _ = tx.send(());
+                }
+            }
+        });
+        if rx.recv_timeout(DEADLINE).is_err() {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("child {name} never reported readiness (crashed or deadlocked)");
+        }
+        ReadyChild { child, lines }
+    }
+
+    /// SIGKILL (on Unix); returns once the process is gone.
+    fn kill(mut self) -> std::process::ExitStatus {
+        self.child.kill().unwrap();
+        let status = self.child.wait().unwrap();
+        self.lines.join().unwrap();
+        status
     }
 }
 
 #[test]
 fn sigkill_mid_write_keeps_finished_entries_only() {
     let dir = tempfile::tempdir().unwrap();
-    let exe = std::env::current_exe().unwrap();
-    let mut child = Command::new(exe)
-        .args(["--exact", "child_mode", "--nocapture", "--test-threads=1"])
-        .env(CHILD_ENV, dir.path())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    let lines = thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            if line.contains(READY) {
-                let _ = tx.send(());
-            }
-        }
-    });
-    let ready = rx.recv_timeout(DEADLINE);
-    if ready.is_err() {
-        let _ = child.kill();
-        let _ = child.wait();
-        panic!("child never reported readiness (crashed or deadlocked)");
-    }
+    let child = ReadyChild::spawn("child_mode", CHILD_ENV, dir.path());
     // The child is mid-write: B's bytes are staged in tmp/ (else the test proves nothing).
     let staged: u64 = files_under(&dir.path().join("tmp"))
         .iter()
@@ -80,13 +104,11 @@ fn sigkill_mid_write_keeps_finished_entries_only() {
     );
     assert_eq!(data_files(dir.path()).len(), 1, "only A is committed");
 
-    child.kill().unwrap(); // SIGKILL on Unix
-    let status = child.wait().unwrap();
+    let status = child.kill();
     assert!(
         !status.success(),
         "child was supposed to be killed: {status:?}"
     );
-    lines.join().unwrap();
 
     let cache = deadline("reopen after crash", {
         let dir = dir.path().to_path_buf();
@@ -123,13 +145,7 @@ fn lock_child_mode() {
     };
     let cache = Cache::builder().disk(Path::new(&dir)).build().unwrap();
     put(&cache, "from-child", b"child");
-    let mut out = std::io::stdout().lock();
-    writeln!(out, "{READY}").unwrap();
-    out.flush().unwrap();
-    drop(out);
-    loop {
-        thread::park();
-    }
+    ready_then_wait();
 }
 
 /// Another live process holding the directory makes `build` fail with `Error::Locked`
@@ -137,35 +153,9 @@ fn lock_child_mode() {
 #[test]
 fn directory_locked_by_another_process() {
     let dir = tempfile::tempdir().unwrap();
-    let mut child = Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "lock_child_mode",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(LOCK_ENV, dir.path())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    let lines = thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if line.contains(READY) {
-                let _ = tx.send(());
-            }
-        }
-    });
-    if rx.recv_timeout(DEADLINE).is_err() {
-        let _ = child.kill();
-        let _ = child.wait();
-        panic!("lock child never reported readiness");
-    }
+    let child = ReadyChild::spawn("lock_child_mode", LOCK_ENV, dir.path());
     let refused = Cache::builder().disk(dir.path()).build();
-    child.kill().unwrap();
-    child.wait().unwrap();
-    lines.join().unwrap();
+    child.kill();
     match refused {
         Err(streamcache::Error::Locked { dir: d }) => assert_eq!(d, dir.path()),
         other => panic!("expected Error::Locked while the child lives, got {other:?}"),
