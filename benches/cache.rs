@@ -120,24 +120,8 @@ fn raw_write(path: &Path, data: &[u8]) -> Duration {
     t.elapsed()
 }
 
-fn raw_read(path: &Path, buf: &mut [u8]) -> Duration {
-    let t = Instant::now();
-    let mut f = File::open(path).unwrap();
-    let mut total = 0;
-    loop {
-        let n = f.read(buf).unwrap();
-        if n == 0 {
-            break;
-        }
-        total += n;
-    }
-    assert_eq!(total, BIG);
-    t.elapsed()
-}
-
-fn cache_read(cache: &Cache, k: &str, buf: &mut [u8]) -> Duration {
-    let t = Instant::now();
-    let mut r = cache.get(k).unwrap().expect("present");
+/// Reads `r` to its end through `buf`; checks the length.
+fn drain(mut r: impl Read, buf: &mut [u8]) {
     let mut total = 0;
     loop {
         let n = r.read(buf).unwrap();
@@ -147,6 +131,17 @@ fn cache_read(cache: &Cache, k: &str, buf: &mut [u8]) -> Duration {
         total += n;
     }
     assert_eq!(total, BIG);
+}
+
+fn raw_read(path: &Path, buf: &mut [u8]) -> Duration {
+    let t = Instant::now();
+    drain(File::open(path).unwrap(), buf);
+    t.elapsed()
+}
+
+fn cache_read(cache: &Cache, k: &str, buf: &mut [u8]) -> Duration {
+    let t = Instant::now();
+    drain(cache.get(k).unwrap().expect("present"), buf);
     t.elapsed()
 }
 
