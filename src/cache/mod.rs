@@ -171,7 +171,7 @@ impl Cache {
             index: DashSet::new(),
             entries: AtomicUsize::new(0),
             maintain_pending: AtomicBool::new(false),
-            lru: Mutex::new(LruCache::unbounded()),
+            lru: Mutex::new(LruCache::unbounded_with_hasher(Default::default())),
             hit_ring: (0..index::HIT_RING).map(|_| AtomicU64::new(0)).collect(),
             hit_head: AtomicUsize::new(0),
             bytes: AtomicU64::new(0),
