@@ -1,8 +1,10 @@
 //! The key → entry index, recency, byte accounting and the removal path.
 //!
-//! Lock order: a DashMap shard lock is never held while taking another lock or doing I/O
-//! (look-ups clone the `Arc<Slot>` out and drop the guard). `lru` is a leaf lock. The stream's
-//! own lock is taken only without either of these held.
+//! Lock order: a DashMap shard lock is never held while taking another lock (other than a
+//! `try_lock` of `lru`) or doing I/O, nor while dropping a reader (whose last release calls
+//! back into the index); `lru` and `idle_open` are leaf locks. A hit opens its reader under
+//! the shard's read guard: the map holds each entry's open stream next to its slot, so that
+//! needs no lock of its own.
 
 use std::borrow::Borrow;
 use std::fmt;
@@ -12,7 +14,8 @@ use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use bytes::Bytes;
-use dashmap::DashSet;
+use dashmap::DashMap;
+use dashmap::mapref::one::Ref;
 use lru::LruCache;
 
 use super::clock::Clock;
@@ -182,10 +185,13 @@ impl Hasher for IdHasher {
 /// Everything the cache shares with its entries' observers and its reaper.
 pub(crate) struct Inner {
     pub(crate) storage: Arc<dyn Storage>,
-    /// Lock: DashSet's shard locks, held only inside a single set call. Invariant: a key maps
-    /// to the slot that new requests are served from; a slot leaves the set exactly once
-    /// (`unlink`), and `finalize` runs exactly once per slot that was in the set.
-    pub(crate) index: DashSet<Indexed>,
+    /// Lock: DashMap's shard locks, held only inside a single map call or while a hit opens a
+    /// reader. Invariant: a key maps to the slot that new requests are served from, and to its
+    /// open stream: `Some` while the entry is being written or in use; a finished, unused entry
+    /// may drop it (`close_if_idle`, closing its file) and reopen it on demand (`stream_of`).
+    /// A slot leaves the map exactly once (`unlink`), and `finalize` runs exactly once per slot
+    /// that was in the map, with the stream that left with it.
+    pub(crate) index: DashMap<Indexed, Option<Stream>>,
     /// Number of slots in `index` (the set's own `len` locks every shard). Incremented after
     /// an insertion, decremented by `finalize`.
     pub(crate) entries: AtomicUsize,
@@ -230,10 +236,10 @@ impl fmt::Debug for Inner {
 
 /// One entry: what the index maps a key to, and the observer of the entry's stream.
 ///
-/// Reference cycle, broken on purpose: while `stream` is `Some`, the stream's observer is this
-/// slot. `finalize`, `close_if_idle` and `Cache`'s drop take the stream out.
+/// The slot does not hold its stream (the index does, beside it), so the stream's observer
+/// pointing back at the slot makes no reference cycle.
 ///
-/// Kept small (one 112-byte allocation): the creation time and user metadata live in the
+/// Kept small (one 88-byte allocation): the creation time and user metadata live in the
 /// stored record, not here.
 #[derive(Debug)]
 pub(crate) struct Slot {
@@ -253,10 +259,6 @@ pub(crate) struct Slot {
     /// that exactly one of `finalize` (clearing `LIVE`) and `finished` (setting `COMMITTED`)
     /// sees the other's bit and deletes a blob committed after its entry was removed.
     pub(crate) flags: AtomicU8,
-    /// Lock: this mutex, held to clone, open or drop the stream (the open is storage I/O, but
-    /// only this entry waits for it). Invariant: `Some` while the entry is being written or in
-    /// use; a finished, unused entry may drop it (closing its file) and reopen it on demand.
-    pub(crate) stream: Mutex<Option<Stream>>,
 }
 
 impl Slot {
@@ -277,7 +279,6 @@ impl Slot {
             idle_since: AtomicU64::new(since),
             accounted: AtomicU64::new(len),
             flags: AtomicU8::new(if finished != 0 { COMMITTED } else { 0 }),
-            stream: Mutex::new(None),
         }
     }
 
@@ -299,29 +300,6 @@ impl Slot {
 
     pub(crate) fn is_touched(&self) -> bool {
         self.has(TOUCHED)
-    }
-
-    pub(crate) fn lock_stream(&self) -> std::sync::MutexGuard<'_, Option<Stream>> {
-        self.stream.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    pub(crate) fn in_use(&self) -> bool {
-        self.lock_stream().as_ref().is_some_and(|s| s.handles() > 0)
-    }
-
-    pub(crate) fn failed(&self) -> bool {
-        self.lock_stream().as_ref().is_some_and(|s| s.failed())
-    }
-
-    /// Drops the stream of a finished entry nobody uses, closing its storage handle.
-    fn close_if_idle(&self) {
-        let mut guard = self.lock_stream();
-        let idle = guard.as_ref().is_some_and(|s| s.handles() == 0);
-        if idle && self.finished.load(Ordering::Relaxed) != 0 {
-            let stream = guard.take();
-            drop(guard);
-            drop(stream);
-        }
     }
 
     pub(crate) fn name(&self) -> String {
@@ -467,7 +445,7 @@ impl Inner {
             .ok()
             .and_then(|info| EntryMeta::decode(&info.meta).ok());
         // The guard is dropped at the end of this statement.
-        let open_user = slot.lock_stream().as_ref().map(Stream::metadata);
+        let open_user = self.open_stream(slot).map(|s| s.metadata());
         let (created, stored_user) = stored.map_or((0, Bytes::new()), |m| (m.created, m.user));
         EntryMeta {
             key: slot.key.to_string(),
@@ -480,7 +458,53 @@ impl Inner {
 
     /// The slot indexed under `key`, if any.
     pub(crate) fn slot(&self, key: &str) -> Option<Arc<Slot>> {
-        self.index.get(key).map(|s| s.0.clone())
+        self.index.get(key).map(|e| e.key().0.clone())
+    }
+
+    /// `slot`'s index entry (a shard read guard), if `slot` is still the one indexed.
+    fn indexed(&self, slot: &Slot) -> Option<Ref<'_, Indexed, Option<Stream>>> {
+        self.index
+            .get(&*slot.key)
+            .filter(|e| std::ptr::eq(&*e.key().0, slot))
+    }
+
+    /// `slot`'s open stream, if it is indexed and has one.
+    fn open_stream(&self, slot: &Slot) -> Option<Stream> {
+        self.indexed(slot).and_then(|e| e.value().clone())
+    }
+
+    /// Whether `slot` has a live reader or writer.
+    pub(crate) fn in_use(&self, slot: &Slot) -> bool {
+        self.indexed(slot)
+            .is_some_and(|e| e.value().as_ref().is_some_and(|s| s.handles() > 0))
+    }
+
+    /// Whether `slot`'s open stream failed (aborted or cancelled).
+    pub(crate) fn failed(&self, slot: &Slot) -> bool {
+        self.indexed(slot)
+            .is_some_and(|e| e.value().as_ref().is_some_and(Stream::failed))
+    }
+
+    /// Drops the stream of the finished entry (`key`, `id`) if nobody uses it, closing its
+    /// storage handle.
+    fn close_if_idle(&self, key: &str, id: u64) {
+        let stream = {
+            let Some(mut e) = self.index.get_mut(key) else {
+                return;
+            };
+            let slot = &e.key().0;
+            if slot.id != id {
+                return;
+            }
+            slot.flags.fetch_and(!QUEUED_IDLE, Ordering::AcqRel);
+            let idle = e.value().as_ref().is_some_and(|s| s.handles() == 0);
+            if !idle || slot.finished.load(Ordering::Relaxed) == 0 {
+                return;
+            }
+            e.value_mut().take()
+        };
+        // Closed after the shard guard is gone.
+        drop(stream);
     }
 
     fn info(&self, slot: &Slot, len: u64) -> EntryInfo {
@@ -504,10 +528,8 @@ impl Inner {
                 None
             }
         };
-        let old = evicted.and_then(|(key, id)| self.slot(&key).filter(|s| s.id == id));
-        if let Some(old) = old {
-            old.flags.fetch_and(!QUEUED_IDLE, Ordering::AcqRel);
-            old.close_if_idle();
+        if let Some((key, id)) = evicted {
+            self.close_if_idle(&key, id);
         }
     }
 
@@ -547,7 +569,7 @@ impl Inner {
     /// Why `slot` must not be served at `now`, if it must not.
     pub(crate) fn expiry(&self, slot: &Slot, now: u64) -> Option<RemovalCause> {
         match self.time_expiry(slot, now) {
-            Some(RemovalCause::Idle) if slot.in_use() => None,
+            Some(RemovalCause::Idle) if self.in_use(slot) => None,
             other => other,
         }
     }
@@ -572,11 +594,17 @@ impl Inner {
         None
     }
 
-    /// The slot's stream, (re)opening a committed blob if it was closed or never opened.
-    fn stream_of(&self, slot: &Arc<Slot>) -> Result<Stream> {
-        let mut guard = slot.lock_stream();
-        if let Some(s) = guard.as_ref() {
-            return Ok(s.clone());
+    /// The slot's stream, (re)opening a committed blob if it was closed or never opened;
+    /// `None` if the slot left the index. The blob is opened without any lock held: two
+    /// requests may both open it, and the one that installs its stream first wins.
+    fn stream_of(&self, slot: &Arc<Slot>) -> Result<Option<Stream>> {
+        match self.indexed(slot) {
+            None => return Ok(None),
+            Some(e) => {
+                if let Some(s) = e.value() {
+                    return Ok(Some(s.clone()));
+                }
+            }
         }
         let name = slot.name();
         let (blob, info) = self
@@ -596,8 +624,23 @@ impl Inner {
             user,
             Some(observer),
         );
-        *guard = Some(stream.clone());
-        Ok(stream)
+        let theirs = {
+            let Some(mut e) = self.index.get_mut(&*slot.key) else {
+                return Ok(None);
+            };
+            if !Arc::ptr_eq(&e.key().0, slot) {
+                return Ok(None);
+            }
+            match e.value() {
+                Some(theirs) => Some(theirs.clone()),
+                None => {
+                    *e.value_mut() = Some(stream.clone());
+                    None
+                }
+            }
+        };
+        // A losing stream is dropped (its file closed) after the shard guard is gone.
+        Ok(Some(theirs.unwrap_or(stream)))
     }
 
     /// Tries to serve `slot`. `Ok(None)` means the slot was stale (expired, removed, failed):
@@ -611,7 +654,8 @@ impl Inner {
             return Ok(None);
         }
         let stream = match self.stream_of(slot) {
-            Ok(s) => s,
+            Ok(Some(s)) => s,
+            Ok(None) => return Ok(None),
             Err(e) => {
                 tracing::warn!(key = %slot.key, error = %e, "dropping entry that cannot be opened");
                 self.unlink(slot, RemovalCause::Corrupt);
@@ -631,17 +675,22 @@ impl Inner {
         Ok(Some(reader))
     }
 
-    /// The fast path of a hit, for a caller that holds the index's shard guard: a reader of
-    /// the slot's open stream if the entry is not (possibly) expired. Takes only the slot's
-    /// lock and does no I/O; `None` sends the caller to `try_hit`. The caller must not drop a
-    /// returned reader while it holds the guard (see `Cache::lookup`).
-    pub(crate) fn hit_open(&self, slot: &Slot, now: Option<u64>) -> Option<Reader> {
+    /// The fast path of a hit, for a caller that holds the index's shard guard on `slot` and
+    /// its open `stream`: a reader if the entry is not (possibly) expired. Takes no lock and
+    /// does no I/O; `None` sends the caller to `try_hit`. The caller must not drop a returned
+    /// reader while it holds the guard (see `Cache::lookup`).
+    pub(crate) fn hit_open(
+        &self,
+        slot: &Slot,
+        stream: Option<&Stream>,
+        now: Option<u64>,
+    ) -> Option<Reader> {
         if let Some(now) = now
             && self.time_expiry(slot, now).is_some()
         {
             return None;
         }
-        slot.lock_stream().as_ref()?.reader().ok()
+        stream?.reader().ok()
     }
 
     /// Books a served hit: recency stamp and promotion, and the "touched" mark.
@@ -658,37 +707,54 @@ impl Inner {
 
     /// Removes `slot` from the index if it is still there, then finalizes it.
     pub(crate) fn unlink(&self, slot: &Arc<Slot>, cause: RemovalCause) -> bool {
-        self.unlink_as(slot, cause, Deletion::Queue)
+        self.unlink_as(slot, cause, Deletion::Queue, false)
     }
 
-    /// `unlink`, deleting the blob as `deletion` says.
-    fn unlink_as(&self, slot: &Arc<Slot>, cause: RemovalCause, deletion: Deletion) -> bool {
-        let removed = self
-            .index
-            .remove_if(&*slot.key, |v| Arc::ptr_eq(&v.0, slot))
-            .is_some();
-        if removed {
-            self.finalize_as(slot, cause, deletion);
+    /// `unlink`, deleting the blob as `deletion` says; with `unused`, only if no reader or
+    /// writer has the entry open (checked under the shard's write lock, so no reader can
+    /// appear between the check and the removal).
+    fn unlink_as(
+        &self,
+        slot: &Arc<Slot>,
+        cause: RemovalCause,
+        deletion: Deletion,
+        unused: bool,
+    ) -> bool {
+        let removed = self.index.remove_if(&*slot.key, |k, stream| {
+            Arc::ptr_eq(&k.0, slot) && !(unused && stream.as_ref().is_some_and(|s| s.handles() > 0))
+        });
+        match removed {
+            Some((_, stream)) => {
+                self.finalize_as(slot, stream, cause, deletion);
+                true
+            }
+            None => false,
         }
-        removed
     }
 
     /// Removes the entry with id `id` under `key`, if that is what the index holds.
     pub(crate) fn unlink_id(&self, key: &str, id: u64, cause: RemovalCause) {
-        if let Some(Indexed(slot)) = self.index.remove_if(key, |v| v.0.id == id) {
-            self.finalize(&slot, cause);
+        if let Some((Indexed(slot), stream)) = self.index.remove_if(key, |k, _| k.0.id == id) {
+            self.finalize(&slot, stream, cause);
         }
     }
 
-    /// Everything that follows a slot's removal from the index. Runs once per slot; does no
-    /// I/O itself (deletion is the reaper's job).
-    pub(crate) fn finalize(&self, slot: &Slot, cause: RemovalCause) {
-        self.finalize_as(slot, cause, Deletion::Queue);
+    /// Everything that follows a slot's removal from the index, given the open stream that
+    /// left the index with it. Runs once per slot; does no I/O itself (deletion is the
+    /// reaper's job).
+    pub(crate) fn finalize(&self, slot: &Slot, stream: Option<Stream>, cause: RemovalCause) {
+        self.finalize_as(slot, stream, cause, Deletion::Queue);
     }
 
     /// `finalize`; with `Deletion::Inline` (reaper thread only) the blob is deleted right here
     /// instead of through a `Delete` job. Called without any lock held.
-    fn finalize_as(&self, slot: &Slot, cause: RemovalCause, deletion: Deletion) {
+    fn finalize_as(
+        &self,
+        slot: &Slot,
+        stream: Option<Stream>,
+        cause: RemovalCause,
+        deletion: Deletion,
+    ) {
         let was = slot.flags.fetch_and(!LIVE, Ordering::SeqCst);
         self.entries.fetch_sub(1, Ordering::Relaxed);
         if deletion != Deletion::InlineUnfiled {
@@ -701,7 +767,6 @@ impl Inner {
         if counted != GONE {
             self.bytes.fetch_sub(counted, Ordering::AcqRel);
         }
-        let stream = slot.lock_stream().take();
         if let Some(stream) = &stream {
             stream.doom_keep();
         }
@@ -785,19 +850,21 @@ impl Inner {
             if !slot.is_live() {
                 continue;
             }
-            let in_use = slot.in_use();
-            let len = slot.accounted.load(Ordering::Relaxed);
-            let refused = self
-                .policy
-                .as_ref()
-                .is_some_and(|p| !p.may_evict(&self.info(&slot, len), RemovalCause::Size));
-            if in_use || refused {
+            let refused = self.in_use(&slot) || {
+                let len = slot.accounted.load(Ordering::Relaxed);
+                self.policy
+                    .as_ref()
+                    .is_some_and(|p| !p.may_evict(&self.info(&slot, len), RemovalCause::Size))
+            };
+            // Still live after a failed unlink: a reader opened it since the check above.
+            if refused
+                || !self.unlink_as(&slot, RemovalCause::Size, Deletion::InlineUnfiled, true)
+                    && slot.is_live()
+            {
                 kept.push(slot);
                 continue;
             }
-            if self.unlink_as(&slot, RemovalCause::Size, Deletion::InlineUnfiled) {
-                evicted += 1;
-            }
+            evicted += 1;
         }
         drop(held);
         let over = self.over_limits();
@@ -834,10 +901,9 @@ impl Inner {
             .collect();
         let mut evicted = 0;
         for (slot, cause) in stale {
-            if cause == RemovalCause::Idle && slot.in_use() {
-                continue;
-            }
-            if self.unlink_as(&slot, cause, Deletion::Inline) {
+            // An entry in use never idles out.
+            let unused = cause == RemovalCause::Idle;
+            if self.unlink_as(&slot, cause, Deletion::Inline, unused) {
                 evicted += 1;
             }
         }

@@ -9,7 +9,8 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use bytes::Bytes;
-use dashmap::DashSet;
+use dashmap::DashMap;
+use dashmap::mapref::entry::Entry as MapEntry;
 use lru::LruCache;
 
 use crate::error::{Error, Result};
@@ -168,7 +169,7 @@ impl Cache {
         });
         let inner = Arc::new(Inner {
             storage: storage.clone(),
-            index: DashSet::new(),
+            index: DashMap::new(),
             entries: AtomicUsize::new(0),
             maintain_pending: AtomicBool::new(false),
             lru: Mutex::new(LruCache::unbounded_with_hasher(Default::default())),
@@ -250,13 +251,18 @@ impl Cache {
                 Some(key_arc),
                 Some(observer),
             )?;
-            *slot.lock_stream() = Some(writer.stream());
             slot.set_live();
-            if !inner.index.insert(Indexed(slot.clone())) {
-                // Lost the race: break the slot/stream cycle; `writer` drops silently (the
-                // slot is not live, so its abort touches nothing).
+            let inserted = match inner.index.entry(Indexed(slot.clone())) {
+                MapEntry::Occupied(_) => false,
+                MapEntry::Vacant(v) => {
+                    v.insert(Some(writer.stream()));
+                    true
+                }
+            };
+            if !inserted {
+                // Lost the race: `writer` drops silently (the slot is not live, so its abort
+                // touches nothing).
                 slot.flags.store(0, Ordering::SeqCst);
-                drop(slot.lock_stream().take());
                 continue;
             }
             inner.entries.fetch_add(1, Ordering::Relaxed);
@@ -271,13 +277,14 @@ impl Cache {
     /// Serves `key` if it is present and servable; unlinks stale slots on the way.
     fn lookup(&self, key: &str, now: Option<u64>) -> Result<Option<Reader>> {
         loop {
-            // Fast path under the shard's read guard: no slot refcount traffic, no I/O.
+            // Fast path under the shard's read guard: no lock of its own, no slot refcount
+            // traffic, no I/O.
             let (slot, refused) = {
                 let Some(entry) = self.inner.index.get(key) else {
                     return Ok(None);
                 };
                 let slot = &entry.key().0;
-                match self.inner.hit_open(slot, now) {
+                match self.inner.hit_open(slot, entry.value().as_ref(), now) {
                     Some(reader) if !reader.failed() => {
                         self.inner.note_hit(slot, now);
                         return Ok(Some(reader));
@@ -353,7 +360,7 @@ impl Cache {
     pub fn contains_key(&self, key: &str) -> bool {
         let now = self.inner.books.clock.now_millis();
         let slot = self.inner.slot(key);
-        slot.is_some_and(|s| self.inner.expiry(&s, now).is_none() && !s.failed())
+        slot.is_some_and(|s| self.inner.expiry(&s, now).is_none() && !self.inner.failed(&s))
     }
 
     /// Removes `key` and returns whether it was present. Returns at once: new requests miss
@@ -364,8 +371,8 @@ impl Cache {
     /// None today; the `Result` leaves room for storage errors.
     pub fn remove(&self, key: &str) -> Result<bool> {
         match self.inner.index.remove(key) {
-            Some(Indexed(slot)) => {
-                self.inner.finalize(&slot, RemovalCause::Explicit);
+            Some((Indexed(slot), stream)) => {
+                self.inner.finalize(&slot, stream, RemovalCause::Explicit);
                 Ok(true)
             }
             None => Ok(false),
@@ -526,7 +533,7 @@ fn reload(inner: &Arc<Inner>) -> Result<()> {
             .fetch_max(meta.last_access, Ordering::Relaxed);
         inner.bytes.fetch_add(len, Ordering::Relaxed);
         lru.put(id, slot.clone());
-        if inner.index.insert(Indexed(slot)) {
+        if inner.index.insert(Indexed(slot), None).is_none() {
             inner.entries.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -540,13 +547,12 @@ impl Drop for Cache {
             let _ = reaper.join();
         }
         // Persist recency of entries read since they were committed or reloaded, so that LRU
-        // order survives a restart (best effort), and break each slot's cycle with its stream.
+        // order survives a restart (best effort).
         for slot in self.slots() {
             if slot.is_committed() && slot.is_touched() {
                 let meta = self.inner.current_meta(&slot);
                 let _ = self.inner.storage.set_meta(&slot.name(), &meta.encode());
             }
-            drop(slot.lock_stream().take());
         }
         // Readers and writers may outlive the cache, but the directory is free for a new one.
         if let Some(disk) = &self.owned_disk {
@@ -562,14 +568,18 @@ mod tests {
     use super::*;
 
     /// The per-entry budget (issue: at most 256 bytes of index overhead per entry at 1M
-    /// entries; `benches/eviction.rs` measures the whole). The slot must stay one 112-byte
-    /// allocation: 96 bytes of fields plus the `Arc` header.
+    /// entries; `benches/eviction.rs` measures the whole). The slot must stay one 88-byte
+    /// allocation (72 bytes of fields plus the `Arc` header), and an index entry two pointers.
     #[test]
     fn slot_stays_small() {
         assert!(
-            std::mem::size_of::<index::Slot>() <= 88,
+            std::mem::size_of::<index::Slot>() <= 72,
             "{}",
             std::mem::size_of::<index::Slot>()
+        );
+        assert_eq!(
+            std::mem::size_of::<(index::Indexed, Option<crate::stream::Stream>)>(),
+            16
         );
     }
 
