@@ -850,12 +850,12 @@ impl Inner {
             if !slot.is_live() {
                 continue;
             }
-            let refused = self.in_use(&slot) || {
+            // (The unlink re-checks "in use"; checking first only spares the policy a look
+            // at entries that could not go anyway.)
+            let refused = self.policy.as_ref().is_some_and(|p| {
                 let len = slot.accounted.load(Ordering::Relaxed);
-                self.policy
-                    .as_ref()
-                    .is_some_and(|p| !p.may_evict(&self.info(&slot, len), RemovalCause::Size))
-            };
+                self.in_use(&slot) || !p.may_evict(&self.info(&slot, len), RemovalCause::Size)
+            });
             // Still live after a failed unlink: a reader opened it since the check above.
             if refused
                 || !self.unlink_as(&slot, RemovalCause::Size, Deletion::InlineUnfiled, true)

@@ -238,10 +238,17 @@ impl BlobWriter for MemWriter {
     }
 
     fn publish(&mut self) -> io::Result<()> {
-        if !self.seg.is_empty() {
-            let chunk = self.seg.split().freeze();
-            self.blob.chunks.write().unwrap().push(chunk);
+        if self.seg.is_empty() {
+            return Ok(());
         }
+        let chunk = if !self.pooled && self.seg.len() == self.seg.capacity() {
+            // A full small segment is handed over whole: no shared-buffer header is allocated
+            // for it (the next write starts a new segment anyway).
+            std::mem::take(&mut self.seg).freeze()
+        } else {
+            self.seg.split().freeze()
+        };
+        self.blob.chunks.write().unwrap().push(chunk);
         Ok(())
     }
 
