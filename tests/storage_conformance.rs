@@ -623,6 +623,32 @@ fn disk_flipped_byte_is_invalid_data_never_wrong_bytes() {
     }
 }
 
+/// The writer's own reader trusts the blocks it hashed while writing (no second hash), but
+/// only until the file changes: a flip between two uses is caught by the next use, in every
+/// block, including those vouched for at commit.
+#[test]
+fn disk_written_blocks_are_trusted_only_while_the_file_is_unchanged() {
+    let len = 2 * MIB + 70;
+    let dir = tempfile::tempdir().unwrap();
+    let s = DiskStorage::open(dir.path()).unwrap();
+    let mut w = s.create("blob").unwrap();
+    let r = w.reader();
+    write_pattern(&mut *w, 0, len);
+    w.commit(Vec::new()).unwrap();
+    // Same use as the writer's: every block reads back.
+    assert_pattern(&read_range(&*r, 0, len).unwrap(), 0);
+    r.idle();
+    flip(&s.blob_path("blob"), MIB + 7);
+    // New use: the changed stamp voids the vouched blocks; the altered one fails.
+    assert_pattern(&read_range(&*r, 0, MIB).unwrap(), 0);
+    let err = read_range(&*r, MIB as u64, 16).unwrap_err();
+    assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{err}");
+    assert_pattern(
+        &read_range(&*r, 2 * MIB as u64, 70).unwrap(),
+        2 * MIB as u64,
+    );
+}
+
 /// The same on a fresh process-like reopen of the directory.
 #[test]
 fn disk_flipped_byte_after_reopen() {

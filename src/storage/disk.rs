@@ -63,11 +63,13 @@ const META_EXT: &str = "meta";
 ///
 /// # Integrity
 ///
-/// Once a blob is committed — whether its readers came from the writer or from
-/// [`Storage::open`] — every read checks the 1 MiB blocks it touches against their hashes: a
+/// Once a blob is committed, reads check the 1 MiB blocks they touch against their hashes: a
 /// block is read whole and hashed the first time it is read in a *use* of the blob (a period
 /// during which it has readers, shared by all of them), and served straight from the file for
-/// the rest of that use. When a new use starts (after [`BlobReader::idle`]), the file is
+/// the rest of that use. A blob opened with [`Storage::open`] (after a restart, say) starts
+/// with no block checked; a blob this handle committed starts with every block checked, since
+/// the writer hashed exactly the bytes it wrote (so reading back what was just written costs
+/// no second hash). When a new use starts (after [`BlobReader::idle`]), the file is
 /// `fstat`ed: if its size, inode, modification or change time differ from when the blocks were
 /// checked, the record of checked blocks is forgotten. So a file altered at rest is caught by
 /// the next read of each altered block — sequential, `read_at` in the middle or after a seek
@@ -75,7 +77,7 @@ const META_EXT: &str = "meta";
 /// read error, never data. Limits, by design: a block rewritten *during* a use, after it was
 /// checked, is re-checked only at the next use; and damage that bypasses the file system
 /// (a bad sector under the page cache, a write that restores the times) is caught only once
-/// this process reads the file afresh, e.g. after a restart.
+/// a process opens the file afresh, e.g. after a restart.
 /// Bytes read while the blob is still being written are not checked: they were just written
 /// by this process.
 #[derive(Debug, Clone)]
@@ -363,7 +365,7 @@ impl BlobWriter for DiskWriter {
             self.file.sync_data()?;
         }
         let hashes = std::mem::take(&mut self.hashes);
-        let check = Check::new(self.len, hashes.clone(), Stamp::of(&self.file));
+        let (len, block_hashes) = (self.len, hashes.clone());
         let record = Record {
             len: self.len,
             hashes,
@@ -383,6 +385,11 @@ impl BlobWriter for DiskWriter {
             ..
         } = *self;
         staged.persist(shard.join(&name)).map_err(|e| e.error)?;
+        // The hashes were computed from the very bytes written to the file: every block
+        // starts out checked, under the stamp the file has now (after the rename, which
+        // changed its ctime).
+        let check = Check::new(len, block_hashes, Stamp::of(&reader.file));
+        check.vouch_all();
         if let Err(e) = st.write_meta(&name, &record) {
             let _ = fs::remove_file(shard.join(&name));
             return Err(e);
@@ -476,6 +483,15 @@ impl Check {
                 word.store(0, Ordering::Release);
             }
             *stamp = now;
+        }
+    }
+
+    /// Marks every block checked (the writer hashed exactly what it wrote).
+    fn vouch_all(&self) {
+        let blocks = self.hashes.len();
+        for (i, word) in self.verified.iter().enumerate() {
+            let bits = (blocks - i * 64).min(64);
+            word.store(u64::MAX >> (64 - bits), Ordering::Release);
         }
     }
 
