@@ -111,8 +111,12 @@ impl Books {
     /// An exact reading of the clock, which also advances the access clock.
     pub(crate) fn now(&self) -> u64 {
         let now = self.clock.now_millis();
-        // Hits stamped from here on order after anything stamped with `now`.
-        self.access.fetch_max(now + 1, Ordering::Relaxed);
+        // Hits stamped from here on order after anything stamped with `now`. (The stamp only
+        // grows, so a load that shows it high enough is final; most readings within the same
+        // millisecond skip the read-modify-write on this shared counter.)
+        if self.access.load(Ordering::Relaxed) <= now {
+            self.access.fetch_max(now + 1, Ordering::Relaxed);
+        }
         now
     }
 
@@ -431,7 +435,11 @@ impl Inner {
 
     /// Asks the reaper to enforce limits soon (coalesced: one queued request at a time).
     pub(crate) fn request_maintenance(&self) {
-        if !self.maintain_pending.swap(true, Ordering::AcqRel) {
+        // A load first: while a request is pending (the common case when every write breaks
+        // a limit), asking again costs no read-modify-write on this shared flag.
+        if !self.maintain_pending.load(Ordering::SeqCst)
+            && !self.maintain_pending.swap(true, Ordering::SeqCst)
+        {
             let _ = self.jobs.send(Job::Maintain);
         }
     }

@@ -68,10 +68,11 @@ fn run(
             }
             if let Some(inner) = inner.upgrade() {
                 // Requests from now on must queue a new job: what they changed may come after
-                // this pass looked.
+                // this pass looked. (A read-modify-write, SeqCst like the requests' load and
+                // swap, so this pass's reads come after a request that saw the flag still set.)
                 inner
                     .maintain_pending
-                    .store(false, std::sync::atomic::Ordering::Release);
+                    .swap(false, std::sync::atomic::Ordering::SeqCst);
                 inner.evict_expired();
                 inner.evict_for_size();
             }
