@@ -226,11 +226,11 @@ pub const MAX_NAME_LEN: usize = 128;
 /// # Errors
 /// [`io::ErrorKind::InvalidInput`] naming the problem.
 pub fn validate_name(name: &str) -> io::Result<()> {
+    // Every byte is checked, without an early exit, so the loop vectorizes (it runs for every
+    // new blob; the byte-at-a-time version was a measurable part of a tiny entry's insert).
     let ok = !name.is_empty()
         && name.len() <= MAX_NAME_LEN
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        && name.bytes().fold(true, |ok, b| ok & name_byte_ok(b));
     if ok {
         Ok(())
     } else {
@@ -241,6 +241,12 @@ pub fn validate_name(name: &str) -> io::Result<()> {
             ),
         ))
     }
+}
+
+/// `[A-Za-z0-9_-]`, branch-free.
+fn name_byte_ok(b: u8) -> bool {
+    // `| 0x20` folds upper-case letters onto lower-case ones and nothing else onto them.
+    ((b | 0x20).wrapping_sub(b'a') < 26) | (b.wrapping_sub(b'0') < 10) | (b == b'-') | (b == b'_')
 }
 
 pub(crate) fn not_found(name: &str) -> io::Error {
@@ -257,6 +263,11 @@ mod tests {
     #[test]
     fn names() {
         assert!(validate_name("abc-DEF_09").is_ok());
+        // Every byte value against the obvious definition.
+        for b in 0..=255u8 {
+            let want = b.is_ascii_alphanumeric() || b == b'-' || b == b'_';
+            assert_eq!(name_byte_ok(b), want, "{b:#x}");
+        }
         for bad in ["", "../x", "a/b", "a.meta", "x\0", &"a".repeat(129), "é"] {
             assert_eq!(
                 validate_name(bad).unwrap_err().kind(),
