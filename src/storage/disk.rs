@@ -75,9 +75,12 @@ const META_EXT: &str = "meta";
 /// the next read of each altered block — sequential, `read_at` in the middle or after a seek
 /// alike — without reading the whole blob first; a block that fails is an [`Error::Corrupt`]
 /// read error, never data. Limits, by design: a block rewritten *during* a use, after it was
-/// checked, is re-checked only at the next use; and damage that bypasses the file system
-/// (a bad sector under the page cache, a write that restores the times) is caught only once
-/// a process opens the file afresh, e.g. after a restart.
+/// checked, is re-checked only at the next use; a change that leaves the file's times as they
+/// were is not noticed until a process opens the file afresh (e.g. after a restart) — this
+/// covers damage that bypasses the file system (a bad sector under the page cache), a write
+/// that restores the times, and, on file systems or kernels that keep coarse timestamps (one
+/// per clock tick; Linux before 6.13 on most file systems), a write landing in the same tick
+/// as the previous stamp.
 /// Bytes read while the blob is still being written are not checked: they were just written
 /// by this process.
 #[derive(Debug, Clone)]
@@ -328,11 +331,26 @@ struct DiskWriter {
     /// Hash of the block being written (`len % BLOCK` bytes of it so far).
     block: blake3::Hasher,
     hashes: Vec<[u8; 32]>,
+    /// Wall-clock time (seconds, nanoseconds since the epoch) just after the last write: a
+    /// file modified later has a later modification time.
+    last_write: Option<(i64, i64)>,
+}
+
+/// Now, as file times are kept (seconds, nanoseconds since the epoch).
+fn wall_clock() -> Option<(i64, i64)> {
+    let d = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()?;
+    Some((
+        i64::try_from(d.as_secs()).ok()?,
+        i64::from(d.subsec_nanos()),
+    ))
 }
 
 impl BlobWriter for DiskWriter {
     fn write(&mut self, mut buf: &[u8]) -> io::Result<()> {
         (&*self.file).write_all(buf)?;
+        self.last_write = wall_clock();
         while !buf.is_empty() {
             let room = (BLOCK - self.len % BLOCK) as usize;
             let n = room.min(buf.len());
@@ -360,6 +378,7 @@ impl BlobWriter for DiskWriter {
         if !self.len.is_multiple_of(BLOCK) {
             self.hashes.push(*self.block.finalize().as_bytes());
         }
+        let last_write = self.last_write;
         let st = self.storage.clone();
         if st.sync {
             self.file.sync_data()?;
@@ -385,11 +404,19 @@ impl BlobWriter for DiskWriter {
             ..
         } = *self;
         staged.persist(shard.join(&name)).map_err(|e| e.error)?;
-        // The hashes were computed from the very bytes written to the file: every block
-        // starts out checked, under the stamp the file has now (after the rename, which
-        // changed its ctime).
-        let check = Check::new(len, block_hashes, Stamp::of(&reader.file));
-        check.vouch_all();
+        // The hashes were computed from the very bytes written to the file: every block starts
+        // out checked, under the stamp the file has after the rename (which changed its
+        // ctime) — provided nothing else wrote to it after our last write (its modification
+        // time would then be later; with coarse file times, see "Integrity", a write in the
+        // same clock tick goes unnoticed) and its length is ours.
+        let now = Stamp::of(&reader.file);
+        let check = Check::new(len, block_hashes, now);
+        if let (Some(last), Some(n)) = (last_write, now)
+            && n.len == len
+            && n.mtime <= last
+        {
+            check.vouch_all();
+        }
         if let Err(e) = st.write_meta(&name, &record) {
             let _ = fs::remove_file(shard.join(&name));
             return Err(e);
@@ -670,6 +697,7 @@ impl Storage for DiskStorage {
             len: 0,
             block: blake3::Hasher::new(),
             hashes: Vec::new(),
+            last_write: None,
         }))
     }
 
@@ -845,6 +873,8 @@ mod tests {
         let mut buf = vec![0; data.len()];
         assert_eq!(r.read_at(&mut buf, 0).unwrap(), data.len());
         r.idle();
+        // Past the clock tick of the stamp, for kernels that keep coarse file times.
+        std::thread::sleep(std::time::Duration::from_millis(20));
         // Same length, one byte changed, through another handle.
         let other = File::options()
             .write(true)
@@ -856,6 +886,33 @@ mod tests {
         assert_eq!(err.kind(), io::ErrorKind::InvalidData);
         // The untouched block is still fine.
         assert_eq!(r.read_at(&mut buf[..10], BLOCK).unwrap(), 10);
+    }
+
+    /// The blocks a writer hashed are trusted at commit only if the file is still as its last
+    /// write left it: a change made to the staged file before the commit (here through another
+    /// handle) must be caught by the first read, not served as vouched-for bytes.
+    #[test]
+    fn file_altered_before_commit_is_not_vouched_for() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = DiskStorage::open(dir.path()).unwrap();
+        let data = vec![5u8; BLOCK as usize + 10];
+        let mut w = s.create("blob").unwrap();
+        let r = w.reader();
+        w.write(&data).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let staged = fs::read_dir(&s.inner.tmp)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| fs::read(p).is_ok_and(|b| b.len() == data.len()))
+            .expect("staged file");
+        let other = File::options().write(true).open(&staged).unwrap();
+        other.write_all_at(&[6], BLOCK + 2).unwrap();
+        drop(other);
+        w.commit(b"".to_vec()).unwrap();
+        let mut buf = vec![0; 10];
+        assert_eq!(r.read_at(&mut buf, 0).unwrap(), 10);
+        let err = r.read_at(&mut buf, BLOCK).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
     }
 
     #[test]
