@@ -1,10 +1,12 @@
 //! The key → entry index, recency, byte accounting and the removal path.
 //!
-//! Lock order: a DashMap shard lock is never held while taking another lock (other than a
-//! `try_lock` of `lru`) or doing I/O, nor while dropping a reader (whose last release calls
-//! back into the index); `lru` and `idle_open` are leaf locks. A hit opens its reader under
-//! the shard's read guard: the map holds each entry's open stream next to its slot, so that
-//! needs no lock of its own.
+//! Lock order: a DashMap shard lock is never held while taking another lock of the index or
+//! `idle_open` (`lru` only by `try_lock`) or doing I/O, nor while dropping a reader (whose last
+//! release calls back into the index). Under a shard guard a hit may take a stream's progress
+//! lock (to refuse a reader of a closed stream) and reads the clock; neither leads back to the
+//! index. `lru` and `idle_open` are leaf locks. A hit opens its reader under the shard's read
+//! guard: the map holds each entry's open stream next to its slot, so that needs no lock of
+//! its own.
 
 use std::borrow::Borrow;
 use std::fmt;
@@ -54,6 +56,32 @@ pub(crate) enum Job {
     Sync(Sender<()>),
     /// Stop.
     Shutdown,
+}
+
+/// When `Inner::unlink_as` leaves the entry in place.
+#[derive(Debug, Clone, Copy)]
+enum Unless {
+    Never,
+    /// A reader or the writer has it open.
+    InUse,
+    /// In use, or no longer idle past its time to idle at this time (it was used since).
+    InUseOrFresh(u64),
+}
+
+/// What `Inner::open_reader` found.
+enum Opened {
+    /// A reader of the entry's stream.
+    Reader(Reader),
+    /// The stream refuses new readers (it was closed).
+    Refused,
+    /// The slot is no longer the one indexed under its key.
+    Gone,
+}
+
+impl From<Result<Reader>> for Opened {
+    fn from(r: Result<Reader>) -> Opened {
+        r.map_or(Opened::Refused, Opened::Reader)
+    }
 }
 
 /// How `finalize` deletes a committed blob.
@@ -130,7 +158,7 @@ impl Books {
     }
 }
 
-/// How the index holds a slot: hashed and compared by its key, so the set needs no second
+/// How the index holds a slot: hashed and compared by its key, so the map needs no second
 /// copy of the key.
 #[derive(Debug, Clone)]
 pub(crate) struct Indexed(pub(crate) Arc<Slot>);
@@ -196,7 +224,7 @@ pub(crate) struct Inner {
     /// A slot leaves the map exactly once (`unlink`), and `finalize` runs exactly once per slot
     /// that was in the map, with the stream that left with it.
     pub(crate) index: DashMap<Indexed, Option<Stream>>,
-    /// Number of slots in `index` (the set's own `len` locks every shard). Incremented after
+    /// Number of slots in `index` (the map's own `len` locks every shard). Incremented after
     /// an insertion, decremented by `finalize`.
     pub(crate) entries: AtomicUsize,
     /// A `Maintain` job is queued and the reaper has not started on it: further requests
@@ -436,9 +464,13 @@ impl Inner {
     /// Asks the reaper to enforce limits soon (coalesced: one queued request at a time).
     pub(crate) fn request_maintenance(&self) {
         // A load first: while a request is pending (the common case when every write breaks
-        // a limit), asking again costs no read-modify-write on this shared flag.
-        if !self.maintain_pending.load(Ordering::SeqCst)
-            && !self.maintain_pending.swap(true, Ordering::SeqCst)
+        // a limit), asking again costs no read-modify-write on this shared flag. The fence
+        // pairs with the one after the reaper clears the flag (store-buffering pattern):
+        // either this load sees the flag cleared and queues a job, or that pass's reads see
+        // the change our caller made before calling.
+        std::sync::atomic::fence(Ordering::SeqCst);
+        if !self.maintain_pending.load(Ordering::Relaxed)
+            && !self.maintain_pending.swap(true, Ordering::AcqRel)
         {
             let _ = self.jobs.send(Job::Maintain);
         }
@@ -602,15 +634,16 @@ impl Inner {
         None
     }
 
-    /// The slot's stream, (re)opening a committed blob if it was closed or never opened;
-    /// `None` if the slot left the index. The blob is opened without any lock held: two
-    /// requests may both open it, and the one that installs its stream first wins.
-    fn stream_of(&self, slot: &Arc<Slot>) -> Result<Option<Stream>> {
+    /// A reader of the slot's stream, (re)opening a committed blob if its stream was closed
+    /// or never opened. The blob is opened without any lock held (two requests may both open
+    /// it; the stream installed first wins), but the reader is made under the shard guard, so
+    /// the stream cannot be closed as idle between the look-up and the reader.
+    fn open_reader(&self, slot: &Arc<Slot>) -> Result<Opened> {
         match self.indexed(slot) {
-            None => return Ok(None),
+            None => return Ok(Opened::Gone),
             Some(e) => {
                 if let Some(s) = e.value() {
-                    return Ok(Some(s.clone()));
+                    return Ok(Opened::from(s.reader()));
                 }
             }
         }
@@ -623,7 +656,7 @@ impl Inner {
             .map(|m| m.user)
             .unwrap_or_default();
         let observer: Arc<dyn Observer> = slot.clone();
-        let stream = Stream::committed(
+        let ours = Stream::committed(
             self.storage.clone(),
             &name,
             slot.key.clone(),
@@ -632,23 +665,17 @@ impl Inner {
             user,
             Some(observer),
         );
-        let theirs = {
-            let Some(mut e) = self.index.get_mut(&*slot.key) else {
-                return Ok(None);
-            };
-            if !Arc::ptr_eq(&e.key().0, slot) {
-                return Ok(None);
-            }
-            match e.value() {
-                Some(theirs) => Some(theirs.clone()),
-                None => {
-                    *e.value_mut() = Some(stream.clone());
-                    None
-                }
-            }
+        let Some(mut e) = self.index.get_mut(&*slot.key) else {
+            return Ok(Opened::Gone);
         };
-        // A losing stream is dropped (its file closed) after the shard guard is gone.
-        Ok(Some(theirs.unwrap_or(stream)))
+        if !Arc::ptr_eq(&e.key().0, slot) {
+            return Ok(Opened::Gone);
+        }
+        let opened = Opened::from(e.value_mut().get_or_insert_with(|| ours.clone()).reader());
+        // The guard goes first: a losing stream is dropped (its file closed) without it.
+        drop(e);
+        drop(ours);
+        Ok(opened)
     }
 
     /// Tries to serve `slot`. `Ok(None)` means the slot was stale (expired, removed, failed):
@@ -661,18 +688,18 @@ impl Inner {
             self.unlink(slot, cause);
             return Ok(None);
         }
-        let stream = match self.stream_of(slot) {
-            Ok(Some(s)) => s,
-            Ok(None) => return Ok(None),
+        let reader = match self.open_reader(slot) {
+            Ok(Opened::Reader(r)) => r,
+            Ok(Opened::Gone) => return Ok(None),
+            Ok(Opened::Refused) => {
+                self.unlink(slot, RemovalCause::Explicit);
+                return Ok(None);
+            }
             Err(e) => {
                 tracing::warn!(key = %slot.key, error = %e, "dropping entry that cannot be opened");
                 self.unlink(slot, RemovalCause::Corrupt);
                 return Ok(None);
             }
-        };
-        let Ok(reader) = stream.reader() else {
-            self.unlink(slot, RemovalCause::Explicit);
-            return Ok(None);
         };
         if reader.failed() {
             drop(reader);
@@ -684,8 +711,8 @@ impl Inner {
     }
 
     /// The fast path of a hit, for a caller that holds the index's shard guard on `slot` and
-    /// its open `stream`: a reader if the entry is not (possibly) expired. Takes no lock and
-    /// does no I/O; `None` sends the caller to `try_hit`. The caller must not drop a returned
+    /// its open `stream`: a reader if the entry is not (possibly) expired. Takes no lock of
+    /// the index and does no I/O; `None` sends the caller to `try_hit`. The caller must not drop a returned
     /// reader while it holds the guard (see `Cache::lookup`).
     pub(crate) fn hit_open(
         &self,
@@ -715,21 +742,28 @@ impl Inner {
 
     /// Removes `slot` from the index if it is still there, then finalizes it.
     pub(crate) fn unlink(&self, slot: &Arc<Slot>, cause: RemovalCause) -> bool {
-        self.unlink_as(slot, cause, Deletion::Queue, false)
+        self.unlink_as(slot, cause, Deletion::Queue, Unless::Never)
     }
 
-    /// `unlink`, deleting the blob as `deletion` says; with `unused`, only if no reader or
-    /// writer has the entry open (checked under the shard's write lock, so no reader can
-    /// appear between the check and the removal).
+    /// `unlink`, deleting the blob as `deletion` says, unless `unless` holds (checked under
+    /// the shard's write lock, so no reader can appear between the check and the removal).
     fn unlink_as(
         &self,
         slot: &Arc<Slot>,
         cause: RemovalCause,
         deletion: Deletion,
-        unused: bool,
+        unless: Unless,
     ) -> bool {
         let removed = self.index.remove_if(&*slot.key, |k, stream| {
-            Arc::ptr_eq(&k.0, slot) && !(unused && stream.as_ref().is_some_and(|s| s.handles() > 0))
+            let in_use = || stream.as_ref().is_some_and(|s| s.handles() > 0);
+            Arc::ptr_eq(&k.0, slot)
+                && match unless {
+                    Unless::Never => true,
+                    Unless::InUse => !in_use(),
+                    Unless::InUseOrFresh(now) => {
+                        !in_use() && self.time_expiry(slot, now) == Some(RemovalCause::Idle)
+                    }
+                }
         });
         match removed {
             Some((_, stream)) => {
@@ -864,15 +898,19 @@ impl Inner {
                 let len = slot.accounted.load(Ordering::Relaxed);
                 self.in_use(&slot) || !p.may_evict(&self.info(&slot, len), RemovalCause::Size)
             });
-            // Still live after a failed unlink: a reader opened it since the check above.
-            if refused
-                || !self.unlink_as(&slot, RemovalCause::Size, Deletion::InlineUnfiled, true)
-                    && slot.is_live()
-            {
+            if refused {
                 kept.push(slot);
-                continue;
+            } else if self.unlink_as(
+                &slot,
+                RemovalCause::Size,
+                Deletion::InlineUnfiled,
+                Unless::InUse,
+            ) {
+                evicted += 1;
+            } else if slot.is_live() {
+                // In use (the unlink checks that under the shard's write lock).
+                kept.push(slot);
             }
-            evicted += 1;
         }
         drop(held);
         let over = self.over_limits();
@@ -909,9 +947,12 @@ impl Inner {
             .collect();
         let mut evicted = 0;
         for (slot, cause) in stale {
-            // An entry in use never idles out.
-            let unused = cause == RemovalCause::Idle;
-            if self.unlink_as(&slot, cause, Deletion::Inline, unused) {
+            // An entry in use never idles out, nor one used since the scan.
+            let unless = match cause {
+                RemovalCause::Idle => Unless::InUseOrFresh(now),
+                _ => Unless::Never,
+            };
+            if self.unlink_as(&slot, cause, Deletion::Inline, unless) {
                 evicted += 1;
             }
         }

@@ -68,11 +68,12 @@ fn run(
             }
             if let Some(inner) = inner.upgrade() {
                 // Requests from now on must queue a new job: what they changed may come after
-                // this pass looked. (A read-modify-write, SeqCst like the requests' load and
-                // swap, so this pass's reads come after a request that saw the flag still set.)
+                // this pass looked. The fence pairs with the one in `request_maintenance`: a
+                // request that still saw the flag set made its change visible to this pass.
                 inner
                     .maintain_pending
-                    .swap(false, std::sync::atomic::Ordering::SeqCst);
+                    .store(false, std::sync::atomic::Ordering::Relaxed);
+                std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
                 inner.evict_expired();
                 inner.evict_for_size();
             }

@@ -141,8 +141,8 @@ pub trait BlobReader: Send + Sync + fmt::Debug {
     }
 
     /// Called when the last reader of the blob has gone away (it may get new ones later).
-    /// Implementations may drop caches; [`DiskStorage`] forgets which blocks it has checked,
-    /// so the next use checks them again. The default does nothing.
+    /// Implementations may drop caches; [`DiskStorage`] re-examines the file at the next use
+    /// and forgets which blocks it has checked if the file changed. The default does nothing.
     fn idle(&self) {}
 }
 
