@@ -652,8 +652,14 @@ fn disk(dir: &Path, out: &mut Vec<Row>) -> Result<()> {
     }
     cacache::write_sync(&ca_dir, "big", &data)?;
     let mut buf = vec![0u8; READ_BUF];
-    let (mut raw, mut cold, mut warm, mut ca, mut hash) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut raw, mut cold, mut warm, mut fresh, mut ca, mut hash) = (
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+    );
     // One untimed pass of each, so every file is in the page cache.
     drain(File::open(&raw_path)?, &mut buf, BIG)?;
     // Read-back runs are short (tens of ms each): use the full run count, interleaved.
@@ -662,9 +668,9 @@ fn disk(dir: &Path, out: &mut Vec<Row>) -> Result<()> {
         drain(File::open(&raw_path)?, &mut buf, BIG)?;
         let raw_t = t.elapsed();
 
-        // A reopened cache verifies each block on first touch. The record of verified blocks
-        // is kept while the entry has an open reader (and forgotten when it goes idle), so the
-        // warm read is a second reader opened while the first is still open.
+        // A reopened cache verifies each block on first touch; the record of verified blocks
+        // is kept while the file's fstat stamp is unchanged, so the warm read (a second
+        // reader) serves them straight from the page cache.
         let cache = sc_disk(&sc_dir)?;
         let t = Instant::now();
         let mut first = cache.get("big")?.context("present")?;
@@ -674,6 +680,19 @@ fn disk(dir: &Path, out: &mut Vec<Row>) -> Result<()> {
         drain(cache.get("big")?.context("present")?, &mut buf, BIG)?;
         let warm_t = t.elapsed();
         drop(first);
+        // An entry this process just wrote (untimed): its writer hashed every block, so its
+        // first read needs no second hash.
+        let key = format!("fresh-{run}");
+        let Entry::Miss(mut w) = cache.get_or_create(&key)? else {
+            anyhow::bail!("fresh key was a hit")
+        };
+        w.write_all(&data)?;
+        w.finish()?;
+        let t = Instant::now();
+        drain(cache.get(&key)?.context("present")?, &mut buf, BIG)?;
+        let fresh_t = t.elapsed();
+        cache.remove(&key)?;
+        cache.run_pending_tasks();
         drop(cache);
 
         // Reference (not a system): blake3 of the same 256 MiB, one thread, 1 MiB at a time.
@@ -692,6 +711,7 @@ fn disk(dir: &Path, out: &mut Vec<Row>) -> Result<()> {
             raw.push(gbps(BIG, raw_t));
             cold.push(gbps(BIG, cold_t));
             warm.push(gbps(BIG, warm_t));
+            fresh.push(gbps(BIG, fresh_t));
             ca.push(gbps(BIG, ca_t));
             hash.push(gbps(BIG, hash_t));
         }
@@ -714,7 +734,12 @@ fn disk(dir: &Path, out: &mut Vec<Row>) -> Result<()> {
         (
             "streamcache disk, warm",
             warm,
-            "second reader while the first is open: blocks already verified",
+            "second reader: blocks already verified",
+        ),
+        (
+            "streamcache disk, first read after finish",
+            fresh,
+            "entry written by this process: its writer hashed every block",
         ),
         (
             "cacache SyncReader + check()",
@@ -1119,6 +1144,12 @@ fn targets(rows: &[Row]) -> Vec<(String, bool)> {
     if let Some(r) = ratio(w, "streamcache disk, first read after reopen") {
         t.push((
             format!("disk read-back, first read after reopen: {r:.2}× raw (target ≥ 0.7×)"),
+            r >= 0.7,
+        ));
+    }
+    if let Some(r) = ratio(w, "streamcache disk, first read after finish") {
+        t.push((
+            format!("disk read-back, first read after finish: {r:.2}× raw (target ≥ 0.7×)"),
             r >= 0.7,
         ));
     }
