@@ -958,30 +958,43 @@ mod tests {
         assert_eq!(err.kind(), io::ErrorKind::InvalidData);
     }
 
-    /// Regression: a finished blob read through the writer's handle was never checked, and a
-    /// handle kept open checked each block once forever, so a file altered on disk between two
-    /// uses was served as a clean read.
-    #[test]
-    fn file_altered_between_uses_is_caught() {
+    /// A storage with blob "blob" of one block and 10 bytes written, not committed: its
+    /// directory, the storage, the writer, a reader from the writer, and the data.
+    fn written_blob() -> (
+        tempfile::TempDir,
+        DiskStorage,
+        Box<dyn BlobWriter>,
+        Arc<dyn BlobReader>,
+        Vec<u8>,
+    ) {
         let dir = tempfile::tempdir().unwrap();
         let s = DiskStorage::open(dir.path()).unwrap();
         let data = vec![5u8; BLOCK as usize + 10];
         let mut w = s.create("blob").unwrap();
         let r = w.reader();
         w.write(&data).unwrap();
+        (dir, s, w, r, data)
+    }
+
+    /// Changes one byte of `path` at `at` (same length) through a handle of its own.
+    fn poke(path: &Path, at: u64) {
+        let other = File::options().write(true).open(path).unwrap();
+        other.write_all_at(&[6], at).unwrap();
+    }
+
+    /// Regression: a finished blob read through the writer's handle was never checked, and a
+    /// handle kept open checked each block once forever, so a file altered on disk between two
+    /// uses was served as a clean read.
+    #[test]
+    fn file_altered_between_uses_is_caught() {
+        let (_dir, s, mut w, r, data) = written_blob();
         w.commit(b"".to_vec()).unwrap();
         let mut buf = vec![0; data.len()];
         assert_eq!(r.read_at(&mut buf, 0).unwrap(), data.len());
         r.idle();
         // Past the clock tick of the stamp, for kernels that keep coarse file times.
         std::thread::sleep(std::time::Duration::from_millis(20));
-        // Same length, one byte changed, through another handle.
-        let other = File::options()
-            .write(true)
-            .open(s.blob_path("blob"))
-            .unwrap();
-        other.write_all_at(&[6], 3).unwrap();
-        drop(other);
+        poke(&s.blob_path("blob"), 3);
         let err = r.read_at(&mut buf, 0).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::InvalidData);
         // The untouched block is still fine.
@@ -993,21 +1006,14 @@ mod tests {
     /// handle) must be caught by the first read, not served as vouched-for bytes.
     #[test]
     fn file_altered_before_commit_is_not_vouched_for() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = DiskStorage::open(dir.path()).unwrap();
-        let data = vec![5u8; BLOCK as usize + 10];
-        let mut w = s.create("blob").unwrap();
-        let r = w.reader();
-        w.write(&data).unwrap();
+        let (_dir, s, mut w, r, data) = written_blob();
         std::thread::sleep(std::time::Duration::from_millis(20));
         let staged = fs::read_dir(&s.inner.tmp)
             .unwrap()
             .map(|e| e.unwrap().path())
             .find(|p| fs::read(p).is_ok_and(|b| b.len() == data.len()))
             .expect("staged file");
-        let other = File::options().write(true).open(&staged).unwrap();
-        other.write_all_at(&[6], BLOCK + 2).unwrap();
-        drop(other);
+        poke(&staged, BLOCK + 2);
         w.commit(b"".to_vec()).unwrap();
         let mut buf = vec![0; 10];
         assert_eq!(r.read_at(&mut buf, 0).unwrap(), 10);
