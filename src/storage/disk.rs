@@ -958,22 +958,30 @@ mod tests {
         assert_eq!(err.kind(), io::ErrorKind::InvalidData);
     }
 
-    /// A storage with blob "blob" of one block and 10 bytes written, not committed: its
-    /// directory, the storage, the writer, a reader from the writer, and the data.
-    fn written_blob() -> (
-        tempfile::TempDir,
-        DiskStorage,
-        Box<dyn BlobWriter>,
-        Arc<dyn BlobReader>,
-        Vec<u8>,
-    ) {
+    /// A storage with blob "blob" of one block and 10 bytes written, not committed.
+    struct Written {
+        _dir: tempfile::TempDir,
+        s: DiskStorage,
+        w: Box<dyn BlobWriter>,
+        /// A reader from the writer.
+        r: Arc<dyn BlobReader>,
+        data: Vec<u8>,
+    }
+
+    fn written_blob() -> Written {
         let dir = tempfile::tempdir().unwrap();
         let s = DiskStorage::open(dir.path()).unwrap();
         let data = vec![5u8; BLOCK as usize + 10];
         let mut w = s.create("blob").unwrap();
         let r = w.reader();
         w.write(&data).unwrap();
-        (dir, s, w, r, data)
+        Written {
+            _dir: dir,
+            s,
+            w,
+            r,
+            data,
+        }
     }
 
     /// Changes one byte of `path` at `at` (same length) through a handle of its own.
@@ -987,7 +995,13 @@ mod tests {
     /// uses was served as a clean read.
     #[test]
     fn file_altered_between_uses_is_caught() {
-        let (_dir, s, mut w, r, data) = written_blob();
+        let Written {
+            _dir,
+            s,
+            w,
+            r,
+            data,
+        } = written_blob();
         w.commit(b"".to_vec()).unwrap();
         let mut buf = vec![0; data.len()];
         assert_eq!(r.read_at(&mut buf, 0).unwrap(), data.len());
@@ -1006,7 +1020,13 @@ mod tests {
     /// handle) must be caught by the first read, not served as vouched-for bytes.
     #[test]
     fn file_altered_before_commit_is_not_vouched_for() {
-        let (_dir, s, mut w, r, data) = written_blob();
+        let Written {
+            _dir,
+            s,
+            w,
+            r,
+            data,
+        } = written_blob();
         std::thread::sleep(std::time::Duration::from_millis(20));
         let staged = fs::read_dir(&s.inner.tmp)
             .unwrap()
