@@ -209,10 +209,6 @@ impl Writer {
         }
         self.live()?;
         let mut blob = self.blob.take().expect("live");
-        if let Err(e) = blob.publish() {
-            self.blob = Some(blob);
-            return Err(self.fail("publish", e));
-        }
         let len = self.written;
         let commit = !self.shared.is_doomed();
         if commit {
@@ -221,10 +217,15 @@ impl Writer {
                 Some(obs) => obs.commit_meta(len, &user),
                 None => user.to_vec(),
             };
+            // `commit` publishes what is left first (so a small last segment can be handed
+            // over whole).
             if let Err(e) = blob.commit(meta) {
                 return Err(self.fail("commit", e));
             }
             self.shared.set_committed();
+        } else if let Err(e) = blob.publish() {
+            self.blob = Some(blob);
+            return Err(self.fail("publish", e));
         }
         // Tell the cache first, so that once readers see the end, its books are up to date.
         if let Some(obs) = &self.shared.observer {
