@@ -4,7 +4,7 @@ use std::fs::{self, File};
 use std::io::{self, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, mpsc};
 use std::thread::JoinHandle;
 
@@ -29,7 +29,7 @@ const META_EXT: &str = "meta";
 ///
 /// A writer hashes the first 1 MiB block itself; from the second block on, a helper thread
 /// hashes copies of the blocks while the writer goes on writing (a blob of one block never
-/// starts one).
+/// starts one, and there are at most as many helpers as cores: other writers hash inline).
 ///
 /// # Layout
 ///
@@ -371,21 +371,52 @@ struct Offload {
     helper: Option<JoinHandle<Vec<[u8; 32]>>>,
 }
 
+/// Hashing helpers running, process-wide. At most one per core: beyond that, writers hash on
+/// their own threads (more helpers would only compete for the same cores).
+static HELPERS: AtomicUsize = AtomicUsize::new(0);
+
+/// One of the `HELPERS` places, given back when dropped.
+struct HelperPlace;
+
+impl HelperPlace {
+    fn take() -> Option<HelperPlace> {
+        static CORES: OnceLock<usize> = OnceLock::new();
+        let max =
+            *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+        HELPERS
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| HelperPlace)
+    }
+}
+
+impl Drop for HelperPlace {
+    fn drop(&mut self) {
+        HELPERS.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 impl Offload {
-    fn start() -> io::Result<Offload> {
+    /// A helper thread, unless every core already has one or none can be started.
+    fn start() -> Option<Offload> {
+        let place = HelperPlace::take()?;
         let (blocks, todo) = mpsc::sync_channel::<Vec<u8>>(2);
         let (done, spare) = mpsc::channel();
         let helper = std::thread::Builder::new()
             .name("streamcache-hash".into())
             .spawn(move || {
+                let _place = place;
                 let mut hashes = Vec::new();
                 for block in todo {
                     hashes.push(*blake3::hash(&block).as_bytes());
                     let _ = done.send(block);
                 }
                 hashes
-            })?;
-        Ok(Offload {
+            })
+            .ok()?;
+        Some(Offload {
             fill: Vec::with_capacity(BLOCK as usize),
             blocks: Some(blocks),
             spare,
@@ -432,7 +463,7 @@ impl BlobWriter for DiskWriter {
             if self.len == BLOCK && self.offload.is_none() {
                 // The blob goes on past its first block: hash the rest on a helper thread
                 // (or, if none can be started, here).
-                self.offload = Offload::start().ok();
+                self.offload = Offload::start();
             }
             let room = (BLOCK - self.len % BLOCK) as usize;
             let n = room.min(buf.len());
@@ -1065,6 +1096,35 @@ mod tests {
                 .collect();
             assert_eq!(s.read_record(&name).unwrap().hashes, want, "len {len}");
         }
+    }
+
+    /// More large writers than cores: some get a hashing helper, the others hash inline, and
+    /// every record is right.
+    #[test]
+    fn concurrent_large_writers_all_hash_right() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = DiskStorage::open(dir.path()).unwrap();
+        let b = BLOCK as usize;
+        let writers = 3 * std::thread::available_parallelism().map_or(2, |n| n.get());
+        std::thread::scope(|scope| {
+            for t in 0..writers {
+                let s = &s;
+                scope.spawn(move || {
+                    let data: Vec<u8> = (0..3 * b + t).map(|j| (j * 31 + t) as u8).collect();
+                    let name = format!("w{t}");
+                    let mut w = s.create(&name).unwrap();
+                    for piece in data.chunks(64 << 10) {
+                        w.write(piece).unwrap();
+                    }
+                    w.commit(Vec::new()).unwrap();
+                    let want: Vec<[u8; 32]> = data
+                        .chunks(b)
+                        .map(|c| *blake3::hash(c).as_bytes())
+                        .collect();
+                    assert_eq!(s.read_record(&name).unwrap().hashes, want);
+                });
+            }
+        });
     }
 
     #[test]
