@@ -1,5 +1,6 @@
 //! Disk storage; the layout and guarantees are documented on [`DiskStorage`].
 
+use std::fmt;
 use std::fs::{self, File};
 use std::io::{self, Write};
 use std::os::unix::fs::FileExt;
@@ -98,6 +99,9 @@ struct DiskInner {
     data: PathBuf,
     tmp: PathBuf,
     sync: bool,
+    /// How many block-hashing helpers may run process-wide before this storage's writers hash
+    /// inline: the number of cores.
+    hash_helpers: usize,
     /// Lock: this mutex. Holds the exclusive OS lock on `<dir>/LOCK` until dropped or
     /// [`DiskStorage::unlock`]ed.
     lock: Mutex<Option<File>>,
@@ -151,9 +155,20 @@ impl DiskStorage {
                 data,
                 tmp,
                 sync,
+                hash_helpers: std::thread::available_parallelism().map_or(1, |n| n.get()),
                 lock: Mutex::new(Some(lock)),
             }),
         })
+    }
+
+    /// Tests: how many hashing helpers writers may use (0: always inline; `usize::MAX`: always
+    /// a helper), on a storage no other handle shares yet.
+    #[cfg(test)]
+    fn with_hash_helpers(mut self, n: usize) -> Self {
+        Arc::get_mut(&mut self.inner)
+            .expect("not shared yet")
+            .hash_helpers = n;
+        self
     }
 
     /// Releases the directory lock now rather than when the last handle drops, so another
@@ -332,13 +347,12 @@ struct DiskWriter {
     /// The staged file; deleted when dropped unless committed.
     staged: TempPath,
     len: u64,
-    /// Hash of the block being written (`len % BLOCK` bytes of it so far), while blocks are
-    /// hashed on this thread.
+    /// Hash of the first block, as it is written.
     block: blake3::Hasher,
-    /// Hashes of the blocks hashed on this thread.
+    /// Hashes of the blocks hashed so far on this thread or collected from the helper.
     hashes: Vec<[u8; 32]>,
-    /// Once the blob grows past its first block: the helper thread that hashes the rest.
-    offload: Option<Offload>,
+    /// Once the blob grows past its first block: the rest, and who hashes it.
+    tail: Option<Tail>,
     /// Wall-clock time (seconds, nanoseconds since the epoch) just after the last write: a
     /// file modified later has a later modification time.
     last_write: Option<(i64, i64)>,
@@ -355,34 +369,46 @@ fn wall_clock() -> Option<(i64, i64)> {
     ))
 }
 
-/// Hashes the blocks of a large blob on a helper thread, so that the writer's `write(2)` and
-/// the hashing overlap (in series they capped a disk write near 0.65× of a raw one). The
-/// writer copies each block into a buffer the helper hashes; buffers come back for reuse, and
-/// at most two full blocks wait for the helper (the writer waits beyond that).
-#[derive(Debug)]
-struct Offload {
+/// The blocks of a blob past its first: the writer copies them into `fill`, and once a whole
+/// one is there a helper thread hashes them while the writer goes on writing, so that the
+/// writer's `write(2)` and the hashing overlap (in series they capped a disk write near 0.65×
+/// of a raw one). A blob that never fills its second block starts no thread; with no helper to
+/// be had (see `HELPERS`), blocks are hashed here.
+struct Tail {
     /// The block being filled.
     fill: Vec<u8>,
-    /// Full blocks, then the partial last one, in order. `None` once closed.
-    blocks: Option<mpsc::SyncSender<Vec<u8>>>,
-    /// Buffers the helper is done with.
-    spare: mpsc::Receiver<Vec<u8>>,
-    /// Returns the hashes of every block it was sent, in order.
-    helper: Option<JoinHandle<Vec<[u8; 32]>>>,
+    helper: Option<Helper>,
+    /// No helper could be had: every block is hashed on the writer's thread.
+    inline: bool,
 }
 
-/// Hashing helpers running, process-wide. At most one per core: beyond that, writers hash on
-/// their own threads (more helpers would only compete for the same cores).
+impl fmt::Debug for Tail {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Tail")
+            .field("filled", &self.fill.len())
+            .field("helper", &self.helper.is_some())
+            .finish()
+    }
+}
+
+/// A thread hashing whole blocks in the order they are sent; at most two wait for it (the
+/// writer waits beyond that), and their buffers come back for reuse.
+struct Helper {
+    blocks: Option<mpsc::SyncSender<Vec<u8>>>,
+    spare: mpsc::Receiver<Vec<u8>>,
+    /// Returns the hashes of every block it was sent, in order.
+    thread: Option<JoinHandle<Vec<[u8; 32]>>>,
+}
+
+/// Hashing helpers running, process-wide; `DiskStorage` allows one per core (more would only
+/// compete for the same cores), and writers beyond that hash on their own threads.
 static HELPERS: AtomicUsize = AtomicUsize::new(0);
 
 /// One of the `HELPERS` places, given back when dropped.
 struct HelperPlace;
 
 impl HelperPlace {
-    fn take() -> Option<HelperPlace> {
-        static CORES: OnceLock<usize> = OnceLock::new();
-        let max =
-            *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    fn take(max: usize) -> Option<HelperPlace> {
         HELPERS
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
                 (n < max).then_some(n + 1)
@@ -398,13 +424,13 @@ impl Drop for HelperPlace {
     }
 }
 
-impl Offload {
-    /// A helper thread, unless every core already has one or none can be started.
-    fn start() -> Option<Offload> {
-        let place = HelperPlace::take()?;
+impl Helper {
+    /// A helper, unless `max` are running already or no thread can be started.
+    fn start(max: usize) -> Option<Helper> {
+        let place = HelperPlace::take(max)?;
         let (blocks, todo) = mpsc::sync_channel::<Vec<u8>>(2);
         let (done, spare) = mpsc::channel();
-        let helper = std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("streamcache-hash".into())
             .spawn(move || {
                 let _place = place;
@@ -416,42 +442,98 @@ impl Offload {
                 hashes
             })
             .ok()?;
-        Some(Offload {
-            fill: Vec::with_capacity(BLOCK as usize),
+        Some(Helper {
             blocks: Some(blocks),
             spare,
-            helper: Some(helper),
+            thread: Some(thread),
         })
     }
 
-    /// Hands the filled block to the helper and starts a new one.
-    fn send(&mut self) -> io::Result<()> {
-        let next = match self.spare.try_recv() {
-            Ok(mut b) => {
+    /// An empty block buffer: one the helper is done with, or a new one. Keeps no more than
+    /// that one (a slow writer would otherwise hold every buffer it ever used).
+    fn buffer(&mut self) -> Vec<u8> {
+        let mut reuse = None;
+        while let Ok(b) = self.spare.try_recv() {
+            reuse.get_or_insert(b);
+        }
+        match reuse {
+            Some(mut b) => {
                 b.clear();
                 b
             }
-            Err(_) => Vec::with_capacity(BLOCK as usize),
-        };
-        let full = std::mem::replace(&mut self.fill, next);
-        let sent = self.blocks.as_ref().map(|tx| tx.send(full));
-        match sent {
-            Some(Ok(())) => Ok(()),
-            _ => Err(io::Error::other("the block hashing thread stopped")),
+            None => Vec::with_capacity(BLOCK as usize),
         }
     }
 
-    /// Hashes of every block sent, after the partial last one in `fill`, if any.
-    fn finish(mut self) -> io::Result<Vec<[u8; 32]>> {
-        if !self.fill.is_empty() {
-            self.send()?;
+    fn send(&mut self, block: Vec<u8>) -> io::Result<()> {
+        if self
+            .blocks
+            .as_ref()
+            .is_some_and(|tx| tx.send(block).is_ok())
+        {
+            return Ok(());
         }
+        // The helper is gone: its join says why.
+        self.join()?;
+        Err(io::Error::other("the block hashing thread stopped"))
+    }
+
+    /// Waits for the helper to hash everything sent; its hashes, in order.
+    fn join(&mut self) -> io::Result<Vec<[u8; 32]>> {
         drop(self.blocks.take());
-        self.helper
+        let thread = self
+            .thread
             .take()
-            .expect("joined once")
+            .ok_or_else(|| io::Error::other("the block hashing thread stopped"))?;
+        thread
             .join()
             .map_err(|_| io::Error::other("the block hashing thread panicked"))
+    }
+}
+
+impl Tail {
+    fn new() -> Tail {
+        Tail {
+            fill: Vec::with_capacity(BLOCK as usize),
+            helper: None,
+            inline: false,
+        }
+    }
+
+    /// `fill` holds a whole block: hashes it (on the helper, started now if need be, or into
+    /// `hashes` here) and starts the next.
+    fn block_full(&mut self, hashes: &mut Vec<[u8; 32]>, max_helpers: usize) -> io::Result<()> {
+        if self.helper.is_none() && !self.inline {
+            self.helper = Helper::start(max_helpers);
+            self.inline = self.helper.is_none();
+        }
+        match &mut self.helper {
+            Some(h) => {
+                let next = h.buffer();
+                h.send(std::mem::replace(&mut self.fill, next))
+            }
+            None => {
+                hashes.push(*blake3::hash(&self.fill).as_bytes());
+                self.fill.clear();
+                Ok(())
+            }
+        }
+    }
+
+    /// Appends the hashes of the blocks not in `hashes` yet, the partial last one included.
+    fn finish(mut self, hashes: &mut Vec<[u8; 32]>) -> io::Result<()> {
+        let last = std::mem::take(&mut self.fill);
+        match &mut self.helper {
+            Some(h) => {
+                if !last.is_empty() {
+                    h.send(last)?;
+                }
+                hashes.extend(h.join()?);
+            }
+            None if !last.is_empty() => hashes.push(*blake3::hash(&last).as_bytes()),
+            None => {}
+        }
+        Ok(())
     }
 }
 
@@ -460,29 +542,24 @@ impl BlobWriter for DiskWriter {
         (&*self.file).write_all(buf)?;
         self.last_write = wall_clock();
         while !buf.is_empty() {
-            if self.len == BLOCK && self.offload.is_none() {
-                // The blob goes on past its first block: hash the rest on a helper thread
-                // (or, if none can be started, here).
-                self.offload = Offload::start();
-            }
             let room = (BLOCK - self.len % BLOCK) as usize;
             let n = room.min(buf.len());
-            match &mut self.offload {
-                Some(o) => o.fill.extend_from_slice(&buf[..n]),
-                None => {
-                    self.block.update(&buf[..n]);
-                }
+            if self.len < BLOCK {
+                self.block.update(&buf[..n]);
+            } else {
+                self.tail
+                    .get_or_insert_with(Tail::new)
+                    .fill
+                    .extend_from_slice(&buf[..n]);
             }
             self.len += n as u64;
             buf = &buf[n..];
-            if self.len.is_multiple_of(BLOCK) {
-                match &mut self.offload {
-                    Some(o) => o.send()?,
-                    None => {
-                        self.hashes.push(*self.block.finalize().as_bytes());
-                        self.block.reset();
-                    }
-                }
+            if self.len == BLOCK {
+                self.hashes.push(*self.block.finalize().as_bytes());
+            } else if self.len.is_multiple_of(BLOCK) {
+                let max = self.storage.hash_helpers;
+                let tail = self.tail.as_mut().expect("past the first block");
+                tail.block_full(&mut self.hashes, max)?;
             }
         }
         Ok(())
@@ -498,12 +575,10 @@ impl BlobWriter for DiskWriter {
     }
 
     fn commit(mut self: Box<Self>, meta: Vec<u8>) -> io::Result<()> {
-        match self.offload.take() {
-            Some(o) => {
-                let rest = o.finish()?;
-                self.hashes.extend(rest);
-            }
-            None if !self.len.is_multiple_of(BLOCK) => {
+        match self.tail.take() {
+            Some(tail) => tail.finish(&mut self.hashes)?,
+            // Shorter than one block (a blob of exactly one was hashed as it filled).
+            None if self.len < BLOCK && self.len > 0 => {
                 self.hashes.push(*self.block.finalize().as_bytes());
             }
             None => {}
@@ -827,7 +902,7 @@ impl Storage for DiskStorage {
             len: 0,
             block: blake3::Hasher::new(),
             hashes: Vec::new(),
-            offload: None,
+            tail: None,
             last_write: None,
         }))
     }
@@ -1072,16 +1147,35 @@ mod tests {
         assert_eq!(err.kind(), io::ErrorKind::InvalidData);
     }
 
-    /// Blocks hashed on the helper thread (everything past the first block) land in the record
-    /// in order, whatever the write sizes and wherever the blob ends relative to a block.
+    /// Blocks hashed inline or on a helper thread (everything past the first block, once a
+    /// second one fills) land in the record in order, whatever the write sizes and wherever
+    /// the blob ends relative to a block.
     #[test]
     fn block_hashes_are_right_on_both_threads() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = DiskStorage::open(dir.path()).unwrap();
+        for helpers in [0, usize::MAX] {
+            let dir = tempfile::tempdir().unwrap();
+            let s = DiskStorage::open(dir.path())
+                .unwrap()
+                .with_hash_helpers(helpers);
+            check_block_hashes(&s);
+        }
+    }
+
+    fn check_block_hashes(s: &DiskStorage) {
         let b = BLOCK as usize;
-        for (i, len) in [0, 1, b - 1, b, b + 1, 2 * b, 3 * b + 5]
-            .into_iter()
-            .enumerate()
+        for (i, len) in [
+            0,
+            1,
+            b - 1,
+            b,
+            b + 1,
+            2 * b - 1,
+            2 * b,
+            2 * b + 1,
+            3 * b + 5,
+        ]
+        .into_iter()
+        .enumerate()
         {
             let data: Vec<u8> = (0..len).map(|j| (j * 7 + i) as u8).collect();
             let name = format!("blob{i}");
