@@ -1178,18 +1178,28 @@ mod tests {
         .enumerate()
         {
             let data: Vec<u8> = (0..len).map(|j| (j * 7 + i) as u8).collect();
-            let name = format!("blob{i}");
-            let mut w = s.create(&name).unwrap();
-            for piece in data.chunks(65_537 + i) {
-                w.write(piece).unwrap();
-            }
-            w.commit(Vec::new()).unwrap();
-            let want: Vec<[u8; 32]> = data
-                .chunks(b)
-                .map(|c| *blake3::hash(c).as_bytes())
-                .collect();
-            assert_eq!(s.read_record(&name).unwrap().hashes, want, "len {len}");
+            write_and_check(s, &format!("blob{i}"), &data, 65_537 + i);
         }
+    }
+
+    /// Writes `data` as blob `name` in `piece`-byte writes, commits, and checks the record's
+    /// block hashes.
+    fn write_and_check(s: &DiskStorage, name: &str, data: &[u8], piece: usize) {
+        let mut w = s.create(name).unwrap();
+        for p in data.chunks(piece) {
+            w.write(p).unwrap();
+        }
+        w.commit(Vec::new()).unwrap();
+        let want: Vec<[u8; 32]> = data
+            .chunks(BLOCK as usize)
+            .map(|c| *blake3::hash(c).as_bytes())
+            .collect();
+        assert_eq!(
+            s.read_record(name).unwrap().hashes,
+            want,
+            "len {}",
+            data.len()
+        );
     }
 
     /// More large writers than cores: some get a hashing helper, the others hash inline, and
@@ -1205,17 +1215,7 @@ mod tests {
                 let s = &s;
                 scope.spawn(move || {
                     let data: Vec<u8> = (0..3 * b + t).map(|j| (j * 31 + t) as u8).collect();
-                    let name = format!("w{t}");
-                    let mut w = s.create(&name).unwrap();
-                    for piece in data.chunks(64 << 10) {
-                        w.write(piece).unwrap();
-                    }
-                    w.commit(Vec::new()).unwrap();
-                    let want: Vec<[u8; 32]> = data
-                        .chunks(b)
-                        .map(|c| *blake3::hash(c).as_bytes())
-                        .collect();
-                    assert_eq!(s.read_record(&name).unwrap().hashes, want);
+                    write_and_check(s, &format!("w{t}"), &data, 64 << 10);
                 });
             }
         });
