@@ -393,6 +393,34 @@ fn limits_restored_promptly_without_run_pending_tasks() {
     }
 }
 
+/// Regression: the reaper alone could fall far behind a storm of writers (a 2-thread insert
+/// benchmark had 4× `max_entries` live at once). Writers now evict their share once the count
+/// is far over the limit; here the reaper is stuck in the eviction listener, so only they can.
+#[test]
+fn writers_keep_the_entry_limit_when_the_reaper_is_stuck() {
+    deadline("stuck reaper", || {
+        let (release, stuck) = std::sync::mpsc::channel::<()>();
+        let stuck = Mutex::new(stuck);
+        let cache = Arc::new(
+            Cache::builder()
+                .max_entries(100)
+                .maintenance_interval(HOUR)
+                .eviction_listener(move |_, _| {
+                    let _ = stuck.lock().unwrap().recv();
+                })
+                .build()
+                .unwrap(),
+        );
+        // Dropped before `cache` even if an assertion fails: the reaper must get unstuck for
+        // the cache's drop to join it.
+        let _release = release;
+        burst(&cache, 4, 500, 10);
+        // The limit, the slack writers allow before helping (64 here), and what four writers
+        // can add between two checks.
+        assert!(cache.len() <= 100 + 64 + 8, "len {}", cache.len());
+    });
+}
+
 /// Eight threads hammer a small cache with get_or_create / write / finish / abort / read /
 /// remove for about two seconds: no deadlock, no wrong bytes, and the books balance at the end.
 #[test]

@@ -110,7 +110,11 @@ impl CacheBuilder {
         self
     }
 
-    /// At most `n` entries; least recently used finished entries are evicted beyond that.
+    /// At most `n` entries; least recently used finished entries are evicted beyond that, by
+    /// the reaper as soon as a write breaks the limit. If writers outrun the reaper and the
+    /// count passes `n` by more than `max(n / 16, 64)`, each finishing writer also evicts up
+    /// to two entries itself (no I/O: their data is still deleted by the reaper) — unless a
+    /// [`Policy`](crate::cache::Policy) is set, whose calls stay on the reaper.
     pub fn max_entries(mut self, n: u64) -> Self {
         self.max_entries = Some(n);
         self

@@ -31,6 +31,11 @@ use crate::stream::{Observer, Reader, Stream};
 /// `Slot::accounted` once the entry left the index: its bytes no longer count.
 const GONE: u64 = u64::MAX;
 
+/// How far over `max_entries` the count may go before writers help the reaper evict.
+fn help_slack(max: u64) -> u64 {
+    (max / 16).max(64)
+}
+
 /// Size of `Inner::hit_ring`.
 pub(crate) const HIT_RING: usize = 64;
 
@@ -406,6 +411,15 @@ impl Observer for Slot {
         }
         if cache.over_limits() {
             cache.request_maintenance();
+            // The reaper has fallen far behind (a storm of writers, or a slow listener): this
+            // writer evicts its share, so the count stays near the limit. Not with a policy,
+            // whose calls stay on the reaper.
+            if let Some(max) = cache.limits.max_entries
+                && cache.policy.is_none()
+                && cache.entries.load(Ordering::Relaxed) as u64 > max + help_slack(max)
+            {
+                cache.help_evict(2);
+            }
         }
     }
 
@@ -927,6 +941,30 @@ impl Inner {
             }
         }
         evicted
+    }
+
+    /// A writer's share of size eviction once the reaper has fallen far behind: up to `n`
+    /// least recently used entries that nobody is reading, their blobs queued for the reaper
+    /// to delete (no I/O here).
+    fn help_evict(&self, n: usize) {
+        for _ in 0..n {
+            let victim = {
+                let mut lru = self.lru.lock().unwrap_or_else(|e| e.into_inner());
+                self.apply_hits(&mut lru);
+                lru.pop_lru()
+            };
+            let Some((id, slot)) = victim else { return };
+            if slot.is_live()
+                && !self.unlink_as(&slot, RemovalCause::Size, Deletion::Queue, Unless::InUse)
+                && slot.is_live()
+            {
+                let mut lru = self.lru.lock().unwrap_or_else(|e| e.into_inner());
+                if slot.is_live() {
+                    lru.push(id, slot.clone());
+                    lru.demote(&id);
+                }
+            }
+        }
     }
 
     /// Time-based eviction: every finished entry past its time to live or idle (the policy is

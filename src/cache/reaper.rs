@@ -3,7 +3,8 @@
 //! Requests never wait for it: `remove`, eviction decisions and aborted writers only queue
 //! jobs. The reaper deletes blobs, calls the eviction listener, enforces size limits as soon
 //! as a write breaks them (it is woken by `finish` and by writers crossing `max_bytes`), and
-//! expires entries on a timer.
+//! expires entries on a timer. (When writers outrun it by far, finishing writers also evict a
+//! couple of entries each, queueing the deletions here: see `Slot::finished`.)
 
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::{Arc, Weak};
