@@ -543,23 +543,21 @@ impl BlobWriter for DiskWriter {
         self.last_write = wall_clock();
         while !buf.is_empty() {
             let room = (BLOCK - self.len % BLOCK) as usize;
-            let n = room.min(buf.len());
+            let (piece, rest) = buf.split_at(room.min(buf.len()));
+            buf = rest;
             if self.len < BLOCK {
-                self.block.update(&buf[..n]);
+                self.block.update(piece);
+                self.len += piece.len() as u64;
+                if self.len == BLOCK {
+                    self.hashes.push(*self.block.finalize().as_bytes());
+                }
             } else {
-                self.tail
-                    .get_or_insert_with(Tail::new)
-                    .fill
-                    .extend_from_slice(&buf[..n]);
-            }
-            self.len += n as u64;
-            buf = &buf[n..];
-            if self.len == BLOCK {
-                self.hashes.push(*self.block.finalize().as_bytes());
-            } else if self.len.is_multiple_of(BLOCK) {
-                let max = self.storage.hash_helpers;
-                let tail = self.tail.as_mut().expect("past the first block");
-                tail.block_full(&mut self.hashes, max)?;
+                let tail = self.tail.get_or_insert_with(Tail::new);
+                tail.fill.extend_from_slice(piece);
+                self.len += piece.len() as u64;
+                if self.len.is_multiple_of(BLOCK) {
+                    tail.block_full(&mut self.hashes, self.storage.hash_helpers)?;
+                }
             }
         }
         Ok(())
