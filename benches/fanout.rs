@@ -366,31 +366,22 @@ fn cases() -> Vec<Case> {
                 Kind::Disk => run_file_read(&f.baseline_file),
             }),
         });
-        for n in READERS {
-            cases.push(Case {
-                kind,
-                id: format!("live/{n}"),
-                label: format!("{group} live N={n}"),
-                readers: n,
-                baseline: false,
-                run: Box::new(move |f: &Fixture| match kind {
-                    Kind::Memory => run_live(&f.memory, n),
-                    Kind::Disk => run_live(&f.disk, n),
-                }),
-            });
-        }
-        for n in READERS {
-            cases.push(Case {
-                kind,
-                id: format!("replay/{n}"),
-                label: format!("{group} replay N={n}"),
-                readers: n,
-                baseline: false,
-                run: Box::new(move |f: &Fixture| match kind {
-                    Kind::Memory => run_replay(&f.memory_replay, n, Mode::Copy),
-                    Kind::Disk => run_replay(&f.disk_replay, n, Mode::Copy),
-                }),
-            });
+        for (what, replay) in [("live", false), ("replay", true)] {
+            for n in READERS {
+                cases.push(Case {
+                    kind,
+                    id: format!("{what}/{n}"),
+                    label: format!("{group} {what} N={n}"),
+                    readers: n,
+                    baseline: false,
+                    run: Box::new(move |f: &Fixture| match (kind, replay) {
+                        (Kind::Memory, false) => run_live(&f.memory, n),
+                        (Kind::Disk, false) => run_live(&f.disk, n),
+                        (Kind::Memory, true) => run_replay(&f.memory_replay, n, Mode::Copy),
+                        (Kind::Disk, true) => run_replay(&f.disk_replay, n, Mode::Copy),
+                    }),
+                });
+            }
         }
         if kind == Kind::Memory {
             cases.push(Case {
