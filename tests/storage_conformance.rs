@@ -11,34 +11,12 @@ use std::sync::Arc;
 use std::sync::mpsc;
 use std::thread;
 
-use common::{assert_pattern, deadline, pattern};
+use common::{Backend, assert_pattern, deadline, disk, memory, pattern};
 use streamcache::storage::{
     BlobInfo, BlobReader, BlobWriter, DiskStorage, FaultOp, FaultyStorage, MemoryStorage, Storage,
 };
-use tempfile::TempDir;
 
 const MIB: usize = 1 << 20;
-
-/// A storage under test, plus whatever must outlive it (its directory).
-struct Backend {
-    storage: Arc<dyn Storage>,
-    _dir: Option<TempDir>,
-}
-
-fn memory() -> Backend {
-    Backend {
-        storage: Arc::new(MemoryStorage::new()),
-        _dir: None,
-    }
-}
-
-fn disk() -> Backend {
-    let dir = tempfile::tempdir().unwrap();
-    Backend {
-        storage: Arc::new(DiskStorage::open(dir.path()).unwrap()),
-        _dir: Some(dir),
-    }
-}
 
 /// `Box<dyn Storage>` used as a storage in its own right (the forwarding impl).
 fn boxed(inner: Backend) -> Backend {

@@ -13,41 +13,19 @@ use std::sync::{Arc, Barrier};
 use std::thread;
 
 use common::{
-    BLOCKED_GRACE, Rng, assert_aborted, assert_closed, assert_pattern, deadline, pattern, spawn,
-    stream_error,
+    BLOCKED_GRACE, Backend, Rng, assert_aborted, assert_closed, assert_pattern, deadline, disk,
+    memory, pattern, read_all, spawn, stream_error,
 };
-use streamcache::storage::{DiskStorage, FaultOp, FaultyStorage, MemoryStorage, Storage};
+use streamcache::storage::{FaultOp, FaultyStorage, MemoryStorage, Storage};
 use streamcache::{Error, Reader, Stream, Writer};
-use tempfile::TempDir;
 
 const MIB: usize = 1 << 20;
 
-/// A storage plus what must outlive it.
-struct Store {
-    storage: Arc<dyn Storage>,
-    _dir: Option<TempDir>,
-}
-
-fn mem() -> Store {
-    Store {
-        storage: Arc::new(MemoryStorage::new()),
-        _dir: None,
-    }
-}
-
-fn disk() -> Store {
-    let dir = tempfile::tempdir().unwrap();
-    Store {
-        storage: Arc::new(DiskStorage::open(dir.path()).unwrap()),
-        _dir: Some(dir),
-    }
-}
-
 /// A named way to make a fresh storage.
-type MakeStore = (&'static str, fn() -> Store);
+type MakeStore = (&'static str, fn() -> Backend);
 
 fn stores() -> [MakeStore; 2] {
-    [("memory", mem), ("disk", disk)]
+    [("memory", memory), ("disk", disk)]
 }
 
 /// Runs `body` on memory and on disk storage, each under a deadline.
@@ -58,12 +36,6 @@ fn on_each_storage(body: fn(Arc<dyn Storage>)) {
             body(s.storage.clone());
         });
     }
-}
-
-fn read_all(r: &mut Reader) -> io::Result<Vec<u8>> {
-    let mut out = Vec::new();
-    r.read_to_end(&mut out)?;
-    Ok(out)
 }
 
 #[track_caller]

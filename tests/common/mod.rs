@@ -1,10 +1,14 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code, unreachable_pub)]
 
-use std::io;
-use std::sync::mpsc;
+use std::io::{self, Read};
+use std::sync::{Arc, mpsc};
 use std::thread;
 use std::time::Duration;
+
+use streamcache::Reader;
+use streamcache::storage::{DiskStorage, MemoryStorage, Storage};
+use tempfile::TempDir;
 
 /// How long a blocking test body may run before it counts as a deadlock.
 pub const DEADLINE: Duration = Duration::from_secs(30);
@@ -172,4 +176,34 @@ impl Rng {
     pub fn below(&mut self, n: u64) -> u64 {
         self.next_u64() % n
     }
+}
+
+/// A storage under test, plus whatever must outlive it (its directory).
+pub struct Backend {
+    pub storage: Arc<dyn Storage>,
+    pub _dir: Option<TempDir>,
+}
+
+/// A fresh memory storage.
+pub fn memory() -> Backend {
+    Backend {
+        storage: Arc::new(MemoryStorage::new()),
+        _dir: None,
+    }
+}
+
+/// A fresh disk storage in a temporary directory.
+pub fn disk() -> Backend {
+    let dir = tempfile::tempdir().unwrap();
+    Backend {
+        storage: Arc::new(DiskStorage::open(dir.path()).unwrap()),
+        _dir: Some(dir),
+    }
+}
+
+/// Reads a reader to its end.
+pub fn read_all(r: &mut Reader) -> io::Result<Vec<u8>> {
+    let mut out = Vec::new();
+    r.read_to_end(&mut out)?;
+    Ok(out)
 }

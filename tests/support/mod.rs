@@ -2,7 +2,7 @@
 //! `eviction`). Each test binary uses a subset, hence the `dead_code` allowance.
 #![allow(dead_code, unreachable_pub)]
 
-use std::io::{self, Read};
+use std::io;
 use std::path::{Path, PathBuf};
 
 use streamcache::{Cache, Entry, Error, Reader, Writer};
@@ -11,7 +11,7 @@ use streamcache::{Cache, Entry, Error, Reader, Writer};
 #[path = "../common/mod.rs"]
 mod common;
 #[allow(unused_imports)]
-pub use common::{DEADLINE, deadline, deadline_in};
+pub use common::{DEADLINE, deadline, deadline_in, read_all};
 
 /// Deterministic, position-dependent test bytes (so a shifted or wrong block is visible).
 pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
@@ -50,13 +50,6 @@ pub fn put(cache: &Cache, key: &str, data: &[u8]) {
     let mut w = miss(cache, key);
     w.write_bytes(data).unwrap();
     w.finish().unwrap();
-}
-
-/// Reads a reader to its end.
-pub fn read_all(r: &mut Reader) -> io::Result<Vec<u8>> {
-    let mut out = Vec::new();
-    r.read_to_end(&mut out)?;
-    Ok(out)
 }
 
 /// `get(key)` that must find the entry; returns its whole content.
