@@ -80,31 +80,21 @@ fn hit_path(rows: &mut Table) {
 
     let mem = Cache::builder().memory().build().unwrap();
     fill(&mem);
-    let ns = ns_per_op(|i| {
-        black_box(mem.get(&keys[i]).unwrap().expect("present"));
-    });
-    rows.row(
-        "hit path: memory cache, open+drop reader",
-        ns,
-        "ns/op",
-        Some(ns / base),
-    );
-
     let dir = tempfile::tempdir().unwrap();
     {
         let disk = Cache::builder().disk(dir.path()).build().unwrap();
         fill(&disk);
     }
     let disk = Cache::builder().disk(dir.path()).build().unwrap();
-    let ns = ns_per_op(|i| {
-        black_box(disk.get(&keys[i]).unwrap().expect("present"));
-    });
-    rows.row(
-        "hit path: disk cache (reloaded), open+drop reader",
-        ns,
-        "ns/op",
-        Some(ns / base),
-    );
+    for (label, cache) in [
+        ("hit path: memory cache, open+drop reader", &mem),
+        ("hit path: disk cache (reloaded), open+drop reader", &disk),
+    ] {
+        let ns = ns_per_op(|i| {
+            black_box(cache.get(&keys[i]).unwrap().expect("present"));
+        });
+        rows.row(label, ns, "ns/op", Some(ns / base));
+    }
 }
 
 fn gbps(bytes: usize, d: Duration) -> f64 {
@@ -295,15 +285,9 @@ fn main() {
     if !support::benchmarking() {
         return;
     }
-    let mut rows = Table::default();
-    if support::wanted("hit") {
-        hit_path(&mut rows);
-    }
-    if support::wanted("disk") {
-        disk_throughput(&mut rows);
-    }
-    if support::wanted("late") {
-        late_joiner(&mut rows);
-    }
-    rows.print();
+    support::run_sections(&[
+        ("hit", hit_path),
+        ("disk", disk_throughput),
+        ("late", late_joiner),
+    ]);
 }

@@ -201,15 +201,9 @@ fn main() {
         memory_child(&mode);
         return;
     }
-    let mut rows = Table::default();
-    if support::wanted("insert") {
-        insert_throughput(&mut rows);
-    }
-    if support::wanted("memory") {
-        memory_per_entry(&mut rows);
-    }
-    if support::wanted("reload") {
-        reload(&mut rows);
-    }
-    rows.print();
+    support::run_sections(&[
+        ("insert", insert_throughput),
+        ("memory", memory_per_entry),
+        ("reload", reload),
+    ]);
 }

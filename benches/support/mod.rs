@@ -31,6 +31,20 @@ pub fn wanted(name: &str) -> bool {
     filter.is_empty() || filter.iter().any(|f| name.contains(f.as_str()))
 }
 
+/// A named benchmark section, adding its rows to the table.
+pub type Section<'a> = (&'a str, fn(&mut Table));
+
+/// Runs the wanted ones of `sections` in order, then prints their table.
+pub fn run_sections(sections: &[Section<'_>]) {
+    let mut rows = Table::default();
+    for (name, section) in sections {
+        if wanted(name) {
+            section(&mut rows);
+        }
+    }
+    rows.print();
+}
+
 /// Rows of `case | median | unit | ratio to baseline`, echoed to stderr as they come.
 #[derive(Default)]
 pub struct Table {
