@@ -330,15 +330,21 @@ fn abort_fails_readers_and_key_misses_again() {
     }
 }
 
+/// A cache over a memory storage with fault injection, and the handle that arms the faults.
+fn faulty_cache() -> (FaultyStorage, Cache) {
+    let faulty = FaultyStorage::new(MemoryStorage::new());
+    let cache = Cache::builder()
+        .storage(Arc::new(faulty.clone()))
+        .build()
+        .unwrap();
+    (faulty, cache)
+}
+
 /// A write error from storage aborts too, and nothing half-written is ever committed.
 #[test]
 fn storage_full_mid_write() {
     deadline("enospc", || {
-        let faulty = FaultyStorage::new(MemoryStorage::new());
-        let cache = Cache::builder()
-            .storage(Arc::new(faulty.clone()))
-            .build()
-            .unwrap();
+        let (faulty, cache) = faulty_cache();
         let chunk = pattern(64 * 1024, 6);
         let mut w = miss(&cache, "k");
         let mut r = hit(&cache, "k");
@@ -374,11 +380,7 @@ fn storage_full_mid_write() {
 #[test]
 fn commit_and_create_faults() {
     deadline("commit/create faults", || {
-        let faulty = FaultyStorage::new(MemoryStorage::new());
-        let cache = Cache::builder()
-            .storage(Arc::new(faulty.clone()))
-            .build()
-            .unwrap();
+        let (faulty, cache) = faulty_cache();
         faulty.fail_nth(FaultOp::Commit, 1, io::ErrorKind::Other);
         let mut w = miss(&cache, "c");
         let mut r = w.reader().unwrap();
