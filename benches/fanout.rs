@@ -41,6 +41,11 @@ use streamcache::storage::{DiskStorage, MemoryStorage, Storage};
 use streamcache::{Stream, Writer};
 use tempfile::TempDir;
 
+#[path = "support/mod.rs"]
+mod support;
+
+use support::median;
+
 /// Size of the stream.
 const TOTAL: u64 = 256 << 20;
 /// Writer chunk and reader buffer size.
@@ -435,16 +440,6 @@ fn criterion_mode() {
 // ---------------------------------------------------------------------------------------------
 // Table mode
 // ---------------------------------------------------------------------------------------------
-
-fn median(mut xs: Vec<f64>) -> f64 {
-    xs.sort_by(f64::total_cmp);
-    let m = xs.len() / 2;
-    if xs.len() % 2 == 1 {
-        xs[m]
-    } else {
-        (xs[m - 1] + xs[m]) / 2.0
-    }
-}
 
 /// The 1-minute load average (other work on the machine skews multi-reader figures).
 fn load_average() -> String {

@@ -1,5 +1,5 @@
-//! What the table-printing benchmarks (`cache`, `eviction`) share: run count, medians, a
-//! section filter and the Markdown table.
+//! What the benchmarks share: run count, medians, a section filter and the Markdown table
+//! (`cache`, `eviction`; `fanout` uses the median).
 #![allow(dead_code, unreachable_pub)]
 
 /// Repetitions per measurement: `BENCH_RUNS`, else `default`.
