@@ -96,9 +96,19 @@ enum Deletion {
     Queue,
     /// Delete it at once (the reaper's own evictions: no job, no second copy of the name).
     Inline,
-    /// As `Inline`, for a slot the caller already took out of `lru` (size eviction): it cannot
-    /// be filed again (only `finished`, once, files it), so `finalize` skips the LRU lock.
+    /// As `Inline`, for a slot the caller already took out of `lru` (the reaper's size
+    /// eviction): it cannot be filed again (only `finished`, once, files it), so `finalize`
+    /// skips the LRU lock.
     InlineUnfiled,
+    /// As `Queue`, for a slot the caller already took out of `lru` (a writer's size eviction).
+    QueueUnfiled,
+}
+
+impl Deletion {
+    /// Whether the slot may still be in `lru`.
+    fn filed(self) -> bool {
+        matches!(self, Deletion::Queue | Deletion::Inline)
+    }
 }
 
 /// Limits and options fixed at build time.
@@ -813,7 +823,7 @@ impl Inner {
     ) {
         let was = slot.flags.fetch_and(!LIVE, Ordering::SeqCst);
         self.entries.fetch_sub(1, Ordering::Relaxed);
-        if deletion != Deletion::InlineUnfiled {
+        if deletion.filed() {
             self.lru
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
@@ -833,7 +843,7 @@ impl Inner {
                 .map_or_else(|| slot.name(), |s| s.name().to_owned());
             match deletion {
                 Deletion::Inline | Deletion::InlineUnfiled => reaper::delete(&*self.storage, &name),
-                Deletion::Queue => {
+                Deletion::Queue | Deletion::QueueUnfiled => {
                     let _ = self.jobs.send(Job::Delete(name));
                 }
             }
@@ -932,15 +942,21 @@ impl Inner {
         if kept.is_empty() {
             return evicted;
         }
-        // Entries we skipped go back as least recently used, in their old order.
+        self.refile(kept);
+        evicted
+    }
+
+    /// Puts slots taken out of `lru` but not evicted back as the least recently used, in their
+    /// old order (the first is the least recent); those no longer live are dropped. Checked
+    /// under the LRU lock: `finalize` clears `LIVE` before taking it.
+    fn refile(&self, slots: Vec<Arc<Slot>>) {
         let mut lru = self.lru.lock().unwrap_or_else(|e| e.into_inner());
-        for state in kept.into_iter().rev() {
-            if state.is_live() {
-                lru.push(state.id, state.clone());
-                lru.demote(&state.id);
+        for slot in slots.into_iter().rev() {
+            if slot.is_live() {
+                lru.push(slot.id, slot.clone());
+                lru.demote(&slot.id);
             }
         }
-        evicted
     }
 
     /// A writer's share of size eviction once the reaper has fallen far behind: up to `n`
@@ -953,16 +969,18 @@ impl Inner {
                 self.apply_hits(&mut lru);
                 lru.pop_lru()
             };
-            let Some((id, slot)) = victim else { return };
+            let Some((_, slot)) = victim else { return };
             if slot.is_live()
-                && !self.unlink_as(&slot, RemovalCause::Size, Deletion::Queue, Unless::InUse)
+                && !self.unlink_as(
+                    &slot,
+                    RemovalCause::Size,
+                    Deletion::QueueUnfiled,
+                    Unless::InUse,
+                )
                 && slot.is_live()
             {
-                let mut lru = self.lru.lock().unwrap_or_else(|e| e.into_inner());
-                if slot.is_live() {
-                    lru.push(id, slot.clone());
-                    lru.demote(&id);
-                }
+                // In use: it stays, as least recently used.
+                self.refile(vec![slot]);
             }
         }
     }
