@@ -154,6 +154,20 @@ impl Reader {
         e
     }
 
+    /// One `read_at` of published bytes from storage: a storage error is reported as such
+    /// (and a corrupt block to the cache), and no data at all is a corrupt short read.
+    fn blob_read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        let n = self
+            .shared
+            .blob
+            .read_at(buf, offset)
+            .map_err(|e| self.storage_error(e))?;
+        if n == 0 {
+            return Err(self.short_read(offset));
+        }
+        Ok(n)
+    }
+
     fn short_read(&self, offset: u64) -> io::Error {
         io::Error::from(Error::Corrupt {
             path: self.shared.key.to_string().into(),
@@ -197,14 +211,7 @@ impl Reader {
         let avail = usize::try_from(len - self.pos).unwrap_or(usize::MAX);
         if !self.load_chunk(avail)? {
             let want = buf.len().min(avail);
-            let n = self
-                .shared
-                .blob
-                .read_at(&mut buf[..want], self.pos)
-                .map_err(|e| self.storage_error(e))?;
-            if n == 0 {
-                return Err(self.short_read(self.pos));
-            }
+            let n = self.blob_read_at(&mut buf[..want], self.pos)?;
             self.pos += n as u64;
             self.count(n);
             return Ok(n);
@@ -264,15 +271,7 @@ impl Reader {
             .min(usize::try_from(len - offset).unwrap_or(usize::MAX));
         let mut done = 0;
         while done < want {
-            let n = self
-                .shared
-                .blob
-                .read_at(&mut buf[done..want], offset + done as u64)
-                .map_err(|e| self.storage_error(e))?;
-            if n == 0 {
-                return Err(self.short_read(offset + done as u64));
-            }
-            done += n;
+            done += self.blob_read_at(&mut buf[done..want], offset + done as u64)?;
         }
         self.count(done);
         Ok(done)
