@@ -204,6 +204,17 @@ impl Shared {
         Ok(Reader::new(self.clone()))
     }
 
+    /// Deletes the blob from storage if it was committed (one already gone is no error).
+    fn delete_committed(&self) -> std::io::Result<()> {
+        if !self.committed.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        match self.storage.remove(&self.name) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+
     /// Releases one reader/writer handle.
     pub(crate) fn release(&self) {
         if self.progress.release() {
@@ -223,9 +234,7 @@ impl Drop for Shared {
             .unwrap_or_else(|e| e.into_inner())
             .take();
         if let Some(OnUnused::Delete) = how
-            && *self.committed.get_mut()
-            && let Err(e) = self.storage.remove(&self.name)
-            && e.kind() != std::io::ErrorKind::NotFound
+            && let Err(e) = self.delete_committed()
         {
             tracing::warn!(blob = %self.name, error = %e, "could not delete removed blob");
         }
@@ -269,19 +278,15 @@ impl Stream {
         let (blob, info) = storage
             .open(name)
             .map_err(|e| Error::from_io("open", name, e))?;
-        let shared = Shared::new(
-            name.to_owned(),
-            None,
-            Progress::new_finished(info.len),
-            blob,
+        Ok(Stream::committed(
             storage,
-            true,
+            name,
+            Arc::from(name),
+            blob,
+            info.len,
+            Bytes::from(info.meta),
             None,
-        );
-        shared.set_metadata(Bytes::from(info.meta));
-        Ok(Stream {
-            shared: Arc::new(shared),
-        })
+        ))
     }
 
     /// A finished stream over an already opened committed blob (used by the cache at reload).
@@ -376,15 +381,9 @@ impl Stream {
         self.shared
             .progress
             .close_and_wait_unused(Some(Arc::new(Closing("removed"))));
-        if self.shared.committed.load(Ordering::Acquire) {
-            match self.shared.storage.remove(&self.shared.name) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                    return Err(Error::from_io("remove", &self.shared.name, e));
-                }
-                _ => {}
-            }
-        }
-        Ok(())
+        self.shared
+            .delete_committed()
+            .map_err(|e| Error::from_io("remove", &self.shared.name, e))
     }
 
     /// Non-blocking removal: stops new readers and deletes the blob when the last handle of
