@@ -209,7 +209,8 @@ impl AsyncWriter {
     /// A new reader of this stream.
     ///
     /// # Errors
-    /// As [`Writer::reader`], or [`Error::Closed`](crate::Error::Closed) once finished.
+    /// As [`Writer::reader`], or [`Error::InvalidInput`](crate::Error::InvalidInput) once the
+    /// writer was finished or aborted through this handle.
     pub fn reader(&self) -> Result<AsyncReader> {
         match self.with(|w| w.reader()) {
             Ok(r) => Ok(r?.into()),
@@ -269,7 +270,8 @@ impl AsyncWrite for AsyncWriter {
 /// When the producer's future resolves to `Ok(())` the entry is finished (unless the producer
 /// finished it itself). If it resolves to an error, panics, or its task is cancelled (runtime
 /// shutdown), the entry is aborted: every reader gets [`Error::Aborted`](crate::Error::Aborted)
-/// carrying that cause, and the next request retries. The returned future is `Send`.
+/// carrying that cause, and the next request retries. The producer's future must be `Send`:
+/// it runs as its own task.
 ///
 /// # Errors
 /// As [`Cache::get_or_create`].

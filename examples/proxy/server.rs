@@ -87,7 +87,6 @@ pub(crate) struct Config {
 
 impl Config {
     /// A configuration with the default timeout and no size limit.
-    #[allow(dead_code)] // used by the tests, not by `main`
     pub(crate) fn new(upstream: Uri, dir: impl Into<PathBuf>) -> Config {
         Config {
             upstream,
@@ -128,7 +127,6 @@ impl Proxy {
     }
 
     /// The cache (for statistics).
-    #[allow(dead_code)] // used by the tests, not by `main`
     pub(crate) fn cache(&self) -> &Cache {
         &self.cache
     }

@@ -2,7 +2,7 @@
 //!
 //! Format (little endian): magic `b"SCE1"`, created, finished, last access (u64 milliseconds
 //! since the Unix epoch each), key length (u64) and key bytes, user metadata length (u64) and
-//! bytes. The storage checksums the whole record.
+//! bytes. `DiskStorage` checksums the whole record it stores.
 
 use bytes::Bytes;
 

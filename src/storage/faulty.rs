@@ -18,7 +18,7 @@ pub enum FaultOp {
     Read,
     /// [`BlobWriter::commit`].
     Commit,
-    /// [`Storage::open`].
+    /// [`Storage::open`] and [`Storage::info`].
     Open,
     /// [`Storage::remove`].
     Remove,

@@ -100,8 +100,8 @@ pub(crate) struct Shared {
     metadata: Mutex<Bytes>,
     /// Set (once) when the blob was committed to storage.
     committed: AtomicBool,
-    /// Lock: this mutex. `Some` once the stream is doomed: its blob is deleted (or handed to
-    /// the hook) when `Shared` drops, i.e. after the last handle of any kind.
+    /// Lock: this mutex. `Some` once the stream is doomed: its blob is deleted (`Delete`) or
+    /// left to the cache (`Keep`) when `Shared` drops, i.e. after the last handle of any kind.
     on_unused: Mutex<Option<OnUnused>>,
     pub(crate) observer: Option<Arc<dyn Observer>>,
 }

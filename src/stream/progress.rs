@@ -84,8 +84,8 @@ pub(crate) struct Progress {
     /// Lock: this mutex. Invariant: `len`/`status` above always equal the fields inside once
     /// the lock is released; `len` never decreases; `status` leaves `Open` at most once.
     state: Mutex<State>,
-    /// Signalled (with `state`) whenever `len`, `status`, `closed` or `handles` change in a way
-    /// a sleeper may wait for.
+    /// Signalled (with `state`) whenever `len`, `status` or `handles` change in a way a sleeper
+    /// may wait for (closing alone wakes nobody: no one waits for it).
     cond: Condvar,
 }
 
