@@ -372,7 +372,7 @@ pub(crate) fn blob_name(key: &str, id: u64) -> String {
 }
 
 impl Observer for Slot {
-    fn commit_meta(&self, _len: u64, user: &Bytes) -> Vec<u8> {
+    fn commit_meta(&self, user: &Bytes) -> Vec<u8> {
         let now = self.books.now();
         // Still being written: `idle_since` holds the creation time.
         let created = self.idle_since.load(Ordering::Relaxed);

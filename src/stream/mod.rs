@@ -60,8 +60,9 @@ const NO_LEN: u64 = u64::MAX;
 
 /// Hooks a cache attaches to a stream (crate-private: the stream knows nothing of keys).
 pub(crate) trait Observer: Send + Sync + fmt::Debug {
-    /// The metadata to commit with the blob, given the final length and the user metadata.
-    fn commit_meta(&self, len: u64, user: &Bytes) -> Vec<u8>;
+    /// The metadata to commit with the blob, given the user metadata (the storage records
+    /// the length itself).
+    fn commit_meta(&self, user: &Bytes) -> Vec<u8>;
     /// The writer published `len` bytes in total.
     fn published(&self, len: u64);
     /// The stream finished at `len`; `committed` is false if it was doomed first.

@@ -214,7 +214,7 @@ impl Writer {
         if commit {
             let user = self.shared.metadata();
             let meta = match &self.shared.observer {
-                Some(obs) => obs.commit_meta(len, &user),
+                Some(obs) => obs.commit_meta(&user),
                 None => user.to_vec(),
             };
             // `commit` publishes what is left first (so a small last segment can be handed
@@ -260,9 +260,6 @@ impl io::Write for Writer {
 
     /// Publishes every byte written so far to readers and wakes them.
     fn flush(&mut self) -> io::Result<()> {
-        if self.blob.is_none() && !self.shared.progress.failed() {
-            return Ok(());
-        }
         Ok(self.publish()?)
     }
 }
