@@ -195,10 +195,9 @@ impl CacheBuilder {
             Backend::Memory => {
                 let pool = self
                     .max_bytes
+                    .and_then(|max| usize::try_from(max).ok())
                     .map_or(MemoryStorage::DEFAULT_POOL_LIMIT, |max| {
-                        usize::try_from(max).map_or(MemoryStorage::DEFAULT_POOL_LIMIT, |max| {
-                            max.min(MemoryStorage::DEFAULT_POOL_LIMIT)
-                        })
+                        max.min(MemoryStorage::DEFAULT_POOL_LIMIT)
                     });
                 Arc::new(MemoryStorage::with_pool_limit(pool))
             }

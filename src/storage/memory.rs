@@ -277,6 +277,15 @@ impl Drop for MemWriter {
     }
 }
 
+/// What `open` and `list` report of a committed blob.
+fn blob_info(name: &str, blob: &MemBlob, meta: &[u8]) -> BlobInfo {
+    BlobInfo {
+        name: name.to_owned(),
+        len: blob.chunks.read().unwrap().len,
+        meta: meta.to_vec(),
+    }
+}
+
 impl Storage for MemoryStorage {
     fn create(&self, name: &str) -> io::Result<Box<dyn BlobWriter>> {
         validate_name(name)?;
@@ -297,13 +306,7 @@ impl Storage for MemoryStorage {
             .get(name)
             .ok_or_else(|| not_found(name))?;
         let (blob, meta) = entry.value();
-        let len = blob.chunks.read().unwrap().len;
-        let info = BlobInfo {
-            name: name.to_owned(),
-            len,
-            meta: meta.to_vec(),
-        };
-        Ok((blob.clone(), info))
+        Ok((blob.clone(), blob_info(name, blob, meta)))
     }
 
     fn remove(&self, name: &str) -> io::Result<()> {
@@ -316,11 +319,7 @@ impl Storage for MemoryStorage {
             .inner
             .committed
             .iter()
-            .map(|e| BlobInfo {
-                name: e.key().to_string(),
-                len: e.value().0.chunks.read().unwrap().len,
-                meta: e.value().1.to_vec(),
-            })
+            .map(|e| blob_info(e.key(), &e.value().0, &e.value().1))
             .collect())
     }
 
