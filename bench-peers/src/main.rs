@@ -19,8 +19,14 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
+
+// The crate's own benchmark helpers; only the median is used here.
+#[path = "../../benches/support/mod.rs"]
+mod support;
+
 use foyer::{BlockEngineConfig, DeviceBuilder, FsDeviceBuilder, HybridCache, HybridCacheBuilder};
 use streamcache::{Cache, Entry};
+use support::median;
 
 mod chart;
 
@@ -45,16 +51,6 @@ fn runs() -> usize {
 /// Runs of the workloads that move 256 MiB or more per run.
 fn heavy_runs() -> usize {
     runs().min(3)
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    let m = v.len() / 2;
-    if v.len() % 2 == 1 {
-        v[m]
-    } else {
-        (v[m - 1] + v[m]) / 2.0
-    }
 }
 
 /// The byte at offset `i` of every payload (the same bytes for every system).

@@ -1,5 +1,5 @@
 //! What the benchmarks share: run count, medians, a section filter and the Markdown table
-//! (`cache`, `eviction`; `fanout` uses the median).
+//! (`cache`, `eviction`; `fanout` and `bench-peers` use the median).
 #![allow(dead_code, unreachable_pub)]
 
 /// Repetitions per measurement: `BENCH_RUNS`, else `default`.
