@@ -416,9 +416,56 @@ fn writers_keep_the_entry_limit_when_the_reaper_is_stuck() {
         let _release = release;
         burst(&cache, 4, 500, 10);
         // The limit plus the slack writers allow before helping (64 here), plus a margin for
-        // the interleaving of four writers under a loaded machine (runs saw up to 174); without
-        // the writers' help the burst leaves well over a thousand.
-        assert!(cache.len() <= 100 + 64 + 64, "len {}", cache.len());
+        // the four writers' entries in flight; without the writers' help the burst leaves well
+        // over a thousand. (Runs under load used to end at 174, 230 or even 1480 entries: see
+        // the next test.)
+        assert!(cache.len() <= 100 + 64 + 16, "len {}", cache.len());
+    });
+}
+
+/// Regression: a helping writer gave up at the first entry in use, so one entry held open at
+/// the least recently used end stopped all help (CI saw 230 entries against a bound of 228 in
+/// the test above, and a loaded machine up to 1480: a writer preempted between filing its
+/// entry and closing it was that entry). Now writers step over in-use entries.
+#[test]
+fn writers_step_over_entries_in_use_when_the_reaper_is_stuck() {
+    deadline("stuck reaper, pinned entry", || {
+        let (release, stuck) = std::sync::mpsc::channel::<()>();
+        let stuck = Mutex::new(stuck);
+        let cache = Cache::builder()
+            .max_entries(100)
+            .maintenance_interval(HOUR)
+            .eviction_listener(move |_, _| {
+                let _ = stuck.lock().unwrap().recv();
+            })
+            .build()
+            .unwrap();
+        let _release = release;
+        let mut pinned = Vec::new();
+        for i in 0..3 {
+            let Entry::Miss(mut w) = cache.get_or_create(&format!("pinned-{i}")).unwrap() else {
+                panic!("fresh key");
+            };
+            w.write_all(b"held open").unwrap();
+            w.finish().unwrap();
+            pinned.push(cache.get(&format!("pinned-{i}")).unwrap().unwrap());
+        }
+        for i in 0..1000 {
+            let Entry::Miss(mut w) = cache.get_or_create(&i.to_string()).unwrap() else {
+                panic!("fresh key");
+            };
+            w.write_all(b"x").unwrap();
+            w.finish().unwrap();
+        }
+        // One writer: the limit, the slack before writers help (64) and at most one more.
+        assert!(cache.len() <= 100 + 64 + 1, "len {}", cache.len());
+        for (i, mut r) in pinned.into_iter().enumerate() {
+            assert!(
+                cache.contains_key(&format!("pinned-{i}")),
+                "in use, never evicted"
+            );
+            assert_eq!(read_all(&mut r).unwrap(), b"held open");
+        }
     });
 }
 

@@ -201,6 +201,12 @@ impl Eq for Indexed {}
 
 pub(crate) type Listener = Arc<dyn Fn(&str, RemovalCause) + Send + Sync>;
 
+/// How many in-use entries a helping writer steps over before it gives up. Regression: a
+/// writer used to stop at the first one, so a single entry in use at the least recently used
+/// end (a slow reader, or a writer preempted between filing its entry and closing it) stopped
+/// all help and let a storm of writers grow the cache far past `max_entries`.
+const HELP_SKIP: usize = 8;
+
 /// The recency list: finished, live entries by id, least recently used first out.
 pub(crate) type Recency = LruCache<u64, Arc<Slot>, BuildHasherDefault<IdHasher>>;
 
@@ -961,27 +967,34 @@ impl Inner {
 
     /// A writer's share of size eviction once the reaper has fallen far behind: up to `n`
     /// least recently used entries that nobody is reading, their blobs queued for the reaper
-    /// to delete (no I/O here).
+    /// to delete (no I/O here). Entries in use are skipped (up to `HELP_SKIP` of them) and put
+    /// back as the least recently used.
     fn help_evict(&self, n: usize) {
-        for _ in 0..n {
+        let mut kept = Vec::new();
+        let mut evicted = 0;
+        while evicted < n && kept.len() < HELP_SKIP {
             let victim = {
                 let mut lru = self.lru.lock().unwrap_or_else(|e| e.into_inner());
                 self.apply_hits(&mut lru);
                 lru.pop_lru()
             };
-            let Some((_, slot)) = victim else { return };
-            if slot.is_live()
-                && !self.unlink_as(
-                    &slot,
-                    RemovalCause::Size,
-                    Deletion::QueueUnfiled,
-                    Unless::InUse,
-                )
-                && slot.is_live()
-            {
-                // In use: it stays, as least recently used.
-                self.refile(vec![slot]);
+            let Some((_, slot)) = victim else { break };
+            if !slot.is_live() {
+                continue;
             }
+            if self.unlink_as(
+                &slot,
+                RemovalCause::Size,
+                Deletion::QueueUnfiled,
+                Unless::InUse,
+            ) {
+                evicted += 1;
+            } else if slot.is_live() {
+                kept.push(slot);
+            }
+        }
+        if !kept.is_empty() {
+            self.refile(kept);
         }
     }
 
