@@ -469,6 +469,100 @@ fn writers_step_over_entries_in_use_when_the_reaper_is_stuck() {
     });
 }
 
+/// Regression: the reaper drained its queue until it was empty before running maintenance
+/// or answering `run_pending_tasks`, so a steady flood of removals with a slow listener kept
+/// the caller waiting for ever. Now it waits only for jobs queued before its call.
+#[test]
+fn run_pending_tasks_returns_while_jobs_keep_arriving() {
+    // The listener is slow until the call returns, then fast, so that dropping the cache
+    // (which completes the queue) does not take long.
+    let slow = Arc::new(AtomicBool::new(true));
+    let cache = Arc::new(
+        Cache::builder()
+            .maintenance_interval(HOUR)
+            .eviction_listener({
+                let slow = slow.clone();
+                move |_, _| {
+                    if slow.load(Ordering::Relaxed) {
+                        thread::sleep(Duration::from_micros(50));
+                    }
+                }
+            })
+            .build()
+            .unwrap(),
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let flood = {
+        let (cache, stop) = (cache.clone(), stop.clone());
+        thread::spawn(move || {
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                if let Entry::Miss(mut w) = cache.get_or_create(&i.to_string()).unwrap() {
+                    w.write_all(b"x").unwrap();
+                    w.finish().unwrap();
+                }
+                cache.remove(&i.to_string()).unwrap();
+                i += 1;
+            }
+        })
+    };
+    while cache.stats().removals < 100 {
+        thread::yield_now();
+    }
+    // Stops the flood and the slowness also when the deadline fails.
+    struct Calm(Arc<AtomicBool>, Arc<AtomicBool>);
+    impl Drop for Calm {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::Relaxed);
+            self.1.store(false, Ordering::Relaxed);
+        }
+    }
+    let calm = Calm(stop, slow);
+    let c = cache.clone();
+    deadline_in(
+        Duration::from_secs(20),
+        "run_pending_tasks under a flood",
+        move || c.run_pending_tasks(),
+    );
+    drop(calm);
+    flood.join().unwrap();
+}
+
+/// A listener (on the reaper thread) that calls `run_pending_tasks` would wait for itself.
+#[test]
+fn run_pending_tasks_from_the_listener_returns() {
+    deadline("run_pending_tasks from the listener", || {
+        let slot: Arc<Mutex<Option<std::sync::Weak<Cache>>>> = Arc::default();
+        let called = Arc::new(AtomicU64::new(0));
+        let cache = Arc::new(
+            Cache::builder()
+                .max_entries(1)
+                .eviction_listener({
+                    let (slot, called) = (slot.clone(), called.clone());
+                    move |_, _| {
+                        let cache = slot.lock().unwrap().as_ref().and_then(|w| w.upgrade());
+                        if let Some(cache) = cache {
+                            cache.run_pending_tasks();
+                        }
+                        called.fetch_add(1, Ordering::SeqCst);
+                    }
+                })
+                .build()
+                .unwrap(),
+        );
+        *slot.lock().unwrap() = Some(Arc::downgrade(&cache));
+        for key in ["a", "b"] {
+            let Entry::Miss(mut w) = cache.get_or_create(key).unwrap() else {
+                panic!("fresh key");
+            };
+            w.write_all(b"x").unwrap();
+            w.finish().unwrap();
+        }
+        cache.run_pending_tasks();
+        assert_eq!(called.load(Ordering::SeqCst), 1);
+    });
+}
+
 /// Eight threads hammer a small cache with get_or_create / write / finish / abort / read /
 /// remove for about two seconds: no deadlock, no wrong bytes, and the books balance at the end.
 #[test]

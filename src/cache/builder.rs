@@ -146,6 +146,10 @@ impl CacheBuilder {
     }
 
     /// Called on the reaper thread, once per entry that leaves the cache, with its key and why.
+    ///
+    /// A slow listener delays the reaper's other work (deleting blobs, expiry, size eviction);
+    /// a panic in it is logged and the reaper carries on. It may call back into the cache;
+    /// [`Cache::run_pending_tasks`](crate::Cache::run_pending_tasks) then returns at once.
     pub fn eviction_listener(
         mut self,
         f: impl Fn(&str, RemovalCause) + Send + Sync + 'static,

@@ -865,8 +865,16 @@ impl Inner {
             _ => &stats.evictions,
         }
         .fetch_add(1, Ordering::Relaxed);
-        if self.listener.is_some() {
-            let _ = self.jobs.send(Job::Notify(slot.key.clone(), cause));
+        if let Some(listener) = &self.listener {
+            match deletion {
+                // On the reaper thread already.
+                Deletion::Inline | Deletion::InlineUnfiled => {
+                    reaper::notify(listener, &slot.key, cause);
+                }
+                Deletion::Queue | Deletion::QueueUnfiled => {
+                    let _ = self.jobs.send(Job::Notify(slot.key.clone(), cause));
+                }
+            }
         }
     }
 

@@ -432,9 +432,19 @@ impl Cache {
         }
     }
 
-    /// Runs pending maintenance now and waits for it: queued deletions and listener calls,
-    /// expiry, and size eviction. Useful in tests and for deterministic shutdown points.
+    /// Runs pending maintenance now and waits for it: the deletions and listener calls queued
+    /// before this call, then expiry and size eviction (with their deletions and listener
+    /// calls). Jobs queued after the call are not waited for, so a busy cache cannot keep the
+    /// caller waiting. Useful in tests and for deterministic shutdown points. Called from the
+    /// eviction listener or a policy (which run on the reaper thread), it returns at once.
     pub fn run_pending_tasks(&self) {
+        if self
+            .reaper
+            .as_ref()
+            .is_some_and(|r| r.thread().id() == std::thread::current().id())
+        {
+            return;
+        }
         let (tx, rx) = mpsc::channel();
         if self.inner.jobs.send(Job::Sync(tx)).is_ok() {
             let _ = rx.recv();
