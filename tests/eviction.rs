@@ -563,6 +563,54 @@ fn run_pending_tasks_from_the_listener_returns() {
     });
 }
 
+/// Regression: a write's bytes were added to the slot before the total, so a `remove` landing
+/// in between took the total below zero (a debug build panicked on overflow; a release build
+/// briefly saw about 2^64 bytes, over any `max_bytes`). Writers flush while others remove the
+/// same key; the total must stay within what can exist at once. The window is a few
+/// instructions wide, so this catches the old code only in about one run in six (measured):
+/// a tripwire, not a proof.
+#[test]
+fn byte_total_never_dips_below_zero_when_removals_race_writes() {
+    const THREADS: usize = 4;
+    // The entry, one more per remover between taking an entry out of the index and
+    // uncounting it, and a write per writer counted ahead of its entry.
+    const MAX: u64 = ((1 + THREADS / 2) * 64 * 100 + THREADS / 2 * 64) as u64;
+    let cache = Arc::new(Cache::builder().build().unwrap());
+    let stop = Arc::new(AtomicBool::new(false));
+    let workers: Vec<_> = (0..THREADS)
+        .map(|t| {
+            let (cache, stop) = (cache.clone(), stop.clone());
+            thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    if t % 2 == 0 {
+                        if let Entry::Miss(mut w) = cache.get_or_create("k").unwrap() {
+                            for _ in 0..100 {
+                                w.write_all(&[0; 64]).unwrap();
+                                w.flush().unwrap();
+                            }
+                            let _ = w.finish();
+                        }
+                    } else {
+                        cache.remove("k").unwrap();
+                    }
+                }
+            })
+        })
+        .collect();
+    let until = Instant::now() + Duration::from_millis(1500);
+    let mut worst = 0;
+    while Instant::now() < until {
+        worst = worst.max(cache.total_bytes());
+    }
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        w.join().unwrap();
+    }
+    assert!(worst <= MAX, "total bytes reached {worst}");
+    cache.remove("k").unwrap();
+    assert_eq!(cache.total_bytes(), 0);
+}
+
 /// Eight threads hammer a small cache with get_or_create / write / finish / abort / read /
 /// remove for about two seconds: no deadlock, no wrong bytes, and the books balance at the end.
 #[test]

@@ -604,23 +604,34 @@ impl Inner {
     }
 
     /// Sets `slot`'s contribution to the byte total to `len` (unless it left the index).
+    ///
+    /// Regression: the slot's figure used to grow first and the total after, so a removal in
+    /// between (`finalize` subtracts the slot's figure) took the total below zero: a debug
+    /// build panicked on overflow, a release build briefly saw ~2^64 bytes and evicted every
+    /// idle entry. The total now grows first (undone if the slot's figure moved meanwhile),
+    /// so it is never less than the sum of the slots' figures: at worst a brief overcount.
     fn account(&self, slot: &Slot, len: u64) {
         let mut cur = slot.accounted.load(Ordering::Acquire);
         loop {
             if cur == GONE || cur >= len {
                 return;
             }
+            let total = self.bytes.fetch_add(len - cur, Ordering::AcqRel) + (len - cur);
             match slot
                 .accounted
                 .compare_exchange(cur, len, Ordering::AcqRel, Ordering::Acquire)
             {
-                Ok(_) => break,
-                Err(now) => cur = now,
+                Ok(_) => {
+                    if self.limits.max_bytes.is_some_and(|max| total > max) {
+                        self.request_maintenance();
+                    }
+                    return;
+                }
+                Err(now) => {
+                    self.bytes.fetch_sub(len - cur, Ordering::AcqRel);
+                    cur = now;
+                }
             }
-        }
-        let total = self.bytes.fetch_add(len - cur, Ordering::AcqRel) + (len - cur);
-        if self.limits.max_bytes.is_some_and(|max| total > max) {
-            self.request_maintenance();
         }
     }
 
