@@ -426,7 +426,8 @@ fn writers_keep_the_entry_limit_when_the_reaper_is_stuck() {
 /// Regression: a helping writer gave up at the first entry in use, so one entry held open at
 /// the least recently used end stopped all help (CI saw 230 entries against a bound of 228 in
 /// the test above, and a loaded machine up to 1480: a writer preempted between filing its
-/// entry and closing it was that entry). Now writers step over in-use entries.
+/// entry and closing it was that entry). Now writers step over in-use entries, and put them
+/// back as the most recently used.
 #[test]
 fn writers_step_over_entries_in_use_when_the_reaper_is_stuck() {
     deadline("stuck reaper, pinned entry", || {
@@ -442,7 +443,9 @@ fn writers_step_over_entries_in_use_when_the_reaper_is_stuck() {
             .unwrap();
         let _release = release;
         let mut pinned = Vec::new();
-        for i in 0..3 {
+        // More than a writer steps over at once (8): put back where they were, they used to
+        // stop every later writer at the same place.
+        for i in 0..12 {
             let Entry::Miss(mut w) = cache.get_or_create(&format!("pinned-{i}")).unwrap() else {
                 panic!("fresh key");
             };

@@ -986,8 +986,7 @@ impl Inner {
 
     /// A writer's share of size eviction once the reaper has fallen far behind: up to `n`
     /// least recently used entries that nobody is reading, their blobs queued for the reaper
-    /// to delete (no I/O here). Entries in use are skipped (up to `HELP_SKIP` of them) and put
-    /// back as the least recently used.
+    /// to delete (no I/O here). Entries in use are skipped (up to `HELP_SKIP` of them).
     fn help_evict(&self, n: usize) {
         let mut kept = Vec::new();
         let mut evicted = 0;
@@ -1012,8 +1011,15 @@ impl Inner {
                 kept.push(slot);
             }
         }
+        // Back as the most recently used (they are in use): put back at the other end, a
+        // run of `HELP_SKIP` entries in use would stop every later writer at the same place.
         if !kept.is_empty() {
-            self.refile(kept);
+            let mut lru = self.lru.lock().unwrap_or_else(|e| e.into_inner());
+            for slot in kept {
+                if slot.is_live() {
+                    lru.push(slot.id, slot);
+                }
+            }
         }
     }
 
