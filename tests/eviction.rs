@@ -206,6 +206,35 @@ fn entries_being_written_are_never_evicted_for_size() {
     });
 }
 
+/// An entry spared by size eviction because it was in use goes once its last reader closes,
+/// without a timer tick (an hour here) or `run_pending_tasks`: the release asks for a pass.
+/// (A release racing the pass's in-use check used to be missed; that interleaving cannot be
+/// forced from here, see `Slot::released`.)
+#[test]
+fn entry_spared_while_in_use_goes_when_released() {
+    let (b, _clock, events) = builder();
+    let cache = b.max_bytes(1000).build().unwrap();
+    let mut w = miss(&cache, "big");
+    let r = w.reader().unwrap();
+    w.write_all(&[1; 5000]).unwrap();
+    w.finish().unwrap();
+    cache.run_pending_tasks();
+    assert!(cache.contains_key("big"), "in use: spared");
+    assert!(cache.stats().over_limit);
+    drop(r);
+    let until = Instant::now() + DEADLINE;
+    while cache.contains_key("big") {
+        assert!(
+            Instant::now() < until,
+            "not evicted after its reader closed"
+        );
+        thread::sleep(Duration::from_millis(1)); // polling with a deadline
+    }
+    cache.run_pending_tasks();
+    assert_eq!(events_of(&events), [ev("big", RemovalCause::Size)]);
+    assert!(!cache.stats().over_limit);
+}
+
 // ---------------------------------------------------------------------------------------------
 // time to live / time to idle
 // ---------------------------------------------------------------------------------------------

@@ -129,6 +129,9 @@ pub(crate) struct Counters {
     pub(crate) evictions: AtomicU64,
     pub(crate) bytes_written: AtomicU64,
     pub(crate) bytes_read: AtomicU64,
+    /// Written by size eviction only: set (SeqCst) before a pass looks at any entry, and
+    /// left set if entries in use kept the cache over its limit. SeqCst, unlike the others:
+    /// the last release of an entry reads it to ask for another pass (`Slot::released`).
     pub(crate) over_limit: AtomicBool,
 }
 
@@ -452,7 +455,12 @@ impl Observer for Slot {
                 .store(self.books.clock.now_millis(), Ordering::Relaxed);
         }
         // An entry that was spared by size eviction because it was in use may go now.
-        if self.books.stats.over_limit.load(Ordering::Relaxed)
+        // Regression: the reaper published "over the limit" only after its pass, so a release
+        // between its in-use check and that store asked for nothing, and the cache stayed over
+        // its limit until the next write or tick. The pass now publishes it before looking at
+        // any entry; with this load and the handle release both SeqCst, either the pass saw
+        // the entry unused or this sees the flag.
+        if self.books.stats.over_limit.load(Ordering::SeqCst)
             && let Some(cache) = self.books.cache()
         {
             cache.request_maintenance();
@@ -923,6 +931,10 @@ impl Inner {
     /// Size eviction: least recently used first, skipping entries in use or that the policy
     /// keeps. Returns how many were evicted.
     pub(crate) fn evict_for_size(&self) -> usize {
+        if self.over_limits() {
+            // Before any in-use check: see `Slot::released`.
+            self.books.stats.over_limit.store(true, Ordering::SeqCst);
+        }
         let mut held = {
             let mut lru = self.lru.lock().unwrap_or_else(|e| e.into_inner());
             self.apply_hits(&mut lru);
@@ -963,7 +975,7 @@ impl Inner {
         }
         drop(held);
         let over = self.over_limits();
-        self.books.stats.over_limit.store(over, Ordering::Relaxed);
+        self.books.stats.over_limit.store(over, Ordering::SeqCst);
         if kept.is_empty() {
             return evicted;
         }

@@ -218,7 +218,10 @@ impl Progress {
 
     /// Drops a reader or the writer. Returns `true` if that was the last handle.
     pub(crate) fn release(&self) -> bool {
-        let prev = self.refs.fetch_sub(1, Ordering::AcqRel);
+        // SeqCst, as is `handles`: a cache's size eviction checks the count after publishing
+        // that it is over its limit, and the last release checks that flag after this (see
+        // `Slot::released`), so one of the two sees the other.
+        let prev = self.refs.fetch_sub(1, Ordering::SeqCst);
         debug_assert!(prev & !CLOSED > 0, "released more handles than acquired");
         let last = prev & !CLOSED == 1;
         if last && prev & CLOSED != 0 {
@@ -232,7 +235,7 @@ impl Progress {
 
     /// Live readers plus the writer while open.
     pub(crate) fn handles(&self) -> usize {
-        self.refs.load(Ordering::Acquire) & !CLOSED
+        self.refs.load(Ordering::SeqCst) & !CLOSED
     }
 
     /// Blocks until at least `end` bytes are published or the stream has ended.
