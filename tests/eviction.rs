@@ -832,6 +832,50 @@ impl Policy for KeepPinned {
     }
 }
 
+/// Panics on the first entry it is asked about, allows the rest.
+#[derive(Debug, Default)]
+struct PanicsOnce(AtomicBool);
+
+impl Policy for PanicsOnce {
+    fn may_evict(&self, _: &EntryInfo, _: RemovalCause) -> bool {
+        if !self.0.swap(true, Ordering::SeqCst) {
+            panic!("policy bug");
+        }
+        true
+    }
+}
+
+/// Regression: a panicking policy killed the reaper thread, after which no blob was deleted,
+/// no listener called and no limit enforced again. A panic now keeps that entry.
+#[test]
+fn panicking_policy_keeps_the_entry_and_the_reaper_alive() {
+    deadline("panicking policy", || {
+        let (b, clock, events) = builder();
+        let cache = b
+            .max_entries(1)
+            .policy(PanicsOnce::default())
+            .build()
+            .unwrap();
+        for k in ["a", "b"] {
+            clock.advance(Duration::from_secs(1));
+            put(&cache, k, k.as_bytes());
+        }
+        cache.run_pending_tasks();
+        // The policy panicked on "a" (kept), then allowed "b".
+        assert_eq!(sorted_keys(&cache), ["a"]);
+        put(&cache, "c", b"c");
+        cache.run_pending_tasks();
+        assert_eq!(sorted_keys(&cache), ["c"]);
+        assert_eq!(
+            events_of(&events),
+            [ev("a", RemovalCause::Size), ev("b", RemovalCause::Size)]
+        );
+        assert!(cache.remove("c").unwrap());
+        cache.run_pending_tasks();
+        assert!(cache.storage().list().unwrap().is_empty(), "blobs deleted");
+    });
+}
+
 #[test]
 fn policy_vetoes_size_eviction() {
     let (b, clock, events) = builder();

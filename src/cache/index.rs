@@ -204,6 +204,16 @@ impl Eq for Indexed {}
 
 pub(crate) type Listener = Arc<dyn Fn(&str, RemovalCause) + Send + Sync>;
 
+/// Asks `policy` about a size eviction. A panic counts as "keep" and is logged: it must not
+/// take down the reaper, which would leave every later deletion and limit undone.
+fn policy_allows(policy: &dyn Policy, entry: &EntryInfo) -> bool {
+    let ask = std::panic::AssertUnwindSafe(|| policy.may_evict(entry, RemovalCause::Size));
+    std::panic::catch_unwind(ask).unwrap_or_else(|_| {
+        tracing::error!(key = %entry.key, "eviction policy panicked; keeping the entry");
+        false
+    })
+}
+
 /// How many in-use entries a helping writer steps over before it gives up. Regression: a
 /// writer used to stop at the first one, so a single entry in use at the least recently used
 /// end (a slow reader, or a writer preempted between filing its entry and closing it) stopped
@@ -957,7 +967,7 @@ impl Inner {
             // at entries that could not go anyway.)
             let refused = self.policy.as_ref().is_some_and(|p| {
                 let len = slot.accounted.load(Ordering::Relaxed);
-                self.in_use(&slot) || !p.may_evict(&self.info(&slot, len), RemovalCause::Size)
+                self.in_use(&slot) || !policy_allows(&**p, &self.info(&slot, len))
             });
             if refused {
                 kept.push(slot);

@@ -81,7 +81,8 @@ pub struct EntryInfo {
 /// [`CacheStats::over_limit`] reports. Expired and idle entries are never served again, so
 /// their removal is not subject to the policy; nor are explicit removals and aborted writes.
 /// It may read the entry's metadata (from storage, if the entry is not open); it must not
-/// block for long and must not call back into the cache.
+/// block for long and must not call back into the cache. If it panics, the entry is kept, the
+/// panic is logged, and the reaper carries on.
 ///
 /// ```
 /// use streamcache::cache::{EntryInfo, Policy, RemovalCause};
