@@ -595,14 +595,14 @@ fn run_pending_tasks_from_the_listener_returns() {
     });
 }
 
-/// Regression: a write's bytes were added to the slot before the total, so a `remove` landing
-/// in between took the total below zero (a debug build panicked on overflow; a release build
-/// briefly saw about 2^64 bytes, over any `max_bytes`). Writers flush while others remove the
-/// same key; the total must stay within what can exist at once. The window is a few
-/// instructions wide, so this catches the old code only in about one run in six (measured):
-/// a tripwire, not a proof.
+/// Regression: a write's bytes were added to the slot before the total, and a new entry was
+/// visible before it was counted, so a `remove` landing in between took the total (or the
+/// count) below zero: a debug build panicked on overflow, a release build briefly saw about
+/// 2^64, over any limit. Writers flush while others remove the same key; the totals must stay
+/// within what can exist at once. The window is a few instructions wide, so this caught the
+/// old byte total only in about one run in six (measured): a tripwire, not a proof.
 #[test]
-fn byte_total_never_dips_below_zero_when_removals_race_writes() {
+fn totals_never_dip_below_zero_when_removals_race_writes() {
     const THREADS: usize = 4;
     // The entry, one more per remover between taking an entry out of the index and
     // uncounting it, and a write per writer counted ahead of its entry.
@@ -630,15 +630,18 @@ fn byte_total_never_dips_below_zero_when_removals_race_writes() {
         })
         .collect();
     let until = Instant::now() + Duration::from_millis(1500);
-    let mut worst = 0;
+    let (mut worst, mut worst_len) = (0, 0);
     while Instant::now() < until {
         worst = worst.max(cache.total_bytes());
+        worst_len = worst_len.max(cache.len());
     }
     stop.store(true, Ordering::Relaxed);
     for w in workers {
         w.join().unwrap();
     }
     assert!(worst <= MAX, "total bytes reached {worst}");
+    // Likewise the entry count, which was incremented only after the entry became visible.
+    assert!(worst_len <= 1 + THREADS, "len reached {worst_len}");
     cache.remove("k").unwrap();
     assert_eq!(cache.total_bytes(), 0);
 }

@@ -258,8 +258,9 @@ pub(crate) struct Inner {
     /// A slot leaves the map exactly once (`unlink`), and `finalize` runs exactly once per slot
     /// that was in the map, with the stream that left with it.
     pub(crate) index: DashMap<Indexed, Option<Stream>>,
-    /// Number of slots in `index` (the map's own `len` locks every shard). Incremented after
-    /// an insertion, decremented by `finalize`.
+    /// Number of slots in `index` (the map's own `len` locks every shard). Incremented before
+    /// an insertion (and back if it loses), decremented by `finalize`, so it never wraps: it
+    /// may count an entry about to appear, never miss one that is gone.
     pub(crate) entries: AtomicUsize,
     /// A `Maintain` job is queued and the reaper has not started on it: further requests
     /// need not queue another. Cleared by the reaper before it evicts.

@@ -253,6 +253,10 @@ impl Cache {
                 Some(observer),
             )?;
             slot.set_live();
+            // Counted before it is visible. Regression: counted after, a `remove` in between
+            // uncounted it first and the count could wrap below zero (then `len` read ~2^64
+            // and eviction emptied the cache).
+            inner.entries.fetch_add(1, Ordering::Relaxed);
             let inserted = match inner.index.entry(Indexed(slot.clone())) {
                 MapEntry::Occupied(_) => false,
                 MapEntry::Vacant(v) => {
@@ -263,10 +267,10 @@ impl Cache {
             if !inserted {
                 // Lost the race: `writer` drops silently (the slot is not live, so its abort
                 // touches nothing).
+                inner.entries.fetch_sub(1, Ordering::Relaxed);
                 slot.flags.store(0, Ordering::SeqCst);
                 continue;
             }
-            inner.entries.fetch_add(1, Ordering::Relaxed);
             inner.books.stats.misses.fetch_add(1, Ordering::Relaxed);
             if inner.limits.max_entries.is_some() && inner.over_limits() {
                 inner.request_maintenance();
