@@ -403,6 +403,36 @@ fn commit_and_create_faults() {
 // removal
 // ---------------------------------------------------------------------------------------------
 
+/// Regression: cancelling a writer's stream (`Stream::cancel_with`) left the entry indexed
+/// and counted, never finished and never expiring, until a request for its key noticed.
+/// Now it is aborted like a failed writer.
+#[test]
+fn cancelled_writer_stream_aborts_the_entry() {
+    for (name, cache, _dir) in backends() {
+        let mut w = miss(&cache, "k");
+        w.write_all(b"partial").unwrap();
+        w.flush().unwrap();
+        let mut r = w.reader().unwrap();
+        w.stream().cancel_with("operator cancelled");
+        assert_eq!(cache.len(), 0, "{name}");
+        assert_eq!(cache.total_bytes(), 0, "{name}");
+        assert_eq!(cache.stats().aborts, 1, "{name}");
+        assert!(
+            read_all(&mut r).is_err(),
+            "{name}: a cancelled stream never reads clean"
+        );
+        assert!(w.write_all(b"more").is_err(), "{name}");
+        drop(w);
+        assert_eq!(cache.stats().aborts, 1, "{name}: counted once");
+        let Entry::Miss(mut w) = cache.get_or_create("k").unwrap() else {
+            panic!("{name}: the key misses again");
+        };
+        w.write_all(b"whole").unwrap();
+        w.finish().unwrap();
+        assert_eq!(read_all(&mut hit(&cache, "k")).unwrap(), b"whole", "{name}");
+    }
+}
+
 #[test]
 fn remove_while_readers_open() {
     for (name, cache, _dir) in backends() {

@@ -368,8 +368,17 @@ impl Stream {
     /// fails with [`Error::Closed`] carrying `cause` — also after the stream finished.
     pub fn cancel_with(&self, cause: impl Into<Box<dyn std::error::Error + Send + Sync>>) {
         let cause = Some(Cause::from(cause.into()));
-        let len = self.shared.progress.peek().0;
-        self.shared.progress.end(len, Status::Cancelled(cause));
+        let (len, status) = self.shared.progress.peek();
+        // Ending it unfinished aborts the entry, as a failed writer would. Regression: a cache
+        // entry cancelled this way stayed indexed and counted, never finished, never expiring,
+        // until a request for its key noticed. (Should the writer finish in between, the
+        // finished entry is dropped instead: every read of it fails from now on anyway.)
+        if self.shared.progress.end(len, Status::Cancelled(cause))
+            && status == progress::OPEN
+            && let Some(obs) = &self.shared.observer
+        {
+            obs.aborted();
+        }
     }
 
     /// Stops new readers, blocks until every reader and the writer are gone, then deletes the
