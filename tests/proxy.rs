@@ -522,6 +522,13 @@ async fn origin_dying_mid_body_chunked() {
     deadline(broken_origin_case("/flaky-chunked/x", false)).await;
 }
 
+/// Polls `cond` until it holds (the test's own deadline bounds the wait).
+async fn until(mut cond: impl FnMut() -> bool) {
+    while !cond() {
+        sleep(Duration::from_millis(1)).await;
+    }
+}
+
 /// A raw HTTP/1.0 GET; returns everything the proxy sent before closing.
 async fn http10_get(addr: SocketAddr, path: &str) -> Vec<u8> {
     let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
@@ -542,8 +549,12 @@ async fn http10_client_never_gets_a_short_body() {
 
         let first = send(&client, proxy.url("/flaky-chunked/old"), None).await;
         assert_eq!(first.status(), StatusCode::OK);
+        let hits = proxy.proxy.cache().stats().hits;
         let old = tokio::spawn(http10_get(proxy.addr, "/flaky-chunked/old"));
-        sleep(Duration::from_millis(100)).await;
+        // It must join the entry still being written before the origin fails it (a fixed
+        // sleep here could let the failure win on a slow machine, making it a fresh miss).
+        until(|| proxy.proxy.cache().stats().hits > hits).await;
+        sleep(Duration::from_millis(50)).await;
         assert!(!old.is_finished(), "waits for the final length");
         origin.open_gate();
         let raw = old.await.unwrap();
@@ -610,6 +621,13 @@ async fn restart_serves_from_disk_without_origin() {
             let (resp, body) = fetch(&client, proxy.url(path), None).await;
             assert_eq!(resp.status(), StatusCode::OK);
             assert!(body.unwrap() == expected[..]);
+        }
+        // A client may have all the bytes before the download commits its entry (with a
+        // Content-Length, the body ends when the bytes are there): wait for both commits, or
+        // the shutdown could abort one.
+        for path in ["/file/keep", "/chunked/keep"] {
+            let cache = proxy.proxy.cache();
+            until(|| cache.get(path).unwrap().is_some_and(|r| r.size().finished)).await;
         }
         proxy.shutdown().await;
         let seen = origin.total_hits();
