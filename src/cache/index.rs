@@ -972,16 +972,8 @@ impl Inner {
             });
             if refused {
                 kept.push(slot);
-            } else if self.unlink_as(
-                &slot,
-                RemovalCause::Size,
-                Deletion::InlineUnfiled,
-                Unless::InUse,
-            ) {
+            } else if self.evict_unless_in_use(slot, Deletion::InlineUnfiled, &mut kept) {
                 evicted += 1;
-            } else if slot.is_live() {
-                // In use (the unlink checks that under the shard's write lock).
-                kept.push(slot);
             }
         }
         drop(held);
@@ -992,6 +984,23 @@ impl Inner {
         }
         self.refile(kept);
         evicted
+    }
+
+    /// Evicts `slot` (taken out of `lru`) for size unless it is in use, which the unlink
+    /// checks under the shard's write lock; an entry in use that is still live goes to `kept`.
+    fn evict_unless_in_use(
+        &self,
+        slot: Arc<Slot>,
+        deletion: Deletion,
+        kept: &mut Vec<Arc<Slot>>,
+    ) -> bool {
+        if self.unlink_as(&slot, RemovalCause::Size, deletion, Unless::InUse) {
+            return true;
+        }
+        if slot.is_live() {
+            kept.push(slot);
+        }
+        false
     }
 
     /// Puts slots taken out of `lru` but not evicted back as the least recently used, in their
@@ -1023,15 +1032,8 @@ impl Inner {
             if !slot.is_live() {
                 continue;
             }
-            if self.unlink_as(
-                &slot,
-                RemovalCause::Size,
-                Deletion::QueueUnfiled,
-                Unless::InUse,
-            ) {
+            if self.evict_unless_in_use(slot, Deletion::QueueUnfiled, &mut kept) {
                 evicted += 1;
-            } else if slot.is_live() {
-                kept.push(slot);
             }
         }
         // Back as the most recently used (they are in use): put back at the other end, a
