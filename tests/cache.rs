@@ -433,6 +433,38 @@ fn cancelled_writer_stream_aborts_the_entry() {
     }
 }
 
+/// A clock that panics once when armed: a stand-in for any panic inside `Writer::finish`.
+#[derive(Debug, Default)]
+struct PanickyClock(std::sync::atomic::AtomicBool);
+
+impl streamcache::cache::Clock for PanickyClock {
+    fn now_millis(&self) -> u64 {
+        if self.0.swap(false, Ordering::SeqCst) {
+            panic!("clock bug");
+        }
+        1_000
+    }
+}
+
+/// Regression: a panic inside `finish` after it had taken the blob (in a storage's `commit`,
+/// or the clock stamping the entry) left the stream open, and its readers waited forever.
+#[test]
+fn panic_inside_finish_aborts_instead_of_hanging_readers() {
+    deadline("panic inside finish", || {
+        let clock = Arc::new(PanickyClock::default());
+        let cache = Cache::builder().clock(clock.clone()).build().unwrap();
+        let mut w = miss(&cache, "k");
+        w.write_all(b"some bytes").unwrap();
+        let mut r = w.reader().unwrap();
+        clock.0.store(true, Ordering::SeqCst);
+        let finished = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| w.finish()));
+        assert!(finished.is_err(), "the clock panicked");
+        let err = read_all(&mut r).unwrap_err();
+        assert!(err.to_string().contains("finish did not complete"), "{err}");
+        assert!(matches!(cache.get_or_create("k").unwrap(), Entry::Miss(_)));
+    });
+}
+
 #[test]
 fn remove_while_readers_open() {
     for (name, cache, _dir) in backends() {

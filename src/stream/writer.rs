@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use super::progress::{Progress, Status};
+use super::progress::{self, Progress, Status};
 use super::{Closing, Observer, PUBLISH_EVERY, Reader, Shared, Stream};
 use crate::error::{Cause, Error, Result};
 use crate::storage::{BlobWriter, Storage};
@@ -266,8 +266,16 @@ impl io::Write for Writer {
 
 impl Drop for Writer {
     fn drop(&mut self) {
-        if self.blob.is_some() {
-            self.end_failed(Some(Arc::new(Closing("writer dropped before finish"))));
+        // Whatever has not ended the stream aborts it (ending is refused once it has ended).
+        // Regression: only a writer still holding its blob did, so a panic inside `finish`
+        // (in a storage's `commit`, say) after it took the blob left readers waiting forever.
+        if self.shared.progress.peek().1 == progress::OPEN {
+            let why = if self.blob.is_some() {
+                "writer dropped before finish"
+            } else {
+                "finish did not complete"
+            };
+            self.end_failed(Some(Arc::new(Closing(why))));
         }
         self.shared.release();
     }
