@@ -88,7 +88,10 @@ impl AsyncReader {
         if max == 0 {
             return Poll::Ready(Ok(Bytes::new()));
         }
-        match self.inner.poll_wait(self.inner.position() + 1, cx) {
+        match self
+            .inner
+            .poll_wait(self.inner.position().saturating_add(1), cx)
+        {
             Poll::Pending => Poll::Pending,
             Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
             // Bytes are there (or the stream finished): this does not block.
@@ -115,7 +118,10 @@ impl AsyncRead for AsyncReader {
         if buf.remaining() == 0 {
             return Poll::Ready(Ok(()));
         }
-        let len = match this.inner.poll_wait(this.inner.position() + 1, cx) {
+        let len = match this
+            .inner
+            .poll_wait(this.inner.position().saturating_add(1), cx)
+        {
             Poll::Pending => return Poll::Pending,
             Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
             Poll::Ready(Ok(len)) => len,

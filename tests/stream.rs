@@ -129,6 +129,29 @@ fn finish_unblocks_blocked_read() {
     });
 }
 
+/// Regression: reading at position `u64::MAX` computed `pos + 1`, which panicked in debug
+/// builds and wrapped to "wait for 0 bytes" in release: a clean end of file at once, even on
+/// a stream that then aborted. It now waits for the stream to end like any read past the end.
+#[test]
+fn read_at_the_largest_position_waits_for_the_end() {
+    on_each_storage(|s| {
+        let mut w = Writer::create(s, "far").unwrap();
+        w.write_all(b"abc").unwrap();
+        w.flush().unwrap();
+        let mut r = w.reader().unwrap();
+        let mut chunked = w.reader().unwrap();
+        r.seek(SeekFrom::Start(u64::MAX)).unwrap();
+        chunked.seek(SeekFrom::Start(u64::MAX)).unwrap();
+        let blocked = spawn("read at u64::MAX", move || r.read(&mut [0; 4]));
+        let chunk = spawn("read_chunk at u64::MAX", move || chunked.read_chunk(4));
+        blocked.assert_blocked(BLOCKED_GRACE);
+        chunk.assert_blocked(BLOCKED_GRACE);
+        w.abort();
+        assert_aborted(&blocked.join().unwrap_err());
+        assert_aborted(&chunk.join().unwrap_err());
+    });
+}
+
 /// Go `Cancel` before close: readers (blocked or not) fail with `Closed` carrying the cause,
 /// new readers are refused, the writer's writes and finish fail.
 #[test]

@@ -232,7 +232,7 @@ impl Reader {
         if max == 0 {
             return Ok(Bytes::new());
         }
-        let len = self.wait(self.pos + 1)?;
+        let len = self.wait(self.pos.saturating_add(1))?;
         if self.pos >= len {
             return Ok(Bytes::new());
         }
@@ -319,7 +319,7 @@ impl Read for Reader {
         if buf.is_empty() {
             return Ok(0);
         }
-        let len = self.wait(self.pos + 1)?;
+        let len = self.wait(self.pos.saturating_add(1))?;
         self.read_ready(buf, len)
     }
 }
