@@ -257,6 +257,23 @@ fn check_readers_survive_commit_and_remove(s: &dyn Storage) {
     assert_not_found(s.set_meta("survivor", b"x"));
 }
 
+/// Committing a name that is already committed replaces the blob; a reader of the old one
+/// keeps reading the old bytes.
+fn check_replace(s: &dyn Storage) {
+    commit_pattern(s, "again", MIB + 5, b"old");
+    let (old, _) = s.open("again").unwrap();
+    commit_pattern(s, "again", 2 * MIB + 9, b"new");
+    let (new, info) = s.open("again").unwrap();
+    assert_eq!(
+        (info.len, &info.meta[..]),
+        ((2 * MIB + 9) as u64, &b"new"[..])
+    );
+    check_content(&*new, 2 * MIB + 9);
+    check_content(&*old, MIB + 5);
+    assert_eq!(names(s), ["again"]);
+    assert_eq!(s.info("again").unwrap().len, (2 * MIB + 9) as u64);
+}
+
 /// Uncommitted blobs are invisible to `open` and `list`, and are discarded when their writer
 /// drops; the writer's readers stay valid.
 fn check_uncommitted_invisible_and_discarded(s: &dyn Storage) {
@@ -433,6 +450,11 @@ fn conformance_uncommitted_invisible_and_discarded() {
 }
 
 #[test]
+fn conformance_replace() {
+    conformance(check_replace);
+}
+
+#[test]
 fn conformance_list() {
     conformance(check_list);
 }
@@ -538,6 +560,7 @@ fn disk_leftovers_are_discarded() {
     drop(s);
     fs::create_dir_all(orphan.parent().unwrap()).unwrap();
     fs::write(&orphan, b"half a commit").unwrap();
+    backdate(&orphan);
     let crashed = dir.path().join("tmp").join("crashed-writer");
     fs::write(&crashed, b"partial").unwrap();
 
@@ -707,7 +730,66 @@ fn disk_truncated_data_is_discarded_at_list() {
         );
     }
     assert_eq!(names(&s), ["fine"]);
+    // Damage newer than the storage's opening might be a replacement in flight: left out of
+    // the listing but kept. Once older, it is deleted.
+    assert!(short.exists() && long.exists());
+    backdate(&short);
+    backdate(&long);
+    assert_eq!(names(&s), ["fine"]);
     assert!(!short.exists() && !long.exists());
+}
+
+/// Sets a file's modification time an hour back: a leftover of an earlier run.
+fn backdate(path: &std::path::Path) {
+    let an_hour_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+    fs::File::options()
+        .write(true)
+        .open(path)
+        .unwrap()
+        .set_modified(an_hour_ago)
+        .unwrap();
+}
+
+/// Regression: replacing a committed blob renamed the new data over the old before writing
+/// the new record, so an `open` in between paired the old record with the new data and
+/// reported a valid blob as corrupt (a review probe saw 25 % of opens fail). Opens racing
+/// replacements now see the old blob, the new one, or (for a moment) none.
+#[test]
+fn disk_open_racing_a_replacement_never_sees_a_mixed_blob() {
+    deadline("open vs replace", || {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Arc::new(DiskStorage::open(dir.path()).unwrap());
+        let versions: [Vec<u8>; 2] = [vec![1; 4096], vec![2; 4096]];
+        let commit = |v: &[u8]| {
+            let mut w = s.create("hot").unwrap();
+            w.write(v).unwrap();
+            w.commit(Vec::new()).unwrap();
+        };
+        commit(&versions[0]);
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let opener = {
+            let (s, stop, versions) = (s.clone(), stop.clone(), versions.clone());
+            thread::spawn(move || {
+                let mut seen = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    match s.open("hot") {
+                        Ok((r, _)) => {
+                            let got = read_range(&*r, 0, 4096).unwrap();
+                            assert!(versions.contains(&got), "a mixed blob");
+                            seen += 1;
+                        }
+                        Err(e) => assert_eq!(e.kind(), io::ErrorKind::NotFound, "{e}"),
+                    }
+                }
+                seen
+            })
+        };
+        for i in 0..2000 {
+            commit(&versions[i % 2]);
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        assert!(opener.join().unwrap() > 0);
+    });
 }
 
 /// One live `DiskStorage` per directory; the lock goes with the last handle.

@@ -1,5 +1,6 @@
 //! Disk storage; the layout and guarantees are documented on [`DiskStorage`].
 
+use std::collections::HashSet;
 use std::fmt;
 use std::fs::{self, File};
 use std::io::{self, Write};
@@ -8,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, mpsc};
 use std::thread::JoinHandle;
+use std::time::{Duration, SystemTime};
 
 use tempfile::{NamedTempFile, TempPath};
 
@@ -20,6 +22,8 @@ const MAGIC: &[u8; 8] = b"SCMETA01";
 const DATA_DIR: &str = "v1";
 const TMP_DIR: &str = "tmp";
 const META_EXT: &str = "meta";
+/// How much older than the storage's opening a leftover must be for `list` to delete it.
+const LEFTOVER_MARGIN: Duration = Duration::from_secs(2);
 
 /// Blobs stored as files in a directory, committed by atomic rename, checked block by block
 /// with blake3.
@@ -59,10 +63,15 @@ const META_EXT: &str = "meta";
 /// # Commit and crash safety
 ///
 /// Data is written to `tmp/`. [`commit`](BlobWriter::commit) (optionally fsyncs the
-/// data), writes the record to `tmp/` (optionally fsynced), renames the data into `v1/`, then
-/// renames the record next to it (optionally fsyncing the directory). The record is the commit
-/// point: at listing, data without a record is an interrupted commit and is deleted, and a
-/// record whose checksum or data length does not match is discarded. Without the sync option a
+/// data), removes the record of a blob it replaces, renames the data into `v1/`, then writes
+/// the record through `tmp/` (optionally fsynced) and renames it next to the data (optionally
+/// fsyncing the directory; a failure here removes both, so a commit reported as failed is
+/// never reloaded). The record is the commit point. At listing, a record that fails its
+/// checksum is discarded; data without a record (an interrupted commit) and a record whose
+/// data length does not match are deleted if they predate the storage's opening, and only
+/// left out of the listing otherwise, since a commit, replacement or removal in flight passes
+/// through those states. Files that cannot be read at the moment are left out, never deleted.
+/// Without the sync option a
 /// power loss can lose recent commits (never expose half of one: the record's checksum and the
 /// data length are checked, and each block's hash on read); with it, a committed blob survives.
 ///
@@ -105,6 +114,13 @@ struct DiskInner {
     /// Lock: this mutex. Holds the exclusive OS lock on `<dir>/LOCK` until dropped or
     /// [`DiskStorage::unlock`]ed.
     lock: Mutex<Option<File>>,
+    /// When this storage opened the directory: `list` deletes leftovers only if they are
+    /// older (by `LEFTOVER_MARGIN`), so it never deletes a commit or removal in flight.
+    opened: SystemTime,
+    /// Lock: this mutex, held while a shard is created and its parent fsynced (sync mode
+    /// only). Shard directories known to be durable; a commit into any other makes it so
+    /// first, also when another writer created it a moment ago.
+    durable_shards: Mutex<HashSet<PathBuf>>,
 }
 
 impl DiskStorage {
@@ -149,6 +165,12 @@ impl DiskStorage {
         fs::create_dir_all(&tmp).map_err(|e| Error::io("create directory", &tmp, e))?;
         let data = dir.join(DATA_DIR);
         fs::create_dir_all(&data).map_err(|e| Error::io("create directory", &data, e))?;
+        if sync {
+            // The entries for `tmp/` and `v1/` themselves.
+            File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(|e| Error::io("fsync", dir, e))?;
+        }
         Ok(DiskStorage {
             inner: Arc::new(DiskInner {
                 dir: dir.to_path_buf(),
@@ -157,6 +179,8 @@ impl DiskStorage {
                 sync,
                 hash_helpers: std::thread::available_parallelism().map_or(1, |n| n.get()),
                 lock: Mutex::new(Some(lock)),
+                opened: SystemTime::now(),
+                durable_shards: Mutex::default(),
             }),
         })
     }
@@ -207,6 +231,36 @@ impl DiskInner {
 
     fn meta_path(&self, name: &str) -> PathBuf {
         self.shard(name).join(format!("{name}.{META_EXT}"))
+    }
+
+    /// Creates `shard` if needed; in sync mode, also makes its entry in `v1/` durable before
+    /// the first commit into it (regression: a writer used to fsync `v1/` only if it had
+    /// created the shard itself, so a second writer racing in could report a commit durable
+    /// whose directory was not yet).
+    fn ensure_shard(&self, shard: &Path) -> io::Result<()> {
+        if !self.sync {
+            if !shard.exists() {
+                fs::create_dir_all(shard)?;
+            }
+            return Ok(());
+        }
+        let mut durable = self
+            .durable_shards
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if !durable.contains(shard) {
+            fs::create_dir_all(shard)?;
+            File::open(&self.data)?.sync_all()?;
+            durable.insert(shard.to_path_buf());
+        }
+        Ok(())
+    }
+
+    /// Whether the file at `md` was last changed before this storage opened its directory
+    /// (with a margin for coarse file times): then no commit or removal of ours is using it.
+    fn predates_open(&self, md: &fs::Metadata) -> bool {
+        md.modified()
+            .is_ok_and(|t| t + LEFTOVER_MARGIN < self.opened)
     }
 
     fn fsync_dir(&self, dir: &Path) -> io::Result<()> {
@@ -595,17 +649,22 @@ impl BlobWriter for DiskWriter {
         }
         .encode();
         let shard = st.shard(&self.name);
-        let fresh_shard = !shard.exists();
-        fs::create_dir_all(&shard)?;
-        if fresh_shard {
-            st.fsync_dir(&st.data)?;
-        }
+        st.ensure_shard(&shard)?;
         let DiskWriter {
             staged,
             name,
             reader,
             ..
         } = *self;
+        // Replacing a committed blob: its record goes first, so that nothing pairs it with
+        // the new data (`open` checks that the record it read is still in place after opening
+        // the data), and a crash in between leaves the name absent, never mixed.
+        let meta_path = st.meta_path(&name);
+        match fs::remove_file(&meta_path) {
+            Ok(()) => st.fsync_dir(&shard)?,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
         staged.persist(shard.join(&name)).map_err(|e| e.error)?;
         // The hashes were computed from the very bytes written to the file: every block starts
         // out checked, under the stamp the file has after the rename (which changed its
@@ -620,11 +679,17 @@ impl BlobWriter for DiskWriter {
         {
             check.vouch_all();
         }
-        if let Err(e) = st.write_meta(&name, &record) {
+        if let Err(e) = st
+            .write_meta(&name, &record)
+            .and_then(|()| st.fsync_dir(&shard))
+        {
+            // Not committed, so nothing of it may be reloaded later. (Regression: a failing
+            // fsync of the directory, after both renames, left a blob the caller was told had
+            // failed, which the next open served.)
+            let _ = fs::remove_file(&meta_path);
             let _ = fs::remove_file(shard.join(&name));
             return Err(e);
         }
-        st.fsync_dir(&shard)?;
         // From now on the file is at rest: its readers check what they read.
         let _ = reader.check.set(check);
         Ok(())
@@ -815,6 +880,39 @@ impl BlobReader for DiskReader {
 }
 
 impl DiskStorage {
+    /// Reads `name`'s record and opens its data, making sure they belong together: a commit
+    /// replacing the blob removes the record before it moves new data in, so if the record
+    /// read is still in place once the data is open, that data is the record's. (Regression:
+    /// an open racing a replacement could pair the old record with the new data.)
+    fn open_pair(&self, name: &str, path: &Path) -> io::Result<(Record, File)> {
+        use std::os::unix::fs::MetadataExt;
+        let meta_path = self.inner.meta_path(name);
+        let found = |e: io::Error| {
+            if e.kind() == io::ErrorKind::NotFound {
+                not_found(name)
+            } else {
+                e
+            }
+        };
+        for _ in 0..3 {
+            let mut rec_file = File::open(&meta_path).map_err(found)?;
+            let id = rec_file.metadata()?.ino();
+            let mut bytes = Vec::new();
+            io::Read::read_to_end(&mut rec_file, &mut bytes)?;
+            let record = Record::decode(&bytes).map_err(|reason| corrupt(&meta_path, reason))?;
+            let file = File::open(path).map_err(found)?;
+            match fs::metadata(&meta_path) {
+                Ok(md) if md.ino() == id => return Ok((record, file)),
+                // Replaced meanwhile: read the new one.
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+        // Replaced again and again: as if it were not there yet.
+        Err(not_found(name))
+    }
+
     fn read_record(&self, name: &str) -> io::Result<Record> {
         let path = self.inner.meta_path(name);
         let bytes = fs::read(&path).map_err(|e| {
@@ -843,35 +941,59 @@ impl DiskStorage {
                 }
             }
         }
+        // Only definite damage is deleted: a record that fails its checksum (records are
+        // written whole and renamed into place, so that is never a write in flight), or files
+        // that predate this storage's opening (`predates_open`), since a commit or removal in
+        // flight briefly leaves data without a record, or a record whose data is being
+        // replaced. Anything else that cannot be read now (EMFILE, EACCES, EIO) is left out of
+        // the listing but kept.
         for name in metas {
-            let valid = validate_name(&name).is_ok() && datas.remove(&name);
-            let record = if valid {
-                self.read_record(&name)
-            } else {
-                Err(not_found(&name))
-            };
             let data_path = shard.join(&name);
-            match record {
-                Ok(rec) => match fs::metadata(&data_path) {
-                    Ok(md) if md.len() == rec.len => out.push(BlobInfo {
-                        name,
-                        len: rec.len,
-                        meta: rec.meta,
-                    }),
-                    _ => {
-                        tracing::warn!(blob = %name, "discarding blob whose data length does not match its record");
-                        self.discard(shard, &name);
-                    }
-                },
-                Err(e) => {
-                    tracing::warn!(blob = %name, error = %e, "discarding blob with an unreadable record");
+            let has_data = validate_name(&name).is_ok() && datas.remove(&name);
+            if !has_data {
+                let meta_path = shard.join(format!("{name}.{META_EXT}"));
+                if fs::metadata(&meta_path).is_ok_and(|md| self.inner.predates_open(&md)) {
+                    tracing::warn!(blob = %name, "discarding a record without data");
                     self.discard(shard, &name);
+                }
+                continue;
+            }
+            let rec = match self.read_record(&name) {
+                Ok(rec) => rec,
+                Err(e) if e.kind() == io::ErrorKind::InvalidData => {
+                    tracing::warn!(blob = %name, error = %e, "discarding blob with a damaged record");
+                    self.discard(shard, &name);
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!(blob = %name, error = %e, "skipping blob whose record cannot be read now");
+                    continue;
+                }
+            };
+            match fs::metadata(&data_path) {
+                Ok(md) if md.len() == rec.len => out.push(BlobInfo {
+                    name,
+                    len: rec.len,
+                    meta: rec.meta,
+                }),
+                Ok(md) if self.inner.predates_open(&md) => {
+                    tracing::warn!(blob = %name, "discarding blob whose data length does not match its record");
+                    self.discard(shard, &name);
+                }
+                Ok(_) => {
+                    tracing::warn!(blob = %name, "skipping blob whose data is being replaced");
+                }
+                Err(e) => {
+                    tracing::warn!(blob = %name, error = %e, "skipping blob whose data cannot be read now");
                 }
             }
         }
         for orphan in datas {
-            tracing::warn!(blob = %orphan, "deleting data of an interrupted commit");
-            let _ = fs::remove_file(shard.join(orphan));
+            let path = shard.join(&orphan);
+            if fs::metadata(&path).is_ok_and(|md| self.inner.predates_open(&md)) {
+                tracing::warn!(blob = %orphan, "deleting data of an interrupted commit");
+                let _ = fs::remove_file(path);
+            }
         }
         Ok(())
     }
@@ -907,15 +1029,8 @@ impl Storage for DiskStorage {
 
     fn open(&self, name: &str) -> io::Result<(Arc<dyn BlobReader>, BlobInfo)> {
         validate_name(name)?;
-        let record = self.read_record(name)?;
         let path = self.blob_path(name);
-        let file = File::open(&path).map_err(|e| {
-            if e.kind() == io::ErrorKind::NotFound {
-                not_found(name)
-            } else {
-                e
-            }
-        })?;
+        let (record, file) = self.open_pair(name, &path)?;
         let md = file.metadata()?;
         if md.len() != record.len {
             return Err(corrupt(&path, "data length does not match its record"));
@@ -1229,10 +1344,40 @@ mod tests {
         let mut w = s.create("lost").unwrap();
         w.write(b"xyz").unwrap();
         w.commit(b"".to_vec()).unwrap();
-        // Simulate a crash between the data rename and the record rename.
+        // Simulate a crash between the data rename and the record rename, in an earlier run.
         fs::remove_file(s.inner.meta_path("lost")).unwrap();
+        let an_hour_ago = SystemTime::now() - Duration::from_secs(3600);
+        File::options()
+            .write(true)
+            .open(s.blob_path("lost"))
+            .unwrap()
+            .set_modified(an_hour_ago)
+            .unwrap();
         let names: Vec<_> = s.list().unwrap().into_iter().map(|b| b.name).collect();
         assert_eq!(names, ["kept"]);
         assert!(!s.blob_path("lost").exists());
+    }
+
+    /// Data without a record that is newer than the storage may be a commit in flight (its
+    /// record comes next): listing leaves it out but must not delete it. Regression: `list`
+    /// deleted it, so calling it while writers committed could destroy a commit.
+    #[test]
+    fn listing_never_deletes_a_commit_in_flight() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = DiskStorage::open(dir.path()).unwrap();
+        let mut w = s.create("busy").unwrap();
+        w.write(b"xyz").unwrap();
+        w.commit(b"".to_vec()).unwrap();
+        let record = fs::read(s.inner.meta_path("busy")).unwrap();
+        // The moment between the data rename and the record rename.
+        fs::remove_file(s.inner.meta_path("busy")).unwrap();
+        assert!(s.list().unwrap().is_empty());
+        assert!(
+            s.blob_path("busy").exists(),
+            "data of a commit in flight deleted"
+        );
+        fs::write(s.inner.meta_path("busy"), record).unwrap();
+        let names: Vec<_> = s.list().unwrap().into_iter().map(|b| b.name).collect();
+        assert_eq!(names, ["busy"]);
     }
 }

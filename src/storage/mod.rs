@@ -80,9 +80,10 @@ pub trait Storage: Send + Sync + fmt::Debug {
 
     /// Lists every committed blob with its length and metadata, without reading content.
     ///
-    /// Implementations may delete leftovers they find on the way (an incomplete commit), so
-    /// the caller must not list while a commit may be in flight — a cache lists once, when it
-    /// opens the storage.
+    /// Implementations may delete leftovers they find on the way (an incomplete commit of an
+    /// earlier run), but never a commit, replacement or removal in flight, nor a blob that
+    /// merely cannot be read at the moment (it is left out of the listing instead). A cache
+    /// lists once, when it opens the storage.
     ///
     /// # Errors
     /// An I/O error that prevents listing at all; individual bad blobs are skipped instead.
@@ -117,6 +118,11 @@ pub trait BlobWriter: Send + fmt::Debug {
     /// [`Storage::open`] and [`Storage::list`] and, for persistent storage, survives a restart.
     /// The metadata is handed over, so a backend that keeps it (like [`MemoryStorage`]) needs
     /// no copy.
+    ///
+    /// Committing a name that is already committed replaces that blob (existing readers of
+    /// the old one keep their bytes). While the replacement is under way, an `open` of the
+    /// name finds the old blob, the new one, or none; never a mix. If the commit fails or
+    /// crashes part-way, the name may be left with neither.
     ///
     /// # Errors
     /// Any I/O error; the blob is then discarded.
