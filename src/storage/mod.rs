@@ -226,8 +226,10 @@ pub struct BlobInfo {
 /// Longest accepted blob name.
 pub const MAX_NAME_LEN: usize = 128;
 
-/// Checks that `name` is a valid blob name: 1 to [`MAX_NAME_LEN`] ASCII letters, digits, `-`
-/// or `_`. Such names are safe as file names on every platform.
+/// Checks that `name` is a valid blob name: 1 to [`MAX_NAME_LEN`] lower-case ASCII letters,
+/// digits, `-` or `_`. Such names are safe as file names on every platform, also where file
+/// names ignore case (upper-case letters were accepted once, and `Ab` and `ab` then shared
+/// one file on such systems).
 ///
 /// # Errors
 /// [`io::ErrorKind::InvalidInput`] naming the problem.
@@ -243,16 +245,15 @@ pub fn validate_name(name: &str) -> io::Result<()> {
         Err(io::Error::new(
             io::ErrorKind::InvalidInput,
             format!(
-                "invalid blob name {name:?}: use 1 to {MAX_NAME_LEN} ASCII letters, digits, '-' or '_'"
+                "invalid blob name {name:?}: use 1 to {MAX_NAME_LEN} lower-case ASCII letters, digits, '-' or '_'"
             ),
         ))
     }
 }
 
-/// `[A-Za-z0-9_-]`, branch-free.
+/// `[a-z0-9_-]`, branch-free.
 fn name_byte_ok(b: u8) -> bool {
-    // `| 0x20` folds upper-case letters onto lower-case ones and nothing else onto them.
-    ((b | 0x20).wrapping_sub(b'a') < 26) | (b.wrapping_sub(b'0') < 10) | (b == b'-') | (b == b'_')
+    (b.wrapping_sub(b'a') < 26) | (b.wrapping_sub(b'0') < 10) | (b == b'-') | (b == b'_')
 }
 
 pub(crate) fn not_found(name: &str) -> io::Error {
@@ -268,10 +269,11 @@ mod tests {
 
     #[test]
     fn names() {
-        assert!(validate_name("abc-DEF_09").is_ok());
+        assert!(validate_name("abc-def_09").is_ok());
+        assert!(validate_name("abc-DEF_09").is_err());
         // Every byte value against the obvious definition.
         for b in 0..=255u8 {
-            let want = b.is_ascii_alphanumeric() || b == b'-' || b == b'_';
+            let want = b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_';
             assert_eq!(name_byte_ok(b), want, "{b:#x}");
         }
         for bad in ["", "../x", "a/b", "a.meta", "x\0", &"a".repeat(129), "é"] {
