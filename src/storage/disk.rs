@@ -1334,16 +1334,18 @@ mod tests {
         });
     }
 
+    fn commit_bytes(s: &DiskStorage, name: &str, bytes: &[u8]) {
+        let mut w = s.create(name).unwrap();
+        w.write(bytes).unwrap();
+        w.commit(Vec::new()).unwrap();
+    }
+
     #[test]
     fn interrupted_commit_is_discarded_at_listing() {
         let dir = tempfile::tempdir().unwrap();
         let s = DiskStorage::open(dir.path()).unwrap();
-        let mut w = s.create("kept").unwrap();
-        w.write(b"abc").unwrap();
-        w.commit(b"".to_vec()).unwrap();
-        let mut w = s.create("lost").unwrap();
-        w.write(b"xyz").unwrap();
-        w.commit(b"".to_vec()).unwrap();
+        commit_bytes(&s, "kept", b"abc");
+        commit_bytes(&s, "lost", b"xyz");
         // Simulate a crash between the data rename and the record rename, in an earlier run.
         fs::remove_file(s.inner.meta_path("lost")).unwrap();
         let an_hour_ago = SystemTime::now() - Duration::from_secs(3600);
@@ -1365,9 +1367,7 @@ mod tests {
     fn listing_never_deletes_a_commit_in_flight() {
         let dir = tempfile::tempdir().unwrap();
         let s = DiskStorage::open(dir.path()).unwrap();
-        let mut w = s.create("busy").unwrap();
-        w.write(b"xyz").unwrap();
-        w.commit(b"".to_vec()).unwrap();
+        commit_bytes(&s, "busy", b"xyz");
         let record = fs::read(s.inner.meta_path("busy")).unwrap();
         // The moment between the data rename and the record rename.
         fs::remove_file(s.inner.meta_path("busy")).unwrap();
