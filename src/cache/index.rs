@@ -63,6 +63,15 @@ pub(crate) enum Job {
     Shutdown,
 }
 
+/// Where `Inner::refile` puts entries back in the recency list.
+#[derive(Debug, Clone, Copy)]
+enum Refile {
+    /// First out (the reaper's spared entries: they go once released).
+    LeastRecent,
+    /// Last out (a helping writer's spared entries: see `help_evict`).
+    MostRecent,
+}
+
 /// When `Inner::unlink_as` leaves the entry in place.
 #[derive(Debug, Clone, Copy)]
 enum Unless {
@@ -533,7 +542,6 @@ impl Inner {
             .info(&slot.name())
             .ok()
             .and_then(|info| EntryMeta::decode(&info.meta).ok());
-        // The guard is dropped at the end of this statement.
         let open_user = self.open_stream(slot).map(|s| s.metadata());
         let (created, stored_user) = stored.map_or((0, Bytes::new()), |m| (m.created, m.user));
         EntryMeta {
@@ -772,8 +780,8 @@ impl Inner {
 
     /// The fast path of a hit, for a caller that holds the index's shard guard on `slot` and
     /// its open `stream`: a reader if the entry is not (possibly) expired. Takes no lock of
-    /// the index and does no I/O; `None` sends the caller to `try_hit`. The caller must not drop a returned
-    /// reader while it holds the guard (see `Cache::lookup`).
+    /// the index and does no I/O; `None` sends the caller to `try_hit`. The caller must not
+    /// drop a returned reader while it holds the guard (see `Cache::lookup`).
     pub(crate) fn hit_open(
         &self,
         slot: &Slot,
@@ -982,7 +990,7 @@ impl Inner {
         if kept.is_empty() {
             return evicted;
         }
-        self.refile(kept);
+        self.refile(kept, Refile::LeastRecent);
         evicted
     }
 
@@ -1003,15 +1011,26 @@ impl Inner {
         false
     }
 
-    /// Puts slots taken out of `lru` but not evicted back as the least recently used, in their
-    /// old order (the first is the least recent); those no longer live are dropped. Checked
-    /// under the LRU lock: `finalize` clears `LIVE` before taking it.
-    fn refile(&self, slots: Vec<Arc<Slot>>) {
+    /// Puts slots taken out of `lru` but not evicted back, at the end `end` says, in their old
+    /// order (the first is the least recent); those no longer live are dropped. Checked under
+    /// the LRU lock: `finalize` clears `LIVE` before taking it.
+    fn refile(&self, slots: Vec<Arc<Slot>>, end: Refile) {
         let mut lru = self.lru.lock().unwrap_or_else(|e| e.into_inner());
-        for slot in slots.into_iter().rev() {
-            if slot.is_live() {
-                lru.push(slot.id, slot.clone());
-                lru.demote(&slot.id);
+        match end {
+            Refile::LeastRecent => {
+                for slot in slots.into_iter().rev() {
+                    if slot.is_live() {
+                        lru.push(slot.id, slot.clone());
+                        lru.demote(&slot.id);
+                    }
+                }
+            }
+            Refile::MostRecent => {
+                for slot in slots {
+                    if slot.is_live() {
+                        lru.push(slot.id, slot);
+                    }
+                }
             }
         }
     }
@@ -1039,12 +1058,7 @@ impl Inner {
         // Back as the most recently used (they are in use): put back at the other end, a
         // run of `HELP_SKIP` entries in use would stop every later writer at the same place.
         if !kept.is_empty() {
-            let mut lru = self.lru.lock().unwrap_or_else(|e| e.into_inner());
-            for slot in kept {
-                if slot.is_live() {
-                    lru.push(slot.id, slot);
-                }
-            }
+            self.refile(kept, Refile::MostRecent);
         }
     }
 
