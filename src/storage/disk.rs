@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, mpsc};
 use std::thread::JoinHandle;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tempfile::{NamedTempFile, TempPath};
 
@@ -412,11 +412,18 @@ struct DiskWriter {
     last_write: Option<(i64, i64)>,
 }
 
+/// `e`, or the storage's "no committed blob" error naming `name` if the file was missing.
+fn named_not_found(e: io::Error, name: &str) -> io::Error {
+    if e.kind() == io::ErrorKind::NotFound {
+        not_found(name)
+    } else {
+        e
+    }
+}
+
 /// Now, as file times are kept (seconds, nanoseconds since the epoch).
 fn wall_clock() -> Option<(i64, i64)> {
-    let d = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .ok()?;
+    let d = SystemTime::now().duration_since(UNIX_EPOCH).ok()?;
     Some((
         i64::try_from(d.as_secs()).ok()?,
         i64::from(d.subsec_nanos()),
@@ -887,20 +894,9 @@ impl DiskStorage {
     fn open_pair(&self, name: &str, path: &Path) -> io::Result<(Record, File)> {
         use std::os::unix::fs::MetadataExt;
         let meta_path = self.inner.meta_path(name);
-        let found = |e: io::Error| {
-            if e.kind() == io::ErrorKind::NotFound {
-                not_found(name)
-            } else {
-                e
-            }
-        };
         for _ in 0..3 {
-            let mut rec_file = File::open(&meta_path).map_err(found)?;
-            let id = rec_file.metadata()?.ino();
-            let mut bytes = Vec::new();
-            io::Read::read_to_end(&mut rec_file, &mut bytes)?;
-            let record = Record::decode(&bytes).map_err(|reason| corrupt(&meta_path, reason))?;
-            let file = File::open(path).map_err(found)?;
+            let (record, id) = self.read_record_with_id(name)?;
+            let file = File::open(path).map_err(|e| named_not_found(e, name))?;
             match fs::metadata(&meta_path) {
                 Ok(md) if md.ino() == id => return Ok((record, file)),
                 // Replaced meanwhile: read the new one.
@@ -914,15 +910,20 @@ impl DiskStorage {
     }
 
     fn read_record(&self, name: &str) -> io::Result<Record> {
+        self.read_record_with_id(name).map(|(record, _)| record)
+    }
+
+    /// `name`'s record and the inode of the file it was read from. (The same system calls
+    /// as `fs::read`, which also takes the file's metadata to size its buffer.)
+    fn read_record_with_id(&self, name: &str) -> io::Result<(Record, u64)> {
+        use std::os::unix::fs::MetadataExt;
         let path = self.inner.meta_path(name);
-        let bytes = fs::read(&path).map_err(|e| {
-            if e.kind() == io::ErrorKind::NotFound {
-                not_found(name)
-            } else {
-                e
-            }
-        })?;
-        Record::decode(&bytes).map_err(|reason| corrupt(&path, reason))
+        let mut file = File::open(&path).map_err(|e| named_not_found(e, name))?;
+        let md = file.metadata()?;
+        let mut bytes = Vec::with_capacity(usize::try_from(md.len()).unwrap_or(0));
+        io::Read::read_to_end(&mut file, &mut bytes)?;
+        let record = Record::decode(&bytes).map_err(|reason| corrupt(&path, reason))?;
+        Ok((record, md.ino()))
     }
 
     /// Lists one shard directory, deleting leftovers of interrupted commits.
