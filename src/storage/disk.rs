@@ -895,7 +895,10 @@ impl DiskStorage {
         use std::os::unix::fs::MetadataExt;
         let meta_path = self.inner.meta_path(name);
         for _ in 0..3 {
-            let (record, id) = self.read_record_with_id(name)?;
+            // The record file stays open until the comparison: a file system reuses the inode
+            // number of a deleted file only once nothing holds it open, so an equal number
+            // then means the same file, not a new record that got the old one's number.
+            let (record, _held, id) = self.read_record_with_id(name)?;
             let file = File::open(path).map_err(|e| named_not_found(e, name))?;
             match fs::metadata(&meta_path) {
                 Ok(md) if md.ino() == id => return Ok((record, file)),
@@ -910,12 +913,12 @@ impl DiskStorage {
     }
 
     fn read_record(&self, name: &str) -> io::Result<Record> {
-        self.read_record_with_id(name).map(|(record, _)| record)
+        self.read_record_with_id(name).map(|(record, ..)| record)
     }
 
-    /// `name`'s record and the inode of the file it was read from. (The same system calls
-    /// as `fs::read`, which also takes the file's metadata to size its buffer.)
-    fn read_record_with_id(&self, name: &str) -> io::Result<(Record, u64)> {
+    /// `name`'s record, the file it was read from (still open) and that file's inode. (The
+    /// same system calls as `fs::read`, which also takes the metadata to size its buffer.)
+    fn read_record_with_id(&self, name: &str) -> io::Result<(Record, File, u64)> {
         use std::os::unix::fs::MetadataExt;
         let path = self.inner.meta_path(name);
         let mut file = File::open(&path).map_err(|e| named_not_found(e, name))?;
@@ -923,7 +926,7 @@ impl DiskStorage {
         let mut bytes = Vec::with_capacity(usize::try_from(md.len()).unwrap_or(0));
         io::Read::read_to_end(&mut file, &mut bytes)?;
         let record = Record::decode(&bytes).map_err(|reason| corrupt(&path, reason))?;
-        Ok((record, md.ino()))
+        Ok((record, file, md.ino()))
     }
 
     /// Lists one shard directory, deleting leftovers of interrupted commits.
