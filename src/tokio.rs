@@ -88,10 +88,7 @@ impl AsyncReader {
         if max == 0 {
             return Poll::Ready(Ok(Bytes::new()));
         }
-        match self
-            .inner
-            .poll_wait(self.inner.position().saturating_add(1), cx)
-        {
+        match self.inner.poll_wait(self.inner.next_end(), cx) {
             Poll::Pending => Poll::Pending,
             Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
             // Bytes are there (or the stream finished): this does not block.
@@ -118,10 +115,7 @@ impl AsyncRead for AsyncReader {
         if buf.remaining() == 0 {
             return Poll::Ready(Ok(()));
         }
-        let len = match this
-            .inner
-            .poll_wait(this.inner.position().saturating_add(1), cx)
-        {
+        let len = match this.inner.poll_wait(this.inner.next_end(), cx) {
             Poll::Pending => return Poll::Pending,
             Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
             Poll::Ready(Ok(len)) => len,

@@ -205,6 +205,20 @@ impl Shared {
         Ok(Reader::new(self.clone()))
     }
 
+    /// Ends the stream as failed (`Aborted`, or `Cancelled`, which may also end a finished
+    /// one). If it was still open, the observer aborts its entry, as for any failed writer.
+    /// (Should the writer finish between the check and the end, the cancelled entry is not
+    /// reported: the cache drops it at the next request, every read of it failing anyway.)
+    pub(crate) fn fail(&self, len: u64, status: Status) {
+        let was_open = self.progress.peek().1 == progress::OPEN;
+        if self.progress.end(len, status)
+            && was_open
+            && let Some(obs) = &self.observer
+        {
+            obs.aborted();
+        }
+    }
+
     /// Deletes the blob from storage if it was committed (one already gone is no error).
     fn delete_committed(&self) -> std::io::Result<()> {
         if !self.committed.load(Ordering::Acquire) {
@@ -368,17 +382,11 @@ impl Stream {
     /// fails with [`Error::Closed`] carrying `cause` — also after the stream finished.
     pub fn cancel_with(&self, cause: impl Into<Box<dyn std::error::Error + Send + Sync>>) {
         let cause = Some(Cause::from(cause.into()));
-        let (len, status) = self.shared.progress.peek();
-        // Ending it unfinished aborts the entry, as a failed writer would. Regression: a cache
-        // entry cancelled this way stayed indexed and counted, never finished, never expiring,
-        // until a request for its key noticed. (Should the writer finish in between, the
-        // finished entry is dropped instead: every read of it fails from now on anyway.)
-        if self.shared.progress.end(len, Status::Cancelled(cause))
-            && status == progress::OPEN
-            && let Some(obs) = &self.shared.observer
-        {
-            obs.aborted();
-        }
+        let len = self.shared.progress.peek().0;
+        // Regression: this used to end the stream without telling the observer, so a cache
+        // entry cancelled unfinished stayed indexed and counted, never finished, never
+        // expiring, until a request for its key noticed.
+        self.shared.fail(len, Status::Cancelled(cause));
     }
 
     /// Stops new readers, blocks until every reader and the writer are gone, then deletes the

@@ -87,6 +87,12 @@ impl Reader {
         self.pos
     }
 
+    /// Where a wait for the byte at the current position ends. Saturating: a reader at
+    /// `u64::MAX` waits for the stream to end, like any read past the end.
+    pub(crate) fn next_end(&self) -> u64 {
+        self.pos.saturating_add(1)
+    }
+
     /// The current length of the stream and whether it is final. Never blocks.
     pub fn size(&self) -> Size {
         Size::of(&self.shared)
@@ -232,7 +238,7 @@ impl Reader {
         if max == 0 {
             return Ok(Bytes::new());
         }
-        let len = self.wait(self.pos.saturating_add(1))?;
+        let len = self.wait(self.next_end())?;
         if self.pos >= len {
             return Ok(Bytes::new());
         }
@@ -319,7 +325,7 @@ impl Read for Reader {
         if buf.is_empty() {
             return Ok(0);
         }
-        let len = self.wait(self.pos.saturating_add(1))?;
+        let len = self.wait(self.next_end())?;
         self.read_ready(buf, len)
     }
 }

@@ -151,14 +151,7 @@ impl Writer {
 
     fn end_failed(&mut self, cause: Option<Cause>) {
         drop(self.blob.take());
-        if self
-            .shared
-            .progress
-            .end(self.written, Status::Aborted(cause))
-            && let Some(obs) = &self.shared.observer
-        {
-            obs.aborted();
-        }
+        self.shared.fail(self.written, Status::Aborted(cause));
     }
 
     /// Writes all of `buf` (the typed form of [`io::Write::write_all`]).
