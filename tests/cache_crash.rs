@@ -47,9 +47,10 @@ fn ready_then_wait() -> ! {
 }
 
 /// A child process running one test of this binary in child mode, past its readiness line.
+/// Killed when dropped, so a failing assertion leaves no process parked behind.
 struct ReadyChild {
     child: Child,
-    lines: thread::JoinHandle<()>,
+    lines: Option<thread::JoinHandle<()>>,
 }
 
 impl ReadyChild {
@@ -60,7 +61,6 @@ impl ReadyChild {
             .args(["--exact", name, "--nocapture", "--test-threads=1"])
             .env(env, dir)
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
             .spawn()
             .unwrap();
         let stdout = child.stdout.take().unwrap();
@@ -77,15 +77,28 @@ impl ReadyChild {
             let _ = child.wait();
             panic!("child {name} never reported readiness (crashed or deadlocked)");
         }
-        ReadyChild { child, lines }
+        ReadyChild {
+            child,
+            lines: Some(lines),
+        }
     }
 
     /// SIGKILL (on Unix); returns once the process is gone.
     fn kill(mut self) -> std::process::ExitStatus {
         self.child.kill().unwrap();
         let status = self.child.wait().unwrap();
-        self.lines.join().unwrap();
+        if let Some(lines) = self.lines.take() {
+            lines.join().unwrap();
+        }
         status
+    }
+}
+
+impl Drop for ReadyChild {
+    fn drop(&mut self) {
+        // After `kill` these fail harmlessly (the child is reaped; `wait` returns its status).
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 

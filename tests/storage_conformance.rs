@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::sync::mpsc;
 use std::thread;
 
-use common::{Backend, assert_pattern, deadline, disk, memory, pattern};
+use common::{Backend, DEADLINE, assert_pattern, deadline, disk, memory, pattern, wait_until};
 use streamcache::storage::{
     BlobInfo, BlobReader, BlobWriter, DiskStorage, FaultOp, FaultyStorage, MemoryStorage, Storage,
 };
@@ -767,11 +767,14 @@ fn disk_open_racing_a_replacement_never_sees_a_mixed_blob() {
         };
         commit(&versions[0]);
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let started = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let opener = {
             let (s, stop, versions) = (s.clone(), stop.clone(), versions.clone());
+            let started = started.clone();
             thread::spawn(move || {
                 let mut seen = 0;
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    started.store(true, std::sync::atomic::Ordering::Relaxed);
                     match s.open("hot") {
                         Ok((r, _)) => {
                             let got = read_range(&*r, 0, 4096).unwrap();
@@ -784,6 +787,10 @@ fn disk_open_racing_a_replacement_never_sees_a_mixed_blob() {
                 seen
             })
         };
+        // The replacements start once the opener runs, so the two overlap.
+        wait_until("opener running", DEADLINE, || {
+            started.load(std::sync::atomic::Ordering::Relaxed)
+        });
         for i in 0..2000 {
             commit(&versions[i % 2]);
         }

@@ -91,6 +91,20 @@ impl<T> Pending<T> {
     }
 }
 
+/// Polls `cond` every millisecond until it holds; fails the test (naming `what`) if it does
+/// not within `limit`. For conditions another thread brings about with no event to wait on.
+#[track_caller]
+pub fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
+    let until = std::time::Instant::now() + limit;
+    while !cond() {
+        assert!(
+            std::time::Instant::now() < until,
+            "{what}: not within {limit:?}"
+        );
+        thread::sleep(Duration::from_millis(1));
+    }
+}
+
 /// Grace period given to a thread that must stay blocked.
 pub const BLOCKED_GRACE: Duration = Duration::from_millis(100);
 

@@ -11,7 +11,7 @@ use streamcache::{Cache, Entry, Error, Reader, Writer};
 #[path = "../common/mod.rs"]
 mod common;
 #[allow(unused_imports)]
-pub use common::{DEADLINE, deadline, deadline_in, read_all};
+pub use common::{DEADLINE, assert_closed, deadline, deadline_in, read_all, wait_until};
 
 /// Deterministic, position-dependent test bytes (so a shifted or wrong block is visible).
 pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
