@@ -24,7 +24,7 @@ use streamcache::{Cache, Entry};
 #[path = "support/mod.rs"]
 mod support;
 
-use support::{Table, median, runs};
+use support::{Table, gbps, median, runs};
 
 const BIG: usize = 256 << 20;
 const CHUNK: usize = 64 << 10;
@@ -50,6 +50,15 @@ fn ns_per_op(mut op: impl FnMut(usize)) -> f64 {
             })
             .collect(),
     )
+}
+
+/// Writes `data` as the new entry `key` and finishes it.
+fn put(cache: &Cache, key: &str, data: &[u8]) {
+    let Entry::Miss(mut w) = cache.get_or_create(key).unwrap() else {
+        panic!("{key} should be a new entry")
+    };
+    w.write_all(data).unwrap();
+    w.finish().unwrap();
 }
 
 fn fill(cache: &Cache) {
@@ -95,10 +104,6 @@ fn hit_path(rows: &mut Table) {
         });
         rows.row(label, ns, "ns/op", Some(ns / base));
     }
-}
-
-fn gbps(bytes: usize, d: Duration) -> f64 {
-    bytes as f64 / d.as_secs_f64() / 1e9
 }
 
 fn raw_write(path: &Path, data: &[u8]) -> Duration {
@@ -177,11 +182,7 @@ fn disk_throughput(rows: &mut Table) {
     // Read-back. One finished entry; the raw file holds the same bytes; both page-cached.
     {
         let cache = Cache::builder().disk(&cache_dir).build().unwrap();
-        let Entry::Miss(mut w) = cache.get_or_create("big").unwrap() else {
-            panic!()
-        };
-        w.write_all(&data).unwrap();
-        w.finish().unwrap();
+        put(&cache, "big", &data);
     }
     let mut buf = vec![0u8; READ_BUF];
     let (mut raw_r, mut cold, mut warm, mut fresh) =
@@ -194,11 +195,7 @@ fn disk_throughput(rows: &mut Table) {
         warm.push(gbps(BIG, cache_read(&cache, "big", &mut buf)));
         // An entry this process wrote: its blocks were hashed as they were written.
         let k = format!("fresh-{run}");
-        let Entry::Miss(mut w) = cache.get_or_create(&k).unwrap() else {
-            panic!("fresh key")
-        };
-        w.write_all(&data).unwrap();
-        w.finish().unwrap();
+        put(&cache, &k, &data);
         fresh.push(gbps(BIG, cache_read(&cache, &k, &mut buf)));
         cache.remove(&k).unwrap();
         cache.run_pending_tasks();

@@ -44,7 +44,7 @@ use tempfile::TempDir;
 #[path = "support/mod.rs"]
 mod support;
 
-use support::median;
+use support::{gbps, median};
 
 /// Size of the stream.
 const TOTAL: u64 = 256 << 20;
@@ -470,7 +470,7 @@ fn table_mode() {
         let rates: Vec<f64> = (0..runs)
             .map(|_| {
                 let t = (case.run)(&fixture);
-                (case.readers as u64 * TOTAL) as f64 / t.as_secs_f64() / 1e9
+                gbps(case.readers * TOTAL as usize, t)
             })
             .collect();
         eprintln!(

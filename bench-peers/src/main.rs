@@ -20,13 +20,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 
-// The crate's own benchmark helpers; only the median is used here.
+// The crate's own benchmark helpers: run count, median, GB/s.
 #[path = "../../benches/support/mod.rs"]
 mod support;
 
 use foyer::{BlockEngineConfig, DeviceBuilder, FsDeviceBuilder, HybridCache, HybridCacheBuilder};
 use streamcache::{Cache, Entry};
-use support::median;
+use support::{gbps, median};
 
 mod chart;
 
@@ -41,11 +41,7 @@ const READ_BUF: usize = MIB;
 // ---------------------------------------------------------------------------------------------
 
 fn runs() -> usize {
-    std::env::var("BENCH_RUNS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .filter(|&n: &usize| n > 0)
-        .unwrap_or(5)
+    support::runs(5)
 }
 
 /// Runs of the workloads that move 256 MiB or more per run.
@@ -76,10 +72,6 @@ fn drain(mut r: impl Read, buf: &mut [u8], expect: usize) -> Result<()> {
     }
     anyhow::ensure!(pos == expect, "read {pos} bytes, expected {expect}");
     Ok(())
-}
-
-fn gbps(bytes: usize, d: Duration) -> f64 {
-    bytes as f64 / d.as_secs_f64() / 1e9
 }
 
 fn load_average() -> String {

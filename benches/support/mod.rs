@@ -2,12 +2,19 @@
 //! (`cache`, `eviction`; `fanout` and `bench-peers` use the median).
 #![allow(dead_code, unreachable_pub)]
 
-/// Repetitions per measurement: `BENCH_RUNS`, else `default`.
+/// Repetitions per measurement: `BENCH_RUNS` (if it is a positive number: a median of no
+/// runs does not exist), else `default`.
 pub fn runs(default: usize) -> usize {
     std::env::var("BENCH_RUNS")
         .ok()
         .and_then(|s| s.parse().ok())
+        .filter(|&n: &usize| n > 0)
         .unwrap_or(default)
+}
+
+/// Throughput in GB/s of `bytes` moved in `d`.
+pub fn gbps(bytes: usize, d: std::time::Duration) -> f64 {
+    bytes as f64 / d.as_secs_f64() / 1e9
 }
 
 pub fn median(mut v: Vec<f64>) -> f64 {
