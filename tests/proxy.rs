@@ -583,10 +583,7 @@ async fn http10_client_never_gets_a_short_body() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn non_200_is_not_cached() {
     deadline(async {
-        let origin = Origin::start().await;
-        let dir = tempfile::tempdir().unwrap();
-        let proxy = start_proxy(dir.path(), origin.url()).await;
-        let client = client();
+        let (origin, dir, proxy, client, _) = setup().await;
         for n in 1..=2 {
             let (resp, body) = fetch(&client, proxy.url("/missing/x"), None).await;
             assert_eq!(resp.status(), StatusCode::NOT_FOUND);
@@ -610,13 +607,8 @@ async fn non_200_is_not_cached() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restart_serves_from_disk_without_origin() {
     deadline(async {
-        let origin = Origin::start().await;
+        let (origin, dir, proxy, client, expected) = setup().await;
         let upstream = origin.url();
-        let dir = tempfile::tempdir().unwrap();
-        let expected = content();
-        let client = client();
-
-        let proxy = start_proxy(dir.path(), upstream.clone()).await;
         for path in ["/file/keep", "/chunked/keep"] {
             let (resp, body) = fetch(&client, proxy.url(path), None).await;
             assert_eq!(resp.status(), StatusCode::OK);
