@@ -410,10 +410,11 @@ impl Observer for Slot {
         EntryMeta::encode_parts(&self.key, created, now, now, user)
     }
 
-    fn published(&self, len: u64) {
+    fn published(&self, len: u64) -> Result<()> {
         if let Some(cache) = self.books.cache() {
             cache.account(self, len);
         }
+        Ok(())
     }
 
     fn finished(self: Arc<Self>, len: u64, committed: bool) {

@@ -63,8 +63,10 @@ pub(crate) trait Observer: Send + Sync + fmt::Debug {
     /// The metadata to commit with the blob, given the user metadata (the storage records
     /// the length itself).
     fn commit_meta(&self, user: &Bytes) -> Vec<u8>;
-    /// The writer published `len` bytes in total.
-    fn published(&self, len: u64);
+    /// The writer published `len` bytes in total (also called by `finish` with the final
+    /// length, before the commit). An error refuses the bytes: the writer aborts the stream
+    /// and returns that error (for example an entry larger than the cache's `max_bytes`).
+    fn published(&self, len: u64) -> Result<()>;
     /// The stream finished at `len`; `committed` is false if it was doomed first.
     /// (Takes the `Arc` so the cache can file the entry without looking it up.)
     fn finished(self: Arc<Self>, len: u64, committed: bool);

@@ -134,12 +134,27 @@ impl Writer {
         if let Err(e) = blob.publish() {
             return Err(self.fail("publish", e));
         }
+        self.observe(written)?;
         self.shared.progress.publish(written);
         self.published = written;
-        if let Some(obs) = &self.shared.observer {
-            obs.published(written);
-        }
         Ok(())
+    }
+
+    /// Tells the observer that `len` bytes are written; if it refuses them, aborts the stream
+    /// (readers see the refusal as the abort's cause) and returns its error.
+    fn observe(&mut self, len: u64) -> Result<()> {
+        let refused = match &self.shared.observer {
+            Some(obs) => obs.published(len).err(),
+            None => None,
+        };
+        match refused {
+            None => Ok(()),
+            Some(e) => {
+                let cause: Cause = Arc::new(io::Error::new(e.kind(), e.to_string()));
+                self.end_failed(Some(cause));
+                Err(e)
+            }
+        }
     }
 
     /// Aborts after a storage error and returns the error for the writer.
@@ -201,8 +216,9 @@ impl Writer {
             return Err(Error::invalid(reason));
         }
         self.live()?;
-        let mut blob = self.blob.take().expect("live");
         let len = self.written;
+        self.observe(len)?;
+        let mut blob = self.blob.take().expect("live");
         let commit = !self.shared.is_doomed();
         if commit {
             let user = self.shared.metadata();
