@@ -8,6 +8,8 @@
 //!   again;
 //! * the operating system refused ([`Error::Io`]) or another process owns the directory
 //!   ([`Error::Locked`]): fix the environment;
+//! * the entry does not fit the cache's limits ([`Error::TooLarge`]): raise the limit or do
+//!   without caching it;
 //! * the call itself was wrong ([`Error::InvalidInput`]): fix the caller.
 
 use std::error::Error as StdError;
@@ -79,6 +81,19 @@ pub enum Error {
         dir: PathBuf,
     },
 
+    /// An entry grew past the cache's `max_bytes` on its own: it could never be kept, so it
+    /// was refused as it crossed the limit. The writer gets this error; its readers get
+    /// [`Error::Aborted`] with it as the cause; the next request for the key is a miss.
+    #[error("entry {key:?} reached {len} bytes, over the cache's max_bytes of {max_bytes}")]
+    TooLarge {
+        /// The entry's key.
+        key: String,
+        /// How many bytes it had when it was refused.
+        len: u64,
+        /// The limit it crossed.
+        max_bytes: u64,
+    },
+
     /// The call's arguments were not acceptable (for example more bytes written than the
     /// declared length, or an invalid blob name).
     #[error("invalid input: {reason}")]
@@ -104,6 +119,7 @@ impl Error {
             Error::Corrupt { .. } => io::ErrorKind::InvalidData,
             Error::Io { source, .. } => source.kind(),
             Error::Locked { .. } => io::ErrorKind::ResourceBusy,
+            Error::TooLarge { .. } => io::ErrorKind::FileTooLarge,
             Error::InvalidInput { .. } => io::ErrorKind::InvalidInput,
         }
     }

@@ -114,11 +114,69 @@ fn lru_by_size() {
     assert_eq!(sorted_keys(&cache), ["a", "c"]);
     assert_eq!(cache.total_bytes(), 800);
     assert_eq!(events_of(&events), [ev("b", RemovalCause::Size)]);
-    // One entry larger than the whole limit pushes everything else out, then itself.
-    put(&cache, "huge", &[4; 5000]);
+    // One entry larger than the whole limit could never be kept: it is refused when it
+    // crosses the limit (here at `finish`), and what was cached stays.
+    let mut w = miss(&cache, "huge");
+    w.write_all(&[4; 5000]).unwrap();
+    match w.finish() {
+        Err(streamcache::Error::TooLarge {
+            key,
+            len,
+            max_bytes,
+        }) => {
+            assert_eq!((key.as_str(), len, max_bytes), ("huge", 5000, 1000));
+        }
+        other => panic!("expected TooLarge, got {other:?}"),
+    }
     cache.run_pending_tasks();
+    assert!(!cache.contains_key("huge"));
+    assert_eq!(sorted_keys(&cache), ["a", "c"]);
     assert!(cache.total_bytes() <= 1000, "{}", cache.total_bytes());
     assert!(!cache.stats().over_limit);
+}
+
+/// Regression: `max_bytes` did not bound an entry being written: a 64 MiB memory cache took
+/// a 512 MiB entry whole (517 MiB of RSS) and evicted it only after `finish`. An entry that
+/// alone crosses the limit is now refused as it crosses it: the writer gets `TooLarge`, its
+/// readers an abort, the key is free for the next request, and the bytes are let go.
+#[test]
+fn an_entry_larger_than_max_bytes_is_refused_while_it_is_written() {
+    deadline("oversized entry", || {
+        const MAX: u64 = 8 << 20;
+        let cache = Cache::builder().memory().max_bytes(MAX).build().unwrap();
+        let mut w = miss(&cache, "big");
+        let mut r = w.reader().unwrap();
+        let chunk = vec![9u8; 64 << 10];
+        let mut written = 0u64;
+        let err = loop {
+            match w.write_bytes(&chunk) {
+                Ok(()) => written += chunk.len() as u64,
+                Err(e) => break e,
+            }
+            assert!(written <= 64 << 20, "never refused");
+        };
+        // Refused at the first publish past the limit (writers publish every 1 MiB).
+        assert!(
+            written <= MAX + (1 << 20),
+            "refused only after {written} bytes"
+        );
+        assert!(
+            matches!(&err, streamcache::Error::TooLarge { max_bytes: MAX, .. }),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("max_bytes"), "{err}");
+        let read = read_all(&mut r).unwrap_err();
+        assert!(is_aborted(&read), "{read:?}");
+        assert!(read.to_string().contains("max_bytes"), "{read}");
+        drop(w);
+        cache.run_pending_tasks();
+        assert!(!cache.contains_key("big"));
+        assert_eq!(cache.total_bytes(), 0);
+        assert_eq!(cache.stats().aborts, 1);
+        // An entry that fits is taken as before.
+        put(&cache, "big", &[1; 1000]);
+        assert_eq!(get_bytes(&cache, "big"), vec![1; 1000]);
+    });
 }
 
 /// An entry in use when the limit is crossed is never cut: its reader reads every byte, and
@@ -187,10 +245,11 @@ fn entries_being_written_are_never_evicted_for_size() {
         let mut w1 = miss(&cache, "w1");
         let mut w2 = miss(&cache, "w2");
         let r = w1.reader().unwrap();
+        // Each alone stays within the limit; together they cross it.
         for _ in 0..10 {
-            w1.write_all(&[7; 1000]).unwrap();
+            w1.write_all(&[7; 90]).unwrap();
             w1.flush().unwrap();
-            w2.write_all(&[8; 100]).unwrap();
+            w2.write_all(&[8; 90]).unwrap();
             w2.flush().unwrap();
             cache.run_pending_tasks();
             assert!(cache.contains_key("w1") && cache.contains_key("w2"));
@@ -214,20 +273,27 @@ fn entries_being_written_are_never_evicted_for_size() {
 fn entry_spared_while_in_use_goes_when_released() {
     let (b, _clock, events) = builder();
     let cache = b.max_bytes(1000).build().unwrap();
-    let mut w = miss(&cache, "big");
-    let r = w.reader().unwrap();
-    w.write_all(&[1; 5000]).unwrap();
-    w.finish().unwrap();
+    let mut held = Vec::new();
+    for key in ["big", "other"] {
+        let mut w = miss(&cache, key);
+        held.push(w.reader().unwrap());
+        w.write_all(&[1; 600]).unwrap();
+        w.finish().unwrap();
+    }
     cache.run_pending_tasks();
-    assert!(cache.contains_key("big"), "in use: spared");
+    assert!(
+        cache.contains_key("big") && cache.contains_key("other"),
+        "in use: spared"
+    );
     assert!(cache.stats().over_limit);
-    drop(r);
+    drop(held.remove(0));
     wait_until("evicted after its reader closed", DEADLINE, || {
         !cache.contains_key("big")
     });
     cache.run_pending_tasks();
     assert_eq!(events_of(&events), [ev("big", RemovalCause::Size)]);
     assert!(!cache.stats().over_limit);
+    assert!(cache.contains_key("other"));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -410,23 +476,58 @@ fn limits_restored_promptly_without_run_pending_tasks() {
     }
 }
 
-/// A cache of at most 100 entries whose reaper blocks in the eviction listener until
+/// A cache of at most 100 entries whose reaper blocks in its first blob deletion until
 /// `release` is dropped. The field order drops `release` first: the cache's drop joins the
-/// reaper, which must be unstuck by then (also when an assertion fails).
+/// reaper, which must be unstuck by then (also when an assertion fails). (The listener used
+/// to be the way to stall the reaper; it now runs on a thread of its own, so that a slow
+/// listener never holds up deletions.)
 struct StuckReaper {
     _release: std::sync::mpsc::Sender<()>,
     cache: Arc<Cache>,
 }
 
+/// A memory storage whose `remove` blocks until the paired sender is dropped.
+#[derive(Debug)]
+struct BlockingRemove {
+    inner: streamcache::storage::MemoryStorage,
+    stuck: Mutex<std::sync::mpsc::Receiver<()>>,
+}
+
+impl streamcache::storage::Storage for BlockingRemove {
+    fn create(&self, name: &str) -> std::io::Result<Box<dyn streamcache::storage::BlobWriter>> {
+        self.inner.create(name)
+    }
+    fn open(
+        &self,
+        name: &str,
+    ) -> std::io::Result<(
+        Arc<dyn streamcache::storage::BlobReader>,
+        streamcache::storage::BlobInfo,
+    )> {
+        self.inner.open(name)
+    }
+    fn remove(&self, name: &str) -> std::io::Result<()> {
+        let _ = self.stuck.lock().unwrap().recv();
+        self.inner.remove(name)
+    }
+    fn list(&self) -> std::io::Result<Vec<streamcache::storage::BlobInfo>> {
+        self.inner.list()
+    }
+    fn set_meta(&self, name: &str, meta: &[u8]) -> std::io::Result<()> {
+        self.inner.set_meta(name, meta)
+    }
+}
+
 fn stuck_reaper_cache() -> StuckReaper {
     let (release, stuck) = std::sync::mpsc::channel::<()>();
-    let stuck = Mutex::new(stuck);
+    let storage = BlockingRemove {
+        inner: streamcache::storage::MemoryStorage::new(),
+        stuck: Mutex::new(stuck),
+    };
     let cache = Cache::builder()
+        .storage(Arc::new(storage))
         .max_entries(100)
         .maintenance_interval(HOUR)
-        .eviction_listener(move |_, _| {
-            let _ = stuck.lock().unwrap().recv();
-        })
         .build()
         .unwrap();
     StuckReaper {

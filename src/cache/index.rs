@@ -12,7 +12,7 @@ use std::borrow::Borrow;
 use std::fmt;
 use std::hash::{BuildHasherDefault, Hash, Hasher};
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
-use std::sync::mpsc::Sender;
+use std::sync::mpsc::{SyncSender, TrySendError};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use bytes::Bytes;
@@ -22,7 +22,7 @@ use lru::LruCache;
 
 use super::clock::Clock;
 use super::meta::EntryMeta;
-use super::reaper;
+use super::reaper::{self, Deletions, Job, Note, Threads};
 use super::{EntryInfo, Policy, RemovalCause};
 use crate::error::{Error, Result};
 use crate::storage::Storage;
@@ -36,6 +36,26 @@ fn help_slack(max: u64) -> u64 {
     (max / 16).max(64)
 }
 
+/// Whether `e` says the process (`EMFILE`) or the system (`ENFILE`) has no file descriptor
+/// left: a passing shortage, never a verdict on an entry.
+pub(crate) fn out_of_handles(e: &Error) -> bool {
+    match e {
+        Error::Io { source, .. } => matches!(source.raw_os_error(), Some(23 | 24)),
+        _ => false,
+    }
+}
+
+/// Whether an error opening an entry's blob proves the entry lost (its files missing or
+/// damaged), rather than a passing failure (no descriptors, no memory, EIO, EACCES…) that
+/// must fail only the request.
+fn proves_loss(e: &Error) -> bool {
+    matches!(e, Error::Corrupt { .. })
+        || matches!(
+            e.kind(),
+            std::io::ErrorKind::NotFound | std::io::ErrorKind::InvalidData
+        )
+}
+
 /// Size of `Inner::hit_ring`.
 pub(crate) const HIT_RING: usize = 64;
 
@@ -47,21 +67,6 @@ const COMMITTED: u8 = 2;
 const TOUCHED: u8 = 4;
 /// `Slot::flags`: queued in `Inner::idle_open`.
 const QUEUED_IDLE: u8 = 8;
-
-/// Work for the reaper thread.
-#[derive(Debug)]
-pub(crate) enum Job {
-    /// Delete a committed blob.
-    Delete(String),
-    /// Tell the eviction listener.
-    Notify(Arc<str>, RemovalCause),
-    /// Limits may be exceeded: evict.
-    Maintain,
-    /// Finish every job queued before this one, run maintenance, then reply.
-    Sync(Sender<()>),
-    /// Stop.
-    Shutdown,
-}
 
 /// Where `Inner::refile` puts entries back in the recency list.
 #[derive(Debug, Clone, Copy)]
@@ -289,8 +294,21 @@ pub(crate) struct Inner {
     pub(crate) books: Arc<Books>,
     /// Next entry id (part of blob names, so a new version never reuses an old name).
     pub(crate) next_id: AtomicU64,
-    pub(crate) jobs: Sender<Job>,
+    /// The reaper's queue (bounded: see `reaper`).
+    pub(crate) jobs: SyncSender<Job>,
+    /// The notifier's queue, when there is a listener (bounded: see `reaper`).
+    pub(crate) notes: Option<SyncSender<Note>>,
+    /// The listener, for the notifier's own removals (called inline: it must never wait
+    /// for its own queue).
     pub(crate) listener: Option<Listener>,
+    /// Deletions not carried out yet (shared with the reaper).
+    pub(crate) deletions: Arc<Deletions>,
+    /// The reaper's and notifier's thread ids.
+    pub(crate) threads: Threads,
+    /// Lock: this mutex (a leaf lock). Notes of the reaper's own removals that found the
+    /// notifier's queue full, oldest first; the reaper hands them over as room appears, so
+    /// a slow listener never blocks it. Grows only while the listener is behind.
+    pub(crate) note_overflow: Mutex<std::collections::VecDeque<Note>>,
     pub(crate) policy: Option<Arc<dyn Policy>>,
     /// Lock: this mutex (a leaf lock). Finished entries (key, id) that were released with
     /// their stream open, oldest first; beyond `max_idle_open`, the oldest close their stream
@@ -411,9 +429,22 @@ impl Observer for Slot {
     }
 
     fn published(&self, len: u64) -> Result<()> {
-        if let Some(cache) = self.books.cache() {
-            cache.account(self, len);
+        let Some(cache) = self.books.cache() else {
+            return Ok(());
+        };
+        // An entry that alone exceeds `max_bytes` could never be kept: refused as soon as it
+        // crosses the limit, so its bytes never pile up in memory or on disk. (Regression: a
+        // 64 MiB memory cache took a 512 MiB entry whole, and evicted it only after finish.)
+        if let Some(max) = cache.limits.max_bytes
+            && len > max
+        {
+            return Err(Error::TooLarge {
+                key: self.key.to_string(),
+                len,
+                max_bytes: max,
+            });
         }
+        cache.account(self, len);
         Ok(())
     }
 
@@ -439,7 +470,7 @@ impl Observer for Slot {
             .fetch_add(len, Ordering::Relaxed);
         if committed && self.flags.fetch_or(COMMITTED, Ordering::SeqCst) & LIVE == 0 {
             // Removed while it was being written: nobody else will delete it.
-            let _ = cache.jobs.send(Job::Delete(self.name()));
+            cache.delete_blob(self.name(), len, false);
         }
         cache.account(&self, len);
         {
@@ -456,7 +487,8 @@ impl Observer for Slot {
             // whose calls stay on the reaper.
             if let Some(max) = cache.limits.max_entries
                 && cache.policy.is_none()
-                && cache.entries.load(Ordering::Relaxed) as u64 > max + help_slack(max)
+                && cache.entries.load(Ordering::Relaxed) as u64
+                    > max.saturating_add(help_slack(max))
             {
                 cache.help_evict(2);
             }
@@ -530,9 +562,94 @@ impl Inner {
         std::sync::atomic::fence(Ordering::SeqCst);
         if !self.maintain_pending.load(Ordering::Relaxed)
             && !self.maintain_pending.swap(true, Ordering::AcqRel)
+            && reaper::try_queue(&self.jobs, Job::Maintain).is_err()
         {
-            let _ = self.jobs.send(Job::Maintain);
+            // The queue is full (the reaper is busy and runs a pass after its batch anyway)
+            // or the reaper is gone: let a later request ask again.
+            self.maintain_pending.store(false, Ordering::Relaxed);
         }
+    }
+
+    /// Deletes a committed blob of `bytes` bytes: at once with `inline` (or on the reaper
+    /// thread), else through the reaper's queue — or here, if that queue is full
+    /// (back-pressure). Until the deletion succeeds its bytes count toward `max_bytes`; a
+    /// refused deletion is retried by the reaper.
+    pub(crate) fn delete_blob(&self, name: String, bytes: u64, inline: bool) {
+        let doomed = self.deletions.begin(name, bytes);
+        if inline || self.threads.is_own() {
+            self.deletions.run(doomed);
+            return;
+        }
+        if let Err(Job::Delete(doomed)) = reaper::try_queue(&self.jobs, Job::Delete(doomed)) {
+            self.deletions.run(doomed);
+        }
+    }
+
+    /// Tells the eviction listener, on the notifier thread. Waits if the notifier is far
+    /// behind (back-pressure), except on the cache's own threads: the notifier calls it
+    /// inline, the reaper never waits for the listener.
+    fn notify(&self, key: &Arc<str>, cause: RemovalCause) {
+        let (Some(notes), Some(listener)) = (&self.notes, &self.listener) else {
+            return;
+        };
+        if self.threads.is_notifier() {
+            reaper::notify(listener, key, cause);
+            return;
+        }
+        let note = Note::Removed(key.clone(), cause);
+        if self.threads.is_own() {
+            self.reaper_note(note);
+            return;
+        }
+        let _ = notes.send(note);
+    }
+
+    /// Reaper: queues `note` for the notifier without ever waiting for a slow listener.
+    /// Past a full queue, notes wait in `note_overflow`, in order, for `flush_notes`.
+    pub(crate) fn reaper_note(&self, note: Note) {
+        let Some(notes) = &self.notes else {
+            if let Note::Sync(ack) = note {
+                let _ = ack.send(());
+            }
+            return;
+        };
+        let mut overflow = self.note_overflow.lock().unwrap_or_else(|e| e.into_inner());
+        if !overflow.is_empty() {
+            overflow.push_back(note);
+        } else if let Err(std::sync::mpsc::TrySendError::Full(note)) = notes.try_send(note) {
+            overflow.push_back(note);
+        }
+    }
+
+    /// Reaper: hands notes that found the notifier's queue full over, in order: as far as
+    /// there is room, or all of them with `wait` (at shutdown). Returns whether some are
+    /// still waiting.
+    pub(crate) fn flush_notes(&self, wait: bool) -> bool {
+        let Some(notes) = &self.notes else {
+            return false;
+        };
+        let mut overflow = self.note_overflow.lock().unwrap_or_else(|e| e.into_inner());
+        while let Some(note) = overflow.pop_front() {
+            let sent = if wait {
+                notes
+                    .send(note)
+                    .map_err(|e| TrySendError::Disconnected(e.0))
+            } else {
+                notes.try_send(note)
+            };
+            match sent {
+                Ok(()) => {}
+                Err(TrySendError::Full(note)) => {
+                    overflow.push_front(note);
+                    return true;
+                }
+                Err(TrySendError::Disconnected(_)) => {
+                    overflow.clear();
+                    return false;
+                }
+            }
+        }
+        false
     }
 
     /// The entry's record as stored (user metadata included), from its open stream or from
@@ -616,6 +733,19 @@ impl Inner {
         }
     }
 
+    /// Closes the storage handles of every finished entry nobody uses (they reopen on
+    /// demand). Called when the process runs out of file descriptors.
+    pub(crate) fn close_idle_handles(&self) {
+        let idle = std::mem::take(&mut *self.idle_open.lock().unwrap_or_else(|e| e.into_inner()));
+        tracing::warn!(
+            handles = idle.len(),
+            "out of file descriptors: closing the idle entries' handles"
+        );
+        for (key, id) in idle {
+            self.close_if_idle(&key, id);
+        }
+    }
+
     fn queue_idle(&self, key: Arc<str>, id: u64) {
         let evicted = {
             let mut q = self.idle_open.lock().unwrap_or_else(|e| e.into_inner());
@@ -663,16 +793,20 @@ impl Inner {
         }
     }
 
+    /// Whether the cache is over a size limit. Bytes of removed entries whose blobs are not
+    /// deleted yet count: they still use the space.
     pub(crate) fn over_limits(&self) -> bool {
         let entries = self
             .limits
             .max_entries
             .is_some_and(|max| self.entries.load(Ordering::Relaxed) as u64 > max);
         entries
-            || self
-                .limits
-                .max_bytes
-                .is_some_and(|max| self.bytes.load(Ordering::Relaxed) > max)
+            || self.limits.max_bytes.is_some_and(|max| {
+                self.bytes
+                    .load(Ordering::Relaxed)
+                    .saturating_add(self.deletions.pending_bytes.load(Ordering::Relaxed))
+                    > max
+            })
     }
 
     /// Why `slot` must not be served at `now`, if it must not.
@@ -717,10 +851,19 @@ impl Inner {
             }
         }
         let name = slot.name();
-        let (blob, info) = self
-            .storage
-            .open(&name)
-            .map_err(|e| Error::from_io("open", &name, e))?;
+        let open = || {
+            self.storage
+                .open(&name)
+                .map_err(|e| Error::from_io("open", &name, e))
+        };
+        let (blob, info) = match open() {
+            // Out of file descriptors: let go of the idle entries' handles, then retry once.
+            Err(e) if out_of_handles(&e) => {
+                self.close_idle_handles();
+                open()?
+            }
+            other => other?,
+        };
         let user = EntryMeta::decode(&info.meta)
             .map(|m| m.user)
             .unwrap_or_default();
@@ -764,10 +907,16 @@ impl Inner {
                 self.unlink(slot, RemovalCause::Explicit);
                 return Ok(None);
             }
-            Err(e) => {
-                tracing::warn!(key = %slot.key, error = %e, "dropping entry that cannot be opened");
+            // Only proof that the data is lost drops the entry. Regression: any error did, so
+            // running out of file descriptors (EMFILE) destroyed finished entries for good.
+            Err(e) if proves_loss(&e) => {
+                tracing::warn!(key = %slot.key, error = %e, "dropping entry whose stored data is lost");
                 self.unlink(slot, RemovalCause::Corrupt);
                 return Ok(None);
+            }
+            Err(e) => {
+                tracing::warn!(key = %slot.key, error = %e, "entry cannot be opened now; failing this request only");
+                return Err(e);
             }
         };
         if reader.failed() {
@@ -874,10 +1023,13 @@ impl Inner {
                 .unwrap_or_else(|e| e.into_inner())
                 .pop(&slot.id);
         }
-        let counted = slot.accounted.swap(GONE, Ordering::AcqRel);
-        if counted != GONE {
-            self.bytes.fetch_sub(counted, Ordering::AcqRel);
-        }
+        let counted = match slot.accounted.swap(GONE, Ordering::AcqRel) {
+            GONE => 0,
+            counted => {
+                self.bytes.fetch_sub(counted, Ordering::AcqRel);
+                counted
+            }
+        };
         if let Some(stream) = &stream {
             stream.doom_keep();
         }
@@ -886,12 +1038,8 @@ impl Inner {
             let name = stream
                 .as_ref()
                 .map_or_else(|| slot.name(), |s| s.name().to_owned());
-            match deletion {
-                Deletion::Inline | Deletion::InlineUnfiled => reaper::delete(&*self.storage, &name),
-                Deletion::Queue | Deletion::QueueUnfiled => {
-                    let _ = self.jobs.send(Job::Delete(name));
-                }
-            }
+            let inline = matches!(deletion, Deletion::Inline | Deletion::InlineUnfiled);
+            self.delete_blob(name, counted, inline);
         }
         drop(stream);
         let stats = &self.books.stats;
@@ -904,17 +1052,7 @@ impl Inner {
             _ => &stats.evictions,
         }
         .fetch_add(1, Ordering::Relaxed);
-        if let Some(listener) = &self.listener {
-            match deletion {
-                // On the reaper thread already.
-                Deletion::Inline | Deletion::InlineUnfiled => {
-                    reaper::notify(listener, &slot.key, cause);
-                }
-                Deletion::Queue | Deletion::QueueUnfiled => {
-                    let _ = self.jobs.send(Job::Notify(slot.key.clone(), cause));
-                }
-            }
-        }
+        self.notify(&slot.key, cause);
     }
 
     /// Notes a hit for recency without taking the LRU lock: the id goes into a ring buffer

@@ -26,8 +26,9 @@ mod reaper;
 pub use builder::CacheBuilder;
 pub use clock::{Clock, ManualClock, SystemClock};
 
-use index::{Books, Counters, Indexed, Inner, Job, Limits, Slot, blob_name};
+use index::{Books, Counters, Indexed, Inner, Limits, Slot, blob_name, out_of_handles};
 use meta::EntryMeta;
+use reaper::{Deletions, Job, Note};
 
 /// What [`Cache::get_or_create`] hands out.
 #[derive(Debug)]
@@ -121,8 +122,18 @@ pub struct CacheStats {
     /// Bytes delivered by readers that have been dropped.
     pub bytes_read: u64,
     /// `true` if the last size eviction could not bring the cache under its limits because
-    /// every remaining entry was in use, being written, or kept by the policy.
+    /// every remaining entry was in use, being written, or kept by the policy, or because
+    /// removed entries' data could not be deleted yet (see `pending_deletion_bytes`).
     pub over_limit: bool,
+    /// Removed or evicted entries whose stored data is not deleted yet: queued for the
+    /// reaper, or refused by the storage (a read-only or immutable directory, say) and
+    /// waiting for a retry.
+    pub pending_deletions: u64,
+    /// Their bytes. They count toward `max_bytes`, since they still use the space.
+    pub pending_deletion_bytes: u64,
+    /// Deletions the storage refused so far (each retry that fails counts again). Each
+    /// is also logged at error level.
+    pub failed_deletions: u64,
 }
 
 /// A keyed cache of byte streams. See the [crate documentation](crate).
@@ -134,6 +145,8 @@ pub struct CacheStats {
 pub struct Cache {
     inner: Arc<Inner>,
     reaper: Option<JoinHandle<()>>,
+    /// The thread that calls the eviction listener, if there is one.
+    notifier: Option<JoinHandle<()>>,
     /// The disk storage this cache opened itself: its directory lock is released on drop.
     owned_disk: Option<DiskStorage>,
 }
@@ -155,12 +168,21 @@ impl Cache {
         owned_disk: Option<DiskStorage>,
         b: CacheBuilder,
     ) -> Result<Cache> {
-        let (tx, rx) = mpsc::channel();
+        let (tx, rx) = mpsc::sync_channel(reaper::JOB_QUEUE);
         let limits = Limits {
             max_entries: b.max_entries,
             max_bytes: b.max_bytes,
-            ttl_ms: b.ttl.map(|d| d.as_millis().max(1) as u64),
-            tti_ms: b.tti.map(|d| d.as_millis().max(1) as u64),
+            ttl_ms: b.ttl.map(millis),
+            tti_ms: b.tti.map(millis),
+        };
+        let (notes, notifier) = match &b.listener {
+            Some(listener) => {
+                let (notes, rx) = mpsc::sync_channel(reaper::NOTE_QUEUE);
+                let thread = reaper::spawn_notifier(listener.clone(), rx)
+                    .map_err(|e| Error::io("spawn listener thread", "streamcache-listener", e))?;
+                (Some(notes), Some(thread))
+            }
+            None => (None, None),
         };
         let shortest = [b.ttl, b.tti].into_iter().flatten().min();
         let tick = b.tick.unwrap_or_else(|| {
@@ -187,21 +209,33 @@ impl Cache {
             limits,
             next_id: AtomicU64::new(0),
             jobs: tx,
+            notes,
             listener: b.listener.clone(),
+            deletions: Arc::new(Deletions::new(storage.clone())),
+            threads: reaper::Threads::default(),
+            note_overflow: Mutex::default(),
             policy: b.policy,
             idle_open: Mutex::default(),
             max_idle_open: b.max_idle_open,
         });
         let _ = inner.books.cache.set(Arc::downgrade(&inner));
-        inner.books.now();
-        reload(&inner)?;
-        let reaper = reaper::spawn(Arc::downgrade(&inner), storage, b.listener, rx, tick)
-            .map_err(|e| Error::io("spawn reaper thread", "", e))?;
-        let cache = Cache {
+        if let Some(n) = &notifier {
+            let _ = inner.threads.notifier.set(n.thread().id());
+        }
+        // From here on, dropping `cache` stops the threads started so far.
+        let mut cache = Cache {
             inner,
-            reaper: Some(reaper),
+            reaper: None,
+            notifier,
             owned_disk,
         };
+        let inner = cache.inner.clone();
+        inner.books.now();
+        reload(&inner)?;
+        let reaper = reaper::spawn(Arc::downgrade(&inner), inner.deletions.clone(), rx, tick)
+            .map_err(|e| Error::io("spawn reaper thread", "streamcache-reaper", e))?;
+        let _ = inner.threads.reaper.set(reaper.thread().id());
+        cache.reaper = Some(reaper);
         if cache.inner.over_limits() {
             cache.inner.request_maintenance();
         }
@@ -232,7 +266,8 @@ impl Cache {
     /// ```
     ///
     /// # Errors
-    /// [`Error::Io`] if the storage cannot create the new entry's blob.
+    /// [`Error::Io`] if the storage cannot create the new entry's blob, or cannot open an
+    /// existing entry's data right now (see [`get`](Cache::get)).
     pub fn get_or_create(&self, key: &str) -> Result<Entry> {
         let inner = &self.inner;
         loop {
@@ -246,12 +281,23 @@ impl Cache {
             let now = inner.books.now();
             let slot = Arc::new(Slot::new(inner, key_arc.clone(), id, 0, now, 0));
             let observer: Arc<dyn Observer> = slot.clone();
-            let writer = Writer::create_observed(
-                inner.storage.clone(),
-                blob_name(key, id),
-                Some(key_arc),
-                Some(observer),
-            )?;
+            let create = || {
+                Writer::create_observed(
+                    inner.storage.clone(),
+                    blob_name(key, id),
+                    Some(key_arc.clone()),
+                    Some(observer.clone()),
+                )
+            };
+            let writer = match create() {
+                // Out of file descriptors: let go of the idle entries' handles, then retry
+                // once, before failing the request.
+                Err(e) if out_of_handles(&e) => {
+                    inner.close_idle_handles();
+                    create()?
+                }
+                other => other?,
+            };
             slot.set_live();
             // Counted before it is visible. Regression: counted after, a `remove` in between
             // uncounted it first and the count could wrap below zero (then `len` read ~2^64
@@ -309,8 +355,10 @@ impl Cache {
     /// A reader of `key` if it is present (finished or being written), without creating it.
     ///
     /// # Errors
-    /// None today (stale or unreadable entries are dropped and reported as absent); the
-    /// `Result` leaves room for storage errors.
+    /// [`Error::Io`] if the entry's stored data cannot be opened right now (no file
+    /// descriptor left even after closing idle ones, EIO, EACCES…): the entry stays cached,
+    /// only this request fails. An entry whose data is proved lost (missing or failing its
+    /// integrity check) is dropped instead and reported as absent.
     pub fn get(&self, key: &str) -> Result<Option<Reader>> {
         let found = self.lookup(key, self.inner.exact_now())?;
         if found.is_none() {
@@ -434,6 +482,9 @@ impl Cache {
             bytes_written: s.bytes_written.load(Ordering::Relaxed),
             bytes_read: s.bytes_read.load(Ordering::Relaxed),
             over_limit: s.over_limit.load(Ordering::Relaxed),
+            pending_deletions: self.inner.deletions.pending.load(Ordering::Relaxed),
+            pending_deletion_bytes: self.inner.deletions.pending_bytes.load(Ordering::Relaxed),
+            failed_deletions: self.inner.deletions.failures.load(Ordering::Relaxed),
         }
     }
 
@@ -443,11 +494,7 @@ impl Cache {
     /// caller waiting. Useful in tests and for deterministic shutdown points. Called from the
     /// eviction listener or a policy (which run on the reaper thread), it returns at once.
     pub fn run_pending_tasks(&self) {
-        if self
-            .reaper
-            .as_ref()
-            .is_some_and(|r| r.thread().id() == std::thread::current().id())
-        {
+        if self.inner.threads.is_own() {
             return;
         }
         let (tx, rx) = mpsc::channel();
@@ -460,6 +507,14 @@ impl Cache {
     pub fn storage(&self) -> &Arc<dyn Storage> {
         &self.inner.storage
     }
+}
+
+/// A duration in whole milliseconds for the limits, at least 1; one too long for a `u64`
+/// of milliseconds (half a billion years) means "never" (`u64::MAX`, which every comparison
+/// treats with saturating arithmetic). Regression: `as u64` wrapped, so a TTL of
+/// `u64::MAX / 1000` seconds became 384 ms.
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
 }
 
 fn run_producer<F>(mut w: Writer, producer: F)
@@ -494,14 +549,17 @@ fn reload(inner: &Arc<Inner>) -> Result<()> {
             .rsplit_once('-')
             .and_then(|(_, id)| u64::from_str_radix(id, 16).ok());
         let meta = EntryMeta::decode(&blob.meta);
+        // Ids come from a counter that starts at 0 in a fresh directory: one in the top half
+        // of the range was not made by a cache (and `id + 1` below must not overflow).
+        let id = id.filter(|&id| id < 1 << 63);
         let (Some(id), Ok(meta)) = (id, meta) else {
             tracing::warn!(blob = %blob.name, "discarding blob that is not a cache entry");
-            reaper::delete(&*inner.storage, &blob.name);
+            reaper::delete_at_open(&*inner.storage, &blob.name);
             continue;
         };
         if blob_name(&meta.key, id) != blob.name {
             tracing::warn!(blob = %blob.name, "discarding blob whose name does not match its key");
-            reaper::delete(&*inner.storage, &blob.name);
+            reaper::delete_at_open(&*inner.storage, &blob.name);
             continue;
         }
         max_id = max_id.max(id + 1);
@@ -510,18 +568,18 @@ fn reload(inner: &Arc<Inner>) -> Result<()> {
             .ttl_ms
             .is_some_and(|ttl| now >= meta.finished.saturating_add(ttl));
         if expired {
-            reaper::delete(&*inner.storage, &blob.name);
+            reaper::delete_at_open(&*inner.storage, &blob.name);
             continue;
         }
         match newest.get(&meta.key) {
             Some((old_id, old, _)) if (old.finished, *old_id) >= (meta.finished, id) => {
-                reaper::delete(&*inner.storage, &blob.name);
+                reaper::delete_at_open(&*inner.storage, &blob.name);
             }
             _ => {
                 if let Some((old_id, old, _)) =
                     newest.insert(meta.key.clone(), (id, meta, blob.len))
                 {
-                    reaper::delete(&*inner.storage, &blob_name(&old.key, old_id));
+                    reaper::delete_at_open(&*inner.storage, &blob_name(&old.key, old_id));
                 }
             }
         }
@@ -557,9 +615,15 @@ fn reload(inner: &Arc<Inner>) -> Result<()> {
 
 impl Drop for Cache {
     fn drop(&mut self) {
-        let _ = self.inner.jobs.send(Job::Shutdown);
         if let Some(reaper) = self.reaper.take() {
+            let _ = self.inner.jobs.send(Job::Shutdown);
             let _ = reaper.join();
+        }
+        if let Some(notifier) = self.notifier.take() {
+            if let Some(notes) = &self.inner.notes {
+                let _ = notes.send(Note::Shutdown);
+            }
+            let _ = notifier.join();
         }
         // Persist recency of entries read since they were committed or reloaded, so that LRU
         // order survives a restart (best effort).
