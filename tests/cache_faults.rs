@@ -1,0 +1,444 @@
+//! Real faults against the cache: running out of file descriptors (`ulimit -n` in a child
+//! process), a directory that refuses deletions (`chattr +i`), a storage and a listener that
+//! misbehave, and arithmetic at the edges. Each test names the regression it pins.
+//!
+//! Tests that need a lowered descriptor limit re-execute this binary in "child mode"
+//! (selected by an environment variable and an exact test-name filter) under
+//! `bash -c 'ulimit -n N; exec …'`, so the limit never touches the other tests' process.
+
+mod support;
+
+use std::fs;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use streamcache::cache::{ManualClock, RemovalCause};
+use streamcache::storage::{BlobInfo, BlobReader, BlobWriter, MemoryStorage, Storage};
+use streamcache::{Cache, Entry, Error};
+use support::*;
+
+const CHILD_ENV: &str = "STREAMCACHE_FAULTS_CHILD_DIR";
+
+/// Runs the test `name` of this binary as a child with at most `nofile` file descriptors,
+/// with `dir` in its environment; fails if the child fails or does not end in time.
+fn run_child_with_nofile(name: &str, nofile: u32, dir: &Path) {
+    let exe = std::env::current_exe().unwrap();
+    let mut child = Command::new("bash")
+        .arg("-c")
+        .arg(format!("ulimit -n {nofile} && exec \"$0\" \"$@\""))
+        .arg(exe)
+        .args(["--exact", name, "--nocapture", "--test-threads=1"])
+        .env(CHILD_ENV, dir)
+        .spawn()
+        .expect("bash to run the child");
+    let limit = std::time::Instant::now() + DEADLINE;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            assert!(status.success(), "child {name} failed: {status:?}");
+            return;
+        }
+        if std::time::Instant::now() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("child {name} did not finish in {DEADLINE:?} (deadlock?)");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn child_dir() -> Option<PathBuf> {
+    std::env::var_os(CHILD_ENV).map(PathBuf::from)
+}
+
+/// Child (64 descriptors): 100 finished entries, a reader held on every one it can get.
+/// Regression: from the ~59th on, `get` returned `Ok(None)` and dropped the entry ("cannot be
+/// opened … os error 24"), and 42 of 100 entries were gone from disk for good. Now running
+/// out of descriptors fails only the request, and every entry survives.
+#[test]
+fn child_emfile_readers() {
+    let Some(dir) = child_dir() else { return };
+    let cache = Cache::builder()
+        .disk(&dir)
+        .max_idle_handles(8)
+        .build()
+        .unwrap();
+    for i in 0..100 {
+        put(&cache, &format!("k{i}"), format!("value {i}").as_bytes());
+    }
+    let mut held = Vec::new();
+    let mut refused = 0;
+    for i in 0..100 {
+        match cache.get(&format!("k{i}")) {
+            Ok(Some(r)) => held.push(r),
+            Ok(None) => panic!("k{i} reported absent: a passing EMFILE was taken as a loss"),
+            Err(e) => {
+                assert!(
+                    matches!(&e, Error::Io { source, .. } if source.raw_os_error() == Some(24)),
+                    "{e:?}"
+                );
+                refused += 1;
+            }
+        }
+    }
+    assert!(refused > 0, "the descriptor limit was never reached");
+    assert_eq!(cache.len(), 100, "entries dropped");
+    for mut r in held.drain(..) {
+        read_all(&mut r).unwrap();
+    }
+    drop(cache);
+    let cache = Cache::builder().disk(&dir).build().unwrap();
+    assert_eq!(cache.len(), 100, "entries lost on disk");
+    for i in 0..100 {
+        assert_eq!(
+            get_bytes(&cache, &format!("k{i}")),
+            format!("value {i}").as_bytes()
+        );
+    }
+}
+
+#[test]
+fn running_out_of_descriptors_fails_requests_not_entries() {
+    let dir = tempfile::tempdir().unwrap();
+    run_child_with_nofile("child_emfile_readers", 64, dir.path());
+}
+
+/// Child (64 descriptors): a cache allowed to keep 10 000 idle handles reads 200 entries
+/// stored by an earlier run, each once (an entry released after a read keeps its file open
+/// while idle). Regression: the 60th read failed with EMFILE, and the entry was dropped, while
+/// dozens of idle entries held their files open; now the cache lets go of idle handles before
+/// it fails a request.
+#[test]
+fn child_emfile_idle_handles() {
+    let Some(dir) = child_dir() else { return };
+    let cache = Cache::builder()
+        .disk(&dir)
+        .max_idle_handles(10_000)
+        .build()
+        .unwrap();
+    for i in 0..200 {
+        assert_eq!(
+            get_bytes(&cache, &format!("k{i}")),
+            format!("value {i}").as_bytes()
+        );
+    }
+    assert_eq!(cache.len(), 200);
+}
+
+#[test]
+fn idle_handles_are_closed_before_a_request_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let cache = Cache::builder().disk(dir.path()).build().unwrap();
+        for i in 0..200 {
+            put(&cache, &format!("k{i}"), format!("value {i}").as_bytes());
+        }
+    }
+    run_child_with_nofile("child_emfile_idle_handles", 64, dir.path());
+}
+
+/// Makes `path` immutable (`chattr +i`) until dropped; `None` (with a message) where the file
+/// system or the privileges do not allow it.
+struct Immutable(PathBuf);
+
+impl Immutable {
+    fn set(path: &Path) -> Option<Immutable> {
+        let ok = Command::new("chattr")
+            .arg("+i")
+            .arg(path)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            eprintln!(
+                "SKIPPED: `chattr +i {}` is not possible here (needs root and a file system with \
+                 the immutable flag)",
+                path.display()
+            );
+            return None;
+        }
+        Some(Immutable(path.to_path_buf()))
+    }
+}
+
+impl Drop for Immutable {
+    fn drop(&mut self) {
+        let _ = Command::new("chattr").arg("-i").arg(&self.0).status();
+    }
+}
+
+/// Regression: with the directory refusing deletions, `remove` returned `Ok(true)`, the reaper
+/// only logged a warning and forgot the blob, and after a restart the key was served again.
+/// Now the deletion is retried until it succeeds, counted in `stats()` meanwhile, and its
+/// bytes count toward `max_bytes`.
+#[test]
+fn a_refused_deletion_is_retried_and_counted() {
+    deadline("refused deletion", || {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::builder().disk(dir.path()).build().unwrap();
+        put(&cache, "k", &[7; 5000]);
+        put(&cache, "other", b"stays");
+        let blob = data_files(dir.path())
+            .into_iter()
+            .find(|p| fs::read(p).is_ok_and(|b| b == [7; 5000]))
+            .expect("k's data file");
+        let shard = blob.parent().unwrap().to_path_buf();
+        let Some(lock) = Immutable::set(&shard) else {
+            return;
+        };
+        assert!(cache.remove("k").unwrap());
+        assert!(!cache.contains_key("k"));
+        wait_until("the refusal is counted", DEADLINE, || {
+            cache.stats().failed_deletions >= 1
+        });
+        let stats = cache.stats();
+        assert_eq!(stats.pending_deletions, 1, "{stats:?}");
+        assert_eq!(stats.pending_deletion_bytes, 5000, "{stats:?}");
+        assert!(blob.exists());
+        // The disk accepts deletions again: the retry goes through on its own.
+        drop(lock);
+        wait_until("the deletion is retried", DEADLINE, || {
+            cache.stats().pending_deletions == 0
+        });
+        assert!(!blob.exists(), "blob still on disk");
+        assert_eq!(cache.stats().pending_deletion_bytes, 0);
+        drop(cache);
+        let cache = Cache::builder().disk(dir.path()).build().unwrap();
+        assert!(cache.get("k").unwrap().is_none(), "removed key came back");
+        assert_eq!(get_bytes(&cache, "other"), b"stays");
+    });
+}
+
+/// Bytes that could not be deleted still use the disk: they count toward `max_bytes`, so the
+/// cache evicts other entries to stay within the limit meanwhile.
+#[test]
+fn bytes_awaiting_deletion_count_toward_max_bytes() {
+    deadline("pending bytes", || {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::builder()
+            .disk(dir.path())
+            .max_bytes(10_000)
+            .build()
+            .unwrap();
+        put(&cache, "k", &[7; 6000]);
+        let shard = data_files(dir.path())[0].parent().unwrap().to_path_buf();
+        let Some(lock) = Immutable::set(&shard) else {
+            return;
+        };
+        cache.remove("k").unwrap();
+        // 6000 bytes still on disk: a 5000-byte entry now overflows the limit.
+        put(&cache, "a", &[1; 5000]);
+        cache.run_pending_tasks();
+        assert!(
+            !cache.contains_key("a") || cache.stats().over_limit,
+            "{:?}",
+            cache.stats()
+        );
+        drop(lock);
+        wait_until("the deletion is retried", DEADLINE, || {
+            cache.stats().pending_deletions == 0
+        });
+    });
+}
+
+/// A memory storage whose `remove` panics the first `n` times.
+#[derive(Debug)]
+struct PanickyRemove {
+    inner: MemoryStorage,
+    panics_left: AtomicUsize,
+}
+
+impl Storage for PanickyRemove {
+    fn create(&self, name: &str) -> io::Result<Box<dyn BlobWriter>> {
+        self.inner.create(name)
+    }
+    fn open(&self, name: &str) -> io::Result<(Arc<dyn BlobReader>, BlobInfo)> {
+        self.inner.open(name)
+    }
+    fn remove(&self, name: &str) -> io::Result<()> {
+        if self
+            .panics_left
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            panic!("storage bug in remove({name})");
+        }
+        self.inner.remove(name)
+    }
+    fn list(&self) -> io::Result<Vec<BlobInfo>> {
+        self.inner.list()
+    }
+    fn set_meta(&self, name: &str, meta: &[u8]) -> io::Result<()> {
+        self.inner.set_meta(name, meta)
+    }
+}
+
+/// Regression: a panic in a custom `Storage::remove` killed the reaper thread; from then on
+/// every removal, expiry and `run_pending_tasks` silently did nothing. Now the panic counts as
+/// a failed deletion (retried), and the reaper goes on.
+#[test]
+fn a_panicking_storage_does_not_kill_the_reaper() {
+    deadline("panicking storage", || {
+        let storage = Arc::new(PanickyRemove {
+            inner: MemoryStorage::new(),
+            panics_left: AtomicUsize::new(2),
+        });
+        let clock = Arc::new(ManualClock::new());
+        let cache = Cache::builder()
+            .storage(storage.clone())
+            .clock(clock.clone())
+            .time_to_live(Duration::from_secs(60))
+            .build()
+            .unwrap();
+        put(&cache, "a", b"first");
+        put(&cache, "b", b"second");
+        cache.remove("a").unwrap();
+        cache.remove("b").unwrap();
+        wait_until("both panics seen and retried", DEADLINE, || {
+            cache.stats().pending_deletions == 0
+        });
+        assert_eq!(cache.stats().failed_deletions, 2);
+        assert!(storage.inner.list().unwrap().is_empty());
+        // The reaper still works: expiry and run_pending_tasks.
+        put(&cache, "c", b"third");
+        clock.advance(Duration::from_secs(61));
+        cache.run_pending_tasks();
+        assert!(cache.is_empty());
+        assert!(storage.inner.list().unwrap().is_empty());
+    });
+}
+
+/// Regression: listener calls ran on the reaper thread, so deletions queued behind a slow
+/// listener waited for it (and the disk filled, uncounted). The listener now has a thread of
+/// its own: here it is stuck for good, and deletions go on.
+#[test]
+fn a_stuck_listener_does_not_hold_up_deletions() {
+    deadline("stuck listener", || {
+        let (release, stuck) = std::sync::mpsc::channel::<()>();
+        let stuck = Mutex::new(stuck);
+        let storage = Arc::new(MemoryStorage::new());
+        let cache = Cache::builder()
+            .storage(storage.clone())
+            .eviction_listener(move |_, _| {
+                let _ = stuck.lock().unwrap().recv();
+            })
+            .build()
+            .unwrap();
+        for i in 0..20 {
+            put(&cache, &i.to_string(), b"x");
+            cache.remove(&i.to_string()).unwrap();
+        }
+        wait_until("deleted despite the listener", DEADLINE, || {
+            storage.list().unwrap().is_empty()
+        });
+        assert_eq!(cache.stats().pending_deletions, 0);
+        drop(release);
+        cache.run_pending_tasks();
+    });
+}
+
+/// With a listener that removes entries itself (it runs on the notifier thread), removals
+/// and `run_pending_tasks` called from inside it return at once instead of waiting for the
+/// notifier's own queue.
+#[test]
+fn the_listener_may_call_back_into_the_cache() {
+    deadline("re-entrant listener", || {
+        let cache: Arc<Mutex<Option<Arc<Cache>>>> = Arc::default();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let built = Arc::new(
+            Cache::builder()
+                .eviction_listener({
+                    let (cache, seen) = (cache.clone(), seen.clone());
+                    move |key, cause| {
+                        seen.lock().unwrap().push((key.to_owned(), cause));
+                        let c = cache.lock().unwrap().clone();
+                        if let Some(c) = c {
+                            let _ = c.remove(&format!("{key}-child"));
+                            c.run_pending_tasks();
+                        }
+                    }
+                })
+                .build()
+                .unwrap(),
+        );
+        *cache.lock().unwrap() = Some(built.clone());
+        put(&built, "a", b"1");
+        put(&built, "a-child", b"2");
+        built.remove("a").unwrap();
+        built.run_pending_tasks();
+        wait_until("both notified", DEADLINE, || {
+            seen.lock().unwrap().len() == 2
+        });
+        assert!(!built.contains_key("a-child"));
+        assert_eq!(
+            seen.lock().unwrap()[0],
+            ("a".to_owned(), RemovalCause::Explicit)
+        );
+        // Break the cycle (the listener holds the cache).
+        cache.lock().unwrap().take();
+    });
+}
+
+/// Regression: `Duration::as_millis() as u64` wrapped, so a time to live of
+/// 18 446 744 073 709 552 s became 384 ms and entries expired at once. Huge durations mean
+/// "never".
+#[test]
+fn huge_durations_mean_never() {
+    let clock = Arc::new(ManualClock::new());
+    let huge = Duration::from_secs(18_446_744_073_709_552);
+    let cache = Cache::builder()
+        .clock(clock.clone())
+        .time_to_live(huge)
+        .time_to_idle(Duration::MAX)
+        .build()
+        .unwrap();
+    put(&cache, "k", b"v");
+    clock.advance(Duration::from_secs(3600 * 24 * 365));
+    cache.run_pending_tasks();
+    assert_eq!(get_bytes(&cache, "k"), b"v");
+}
+
+/// Regression: `max_entries(u64::MAX)` with `max_bytes` exceeded overflowed `max + slack`
+/// (a panic in debug builds, where this test fails on the old code).
+#[test]
+fn the_largest_entry_limit_does_not_overflow() {
+    let cache = Cache::builder()
+        .max_entries(u64::MAX)
+        .max_bytes(1000)
+        .build()
+        .unwrap();
+    for i in 0..10 {
+        put(&cache, &i.to_string(), &[1; 400]);
+    }
+    cache.run_pending_tasks();
+    assert!(cache.total_bytes() <= 1000);
+}
+
+/// Regression: a blob named with the largest id (`…-ffffffffffffffff`, which no cache makes)
+/// overflowed `id + 1` at reload (a panic in debug builds) and was served. It is not a cache
+/// entry: it is discarded, and the key can be written anew.
+#[test]
+fn a_crafted_blob_id_is_not_loaded() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let cache = Cache::builder().disk(dir.path()).build().unwrap();
+        put(&cache, "k", b"planted");
+    }
+    for file in files_under(&dir.path().join("v1")) {
+        let name = file.file_name().unwrap().to_str().unwrap().to_owned();
+        let crafted = name.replace("-0000000000000000", "-ffffffffffffffff");
+        fs::rename(&file, file.with_file_name(crafted)).unwrap();
+    }
+    let cache = Cache::builder().disk(dir.path()).build().unwrap();
+    assert!(cache.get("k").unwrap().is_none(), "crafted blob served");
+    let Entry::Miss(mut w) = cache.get_or_create("k").unwrap() else {
+        panic!("expected a miss")
+    };
+    w.write_all(b"fresh").unwrap();
+    w.finish().unwrap();
+    drop(cache);
+    let cache = Cache::builder().disk(dir.path()).build().unwrap();
+    assert_eq!(get_bytes(&cache, "k"), b"fresh");
+}
