@@ -145,11 +145,14 @@ impl CacheBuilder {
         self
     }
 
-    /// Called on the reaper thread, once per entry that leaves the cache, with its key and why.
+    /// Called on a thread of its own (`streamcache-listener`), once per entry that leaves the
+    /// cache, with its key and why, in the order the removals happened.
     ///
-    /// A slow listener delays the reaper's other work (deleting blobs, expiry, size eviction);
-    /// a panic in it is logged and the reaper carries on. It may call back into the cache;
-    /// [`Cache::run_pending_tasks`](crate::Cache::run_pending_tasks) then returns at once.
+    /// A slow listener never delays deletions, expiry or size eviction. Its queue holds
+    /// 4096 calls: past that, a thread that removes or evicts waits for room (back-pressure),
+    /// except the cache's own threads. A panic in it is logged and the next call goes on. It
+    /// may call back into the cache; [`Cache::run_pending_tasks`](crate::Cache::run_pending_tasks)
+    /// then returns at once, and its own removals call it again inline.
     pub fn eviction_listener(
         mut self,
         f: impl Fn(&str, RemovalCause) + Send + Sync + 'static,

@@ -418,10 +418,19 @@ impl Cache {
 
     /// Removes `key` and returns whether it was present. Returns at once: new requests miss
     /// from now on, open readers read to the end, a writer may still finish (its readers get
-    /// every byte); the stored data is deleted in the background.
+    /// every byte); the stored data is deleted in the background. (Back-pressure aside: if
+    /// the reaper is 4096 deletions behind, this call deletes the blob itself; if an eviction
+    /// listener is 4096 calls behind, it waits for room.)
+    ///
+    /// If the storage refuses the deletion (a read-only or immutable directory), the key stays
+    /// removed for this cache, the deletion is retried in the background with a growing delay
+    /// (counted in [`CacheStats::pending_deletions`], logged at error level), and its bytes
+    /// count toward `max_bytes`. If the process ends before a retry succeeds, the entry is
+    /// still on disk and comes back at the next open.
     ///
     /// # Errors
-    /// None today; the `Result` leaves room for storage errors.
+    /// None today: removal from the index cannot fail, and the deletion happens later. The
+    /// `Result` leaves room for storages whose removal must be confirmed.
     pub fn remove(&self, key: &str) -> Result<bool> {
         match self.inner.index.remove(key) {
             Some((Indexed(slot), stream)) => {
@@ -492,7 +501,8 @@ impl Cache {
     /// before this call, then expiry and size eviction (with their deletions and listener
     /// calls). Jobs queued after the call are not waited for, so a busy cache cannot keep the
     /// caller waiting. Useful in tests and for deterministic shutdown points. Called from the
-    /// eviction listener or a policy (which run on the reaper thread), it returns at once.
+    /// eviction listener or a policy (which run on the cache's own threads), it returns at
+    /// once.
     pub fn run_pending_tasks(&self) {
         if self.inner.threads.is_own() {
             return;
