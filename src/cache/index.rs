@@ -40,9 +40,31 @@ fn help_slack(max: u64) -> u64 {
 /// left: a passing shortage, never a verdict on an entry.
 pub(crate) fn out_of_handles(e: &Error) -> bool {
     match e {
-        Error::Io { source, .. } => matches!(source.raw_os_error(), Some(23 | 24)),
+        Error::Io { source, .. } => io_out_of_handles(source),
         _ => false,
     }
+}
+
+/// `out_of_handles` for an `io::Error`, also when the OS error is wrapped (e.g. in a
+/// `tempfile::PathError` naming the file).
+pub(crate) fn io_out_of_handles(e: &std::io::Error) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(io) = err.downcast_ref::<std::io::Error>()
+            && matches!(io.raw_os_error(), Some(23 | 24))
+        {
+            return true;
+        }
+        // An `io::Error` wrapping another error exposes it through `get_ref`, not `source`.
+        cur = match err
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+        {
+            Some(inner) => Some(inner as &(dyn std::error::Error + 'static)),
+            None => err.source(),
+        };
+    }
+    false
 }
 
 /// Whether an error opening an entry's blob proves the entry lost (its files missing or
@@ -533,6 +555,16 @@ impl Observer for Slot {
         if let Some(cache) = self.books.cache() {
             tracing::warn!(key = %self.key, "dropping entry whose stored data is corrupt");
             cache.unlink_id(&self.key, self.id, RemovalCause::Corrupt);
+        }
+    }
+
+    fn storage_failed(&self, error: &std::io::Error) {
+        // Out of file descriptors while writing or committing (a commit opens the record
+        // file): this entry aborts, but the next request must not meet the same shortage.
+        if io_out_of_handles(error)
+            && let Some(cache) = self.books.cache()
+        {
+            cache.close_idle_handles();
         }
     }
 

@@ -78,6 +78,12 @@ pub(crate) trait Observer: Send + Sync + fmt::Debug {
     fn corrupt(&self);
     /// A reader that delivered `bytes` bytes is being dropped.
     fn reader_closed(&self, bytes: u64);
+    /// A storage operation of the writer failed with `error` (the stream is being aborted).
+    /// The cache uses it to let go of idle file handles when the process runs out of them,
+    /// so that the next request succeeds.
+    fn storage_failed(&self, error: &std::io::Error) {
+        let _ = error;
+    }
 }
 
 /// What happens to the stored blob when the last handle goes away.

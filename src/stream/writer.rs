@@ -159,6 +159,9 @@ impl Writer {
 
     /// Aborts after a storage error and returns the error for the writer.
     fn fail(&mut self, op: &'static str, e: io::Error) -> Error {
+        if let Some(obs) = &self.shared.observer {
+            obs.storage_failed(&e);
+        }
         let cause: Cause = Arc::new(io::Error::new(e.kind(), format!("{op} failed: {e}")));
         self.end_failed(Some(cause));
         Error::from_io(op, &*self.shared.key, e)
