@@ -30,6 +30,12 @@ OPTIONS:
     --dir DIR                  cache directory (created if missing; reused across restarts)
     --upstream-timeout SECS    wait at most this long for the origin's response head [30]
     --max-bytes N              evict least recently used entries above N bytes [unlimited]
+    --head-timeout SECS        close a connection that has not sent a whole request head
+                               this long after connecting or after its first byte [10]
+    --idle-timeout SECS        close a keep-alive connection idle this long between requests,
+                               or whose client has read nothing this long [60]
+    --max-connections N        serve at most N client connections at once; more wait in the
+                               listen backlog until one closes [1024]
     -h, --help                 print this help
 
 Logs go to stderr; set RUST_LOG (e.g. RUST_LOG=debug) to change the level [info].";
@@ -42,6 +48,7 @@ struct Args {
 fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Option<Args>, String> {
     let (mut listen, mut upstream, mut dir) = (None, None, None);
     let (mut timeout, mut max_bytes) = (Duration::from_secs(30), None);
+    let mut limits = server::ConnLimits::default();
     while let Some(flag) = args.next() {
         if flag == "-h" || flag == "--help" {
             return Ok(None);
@@ -66,9 +73,28 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Option<Args>, St
             }
             "--dir" => dir = Some(value),
             "--upstream-timeout" => {
-                timeout = Duration::from_secs_f64(value.parse().map_err(|e| bad(&e))?);
+                let secs: f64 = value.parse().map_err(|e| bad(&e))?;
+                timeout = Duration::try_from_secs_f64(secs).map_err(|e| bad(&e))?;
             }
             "--max-bytes" => max_bytes = Some(value.parse().map_err(|e| bad(&e))?),
+            "--head-timeout" | "--idle-timeout" => {
+                let secs: f64 = value.parse().map_err(|e| bad(&e))?;
+                let d = Duration::try_from_secs_f64(secs).map_err(|e| bad(&e))?;
+                if d.is_zero() {
+                    return Err(bad(&"must be more than 0"));
+                }
+                if name == "--head-timeout" {
+                    limits.head_timeout = d;
+                } else {
+                    limits.idle_timeout = d;
+                }
+            }
+            "--max-connections" => {
+                limits.max_connections = value.parse().map_err(|e| bad(&e))?;
+                if limits.max_connections == 0 {
+                    return Err(bad(&"must be at least 1"));
+                }
+            }
             _ => return Err(format!("unknown option {name}")),
         }
     }
@@ -79,6 +105,7 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Option<Args>, St
     );
     config.upstream_timeout = timeout;
     config.max_bytes = max_bytes;
+    config.limits = limits;
     Ok(Some(Args {
         listen: listen.ok_or_else(|| missing("--listen"))?,
         config,

@@ -237,8 +237,12 @@ struct RunningProxy {
 }
 
 async fn start_proxy(dir: &std::path::Path, upstream: hyper::Uri) -> RunningProxy {
+    start_proxy_with(&server::Config::new(upstream, dir)).await
+}
+
+async fn start_proxy_with(config: &server::Config) -> RunningProxy {
     init_logs();
-    let proxy = server::Proxy::open(&server::Config::new(upstream, dir)).unwrap();
+    let proxy = server::Proxy::open(config).unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (stop, stopped) = oneshot::channel();
@@ -753,6 +757,228 @@ async fn fifty_async_readers_on_current_thread() {
             n += 1;
         }
         assert_eq!(n, 50);
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Hostile clients: connection limits
+
+/// A proxy over a fresh directory with these connection limits.
+async fn proxy_with_limits(
+    origin: &Origin,
+    limits: server::ConnLimits,
+) -> (tempfile::TempDir, RunningProxy) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = server::Config::new(origin.url(), dir.path());
+    config.limits = limits;
+    let proxy = start_proxy_with(&config).await;
+    (dir, proxy)
+}
+
+/// Waits (at most `within`) for the proxy to close `conn`: true if a read saw the end of the
+/// stream or a reset, false if the connection was still open at the end.
+async fn closed_by_server(conn: &mut tokio::net::TcpStream, within: Duration) -> bool {
+    let mut buf = vec![0u8; 64 << 10];
+    timeout(within, async {
+        loop {
+            match conn.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {} // a 408 or the tail of a response: keep reading
+            }
+        }
+    })
+    .await
+    .is_ok()
+}
+
+/// Reads one HTTP/1.1 response with a `Content-Length` off a raw connection: (head, body).
+async fn read_response(conn: &mut tokio::net::TcpStream) -> (String, Vec<u8>) {
+    let mut raw = Vec::new();
+    let mut buf = vec![0u8; 64 << 10];
+    let head_end = loop {
+        if let Some(i) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        let n = conn.read(&mut buf).await.unwrap();
+        assert!(n > 0, "connection closed before the response head");
+        raw.extend_from_slice(&buf[..n]);
+    };
+    let head = String::from_utf8_lossy(&raw[..head_end]).to_lowercase();
+    let len: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .expect("a content-length")
+        .trim()
+        .parse()
+        .unwrap();
+    let mut body = raw[head_end..].to_vec();
+    while body.len() < len {
+        let n = conn.read(&mut buf).await.unwrap();
+        assert!(n > 0, "connection closed mid-body");
+        body.extend_from_slice(&buf[..n]);
+    }
+    (head, body)
+}
+
+/// Slowloris: connections that send half a request head (or nothing, or trickle bytes) are
+/// closed once the head timeout passes; they did not reach the origin, and a normal request
+/// is served afterwards. Regression: hyper never timed them out, so they piled up until the
+/// proxy ran out of descriptors.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_request_heads_are_closed() {
+    deadline(async {
+        let origin = Origin::start().await;
+        let limits = server::ConnLimits {
+            head_timeout: Duration::from_millis(300),
+            ..server::ConnLimits::default()
+        };
+        let (_dir, proxy) = proxy_with_limits(&origin, limits).await;
+
+        let mut stalled = Vec::new();
+        for i in 0..30 {
+            let mut conn = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+            if i % 3 != 0 {
+                // Half a head; every third connection sends nothing at all.
+                conn.write_all(b"GET /file/slow HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+                    .await
+                    .unwrap();
+            }
+            stalled.push(conn);
+        }
+        // One more keeps sending a header byte every 50 ms: a trickle does not extend the
+        // deadline (it counts from the accept, not from the last byte).
+        let trickle = tokio::spawn({
+            let addr = proxy.addr;
+            async move {
+                let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+                conn.write_all(b"GET /file/slow HTTP/1.1\r\nX-A: ")
+                    .await
+                    .unwrap();
+                for _ in 0..400 {
+                    if conn.write_all(b"a").await.is_err() {
+                        return true;
+                    }
+                    let mut probe = [0u8; 1024];
+                    match timeout(Duration::from_millis(50), conn.read(&mut probe)).await {
+                        Ok(Ok(0) | Err(_)) => return true, // closed by the proxy
+                        Ok(Ok(_)) | Err(_) => {}
+                    }
+                }
+                false
+            }
+        });
+        for (i, conn) in stalled.iter_mut().enumerate() {
+            assert!(
+                closed_by_server(conn, Duration::from_secs(15)).await,
+                "stalled connection {i} still open"
+            );
+        }
+        assert!(trickle.await.unwrap(), "trickling connection still open");
+        assert_eq!(origin.total_hits(), 0);
+
+        let (resp, body) = fetch(&client(), proxy.url("/file/after"), None).await;
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert!(body.unwrap() == content()[..]);
+        proxy.shutdown().await;
+    })
+    .await;
+}
+
+/// With a cap of K connections, K stalled clients hold every slot: the next client waits
+/// (it is not served, the origin sees nothing), then is served as soon as one slot frees.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_cap_makes_new_clients_wait_for_a_slot() {
+    deadline(async {
+        let origin = Origin::start().await;
+        let limits = server::ConnLimits {
+            max_connections: 3,
+            ..server::ConnLimits::default() // heads time out after 10 s: not in this test
+        };
+        let (_dir, proxy) = proxy_with_limits(&origin, limits).await;
+
+        let mut stalled = Vec::new();
+        for _ in 0..3 {
+            let mut conn = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+            conn.write_all(b"GET /file/cap HTTP/1.1\r\nHost: x\r\n")
+                .await
+                .unwrap();
+            stalled.push(conn);
+        }
+        sleep(Duration::from_millis(100)).await; // let the proxy accept them first
+
+        // The kernel completes the handshake (listen backlog), but the proxy does not serve it.
+        let mut waiting = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+        waiting
+            .write_all(b"GET /file/cap HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let waiting = tokio::spawn(async move {
+            let mut out = Vec::new();
+            let _ = waiting.read_to_end(&mut out).await;
+            out
+        });
+        sleep(Duration::from_millis(500)).await;
+        assert!(!waiting.is_finished(), "served past the connection cap");
+        assert_eq!(origin.total_hits(), 0, "served past the connection cap");
+
+        // A stalled client goes away: its slot goes to the waiting one.
+        drop(stalled.pop());
+        let raw = waiting.await.unwrap();
+        assert!(
+            raw.starts_with(b"HTTP/1.1 200"),
+            "{:?}",
+            &raw[..raw.len().min(40)]
+        );
+        assert!(raw.ends_with(&content()[SIZE - 1000..]));
+        assert_eq!(origin.hits("/file/cap"), 1);
+        drop(stalled);
+        proxy.shutdown().await;
+    })
+    .await;
+}
+
+/// A keep-alive connection left idle after its response is closed after the idle timeout
+/// (well before the 30 s head timeout); a request in flight is never idle, however long the
+/// origin stalls.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_keep_alive_connection_is_closed() {
+    deadline(async {
+        let origin = Origin::start().await;
+        let limits = server::ConnLimits {
+            head_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_millis(300),
+            ..server::ConnLimits::default()
+        };
+        let (_dir, proxy) = proxy_with_limits(&origin, limits).await;
+
+        let mut conn = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+        // The origin stalls half-way for longer than the idle timeout: still served whole.
+        conn.write_all(b"GET /gated/idle HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let reading = tokio::spawn(async move {
+            let resp = read_response(&mut conn).await;
+            (conn, resp)
+        });
+        until(|| origin.hits("/gated/idle") == 1).await;
+        sleep(Duration::from_secs(1)).await;
+        origin.open_gate();
+        let (mut conn, (head, body)) = reading.await.unwrap();
+        assert!(head.starts_with("http/1.1 200"), "{head}");
+        assert!(body == content());
+
+        // A second request on the same connection (keep-alive works), then silence.
+        conn.write_all(b"GET /gated/idle HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let (head, _) = read_response(&mut conn).await;
+        assert!(head.starts_with("http/1.1 200"), "{head}");
+        assert!(
+            closed_by_server(&mut conn, Duration::from_secs(10)).await,
+            "idle keep-alive connection still open"
+        );
+        proxy.shutdown().await;
     })
     .await;
 }
