@@ -982,3 +982,35 @@ async fn idle_keep_alive_connection_is_closed() {
     })
     .await;
 }
+
+/// When the cache's storage fails a request with an I/O error (here: its staging directory
+/// is gone, as EMFILE or ENOSPC would fail it), the answer is 503 with `Retry-After`, and
+/// the origin is not asked (nothing could be stored). Once the storage works again, so does
+/// the proxy. Regression: 500, no hint to retry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cache_io_error_is_503_with_retry_after() {
+    deadline(async {
+        let (origin, dir, proxy, client, expected) = setup().await;
+        let tmp = dir.path().join("tmp");
+        std::fs::remove_dir_all(&tmp).unwrap();
+
+        let (resp, body) = fetch(&client, proxy.url("/file/io"), None).await;
+        assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+        let retry: u64 = header_str(&resp, header::RETRY_AFTER)
+            .expect("a Retry-After")
+            .parse()
+            .unwrap();
+        assert!(retry > 0);
+        tracing::debug!(body = ?body.unwrap(), "503");
+        assert_eq!(origin.total_hits(), 0, "a cache failure is not a miss");
+        assert!(!proxy.proxy.cache().contains_key("/file/io"));
+
+        std::fs::create_dir(&tmp).unwrap();
+        let (resp, body) = fetch(&client, proxy.url("/file/io"), None).await;
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert!(body.unwrap() == expected[..]);
+        assert_eq!(origin.hits("/file/io"), 1);
+        proxy.shutdown().await;
+    })
+    .await;
+}

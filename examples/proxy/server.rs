@@ -200,8 +200,10 @@ impl Proxy {
         let entry = match self.cache.get_or_create(&key) {
             Ok(e) => e,
             Err(e) => {
+                // Never a miss: with the cache failing, a fetch could not be stored (and must
+                // not replace what is stored).
                 tracing::error!(path = %key, error = %e, "cache error");
-                return log.wrap(simple(StatusCode::INTERNAL_SERVER_ERROR, "cache error\n"));
+                return log.wrap(cache_failure(&e));
             }
         };
         let reader: AsyncReader = match entry {
@@ -218,8 +220,8 @@ impl Proxy {
                 let reader = match w.reader() {
                     Ok(r) => r.into(),
                     Err(e) => {
-                        return log
-                            .wrap(simple(StatusCode::INTERNAL_SERVER_ERROR, &format!("{e}\n")));
+                        tracing::error!(path = %key, error = %e, "cache error");
+                        return log.wrap(cache_failure(&e));
                     }
                 };
                 let (tx, rx) = oneshot::channel();
@@ -1015,21 +1017,44 @@ fn pass_through(resp: Response<Incoming>) -> Response<ProxyBody> {
 }
 
 /// The answer to a request whose entry failed before its response started: the upstream's
-/// status if that is why it was not cached, otherwise 502.
+/// status if that is why it was not cached, 503 if the cache's storage failed, otherwise 502.
 fn failure_response(e: &io::Error) -> Response<ProxyBody> {
-    let status = e
+    let cache_err = e
         .get_ref()
-        .and_then(|inner| inner.downcast_ref::<streamcache::Error>())
-        .and_then(|err| match err {
-            streamcache::Error::Aborted {
-                cause: Some(cause), ..
-            } => cause.downcast_ref::<UpstreamStatus>().map(|s| s.0),
-            _ => None,
-        });
-    match status {
-        Some(status) => simple(status, ""),
-        None => simple(StatusCode::BAD_GATEWAY, &format!("{e}\n")),
+        .and_then(|inner| inner.downcast_ref::<streamcache::Error>());
+    match cache_err {
+        Some(streamcache::Error::Aborted {
+            cause: Some(cause), ..
+        }) if cause.is::<UpstreamStatus>() => simple(
+            cause.downcast_ref::<UpstreamStatus>().expect("checked").0,
+            "",
+        ),
+        Some(err @ streamcache::Error::Io { .. }) => cache_failure(err),
+        None if e.raw_os_error().is_some() => unavailable(&format!("cache error: {e}\n")),
+        _ => simple(StatusCode::BAD_GATEWAY, &format!("{e}\n")),
     }
+}
+
+/// Seconds a client is told to wait (`Retry-After`) before retrying after a 503.
+const RETRY_AFTER_SECS: u32 = 2;
+
+/// The answer when the cache itself fails a request: 503 with `Retry-After` for an I/O
+/// error (out of descriptors, disk full or failing: conditions that pass), 500 otherwise.
+fn cache_failure(e: &streamcache::Error) -> Response<ProxyBody> {
+    match e {
+        streamcache::Error::Io { .. } => unavailable(&format!("cache error: {e}\n")),
+        _ => simple(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &format!("cache error: {e}\n"),
+        ),
+    }
+}
+
+fn unavailable(text: &str) -> Response<ProxyBody> {
+    let mut resp = simple(StatusCode::SERVICE_UNAVAILABLE, text);
+    resp.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
+    resp
 }
 
 fn simple(status: StatusCode, text: &str) -> Response<ProxyBody> {
