@@ -1014,3 +1014,230 @@ async fn cache_io_error_is_503_with_retry_after() {
     })
     .await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// Hostile origins: a raw TCP origin that frames its responses by hand
+
+/// Size of the raw origin's bodies (`/big/…`: [`RAW_BIG`]).
+const RAW_SIZE: usize = 5 << 20;
+const RAW_BIG: usize = 32 << 20;
+
+/// The raw origin's content: `n` deterministic bytes.
+fn raw_content(n: usize) -> Vec<u8> {
+    (0..n).map(|i| (i % 253) as u8).collect()
+}
+
+/// A hand-written origin on raw TCP, one request per connection, counting connections.
+/// Routes (the first path segment):
+///
+/// * `/close10/…`: `HTTP/1.0 200` without `Content-Length`, [`RAW_SIZE`] bytes, then it
+///   closes: an origin that died half-way through 10 MiB looks exactly like this;
+/// * `/close11/…`: the same as HTTP/1.1 with `Connection: close`;
+/// * `/gated-close10/…`: `/close10/` that holds its response head until [`RawOrigin::open_gate`];
+/// * `/length/…`, `/big/…`: `Content-Length`; `/chunked/…`: chunked (both complete);
+/// * `/stall/…`: announces 10 MiB with `Content-Length`, sends 1 MiB, then sends nothing more
+///   while keeping the connection open (until the test ends).
+struct RawOrigin {
+    addr: SocketAddr,
+    conns: Arc<Mutex<HashMap<String, usize>>>,
+    gate: watch::Sender<bool>,
+    server: JoinHandle<()>,
+}
+
+impl RawOrigin {
+    async fn start() -> RawOrigin {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let conns: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
+        let (gate, _) = watch::channel(false);
+        let (conns2, gate2) = (conns.clone(), gate.clone());
+        let server = tokio::spawn(async move {
+            let mut tasks = JoinSet::new();
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                tasks.spawn(raw_origin_conn(stream, conns2.clone(), gate2.subscribe()));
+                while tasks.try_join_next().is_some() {}
+            }
+        });
+        RawOrigin {
+            addr,
+            conns,
+            gate,
+            server,
+        }
+    }
+
+    fn url(&self) -> hyper::Uri {
+        format!("http://{}", self.addr).parse().unwrap()
+    }
+
+    /// Connections (= requests) the origin received for `path`.
+    fn hits(&self, path: &str) -> usize {
+        self.conns.lock().unwrap().get(path).copied().unwrap_or(0)
+    }
+
+    fn open_gate(&self) {
+        self.gate.send_replace(true);
+    }
+}
+
+impl Drop for RawOrigin {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}
+
+async fn raw_origin_conn(
+    mut conn: tokio::net::TcpStream,
+    conns: Arc<Mutex<HashMap<String, usize>>>,
+    mut gate: watch::Receiver<bool>,
+) {
+    let mut head = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 64 << 10 {
+        match conn.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+        }
+    }
+    let line = String::from_utf8_lossy(&head)
+        .lines()
+        .next()
+        .unwrap_or("")
+        .to_owned();
+    let path = line.split(' ').nth(1).unwrap_or("/").to_owned();
+    *conns.lock().unwrap().entry(path.clone()).or_default() += 1;
+    let route = path.split('/').nth(1).unwrap_or("");
+    let body = raw_content(if route == "big" { RAW_BIG } else { RAW_SIZE });
+    let out: Vec<u8> = match route {
+        "close10" | "gated-close10" => {
+            if route == "gated-close10" {
+                let _ = gate.wait_for(|open| *open).await;
+            }
+            [
+                b"HTTP/1.0 200 OK\r\nContent-Type: application/x-test\r\n\r\n",
+                &body[..],
+            ]
+            .concat()
+        }
+        "close11" => [
+            b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Type: application/x-test\r\n\r\n",
+            &body[..],
+        ]
+        .concat(),
+        "length" | "big" => [
+            format!(
+                "HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
+                body.len()
+            )
+            .as_bytes(),
+            &body[..],
+        ]
+        .concat(),
+        "chunked" => {
+            let mut out =
+                b"HTTP/1.1 200 OK\r\nConnection: close\r\nTransfer-Encoding: chunked\r\n\r\n"
+                    .to_vec();
+            for chunk in body.chunks(1 << 20) {
+                out.extend_from_slice(format!("{:x}\r\n", chunk.len()).as_bytes());
+                out.extend_from_slice(chunk);
+                out.extend_from_slice(b"\r\n");
+            }
+            out.extend_from_slice(b"0\r\n\r\n");
+            out
+        }
+        "stall" => {
+            let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", 10 << 20);
+            if conn.write_all(head.as_bytes()).await.is_ok()
+                && conn.write_all(&body[..1 << 20]).await.is_ok()
+            {
+                sleep(DEADLINE).await; // silent, but open
+            }
+            return;
+        }
+        _ => b"HTTP/1.1 404 Not Found\r\nConnection: close\r\nContent-Length: 0\r\n\r\n".to_vec(),
+    };
+    if conn.write_all(&out).await.is_ok() {
+        let _ = conn.shutdown().await;
+    }
+}
+
+/// A close-delimited upstream body (no `Content-Length`, not chunked) cannot prove it is
+/// complete: it is streamed to its client untouched but never cached, so every request goes
+/// to the origin; a body with a length or chunked is cached as before. Regression: an
+/// HTTP/1.0 origin that died after 5 of 10 MiB was cached as a complete 5 MiB entry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_delimited_upstream_body_is_relayed_not_cached() {
+    deadline(async {
+        let origin = RawOrigin::start().await;
+        let dir = tempfile::tempdir().unwrap();
+        let proxy = start_proxy(dir.path(), origin.url()).await;
+        let client = client();
+        let expected = raw_content(RAW_SIZE);
+
+        for path in ["/close10/a", "/close11/a"] {
+            for n in 1..=2 {
+                let (resp, body) = fetch(&client, proxy.url(path), None).await;
+                assert_eq!(resp.status(), StatusCode::OK, "{path}");
+                assert_eq!(header_str(&resp, header::CONTENT_LENGTH), None);
+                assert_eq!(
+                    header_str(&resp, header::CONTENT_TYPE),
+                    Some("application/x-test")
+                );
+                assert!(
+                    body.unwrap() == expected[..],
+                    "{path}: body relayed untouched"
+                );
+                assert_eq!(origin.hits(path), n, "{path}: request {n} went upstream");
+                assert!(!proxy.proxy.cache().contains_key(path), "{path} was cached");
+            }
+        }
+
+        // Complete framings are cached: the second request stays in the proxy.
+        for path in ["/length/a", "/chunked/a"] {
+            for _ in 0..2 {
+                let (resp, body) = fetch(&client, proxy.url(path), None).await;
+                assert_eq!(resp.status(), StatusCode::OK, "{path}");
+                assert!(body.unwrap() == expected[..], "{path}");
+            }
+            assert_eq!(origin.hits(path), 1, "{path} was not cached");
+        }
+        proxy.shutdown().await;
+    })
+    .await;
+}
+
+/// A request that joined the entry of a close-delimited download (before its upstream head
+/// came) fetches the path upstream on its own and gets the whole body too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn joiner_of_a_close_delimited_download_fetches_it_itself() {
+    deadline(async {
+        let origin = RawOrigin::start().await;
+        let dir = tempfile::tempdir().unwrap();
+        let proxy = start_proxy(dir.path(), origin.url()).await;
+        let client = client();
+        let path = "/gated-close10/j";
+
+        let get = |url| {
+            let client = client.clone();
+            tokio::spawn(async move { fetch(&client, url, None).await })
+        };
+        let first = get(proxy.url(path));
+        until(|| origin.hits(path) == 1).await;
+        let hits = proxy.proxy.cache().stats().hits;
+        let second = get(proxy.url(path));
+        until(|| proxy.proxy.cache().stats().hits > hits).await; // joined the entry
+        origin.open_gate();
+        for resp in [first, second] {
+            let (resp, body) = resp.await.unwrap();
+            assert_eq!(resp.status(), StatusCode::OK);
+            assert!(body.unwrap() == raw_content(RAW_SIZE)[..]);
+        }
+        assert_eq!(origin.hits(path), 2);
+        assert!(!proxy.proxy.cache().contains_key(path));
+        proxy.shutdown().await;
+    })
+    .await;
+}

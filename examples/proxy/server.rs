@@ -12,6 +12,10 @@
 //!   already streaming see their connection end in error (a short body under a
 //!   `Content-Length`, or a chunked body without its last chunk), and the next request goes
 //!   upstream again.
+//! * Only a body that can prove it is complete is cached: one with a `Content-Length` or
+//!   chunked. A body delimited by closing the connection (an HTTP/1.0 origin without
+//!   `Content-Length`, say) ends the same way whether the origin finished or died, so it is
+//!   relayed to its client as it comes and not cached: every request for it goes upstream.
 //! * Client connections are bounded ([`ConnLimits`]): a request head must arrive within
 //!   `head_timeout`, a keep-alive connection may idle (or a client stall reading a response)
 //!   for `idle_timeout`, and at most `max_connections` are served at once (more wait in the
@@ -256,9 +260,35 @@ impl Proxy {
         let need_len = req.version() < hyper::Version::HTTP_11;
         let resp = match serve_entry(reader, range, need_len).await {
             Ok(resp) => resp,
+            Err(e) if aborted_by::<NotCacheable>(&e) => {
+                // Joined an entry whose upstream body turned out uncacheable: fetch it again
+                // for this client alone.
+                log.cache = "bypass";
+                self.fetch_uncached(&key).await
+            }
             Err(e) => failure_response(&e),
         };
         log.wrap(resp)
+    }
+
+    /// Relays one upstream response for `path_and_query` without caching it.
+    async fn fetch_uncached(&self, path_and_query: &str) -> Response<ProxyBody> {
+        let uri = match self.upstream_uri(path_and_query) {
+            Ok(u) => u,
+            Err(_) => return simple(StatusCode::BAD_REQUEST, "bad path\n"),
+        };
+        let timeout = self.upstream_timeout;
+        match tokio::time::timeout(timeout, self.client.request(upstream_request(uri))).await {
+            Ok(Ok(resp)) => pass_through(resp),
+            Ok(Err(e)) => simple(
+                StatusCode::BAD_GATEWAY,
+                &format!("upstream request failed: {}\n", error_chain(&e)),
+            ),
+            Err(_) => simple(
+                StatusCode::BAD_GATEWAY,
+                &format!("upstream did not answer within {timeout:?}\n"),
+            ),
+        }
     }
 }
 
@@ -582,6 +612,53 @@ impl fmt::Display for UpstreamStatus {
 
 impl StdError for UpstreamStatus {}
 
+/// The abort cause of an entry whose upstream response cannot be proved complete. Requests
+/// that joined the entry fetch the path upstream themselves, uncached.
+#[derive(Debug)]
+struct NotCacheable(&'static str);
+
+impl fmt::Display for NotCacheable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} (not cached)", self.0)
+    }
+}
+
+impl StdError for NotCacheable {}
+
+/// How an upstream response body ends, as hyper's client decides it (RFC 9112 6.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    /// `Content-Length`: hyper fails a body that ends short.
+    Length(u64),
+    /// `Transfer-Encoding: …, chunked`: hyper fails a body without its last chunk.
+    Chunked,
+    /// Neither (an HTTP/1.0 response without length, or a transfer coding other than
+    /// chunked last): the body ends when the connection closes, complete or not.
+    Close,
+}
+
+impl Framing {
+    fn of<B>(resp: &Response<B>) -> Framing {
+        let h = resp.headers();
+        if h.contains_key(header::TRANSFER_ENCODING) {
+            // hyper rejects Transfer-Encoding in an HTTP/1.0 response, and reads any other
+            // to the close unless chunked is the last coding (Content-Length is ignored).
+            let last = h.get_all(header::TRANSFER_ENCODING).iter().next_back();
+            let chunked = last
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.rsplit(',').next())
+                .is_some_and(|coding| coding.trim().eq_ignore_ascii_case("chunked"));
+            if chunked && resp.version() >= hyper::Version::HTTP_11 {
+                Framing::Chunked
+            } else {
+                Framing::Close
+            }
+        } else {
+            content_length(h).map_or(Framing::Close, Framing::Length)
+        }
+    }
+}
+
 /// Fetches `uri` once and writes its body into the entry's `writer`; finishes the entry at
 /// the end of a complete body, aborts it on any error.
 async fn download(
@@ -593,10 +670,7 @@ async fn download(
 ) {
     let start = Instant::now();
     let path = writer.key().to_owned();
-    let req = Request::get(uri)
-        .header(header::USER_AGENT, "streamcache-proxy")
-        .body(Empty::new())
-        .expect("valid request");
+    let req = upstream_request(uri);
     let resp = match tokio::time::timeout(timeout, client.request(req)).await {
         Ok(Ok(resp)) => resp,
         Ok(Err(e)) => {
@@ -621,8 +695,16 @@ async fn download(
         let _ = head_tx.send(UpstreamHead::Uncacheable(resp));
         return;
     }
+    let framing = Framing::of(&resp);
+    if framing == Framing::Close {
+        // Its end looks the same whether the origin finished or died: never cache it.
+        tracing::info!(%path, "upstream body delimited by closing: relayed, not cached");
+        writer.abort_with(NotCacheable("the upstream body is delimited by closing"));
+        let _ = head_tx.send(UpstreamHead::Uncacheable(resp));
+        return;
+    }
     let (parts, mut body) = resp.into_parts();
-    if let Some(len) = content_length(&parts.headers) {
+    if let Framing::Length(len) = framing {
         // Only fails if bytes were written already, which they were not.
         let _ = writer.set_expected_len(len);
     }
@@ -995,6 +1077,26 @@ pub(crate) fn decode_head(meta: &[u8]) -> Option<Vec<(HeaderName, HeaderValue)>>
         out.push((name, value));
     }
     Some(out)
+}
+
+/// The GET the proxy sends upstream.
+fn upstream_request(uri: Uri) -> Request<Empty<Bytes>> {
+    Request::get(uri)
+        .header(header::USER_AGENT, "streamcache-proxy")
+        .body(Empty::new())
+        .expect("valid request")
+}
+
+/// Whether `e` reports an entry aborted with a cause of type `T`.
+fn aborted_by<T: StdError + 'static>(e: &io::Error) -> bool {
+    e.get_ref()
+        .and_then(|inner| inner.downcast_ref::<streamcache::Error>())
+        .is_some_and(|err| match err {
+            streamcache::Error::Aborted {
+                cause: Some(cause), ..
+            } => cause.is::<T>(),
+            _ => false,
+        })
 }
 
 fn content_length(headers: &HeaderMap) -> Option<u64> {
