@@ -28,7 +28,8 @@ OPTIONS:
     --listen ADDR              address to listen on, e.g. 127.0.0.1:8080
     --upstream URL             origin base URL, e.g. http://127.0.0.1:9000
     --dir DIR                  cache directory (created if missing; reused across restarts)
-    --upstream-timeout SECS    wait at most this long for the origin's response head [30]
+    --upstream-timeout SECS    wait at most this long for the origin's response head, and
+                               for each piece of its body (a silent origin fails the entry) [30]
     --max-bytes N              evict least recently used entries above N bytes [unlimited]
     --head-timeout SECS        close a connection that has not sent a whole request head
                                this long after connecting or after its first byte [10]

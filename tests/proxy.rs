@@ -1036,7 +1036,8 @@ fn raw_content(n: usize) -> Vec<u8> {
 /// * `/gated-close10/…`: `/close10/` that holds its response head until [`RawOrigin::open_gate`];
 /// * `/length/…`, `/big/…`: `Content-Length`; `/chunked/…`: chunked (both complete);
 /// * `/stall/…`: announces 10 MiB with `Content-Length`, sends 1 MiB, then sends nothing more
-///   while keeping the connection open (until the test ends).
+///   while keeping the connection open (until the test ends); `/stall10/…`: the same as a
+///   close-delimited HTTP/1.0 response (relayed, not cached).
 struct RawOrigin {
     addr: SocketAddr,
     conns: Arc<Mutex<HashMap<String, usize>>>,
@@ -1148,8 +1149,12 @@ async fn raw_origin_conn(
             out.extend_from_slice(b"0\r\n\r\n");
             out
         }
-        "stall" => {
-            let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", 10 << 20);
+        "stall" | "stall10" => {
+            let head = if route == "stall" {
+                format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", 10 << 20)
+            } else {
+                "HTTP/1.0 200 OK\r\n\r\n".to_owned()
+            };
             if conn.write_all(head.as_bytes()).await.is_ok()
                 && conn.write_all(&body[..1 << 20]).await.is_ok()
             {
@@ -1237,6 +1242,77 @@ async fn joiner_of_a_close_delimited_download_fetches_it_itself() {
         }
         assert_eq!(origin.hits(path), 2);
         assert!(!proxy.proxy.cache().contains_key(path));
+        proxy.shutdown().await;
+    })
+    .await;
+}
+
+/// An origin that goes silent mid-body (connection open) fails the download after the
+/// upstream timeout: its clients see an error instead of hanging for ever, nothing is
+/// cached, the next request goes upstream again; the same for a relayed (uncached) body.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_origin_mid_body_fails_instead_of_hanging() {
+    deadline(async {
+        let origin = RawOrigin::start().await;
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = server::Config::new(origin.url(), dir.path());
+        config.upstream_timeout = Duration::from_millis(300);
+        let proxy = start_proxy_with(&config).await;
+        let client = client();
+
+        for path in ["/stall/s", "/stall10/s"] {
+            for n in 1..=2 {
+                let (resp, body) = timeout(
+                    Duration::from_secs(20),
+                    fetch(&client, proxy.url(path), None),
+                )
+                .await
+                .unwrap_or_else(|_| panic!("{path}: the client hangs with the origin"));
+                assert_eq!(resp.status(), StatusCode::OK);
+                assert!(
+                    body.is_err(),
+                    "{path}: a truncated body must not look complete"
+                );
+                assert_eq!(origin.hits(path), n, "{path}: nothing cached");
+                until(|| !proxy.proxy.cache().contains_key(path)).await;
+            }
+        }
+        proxy.shutdown().await;
+    })
+    .await;
+}
+
+/// A client that requests a large body and never reads it blocks the proxy's writes: after
+/// the idle timeout its connection is closed (it then finds far less than the body in its
+/// socket). Regression: it held its connection and cache reader for as long as it liked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_that_stops_reading_is_disconnected() {
+    deadline(async {
+        let origin = RawOrigin::start().await;
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = server::Config::new(origin.url(), dir.path());
+        config.limits.idle_timeout = Duration::from_millis(200);
+        let proxy = start_proxy_with(&config).await;
+        // Cache the body first, so the proxy can write as fast as the client reads.
+        let (_, body) = fetch(&client(), proxy.url("/big/r"), None).await;
+        assert_eq!(body.unwrap().len(), RAW_BIG);
+
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        let mut conn = socket.connect(proxy.addr).await.unwrap();
+        conn.write_all(b"GET /big/r HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        sleep(Duration::from_secs(3)).await; // reads nothing: the proxy's writes block
+        let mut got = Vec::new();
+        let _ = timeout(Duration::from_secs(20), conn.read_to_end(&mut got))
+            .await
+            .expect("the proxy closed the connection");
+        assert!(
+            got.len() < RAW_BIG,
+            "the whole body was delivered to a client that stopped reading ({} bytes)",
+            got.len()
+        );
         proxy.shutdown().await;
     })
     .await;

@@ -87,7 +87,7 @@ pub(crate) struct Config {
     pub(crate) upstream: Uri,
     /// Cache directory.
     pub(crate) dir: PathBuf,
-    /// How long to wait for the upstream's response head.
+    /// How long to wait for the upstream's response head, and for each piece of its body.
     pub(crate) upstream_timeout: Duration,
     /// Optional cache size limit in bytes (least recently used entries are evicted).
     pub(crate) max_bytes: Option<u64>,
@@ -245,7 +245,9 @@ impl Proxy {
                 ));
                 match rx.await {
                     Ok(UpstreamHead::Cacheable) => reader,
-                    Ok(UpstreamHead::Uncacheable(resp)) => return log.wrap(pass_through(resp)),
+                    Ok(UpstreamHead::Uncacheable(resp)) => {
+                        return log.wrap(pass_through(resp, self.upstream_timeout));
+                    }
                     Ok(UpstreamHead::Failed(msg)) => {
                         return log.wrap(simple(StatusCode::BAD_GATEWAY, &format!("{msg}\n")));
                     }
@@ -279,7 +281,7 @@ impl Proxy {
         };
         let timeout = self.upstream_timeout;
         match tokio::time::timeout(timeout, self.client.request(upstream_request(uri))).await {
-            Ok(Ok(resp)) => pass_through(resp),
+            Ok(Ok(resp)) => pass_through(resp, timeout),
             Ok(Err(e)) => simple(
                 StatusCode::BAD_GATEWAY,
                 &format!("upstream request failed: {}\n", error_chain(&e)),
@@ -703,7 +705,8 @@ async fn download(
         let _ = head_tx.send(UpstreamHead::Uncacheable(resp));
         return;
     }
-    let (parts, mut body) = resp.into_parts();
+    let (parts, body) = resp.into_parts();
+    let mut body = StallTimeout::new(body, timeout);
     if let Framing::Length(len) = framing {
         // Only fails if bytes were written already, which they were not.
         let _ = writer.set_expected_len(len);
@@ -730,7 +733,7 @@ async fn download(
         };
         match next {
             None => break Ok(()),
-            Some(Err(e)) => break Err(format!("upstream body failed: {}", error_chain(&e))),
+            Some(Err(e)) => break Err(format!("upstream body failed: {}", error_chain(&*e))),
             Some(Ok(frame)) => {
                 if let Ok(data) = frame.into_data()
                     && !data.is_empty()
@@ -1109,13 +1112,81 @@ fn content_length(headers: &HeaderMap) -> Option<u64> {
         .ok()
 }
 
-/// Relays an uncached upstream response (minus hop-by-hop headers).
-fn pass_through(resp: Response<Incoming>) -> Response<ProxyBody> {
+/// Relays an uncached upstream response (minus hop-by-hop headers); a body silent for
+/// `stall` fails (the client's connection is cut, not left hanging).
+fn pass_through(resp: Response<Incoming>, stall: Duration) -> Response<ProxyBody> {
     let (mut parts, body) = resp.into_parts();
     for name in HOP_HEADERS {
         parts.headers.remove(name);
     }
-    Response::from_parts(parts, body.map_err(BoxError::from).boxed_unsync())
+    // Not the upstream's version: an HTTP/1.0 response head would make hyper delimit the
+    // body by closing for HTTP/1.1 clients too, and a relay that breaks would look complete.
+    // hyper answers an HTTP/1.0 request in HTTP/1.0 by itself.
+    parts.version = hyper::Version::HTTP_11;
+    Response::from_parts(parts, StallTimeout::new(body, stall).boxed_unsync())
+}
+
+/// An upstream body that fails once it has had nothing ready for `limit`: a silent origin
+/// would otherwise hold its entry in progress for ever (every reader, its client
+/// connection and the upstream socket with it).
+struct StallTimeout<B> {
+    body: B,
+    limit: Duration,
+    sleep: Pin<Box<tokio::time::Sleep>>,
+    armed: bool,
+}
+
+impl<B> StallTimeout<B> {
+    fn new(body: B, limit: Duration) -> StallTimeout<B> {
+        StallTimeout {
+            body,
+            limit,
+            sleep: Box::pin(tokio::time::sleep(limit)),
+            armed: false,
+        }
+    }
+}
+
+impl<B> Body for StallTimeout<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.body).poll_frame(cx) {
+            Poll::Ready(next) => {
+                this.armed = false;
+                Poll::Ready(next.map(|r| r.map_err(Into::into)))
+            }
+            Poll::Pending => {
+                if !this.armed {
+                    let at = tokio::time::Instant::now() + this.limit;
+                    this.sleep.as_mut().reset(at);
+                    this.armed = true;
+                }
+                ready!(this.sleep.as_mut().poll(cx));
+                let limit = this.limit;
+                Poll::Ready(Some(Err(
+                    format!("upstream sent nothing for {limit:?}").into()
+                )))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
 }
 
 /// The answer to a request whose entry failed before its response started: the upstream's
