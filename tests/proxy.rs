@@ -860,9 +860,9 @@ async fn stalled_request_heads_are_closed() {
                         return true;
                     }
                     let mut probe = [0u8; 1024];
-                    match timeout(Duration::from_millis(50), conn.read(&mut probe)).await {
-                        Ok(Ok(0) | Err(_)) => return true, // closed by the proxy
-                        Ok(Ok(_)) | Err(_) => {}
+                    let read = timeout(Duration::from_millis(50), conn.read(&mut probe)).await;
+                    if let Ok(Ok(0) | Err(_)) = read {
+                        return true; // closed by the proxy
                     }
                 }
                 false
