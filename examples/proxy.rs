@@ -37,6 +37,8 @@ OPTIONS:
                                or whose client has read nothing this long [60]
     --max-connections N        serve at most N client connections at once; more wait in the
                                listen backlog until one closes [1024]
+    --max-downloads N          run at most N upstream downloads (cache fills) at once; a miss
+                               waits up to the upstream timeout for a slot, then gets 503 [1024]
     -h, --help                 print this help
 
 Logs go to stderr; set RUST_LOG (e.g. RUST_LOG=debug) to change the level [info].";
@@ -50,6 +52,7 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Option<Args>, St
     let (mut listen, mut upstream, mut dir) = (None, None, None);
     let (mut timeout, mut max_bytes) = (Duration::from_secs(30), None);
     let mut limits = server::ConnLimits::default();
+    let mut max_downloads = 1024;
     while let Some(flag) = args.next() {
         if flag == "-h" || flag == "--help" {
             return Ok(None);
@@ -90,6 +93,12 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Option<Args>, St
                     limits.idle_timeout = d;
                 }
             }
+            "--max-downloads" => {
+                max_downloads = value.parse().map_err(|e| bad(&e))?;
+                if max_downloads == 0 {
+                    return Err(bad(&"must be at least 1"));
+                }
+            }
             "--max-connections" => {
                 limits.max_connections = value.parse().map_err(|e| bad(&e))?;
                 if limits.max_connections == 0 {
@@ -107,6 +116,7 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Option<Args>, St
     config.upstream_timeout = timeout;
     config.max_bytes = max_bytes;
     config.limits = limits;
+    config.max_downloads = max_downloads;
     Ok(Some(Args {
         listen: listen.ok_or_else(|| missing("--listen"))?,
         config,

@@ -1317,3 +1317,54 @@ async fn client_that_stops_reading_is_disconnected() {
     })
     .await;
 }
+
+/// Downloads outlive the clients that start them, so the connection cap does not bound
+/// them: `max_downloads` does. With one slot, a miss for another path waits (the origin sees
+/// nothing) while a download runs, then runs once the slot frees. Regression: a client could
+/// start any number of downloads (an upstream socket and a staged file each) by asking for
+/// distinct paths and hanging up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn downloads_beyond_max_downloads_wait_for_a_slot() {
+    deadline(async {
+        let origin = Origin::start().await;
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = server::Config::new(origin.url(), dir.path());
+        config.max_downloads = 1;
+        let proxy = start_proxy_with(&config).await;
+        let client = client();
+
+        // The first download stalls half-way (gate closed); its client hangs up.
+        let first = send(&client, proxy.url("/gated/d1"), None).await;
+        assert_eq!(first.status(), StatusCode::OK);
+        drop(first);
+
+        let second = {
+            let (client, url) = (client.clone(), proxy.url("/file/d2"));
+            tokio::spawn(async move { fetch(&client, url, None).await })
+        };
+        sleep(Duration::from_millis(500)).await;
+        assert_eq!(
+            origin.hits("/file/d2"),
+            0,
+            "a second download ran past the limit"
+        );
+        assert!(!second.is_finished());
+
+        origin.open_gate();
+        let (resp, body) = second.await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert!(body.unwrap() == content()[..]);
+        assert_eq!(origin.hits("/file/d2"), 1);
+        // The first download ran to its end without a client, and was cached.
+        let cache = proxy.proxy.cache();
+        until(|| {
+            cache
+                .get("/gated/d1")
+                .unwrap()
+                .is_some_and(|r| r.size().finished)
+        })
+        .await;
+        proxy.shutdown().await;
+    })
+    .await;
+}

@@ -93,6 +93,10 @@ pub(crate) struct Config {
     pub(crate) max_bytes: Option<u64>,
     /// Client connection limits.
     pub(crate) limits: ConnLimits,
+    /// Most upstream downloads (cache fills) at once. A download outlives the client that
+    /// started it, so the connection cap alone does not bound them; past this, a miss waits
+    /// up to `upstream_timeout` for one to end, then gets 503.
+    pub(crate) max_downloads: usize,
 }
 
 /// What one client connection may hold. A connection that breaks a time limit is closed at
@@ -131,6 +135,7 @@ impl Config {
             upstream_timeout: Duration::from_secs(30),
             max_bytes: None,
             limits: ConnLimits::default(),
+            max_downloads: 1024,
         }
     }
 }
@@ -143,6 +148,7 @@ pub(crate) struct Proxy {
     upstream: Uri,
     upstream_timeout: Duration,
     limits: ConnLimits,
+    downloads: Arc<Semaphore>,
 }
 
 impl Proxy {
@@ -163,6 +169,7 @@ impl Proxy {
             upstream: config.upstream.clone(),
             upstream_timeout: config.upstream_timeout,
             limits: config.limits,
+            downloads: Arc::new(Semaphore::new(config.max_downloads)),
         }))
     }
 
@@ -242,6 +249,7 @@ impl Proxy {
                     w,
                     tx,
                     self.upstream_timeout,
+                    self.downloads.clone(),
                 ));
                 match rx.await {
                     Ok(UpstreamHead::Cacheable) => reader,
@@ -250,6 +258,9 @@ impl Proxy {
                     }
                     Ok(UpstreamHead::Failed(msg)) => {
                         return log.wrap(simple(StatusCode::BAD_GATEWAY, &format!("{msg}\n")));
+                    }
+                    Ok(UpstreamHead::Busy) => {
+                        return log.wrap(unavailable(&format!("{TooManyDownloads}\n")));
                     }
                     Err(_) => {
                         return log.wrap(simple(StatusCode::BAD_GATEWAY, "upstream task failed\n"));
@@ -599,7 +610,22 @@ enum UpstreamHead {
     Uncacheable(Response<Incoming>),
     /// No response (connection error, timeout): the entry was aborted.
     Failed(String),
+    /// Not started: no download slot freed within the upstream timeout; the entry was
+    /// aborted (with [`TooManyDownloads`]).
+    Busy,
 }
+
+/// The abort cause of an entry that found no free download slot (answered 503).
+#[derive(Debug)]
+struct TooManyDownloads;
+
+impl fmt::Display for TooManyDownloads {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("too many upstream downloads in progress")
+    }
+}
+
+impl StdError for TooManyDownloads {}
 
 /// The abort cause of an entry whose upstream answered with a status other than 200.
 /// Requests that joined the entry answer with the same status.
@@ -669,9 +695,21 @@ async fn download(
     mut writer: Writer,
     head_tx: oneshot::Sender<UpstreamHead>,
     timeout: Duration,
+    slots: Arc<Semaphore>,
 ) {
     let start = Instant::now();
     let path = writer.key().to_owned();
+    // Held to the end of the download (of the cache fill; a relay runs on the client's
+    // connection, bounded by the connection cap).
+    let _slot = match tokio::time::timeout(timeout, slots.acquire_owned()).await {
+        Ok(Ok(slot)) => slot,
+        Ok(Err(_)) | Err(_) => {
+            tracing::warn!(%path, "{TooManyDownloads}: 503");
+            writer.abort_with(TooManyDownloads);
+            let _ = head_tx.send(UpstreamHead::Busy);
+            return;
+        }
+    };
     let req = upstream_request(uri);
     let resp = match tokio::time::timeout(timeout, client.request(req)).await {
         Ok(Ok(resp)) => resp,
@@ -1202,6 +1240,9 @@ fn failure_response(e: &io::Error) -> Response<ProxyBody> {
             cause.downcast_ref::<UpstreamStatus>().expect("checked").0,
             "",
         ),
+        Some(streamcache::Error::Aborted {
+            cause: Some(cause), ..
+        }) if cause.is::<TooManyDownloads>() => unavailable(&format!("{TooManyDownloads}\n")),
         Some(err @ streamcache::Error::Io { .. }) => cache_failure(err),
         None if e.raw_os_error().is_some() => unavailable(&format!("cache error: {e}\n")),
         _ => simple(StatusCode::BAD_GATEWAY, &format!("{e}\n")),
