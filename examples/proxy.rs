@@ -123,6 +123,36 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Option<Args>, St
     }))
 }
 
+/// The soft limit on open files (Linux; `None` elsewhere or if unlimited).
+fn open_files_limit() -> Option<u64> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    line["Max open files".len()..]
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// Warns if the caps let the proxy need more descriptors than it may open: past that, the
+/// cache fails requests (503) instead of the caps making clients wait.
+fn check_descriptor_budget(config: &server::Config) {
+    // A connection: its socket and maybe an entry's file. A download: the upstream socket
+    // and the staged file. Plus the cache's own and the runtime's.
+    let conns = config.limits.max_connections as u64;
+    let need = 2 * conns + 2 * config.max_downloads as u64 + 64;
+    if let Some(limit) = open_files_limit()
+        && limit < need
+    {
+        tracing::warn!(
+            limit,
+            need,
+            "open files limit (ulimit -n) below what --max-connections and --max-downloads \
+             allow: raise it or lower them"
+        );
+    }
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
     tracing_subscriber::fmt()
@@ -141,6 +171,7 @@ async fn main() -> ExitCode {
         }
     };
     let result = async {
+        check_descriptor_budget(&args.config);
         let proxy = server::Proxy::open(&args.config)?;
         let listener = tokio::net::TcpListener::bind(args.listen).await?;
         tracing::info!(
