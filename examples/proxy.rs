@@ -28,8 +28,17 @@ OPTIONS:
     --listen ADDR              address to listen on, e.g. 127.0.0.1:8080
     --upstream URL             origin base URL, e.g. http://127.0.0.1:9000
     --dir DIR                  cache directory (created if missing; reused across restarts)
-    --upstream-timeout SECS    wait at most this long for the origin's response head [30]
+    --upstream-timeout SECS    wait at most this long for the origin's response head, and
+                               for each piece of its body (a silent origin fails the entry) [30]
     --max-bytes N              evict least recently used entries above N bytes [unlimited]
+    --head-timeout SECS        close a connection that has not sent a whole request head
+                               this long after connecting or after its first byte [10]
+    --idle-timeout SECS        close a keep-alive connection idle this long between requests,
+                               or whose client has read nothing this long [60]
+    --max-connections N        serve at most N client connections at once; more wait in the
+                               listen backlog until one closes [1024]
+    --max-downloads N          run at most N upstream downloads (cache fills) at once; a miss
+                               waits up to the upstream timeout for a slot, then gets 503 [1024]
     -h, --help                 print this help
 
 Logs go to stderr; set RUST_LOG (e.g. RUST_LOG=debug) to change the level [info].";
@@ -42,6 +51,8 @@ struct Args {
 fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Option<Args>, String> {
     let (mut listen, mut upstream, mut dir) = (None, None, None);
     let (mut timeout, mut max_bytes) = (Duration::from_secs(30), None);
+    let mut limits = server::ConnLimits::default();
+    let mut max_downloads = 1024;
     while let Some(flag) = args.next() {
         if flag == "-h" || flag == "--help" {
             return Ok(None);
@@ -66,9 +77,34 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Option<Args>, St
             }
             "--dir" => dir = Some(value),
             "--upstream-timeout" => {
-                timeout = Duration::from_secs_f64(value.parse().map_err(|e| bad(&e))?);
+                let secs: f64 = value.parse().map_err(|e| bad(&e))?;
+                timeout = Duration::try_from_secs_f64(secs).map_err(|e| bad(&e))?;
             }
             "--max-bytes" => max_bytes = Some(value.parse().map_err(|e| bad(&e))?),
+            "--head-timeout" | "--idle-timeout" => {
+                let secs: f64 = value.parse().map_err(|e| bad(&e))?;
+                let d = Duration::try_from_secs_f64(secs).map_err(|e| bad(&e))?;
+                if d.is_zero() {
+                    return Err(bad(&"must be more than 0"));
+                }
+                if name == "--head-timeout" {
+                    limits.head_timeout = d;
+                } else {
+                    limits.idle_timeout = d;
+                }
+            }
+            "--max-downloads" => {
+                max_downloads = value.parse().map_err(|e| bad(&e))?;
+                if max_downloads == 0 {
+                    return Err(bad(&"must be at least 1"));
+                }
+            }
+            "--max-connections" => {
+                limits.max_connections = value.parse().map_err(|e| bad(&e))?;
+                if limits.max_connections == 0 {
+                    return Err(bad(&"must be at least 1"));
+                }
+            }
             _ => return Err(format!("unknown option {name}")),
         }
     }
@@ -79,10 +115,42 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Option<Args>, St
     );
     config.upstream_timeout = timeout;
     config.max_bytes = max_bytes;
+    config.limits = limits;
+    config.max_downloads = max_downloads;
     Ok(Some(Args {
         listen: listen.ok_or_else(|| missing("--listen"))?,
         config,
     }))
+}
+
+/// The soft limit on open files (Linux; `None` elsewhere or if unlimited).
+fn open_files_limit() -> Option<u64> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    line["Max open files".len()..]
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// Warns if the caps let the proxy need more descriptors than it may open: past that, the
+/// cache fails requests (503) instead of the caps making clients wait.
+fn check_descriptor_budget(config: &server::Config) {
+    // A connection: its socket and maybe an entry's file. A download: the upstream socket
+    // and the staged file. Plus the cache's own and the runtime's.
+    let conns = config.limits.max_connections as u64;
+    let need = 2 * conns + 2 * config.max_downloads as u64 + 64;
+    if let Some(limit) = open_files_limit()
+        && limit < need
+    {
+        tracing::warn!(
+            limit,
+            need,
+            "open files limit (ulimit -n) below what --max-connections and --max-downloads \
+             allow: raise it or lower them"
+        );
+    }
 }
 
 #[tokio::main]
@@ -103,6 +171,7 @@ async fn main() -> ExitCode {
         }
     };
     let result = async {
+        check_descriptor_budget(&args.config);
         let proxy = server::Proxy::open(&args.config)?;
         let listener = tokio::net::TcpListener::bind(args.listen).await?;
         tracing::info!(

@@ -237,8 +237,12 @@ struct RunningProxy {
 }
 
 async fn start_proxy(dir: &std::path::Path, upstream: hyper::Uri) -> RunningProxy {
+    start_proxy_with(&server::Config::new(upstream, dir)).await
+}
+
+async fn start_proxy_with(config: &server::Config) -> RunningProxy {
     init_logs();
-    let proxy = server::Proxy::open(&server::Config::new(upstream, dir)).unwrap();
+    let proxy = server::Proxy::open(config).unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (stop, stopped) = oneshot::channel();
@@ -753,6 +757,614 @@ async fn fifty_async_readers_on_current_thread() {
             n += 1;
         }
         assert_eq!(n, 50);
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Hostile clients: connection limits
+
+/// A proxy over a fresh directory with these connection limits.
+async fn proxy_with_limits(
+    origin: &Origin,
+    limits: server::ConnLimits,
+) -> (tempfile::TempDir, RunningProxy) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = server::Config::new(origin.url(), dir.path());
+    config.limits = limits;
+    let proxy = start_proxy_with(&config).await;
+    (dir, proxy)
+}
+
+/// Waits (at most `within`) for the proxy to close `conn`: true if a read saw the end of the
+/// stream or a reset, false if the connection was still open at the end.
+async fn closed_by_server(conn: &mut tokio::net::TcpStream, within: Duration) -> bool {
+    let mut buf = vec![0u8; 64 << 10];
+    timeout(within, async {
+        loop {
+            match conn.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {} // a 408 or the tail of a response: keep reading
+            }
+        }
+    })
+    .await
+    .is_ok()
+}
+
+/// Reads one HTTP/1.1 response with a `Content-Length` off a raw connection: (head, body).
+async fn read_response(conn: &mut tokio::net::TcpStream) -> (String, Vec<u8>) {
+    let mut raw = Vec::new();
+    let mut buf = vec![0u8; 64 << 10];
+    let head_end = loop {
+        if let Some(i) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        let n = conn.read(&mut buf).await.unwrap();
+        assert!(n > 0, "connection closed before the response head");
+        raw.extend_from_slice(&buf[..n]);
+    };
+    let head = String::from_utf8_lossy(&raw[..head_end]).to_lowercase();
+    let len: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .expect("a content-length")
+        .trim()
+        .parse()
+        .unwrap();
+    let mut body = raw[head_end..].to_vec();
+    while body.len() < len {
+        let n = conn.read(&mut buf).await.unwrap();
+        assert!(n > 0, "connection closed mid-body");
+        body.extend_from_slice(&buf[..n]);
+    }
+    (head, body)
+}
+
+/// Slowloris: connections that send half a request head (or nothing, or trickle bytes) are
+/// closed once the head timeout passes; they did not reach the origin, and a normal request
+/// is served afterwards. Regression: hyper never timed them out, so they piled up until the
+/// proxy ran out of descriptors.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_request_heads_are_closed() {
+    deadline(async {
+        let origin = Origin::start().await;
+        let limits = server::ConnLimits {
+            head_timeout: Duration::from_millis(300),
+            ..server::ConnLimits::default()
+        };
+        let (_dir, proxy) = proxy_with_limits(&origin, limits).await;
+
+        let mut stalled = Vec::new();
+        for i in 0..30 {
+            let mut conn = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+            if i % 3 != 0 {
+                // Half a head; every third connection sends nothing at all.
+                conn.write_all(b"GET /file/slow HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+                    .await
+                    .unwrap();
+            }
+            stalled.push(conn);
+        }
+        // One more keeps sending a header byte every 50 ms: a trickle does not extend the
+        // deadline (it counts from the accept, not from the last byte).
+        let trickle = tokio::spawn({
+            let addr = proxy.addr;
+            async move {
+                let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+                conn.write_all(b"GET /file/slow HTTP/1.1\r\nX-A: ")
+                    .await
+                    .unwrap();
+                for _ in 0..400 {
+                    if conn.write_all(b"a").await.is_err() {
+                        return true;
+                    }
+                    let mut probe = [0u8; 1024];
+                    let read = timeout(Duration::from_millis(50), conn.read(&mut probe)).await;
+                    if let Ok(Ok(0) | Err(_)) = read {
+                        return true; // closed by the proxy
+                    }
+                }
+                false
+            }
+        });
+        for (i, conn) in stalled.iter_mut().enumerate() {
+            assert!(
+                closed_by_server(conn, Duration::from_secs(15)).await,
+                "stalled connection {i} still open"
+            );
+        }
+        assert!(trickle.await.unwrap(), "trickling connection still open");
+        assert_eq!(origin.total_hits(), 0);
+
+        let (resp, body) = fetch(&client(), proxy.url("/file/after"), None).await;
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert!(body.unwrap() == content()[..]);
+        proxy.shutdown().await;
+    })
+    .await;
+}
+
+/// With a cap of K connections, K stalled clients hold every slot: the next client waits
+/// (it is not served, the origin sees nothing), then is served as soon as one slot frees.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_cap_makes_new_clients_wait_for_a_slot() {
+    deadline(async {
+        let origin = Origin::start().await;
+        let limits = server::ConnLimits {
+            max_connections: 3,
+            ..server::ConnLimits::default() // heads time out after 10 s: not in this test
+        };
+        let (_dir, proxy) = proxy_with_limits(&origin, limits).await;
+
+        let mut stalled = Vec::new();
+        for _ in 0..3 {
+            let mut conn = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+            conn.write_all(b"GET /file/cap HTTP/1.1\r\nHost: x\r\n")
+                .await
+                .unwrap();
+            stalled.push(conn);
+        }
+        sleep(Duration::from_millis(100)).await; // let the proxy accept them first
+
+        // The kernel completes the handshake (listen backlog), but the proxy does not serve it.
+        let mut waiting = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+        waiting
+            .write_all(b"GET /file/cap HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let waiting = tokio::spawn(async move {
+            let mut out = Vec::new();
+            let _ = waiting.read_to_end(&mut out).await;
+            out
+        });
+        sleep(Duration::from_millis(500)).await;
+        assert!(!waiting.is_finished(), "served past the connection cap");
+        assert_eq!(origin.total_hits(), 0, "served past the connection cap");
+
+        // A stalled client goes away: its slot goes to the waiting one.
+        drop(stalled.pop());
+        let raw = waiting.await.unwrap();
+        assert!(
+            raw.starts_with(b"HTTP/1.1 200"),
+            "{:?}",
+            &raw[..raw.len().min(40)]
+        );
+        assert!(raw.ends_with(&content()[SIZE - 1000..]));
+        assert_eq!(origin.hits("/file/cap"), 1);
+        drop(stalled);
+        proxy.shutdown().await;
+    })
+    .await;
+}
+
+/// A keep-alive connection left idle after its response is closed after the idle timeout
+/// (well before the 30 s head timeout); a request in flight is never idle, however long the
+/// origin stalls.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_keep_alive_connection_is_closed() {
+    deadline(async {
+        let origin = Origin::start().await;
+        let limits = server::ConnLimits {
+            head_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_millis(300),
+            ..server::ConnLimits::default()
+        };
+        let (_dir, proxy) = proxy_with_limits(&origin, limits).await;
+
+        let mut conn = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+        // The origin stalls half-way for longer than the idle timeout: still served whole.
+        conn.write_all(b"GET /gated/idle HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let reading = tokio::spawn(async move {
+            let resp = read_response(&mut conn).await;
+            (conn, resp)
+        });
+        until(|| origin.hits("/gated/idle") == 1).await;
+        sleep(Duration::from_secs(1)).await;
+        origin.open_gate();
+        let (mut conn, (head, body)) = reading.await.unwrap();
+        assert!(head.starts_with("http/1.1 200"), "{head}");
+        assert!(body == content());
+
+        // A second request on the same connection (keep-alive works), then silence.
+        conn.write_all(b"GET /gated/idle HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let (head, _) = read_response(&mut conn).await;
+        assert!(head.starts_with("http/1.1 200"), "{head}");
+        assert!(
+            closed_by_server(&mut conn, Duration::from_secs(10)).await,
+            "idle keep-alive connection still open"
+        );
+        proxy.shutdown().await;
+    })
+    .await;
+}
+
+/// When the cache's storage fails a request with an I/O error (here: its staging directory
+/// is gone, as EMFILE or ENOSPC would fail it), the answer is 503 with `Retry-After`, and
+/// the origin is not asked (nothing could be stored). Once the storage works again, so does
+/// the proxy. Regression: 500, no hint to retry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cache_io_error_is_503_with_retry_after() {
+    deadline(async {
+        let (origin, dir, proxy, client, expected) = setup().await;
+        let tmp = dir.path().join("tmp");
+        std::fs::remove_dir_all(&tmp).unwrap();
+
+        let (resp, body) = fetch(&client, proxy.url("/file/io"), None).await;
+        assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+        let retry: u64 = header_str(&resp, header::RETRY_AFTER)
+            .expect("a Retry-After")
+            .parse()
+            .unwrap();
+        assert!(retry > 0);
+        tracing::debug!(body = ?body.unwrap(), "503");
+        assert_eq!(origin.total_hits(), 0, "a cache failure is not a miss");
+        assert!(!proxy.proxy.cache().contains_key("/file/io"));
+
+        std::fs::create_dir(&tmp).unwrap();
+        let (resp, body) = fetch(&client, proxy.url("/file/io"), None).await;
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert!(body.unwrap() == expected[..]);
+        assert_eq!(origin.hits("/file/io"), 1);
+        proxy.shutdown().await;
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Hostile origins: a raw TCP origin that frames its responses by hand
+
+/// Size of the raw origin's bodies (`/big/…`: [`RAW_BIG`]).
+const RAW_SIZE: usize = 5 << 20;
+const RAW_BIG: usize = 32 << 20;
+
+/// The raw origin's content: `n` deterministic bytes.
+fn raw_content(n: usize) -> Vec<u8> {
+    (0..n).map(|i| (i % 253) as u8).collect()
+}
+
+/// A hand-written origin on raw TCP, one request per connection, counting connections.
+/// Routes (the first path segment):
+///
+/// * `/close10/…`: `HTTP/1.0 200` without `Content-Length`, [`RAW_SIZE`] bytes, then it
+///   closes: an origin that died half-way through 10 MiB looks exactly like this;
+/// * `/close11/…`: the same as HTTP/1.1 with `Connection: close`;
+/// * `/gated-close10/…`: `/close10/` that holds its response head until [`RawOrigin::open_gate`];
+/// * `/length/…`, `/big/…`: `Content-Length`; `/chunked/…`: chunked (both complete);
+/// * `/stall/…`: announces 10 MiB with `Content-Length`, sends 1 MiB, then sends nothing more
+///   while keeping the connection open (until the test ends); `/stall10/…`: the same as a
+///   close-delimited HTTP/1.0 response (relayed, not cached).
+struct RawOrigin {
+    addr: SocketAddr,
+    conns: Arc<Mutex<HashMap<String, usize>>>,
+    gate: watch::Sender<bool>,
+    server: JoinHandle<()>,
+}
+
+impl RawOrigin {
+    async fn start() -> RawOrigin {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let conns: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
+        let (gate, _) = watch::channel(false);
+        let (conns2, gate2) = (conns.clone(), gate.clone());
+        let server = tokio::spawn(async move {
+            let mut tasks = JoinSet::new();
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                tasks.spawn(raw_origin_conn(stream, conns2.clone(), gate2.subscribe()));
+                while tasks.try_join_next().is_some() {}
+            }
+        });
+        RawOrigin {
+            addr,
+            conns,
+            gate,
+            server,
+        }
+    }
+
+    fn url(&self) -> hyper::Uri {
+        format!("http://{}", self.addr).parse().unwrap()
+    }
+
+    /// Connections (= requests) the origin received for `path`.
+    fn hits(&self, path: &str) -> usize {
+        self.conns.lock().unwrap().get(path).copied().unwrap_or(0)
+    }
+
+    fn open_gate(&self) {
+        self.gate.send_replace(true);
+    }
+}
+
+impl Drop for RawOrigin {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}
+
+async fn raw_origin_conn(
+    mut conn: tokio::net::TcpStream,
+    conns: Arc<Mutex<HashMap<String, usize>>>,
+    mut gate: watch::Receiver<bool>,
+) {
+    let mut head = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 64 << 10 {
+        match conn.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+        }
+    }
+    let line = String::from_utf8_lossy(&head)
+        .lines()
+        .next()
+        .unwrap_or("")
+        .to_owned();
+    let path = line.split(' ').nth(1).unwrap_or("/").to_owned();
+    *conns.lock().unwrap().entry(path.clone()).or_default() += 1;
+    let route = path.split('/').nth(1).unwrap_or("");
+    let body = raw_content(if route == "big" { RAW_BIG } else { RAW_SIZE });
+    let out: Vec<u8> = match route {
+        "close10" | "gated-close10" => {
+            if route == "gated-close10" {
+                let _ = gate.wait_for(|open| *open).await;
+            }
+            [
+                b"HTTP/1.0 200 OK\r\nContent-Type: application/x-test\r\n\r\n",
+                &body[..],
+            ]
+            .concat()
+        }
+        "close11" => [
+            b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Type: application/x-test\r\n\r\n",
+            &body[..],
+        ]
+        .concat(),
+        "length" | "big" => [
+            format!(
+                "HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
+                body.len()
+            )
+            .as_bytes(),
+            &body[..],
+        ]
+        .concat(),
+        "chunked" => {
+            let mut out =
+                b"HTTP/1.1 200 OK\r\nConnection: close\r\nTransfer-Encoding: chunked\r\n\r\n"
+                    .to_vec();
+            for chunk in body.chunks(1 << 20) {
+                out.extend_from_slice(format!("{:x}\r\n", chunk.len()).as_bytes());
+                out.extend_from_slice(chunk);
+                out.extend_from_slice(b"\r\n");
+            }
+            out.extend_from_slice(b"0\r\n\r\n");
+            out
+        }
+        "stall" | "stall10" => {
+            let head = if route == "stall" {
+                format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", 10 << 20)
+            } else {
+                "HTTP/1.0 200 OK\r\n\r\n".to_owned()
+            };
+            if conn.write_all(head.as_bytes()).await.is_ok()
+                && conn.write_all(&body[..1 << 20]).await.is_ok()
+            {
+                sleep(DEADLINE).await; // silent, but open
+            }
+            return;
+        }
+        _ => b"HTTP/1.1 404 Not Found\r\nConnection: close\r\nContent-Length: 0\r\n\r\n".to_vec(),
+    };
+    if conn.write_all(&out).await.is_ok() {
+        let _ = conn.shutdown().await;
+    }
+}
+
+/// A close-delimited upstream body (no `Content-Length`, not chunked) cannot prove it is
+/// complete: it is streamed to its client untouched but never cached, so every request goes
+/// to the origin; a body with a length or chunked is cached as before. Regression: an
+/// HTTP/1.0 origin that died after 5 of 10 MiB was cached as a complete 5 MiB entry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_delimited_upstream_body_is_relayed_not_cached() {
+    deadline(async {
+        let origin = RawOrigin::start().await;
+        let dir = tempfile::tempdir().unwrap();
+        let proxy = start_proxy(dir.path(), origin.url()).await;
+        let client = client();
+        let expected = raw_content(RAW_SIZE);
+
+        for path in ["/close10/a", "/close11/a"] {
+            for n in 1..=2 {
+                let (resp, body) = fetch(&client, proxy.url(path), None).await;
+                assert_eq!(resp.status(), StatusCode::OK, "{path}");
+                assert_eq!(header_str(&resp, header::CONTENT_LENGTH), None);
+                assert_eq!(
+                    header_str(&resp, header::CONTENT_TYPE),
+                    Some("application/x-test")
+                );
+                assert!(
+                    body.unwrap() == expected[..],
+                    "{path}: body relayed untouched"
+                );
+                assert_eq!(origin.hits(path), n, "{path}: request {n} went upstream");
+                assert!(!proxy.proxy.cache().contains_key(path), "{path} was cached");
+            }
+        }
+
+        // Complete framings are cached: the second request stays in the proxy.
+        for path in ["/length/a", "/chunked/a"] {
+            for _ in 0..2 {
+                let (resp, body) = fetch(&client, proxy.url(path), None).await;
+                assert_eq!(resp.status(), StatusCode::OK, "{path}");
+                assert!(body.unwrap() == expected[..], "{path}");
+            }
+            assert_eq!(origin.hits(path), 1, "{path} was not cached");
+        }
+        proxy.shutdown().await;
+    })
+    .await;
+}
+
+/// A request that joined the entry of a close-delimited download (before its upstream head
+/// came) fetches the path upstream on its own and gets the whole body too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn joiner_of_a_close_delimited_download_fetches_it_itself() {
+    deadline(async {
+        let origin = RawOrigin::start().await;
+        let dir = tempfile::tempdir().unwrap();
+        let proxy = start_proxy(dir.path(), origin.url()).await;
+        let client = client();
+        let path = "/gated-close10/j";
+
+        let get = |url| {
+            let client = client.clone();
+            tokio::spawn(async move { fetch(&client, url, None).await })
+        };
+        let first = get(proxy.url(path));
+        until(|| origin.hits(path) == 1).await;
+        let hits = proxy.proxy.cache().stats().hits;
+        let second = get(proxy.url(path));
+        until(|| proxy.proxy.cache().stats().hits > hits).await; // joined the entry
+        origin.open_gate();
+        for resp in [first, second] {
+            let (resp, body) = resp.await.unwrap();
+            assert_eq!(resp.status(), StatusCode::OK);
+            assert!(body.unwrap() == raw_content(RAW_SIZE)[..]);
+        }
+        assert_eq!(origin.hits(path), 2);
+        assert!(!proxy.proxy.cache().contains_key(path));
+        proxy.shutdown().await;
+    })
+    .await;
+}
+
+/// An origin that goes silent mid-body (connection open) fails the download after the
+/// upstream timeout: its clients see an error instead of hanging for ever, nothing is
+/// cached, the next request goes upstream again; the same for a relayed (uncached) body.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_origin_mid_body_fails_instead_of_hanging() {
+    deadline(async {
+        let origin = RawOrigin::start().await;
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = server::Config::new(origin.url(), dir.path());
+        config.upstream_timeout = Duration::from_millis(300);
+        let proxy = start_proxy_with(&config).await;
+        let client = client();
+
+        for path in ["/stall/s", "/stall10/s"] {
+            for n in 1..=2 {
+                let (resp, body) = timeout(
+                    Duration::from_secs(20),
+                    fetch(&client, proxy.url(path), None),
+                )
+                .await
+                .unwrap_or_else(|_| panic!("{path}: the client hangs with the origin"));
+                assert_eq!(resp.status(), StatusCode::OK);
+                assert!(
+                    body.is_err(),
+                    "{path}: a truncated body must not look complete"
+                );
+                assert_eq!(origin.hits(path), n, "{path}: nothing cached");
+                until(|| !proxy.proxy.cache().contains_key(path)).await;
+            }
+        }
+        proxy.shutdown().await;
+    })
+    .await;
+}
+
+/// A client that requests a large body and never reads it blocks the proxy's writes: after
+/// the idle timeout its connection is closed (it then finds far less than the body in its
+/// socket). Regression: it held its connection and cache reader for as long as it liked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_that_stops_reading_is_disconnected() {
+    deadline(async {
+        let origin = RawOrigin::start().await;
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = server::Config::new(origin.url(), dir.path());
+        config.limits.idle_timeout = Duration::from_millis(200);
+        let proxy = start_proxy_with(&config).await;
+        // Cache the body first, so the proxy can write as fast as the client reads.
+        let (_, body) = fetch(&client(), proxy.url("/big/r"), None).await;
+        assert_eq!(body.unwrap().len(), RAW_BIG);
+
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        let mut conn = socket.connect(proxy.addr).await.unwrap();
+        conn.write_all(b"GET /big/r HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        sleep(Duration::from_secs(3)).await; // reads nothing: the proxy's writes block
+        let mut got = Vec::new();
+        let _ = timeout(Duration::from_secs(20), conn.read_to_end(&mut got))
+            .await
+            .expect("the proxy closed the connection");
+        assert!(
+            got.len() < RAW_BIG,
+            "the whole body was delivered to a client that stopped reading ({} bytes)",
+            got.len()
+        );
+        proxy.shutdown().await;
+    })
+    .await;
+}
+
+/// Downloads outlive the clients that start them, so the connection cap does not bound
+/// them: `max_downloads` does. With one slot, a miss for another path waits (the origin sees
+/// nothing) while a download runs, then runs once the slot frees. Regression: a client could
+/// start any number of downloads (an upstream socket and a staged file each) by asking for
+/// distinct paths and hanging up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn downloads_beyond_max_downloads_wait_for_a_slot() {
+    deadline(async {
+        let origin = Origin::start().await;
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = server::Config::new(origin.url(), dir.path());
+        config.max_downloads = 1;
+        let proxy = start_proxy_with(&config).await;
+        let client = client();
+
+        // The first download stalls half-way (gate closed); its client hangs up.
+        let first = send(&client, proxy.url("/gated/d1"), None).await;
+        assert_eq!(first.status(), StatusCode::OK);
+        drop(first);
+
+        let second = {
+            let (client, url) = (client.clone(), proxy.url("/file/d2"));
+            tokio::spawn(async move { fetch(&client, url, None).await })
+        };
+        sleep(Duration::from_millis(500)).await;
+        assert_eq!(
+            origin.hits("/file/d2"),
+            0,
+            "a second download ran past the limit"
+        );
+        assert!(!second.is_finished());
+
+        origin.open_gate();
+        let (resp, body) = second.await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert!(body.unwrap() == content()[..]);
+        assert_eq!(origin.hits("/file/d2"), 1);
+        // The first download ran to its end without a client, and was cached.
+        let cache = proxy.proxy.cache();
+        until(|| {
+            cache
+                .get("/gated/d1")
+                .unwrap()
+                .is_some_and(|r| r.size().finished)
+        })
+        .await;
+        proxy.shutdown().await;
     })
     .await;
 }

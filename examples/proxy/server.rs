@@ -12,6 +12,14 @@
 //!   already streaming see their connection end in error (a short body under a
 //!   `Content-Length`, or a chunked body without its last chunk), and the next request goes
 //!   upstream again.
+//! * Only a body that can prove it is complete is cached: one with a `Content-Length` or
+//!   chunked. A body delimited by closing the connection (an HTTP/1.0 origin without
+//!   `Content-Length`, say) ends the same way whether the origin finished or died, so it is
+//!   relayed to its client as it comes and not cached: every request for it goes upstream.
+//! * Client connections are bounded ([`ConnLimits`]): a request head must arrive within
+//!   `head_timeout`, a keep-alive connection may idle (or a client stall reading a response)
+//!   for `idle_timeout`, and at most `max_connections` are served at once (more wait in the
+//!   listen backlog), so slow or silent clients cannot use up the descriptors.
 
 use std::convert::Infallible;
 use std::error::Error as StdError;
@@ -20,7 +28,7 @@ use std::future::{Future, poll_fn};
 use std::io::{self, SeekFrom};
 use std::path::PathBuf;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
@@ -37,9 +45,9 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use streamcache::tokio::AsyncReader;
 use streamcache::{Cache, Entry, Writer};
-use tokio::io::AsyncSeekExt;
-use tokio::net::TcpListener;
-use tokio::sync::oneshot;
+use tokio::io::{AsyncRead, AsyncSeekExt, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, oneshot};
 use tokio::task::JoinSet;
 
 /// Error type of response bodies.
@@ -79,20 +87,55 @@ pub(crate) struct Config {
     pub(crate) upstream: Uri,
     /// Cache directory.
     pub(crate) dir: PathBuf,
-    /// How long to wait for the upstream's response head.
+    /// How long to wait for the upstream's response head, and for each piece of its body.
     pub(crate) upstream_timeout: Duration,
     /// Optional cache size limit in bytes (least recently used entries are evicted).
     pub(crate) max_bytes: Option<u64>,
+    /// Client connection limits.
+    pub(crate) limits: ConnLimits,
+    /// Most upstream downloads (cache fills) at once. A download outlives the client that
+    /// started it, so the connection cap alone does not bound them; past this, a miss waits
+    /// up to `upstream_timeout` for one to end, then gets 503.
+    pub(crate) max_downloads: usize,
+}
+
+/// What one client connection may hold. A connection that breaks a time limit is closed at
+/// once (no response): a client that never finishes its request head, stays idle, or stops
+/// reading cannot hold a descriptor (and a cache reader) for ever.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ConnLimits {
+    /// Longest time to receive a whole request head, counted from the accept (a new
+    /// connection owes a request at once) or from the first byte of a later request.
+    pub(crate) head_timeout: Duration,
+    /// Longest time a keep-alive connection may wait between requests with nothing sent, and
+    /// longest time a response may stay blocked on a client that reads nothing.
+    pub(crate) idle_timeout: Duration,
+    /// Most client connections served at once. Past it the proxy stops accepting: new
+    /// connections wait in the listen backlog (in the kernel, costing the proxy no
+    /// descriptor) until a served one closes.
+    pub(crate) max_connections: usize,
+}
+
+impl Default for ConnLimits {
+    fn default() -> ConnLimits {
+        ConnLimits {
+            head_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            max_connections: 1024,
+        }
+    }
 }
 
 impl Config {
-    /// A configuration with the default timeout and no size limit.
+    /// A configuration with the default timeouts and limits, and no size limit.
     pub(crate) fn new(upstream: Uri, dir: impl Into<PathBuf>) -> Config {
         Config {
             upstream,
             dir: dir.into(),
             upstream_timeout: Duration::from_secs(30),
             max_bytes: None,
+            limits: ConnLimits::default(),
+            max_downloads: 1024,
         }
     }
 }
@@ -104,6 +147,8 @@ pub(crate) struct Proxy {
     client: Client<HttpConnector, Empty<Bytes>>,
     upstream: Uri,
     upstream_timeout: Duration,
+    limits: ConnLimits,
+    downloads: Arc<Semaphore>,
 }
 
 impl Proxy {
@@ -123,6 +168,8 @@ impl Proxy {
             client,
             upstream: config.upstream.clone(),
             upstream_timeout: config.upstream_timeout,
+            limits: config.limits,
+            downloads: Arc::new(Semaphore::new(config.max_downloads)),
         }))
     }
 
@@ -164,8 +211,10 @@ impl Proxy {
         let entry = match self.cache.get_or_create(&key) {
             Ok(e) => e,
             Err(e) => {
+                // Never a miss: with the cache failing, a fetch could not be stored (and must
+                // not replace what is stored).
                 tracing::error!(path = %key, error = %e, "cache error");
-                return log.wrap(simple(StatusCode::INTERNAL_SERVER_ERROR, "cache error\n"));
+                return log.wrap(cache_failure(&e));
             }
         };
         let reader: AsyncReader = match entry {
@@ -182,8 +231,8 @@ impl Proxy {
                 let reader = match w.reader() {
                     Ok(r) => r.into(),
                     Err(e) => {
-                        return log
-                            .wrap(simple(StatusCode::INTERNAL_SERVER_ERROR, &format!("{e}\n")));
+                        tracing::error!(path = %key, error = %e, "cache error");
+                        return log.wrap(cache_failure(&e));
                     }
                 };
                 let (tx, rx) = oneshot::channel();
@@ -200,12 +249,18 @@ impl Proxy {
                     w,
                     tx,
                     self.upstream_timeout,
+                    self.downloads.clone(),
                 ));
                 match rx.await {
                     Ok(UpstreamHead::Cacheable) => reader,
-                    Ok(UpstreamHead::Uncacheable(resp)) => return log.wrap(pass_through(resp)),
+                    Ok(UpstreamHead::Uncacheable(resp)) => {
+                        return log.wrap(pass_through(resp, self.upstream_timeout));
+                    }
                     Ok(UpstreamHead::Failed(msg)) => {
                         return log.wrap(simple(StatusCode::BAD_GATEWAY, &format!("{msg}\n")));
+                    }
+                    Ok(UpstreamHead::Busy) => {
+                        return log.wrap(unavailable(&format!("{TooManyDownloads}\n")));
                     }
                     Err(_) => {
                         return log.wrap(simple(StatusCode::BAD_GATEWAY, "upstream task failed\n"));
@@ -218,15 +273,46 @@ impl Proxy {
         let need_len = req.version() < hyper::Version::HTTP_11;
         let resp = match serve_entry(reader, range, need_len).await {
             Ok(resp) => resp,
+            Err(e) if aborted_by::<NotCacheable>(&e) => {
+                // Joined an entry whose upstream body turned out uncacheable: fetch it again
+                // for this client alone.
+                log.cache = "bypass";
+                self.fetch_uncached(&key).await
+            }
             Err(e) => failure_response(&e),
         };
         log.wrap(resp)
+    }
+
+    /// Relays one upstream response for `path_and_query` without caching it.
+    async fn fetch_uncached(&self, path_and_query: &str) -> Response<ProxyBody> {
+        let uri = match self.upstream_uri(path_and_query) {
+            Ok(u) => u,
+            Err(_) => return simple(StatusCode::BAD_REQUEST, "bad path\n"),
+        };
+        let timeout = self.upstream_timeout;
+        match tokio::time::timeout(timeout, self.client.request(upstream_request(uri))).await {
+            Ok(Ok(resp)) => pass_through(resp, timeout),
+            Ok(Err(e)) => simple(
+                StatusCode::BAD_GATEWAY,
+                &format!("upstream request failed: {}\n", error_chain(&e)),
+            ),
+            Err(_) => simple(
+                StatusCode::BAD_GATEWAY,
+                &format!("upstream did not answer within {timeout:?}\n"),
+            ),
+        }
     }
 }
 
 /// Serves HTTP/1 on `listener` until `shutdown` resolves; then drops every open connection
 /// (and with them their cache readers) before returning. Upstream downloads already started
 /// run on to their end in their own tasks.
+///
+/// At most [`ConnLimits::max_connections`] connections are served at once: at the cap the
+/// loop stops accepting until one closes, so further clients wait in the kernel's listen
+/// backlog (and are served in turn) instead of costing a descriptor each. Each connection
+/// runs under [`watch_connection`]'s time limits.
 ///
 /// # Errors
 /// None today: accept errors are logged and retried.
@@ -235,16 +321,35 @@ pub(crate) async fn serve(
     proxy: Arc<Proxy>,
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<()> {
+    let limits = proxy.limits;
+    let permits = Arc::new(Semaphore::new(limits.max_connections));
     let mut conns = JoinSet::new();
+    let mut at_cap = false;
     tokio::pin!(shutdown);
     loop {
+        if permits.available_permits() == 0 {
+            if !at_cap {
+                tracing::warn!(
+                    max_connections = limits.max_connections,
+                    "connection limit reached: new clients wait in the listen backlog"
+                );
+            }
+            at_cap = true;
+        } else {
+            at_cap = false;
+        }
+        let next = async {
+            let permit = permits.clone().acquire_owned().await.expect("never closed");
+            (permit, listener.accept().await)
+        };
         tokio::select! {
             () = &mut shutdown => break,
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
-            accepted = listener.accept() => {
+            (permit, accepted) = next => {
                 let (stream, peer) = match accepted {
                     Ok(a) => a,
                     Err(e) => {
+                        // EMFILE and the like: back off instead of spinning.
                         tracing::warn!(error = %e, "accept failed");
                         tokio::time::sleep(Duration::from_millis(50)).await;
                         continue;
@@ -253,15 +358,30 @@ pub(crate) async fn serve(
                 let _ = stream.set_nodelay(true);
                 let proxy = proxy.clone();
                 conns.spawn(async move {
+                    let _permit = permit; // held as long as the connection
+                    let state = Arc::new(Mutex::new(ConnState::new()));
+                    let io = TokioIo::new(WatchedIo {
+                        inner: stream,
+                        state: state.clone(),
+                    });
+                    let svc_state = state.clone();
                     let svc = service_fn(move |req| {
                         let proxy = proxy.clone();
-                        async move { Ok::<_, Infallible>(proxy.handle(req).await) }
+                        let guard = InFlight::begin(&svc_state);
+                        async move {
+                            let resp = proxy.handle(req).await;
+                            Ok::<_, Infallible>(resp.map(|body| Guarded { body, _guard: guard }))
+                        }
                     });
-                    if let Err(e) = http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await
-                    {
-                        tracing::debug!(%peer, error = %e, "connection ended in error");
+                    let conn = http1::Builder::new().serve_connection(io, svc);
+                    match watch_connection(conn, &state, limits).await {
+                        Ok(()) => {}
+                        Err(ConnEnd::Hyper(e)) => {
+                            tracing::debug!(%peer, error = %e, "connection ended in error");
+                        }
+                        Err(ConnEnd::TimedOut(why)) => {
+                            tracing::debug!(%peer, "connection closed: {why}");
+                        }
                     }
                 });
             }
@@ -269,6 +389,217 @@ pub(crate) async fn serve(
     }
     conns.shutdown().await;
     Ok(())
+}
+
+/// How a connection ended, other than cleanly.
+enum ConnEnd {
+    Hyper(hyper::Error),
+    TimedOut(&'static str),
+}
+
+/// Drives one connection until it ends, or until it breaks a limit of `limits`; then it is
+/// dropped, which closes the socket and releases whatever its requests held.
+///
+/// hyper's own `header_read_timeout` is not used: it runs whenever the connection waits for
+/// a request head, idle keep-alive time included, so it would close every idle connection
+/// after the (short) head timeout. Here the head clock starts at the accept or at the first
+/// byte of a later request, the idle clock when the last response has been handed over.
+async fn watch_connection<F>(
+    conn: F,
+    state: &Mutex<ConnState>,
+    limits: ConnLimits,
+) -> Result<(), ConnEnd>
+where
+    F: Future<Output = hyper::Result<()>>,
+{
+    // State changes never bring a deadline closer than the shortest limit from now, so
+    // looking again at that interval (or at the deadline) never misses one.
+    let tick = limits.head_timeout.min(limits.idle_timeout);
+    tokio::pin!(conn);
+    loop {
+        let now = Instant::now();
+        let wake = match state.lock().unwrap().deadline(&limits) {
+            Some((at, why)) if at <= now => return Err(ConnEnd::TimedOut(why)),
+            Some((at, _)) => at.min(now + tick),
+            None => now + tick,
+        };
+        tokio::select! {
+            done = conn.as_mut() => return done.map_err(ConnEnd::Hyper),
+            () = tokio::time::sleep_until(wake.into()) => {}
+        }
+    }
+}
+
+/// What a connection is doing, as far as its time limits care. Updated by [`WatchedIo`]
+/// (bytes in and out) and [`InFlight`] (requests), read by [`watch_connection`].
+#[derive(Debug)]
+struct ConnState {
+    /// Requests received whose response body is not finished (or dropped) yet.
+    in_flight: usize,
+    /// Since when the client owes a request head: the accept, or the first byte received
+    /// after the last response. `None` while a request is in flight or the connection idles.
+    head_since: Option<Instant>,
+    /// Since when the connection has been idle: last response handed over, no byte since.
+    idle_since: Option<Instant>,
+    /// Since when writing to the client has been blocked (it reads nothing).
+    write_blocked_since: Option<Instant>,
+}
+
+impl ConnState {
+    fn new() -> ConnState {
+        ConnState {
+            in_flight: 0,
+            head_since: Some(Instant::now()),
+            idle_since: None,
+            write_blocked_since: None,
+        }
+    }
+
+    /// When the connection must be closed, and why; `None` while nothing is due.
+    fn deadline(&self, limits: &ConnLimits) -> Option<(Instant, &'static str)> {
+        let blocked = self.write_blocked_since.map(|t| {
+            (
+                t + limits.idle_timeout,
+                "client read nothing for the idle timeout",
+            )
+        });
+        let waiting = if self.in_flight > 0 {
+            None
+        } else if let Some(t) = self.head_since {
+            Some((t + limits.head_timeout, "request head not received in time"))
+        } else {
+            self.idle_since
+                .map(|t| (t + limits.idle_timeout, "idle keep-alive connection"))
+        };
+        match (blocked, waiting) {
+            (Some(a), Some(b)) => Some(if a.0 <= b.0 { a } else { b }),
+            (a, b) => a.or(b),
+        }
+    }
+}
+
+/// Counts one request from the moment hyper hands it over until its response body is done
+/// (hyper drops it) or abandoned.
+#[derive(Debug)]
+struct InFlight(Arc<Mutex<ConnState>>);
+
+impl InFlight {
+    fn begin(state: &Arc<Mutex<ConnState>>) -> InFlight {
+        let mut s = state.lock().unwrap();
+        s.in_flight += 1;
+        s.head_since = None;
+        s.idle_since = None;
+        drop(s);
+        InFlight(state.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let mut s = self.0.lock().unwrap();
+        s.in_flight -= 1;
+        if s.in_flight == 0 {
+            s.idle_since = Some(Instant::now());
+        }
+    }
+}
+
+/// A response body that keeps its request counted in flight while hyper sends it.
+struct Guarded {
+    body: ProxyBody,
+    _guard: InFlight,
+}
+
+impl Body for Guarded {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// A client socket that reports to its [`ConnState`]: the first byte of a request head, and
+/// writes blocked on a client that does not read.
+struct WatchedIo {
+    inner: TcpStream,
+    state: Arc<Mutex<ConnState>>,
+}
+
+impl WatchedIo {
+    fn wrote(&self, polled: &Poll<io::Result<usize>>) {
+        let mut s = self.state.lock().unwrap();
+        match polled {
+            Poll::Pending => {
+                s.write_blocked_since.get_or_insert_with(Instant::now);
+            }
+            Poll::Ready(_) => s.write_blocked_since = None,
+        }
+    }
+}
+
+impl AsyncRead for WatchedIo {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            let mut s = self.state.lock().unwrap();
+            if s.in_flight == 0 && s.head_since.is_none() {
+                s.head_since = Some(Instant::now());
+                s.idle_since = None;
+            }
+        }
+        polled
+    }
+}
+
+impl AsyncWrite for WatchedIo {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.wrote(&polled);
+        polled
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.wrote(&polled);
+        polled
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
 }
 
 /// What the download task tells the request that started it, once the upstream answered.
@@ -279,7 +610,22 @@ enum UpstreamHead {
     Uncacheable(Response<Incoming>),
     /// No response (connection error, timeout): the entry was aborted.
     Failed(String),
+    /// Not started: no download slot freed within the upstream timeout; the entry was
+    /// aborted (with [`TooManyDownloads`]).
+    Busy,
 }
+
+/// The abort cause of an entry that found no free download slot (answered 503).
+#[derive(Debug)]
+struct TooManyDownloads;
+
+impl fmt::Display for TooManyDownloads {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("too many upstream downloads in progress")
+    }
+}
+
+impl StdError for TooManyDownloads {}
 
 /// The abort cause of an entry whose upstream answered with a status other than 200.
 /// Requests that joined the entry answer with the same status.
@@ -294,6 +640,53 @@ impl fmt::Display for UpstreamStatus {
 
 impl StdError for UpstreamStatus {}
 
+/// The abort cause of an entry whose upstream response cannot be proved complete. Requests
+/// that joined the entry fetch the path upstream themselves, uncached.
+#[derive(Debug)]
+struct NotCacheable(&'static str);
+
+impl fmt::Display for NotCacheable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} (not cached)", self.0)
+    }
+}
+
+impl StdError for NotCacheable {}
+
+/// How an upstream response body ends, as hyper's client decides it (RFC 9112 6.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    /// `Content-Length`: hyper fails a body that ends short.
+    Length(u64),
+    /// `Transfer-Encoding: …, chunked`: hyper fails a body without its last chunk.
+    Chunked,
+    /// Neither (an HTTP/1.0 response without length, or a transfer coding other than
+    /// chunked last): the body ends when the connection closes, complete or not.
+    Close,
+}
+
+impl Framing {
+    fn of<B>(resp: &Response<B>) -> Framing {
+        let h = resp.headers();
+        if h.contains_key(header::TRANSFER_ENCODING) {
+            // hyper rejects Transfer-Encoding in an HTTP/1.0 response, and reads any other
+            // to the close unless chunked is the last coding (Content-Length is ignored).
+            let last = h.get_all(header::TRANSFER_ENCODING).iter().next_back();
+            let chunked = last
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.rsplit(',').next())
+                .is_some_and(|coding| coding.trim().eq_ignore_ascii_case("chunked"));
+            if chunked && resp.version() >= hyper::Version::HTTP_11 {
+                Framing::Chunked
+            } else {
+                Framing::Close
+            }
+        } else {
+            content_length(h).map_or(Framing::Close, Framing::Length)
+        }
+    }
+}
+
 /// Fetches `uri` once and writes its body into the entry's `writer`; finishes the entry at
 /// the end of a complete body, aborts it on any error.
 async fn download(
@@ -302,13 +695,22 @@ async fn download(
     mut writer: Writer,
     head_tx: oneshot::Sender<UpstreamHead>,
     timeout: Duration,
+    slots: Arc<Semaphore>,
 ) {
     let start = Instant::now();
     let path = writer.key().to_owned();
-    let req = Request::get(uri)
-        .header(header::USER_AGENT, "streamcache-proxy")
-        .body(Empty::new())
-        .expect("valid request");
+    // Held to the end of the download (of the cache fill; a relay runs on the client's
+    // connection, bounded by the connection cap).
+    let _slot = match tokio::time::timeout(timeout, slots.acquire_owned()).await {
+        Ok(Ok(slot)) => slot,
+        Ok(Err(_)) | Err(_) => {
+            tracing::warn!(%path, "{TooManyDownloads}: 503");
+            writer.abort_with(TooManyDownloads);
+            let _ = head_tx.send(UpstreamHead::Busy);
+            return;
+        }
+    };
+    let req = upstream_request(uri);
     let resp = match tokio::time::timeout(timeout, client.request(req)).await {
         Ok(Ok(resp)) => resp,
         Ok(Err(e)) => {
@@ -333,8 +735,17 @@ async fn download(
         let _ = head_tx.send(UpstreamHead::Uncacheable(resp));
         return;
     }
-    let (parts, mut body) = resp.into_parts();
-    if let Some(len) = content_length(&parts.headers) {
+    let framing = Framing::of(&resp);
+    if framing == Framing::Close {
+        // Its end looks the same whether the origin finished or died: never cache it.
+        tracing::info!(%path, "upstream body delimited by closing: relayed, not cached");
+        writer.abort_with(NotCacheable("the upstream body is delimited by closing"));
+        let _ = head_tx.send(UpstreamHead::Uncacheable(resp));
+        return;
+    }
+    let (parts, body) = resp.into_parts();
+    let mut body = StallTimeout::new(body, timeout);
+    if let Framing::Length(len) = framing {
         // Only fails if bytes were written already, which they were not.
         let _ = writer.set_expected_len(len);
     }
@@ -360,7 +771,7 @@ async fn download(
         };
         match next {
             None => break Ok(()),
-            Some(Err(e)) => break Err(format!("upstream body failed: {}", error_chain(&e))),
+            Some(Err(e)) => break Err(format!("upstream body failed: {}", error_chain(&*e))),
             Some(Ok(frame)) => {
                 if let Ok(data) = frame.into_data()
                     && !data.is_empty()
@@ -709,6 +1120,26 @@ pub(crate) fn decode_head(meta: &[u8]) -> Option<Vec<(HeaderName, HeaderValue)>>
     Some(out)
 }
 
+/// The GET the proxy sends upstream.
+fn upstream_request(uri: Uri) -> Request<Empty<Bytes>> {
+    Request::get(uri)
+        .header(header::USER_AGENT, "streamcache-proxy")
+        .body(Empty::new())
+        .expect("valid request")
+}
+
+/// Whether `e` reports an entry aborted with a cause of type `T`.
+fn aborted_by<T: StdError + 'static>(e: &io::Error) -> bool {
+    e.get_ref()
+        .and_then(|inner| inner.downcast_ref::<streamcache::Error>())
+        .is_some_and(|err| match err {
+            streamcache::Error::Aborted {
+                cause: Some(cause), ..
+            } => cause.is::<T>(),
+            _ => false,
+        })
+}
+
 fn content_length(headers: &HeaderMap) -> Option<u64> {
     headers
         .get(header::CONTENT_LENGTH)?
@@ -719,31 +1150,125 @@ fn content_length(headers: &HeaderMap) -> Option<u64> {
         .ok()
 }
 
-/// Relays an uncached upstream response (minus hop-by-hop headers).
-fn pass_through(resp: Response<Incoming>) -> Response<ProxyBody> {
+/// Relays an uncached upstream response (minus hop-by-hop headers); a body silent for
+/// `stall` fails (the client's connection is cut, not left hanging).
+fn pass_through(resp: Response<Incoming>, stall: Duration) -> Response<ProxyBody> {
     let (mut parts, body) = resp.into_parts();
     for name in HOP_HEADERS {
         parts.headers.remove(name);
     }
-    Response::from_parts(parts, body.map_err(BoxError::from).boxed_unsync())
+    // Not the upstream's version: an HTTP/1.0 response head would make hyper delimit the
+    // body by closing for HTTP/1.1 clients too, and a relay that breaks would look complete.
+    // hyper answers an HTTP/1.0 request in HTTP/1.0 by itself.
+    parts.version = hyper::Version::HTTP_11;
+    Response::from_parts(parts, StallTimeout::new(body, stall).boxed_unsync())
+}
+
+/// An upstream body that fails once it has had nothing ready for `limit`: a silent origin
+/// would otherwise hold its entry in progress for ever (every reader, its client
+/// connection and the upstream socket with it).
+struct StallTimeout<B> {
+    body: B,
+    limit: Duration,
+    sleep: Pin<Box<tokio::time::Sleep>>,
+    armed: bool,
+}
+
+impl<B> StallTimeout<B> {
+    fn new(body: B, limit: Duration) -> StallTimeout<B> {
+        StallTimeout {
+            body,
+            limit,
+            sleep: Box::pin(tokio::time::sleep(limit)),
+            armed: false,
+        }
+    }
+}
+
+impl<B> Body for StallTimeout<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.body).poll_frame(cx) {
+            Poll::Ready(next) => {
+                this.armed = false;
+                Poll::Ready(next.map(|r| r.map_err(Into::into)))
+            }
+            Poll::Pending => {
+                if !this.armed {
+                    let at = tokio::time::Instant::now() + this.limit;
+                    this.sleep.as_mut().reset(at);
+                    this.armed = true;
+                }
+                ready!(this.sleep.as_mut().poll(cx));
+                let limit = this.limit;
+                Poll::Ready(Some(Err(
+                    format!("upstream sent nothing for {limit:?}").into()
+                )))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
 }
 
 /// The answer to a request whose entry failed before its response started: the upstream's
-/// status if that is why it was not cached, otherwise 502.
+/// status if that is why it was not cached, 503 if the cache's storage failed, otherwise 502.
 fn failure_response(e: &io::Error) -> Response<ProxyBody> {
-    let status = e
+    let cache_err = e
         .get_ref()
-        .and_then(|inner| inner.downcast_ref::<streamcache::Error>())
-        .and_then(|err| match err {
-            streamcache::Error::Aborted {
-                cause: Some(cause), ..
-            } => cause.downcast_ref::<UpstreamStatus>().map(|s| s.0),
-            _ => None,
-        });
-    match status {
-        Some(status) => simple(status, ""),
-        None => simple(StatusCode::BAD_GATEWAY, &format!("{e}\n")),
+        .and_then(|inner| inner.downcast_ref::<streamcache::Error>());
+    match cache_err {
+        Some(streamcache::Error::Aborted {
+            cause: Some(cause), ..
+        }) if cause.is::<UpstreamStatus>() => simple(
+            cause.downcast_ref::<UpstreamStatus>().expect("checked").0,
+            "",
+        ),
+        Some(streamcache::Error::Aborted {
+            cause: Some(cause), ..
+        }) if cause.is::<TooManyDownloads>() => unavailable(&format!("{TooManyDownloads}\n")),
+        Some(err @ streamcache::Error::Io { .. }) => cache_failure(err),
+        None if e.raw_os_error().is_some() => unavailable(&format!("cache error: {e}\n")),
+        _ => simple(StatusCode::BAD_GATEWAY, &format!("{e}\n")),
     }
+}
+
+/// Seconds a client is told to wait (`Retry-After`) before retrying after a 503.
+const RETRY_AFTER_SECS: u32 = 2;
+
+/// The answer when the cache itself fails a request: 503 with `Retry-After` for an I/O
+/// error (out of descriptors, disk full or failing: conditions that pass), 500 otherwise.
+fn cache_failure(e: &streamcache::Error) -> Response<ProxyBody> {
+    match e {
+        streamcache::Error::Io { .. } => unavailable(&format!("cache error: {e}\n")),
+        _ => simple(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &format!("cache error: {e}\n"),
+        ),
+    }
+}
+
+fn unavailable(text: &str) -> Response<ProxyBody> {
+    let mut resp = simple(StatusCode::SERVICE_UNAVAILABLE, text);
+    resp.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
+    resp
 }
 
 fn simple(status: StatusCode, text: &str) -> Response<ProxyBody> {
