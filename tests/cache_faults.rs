@@ -140,6 +140,50 @@ fn idle_handles_are_closed_before_a_request_fails() {
     run_child_with_nofile("child_emfile_idle_handles", 64, dir.path());
 }
 
+/// Child (64 descriptors): a cache allowed to keep 10 000 idle handles writes and reads 200
+/// entries. Regression: once the idle entries' open files used up the descriptors, every
+/// commit failed with EMFILE (a commit opens the record file), retries included. A write
+/// that runs out of descriptors still fails, but the cache lets go of its idle handles, so
+/// the retry succeeds.
+#[test]
+fn child_emfile_commits() {
+    let Some(dir) = child_dir() else { return };
+    let cache = Cache::builder()
+        .disk(&dir)
+        .max_idle_handles(10_000)
+        .build()
+        .unwrap();
+    let mut retried = 0;
+    for i in 0..200 {
+        let key = format!("k{i}");
+        let value = format!("value {i}");
+        let write = || -> streamcache::Result<()> {
+            match cache.get_or_create(&key)? {
+                Entry::Miss(mut w) => {
+                    w.write_bytes(value.as_bytes())?;
+                    w.finish()
+                }
+                Entry::Hit(_) => panic!("{key} present before it was written"),
+            }
+        };
+        if let Err(e) = write() {
+            assert!(format!("{e:?}").contains("code: 24"), "{e:?}");
+            retried += 1;
+            write().unwrap_or_else(|e| panic!("retry of {key} failed: {e}"));
+        }
+        // Read once: a released, finished entry keeps its file open while idle.
+        assert_eq!(get_bytes(&cache, &key), value.as_bytes());
+    }
+    assert!(retried > 0, "the descriptor limit was never reached");
+    assert_eq!(cache.len(), 200);
+}
+
+#[test]
+fn writes_recover_from_running_out_of_descriptors() {
+    let dir = tempfile::tempdir().unwrap();
+    run_child_with_nofile("child_emfile_commits", 64, dir.path());
+}
+
 /// Makes `path` immutable (`chattr +i`) until dropped; `None` (with a message) where the file
 /// system or the privileges do not allow it.
 struct Immutable(PathBuf);
