@@ -660,6 +660,40 @@ fn disk_written_blocks_are_trusted_only_while_the_file_is_unchanged() {
     );
 }
 
+/// `BlobReader::revalidate` is what stream readers call as they enter a new block: on disk,
+/// and through every wrapper, a change to the file during a use (no `idle` in between) makes
+/// the next read of the changed block fail after it, even one that read clean before.
+/// (Regression: wrappers that did not forward it would silently keep the old checks.)
+#[test]
+fn disk_revalidate_catches_a_change_during_a_use_through_every_wrapper() {
+    let wrapped: Vec<(&str, Factory)> = vec![
+        ("disk", disk),
+        ("box<disk>", || boxed(disk())),
+        ("arc<disk>", || shared(disk())),
+        ("faulty<disk>", || faulty(disk())),
+        ("faulty<box<disk>>", || faulty(boxed(disk()))),
+    ];
+    for (name, make) in wrapped {
+        let b = make();
+        let s = &*b.storage;
+        let len = 2 * MIB + 70;
+        commit_pattern(s, "blob", len, b"");
+        let (r, _) = s.open("blob").unwrap();
+        assert_pattern(&read_range(&*r, 0, len).unwrap(), 0);
+        let dir = b._dir.as_ref().unwrap().path();
+        flip(&data_path(dir, "blob"), MIB + 9);
+        r.revalidate();
+        let err = read_range(&*r, MIB as u64, 16).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{name}: {err}");
+        assert_pattern(&read_range(&*r, 0, 16).unwrap(), 0);
+    }
+}
+
+/// The data file of blob `name` under a disk storage's directory (`v1/<ab>/<name>`).
+fn data_path(dir: &std::path::Path, name: &str) -> std::path::PathBuf {
+    dir.join("v1").join(&name[..2]).join(name)
+}
+
 /// The same on a fresh process-like reopen of the directory.
 #[test]
 fn disk_flipped_byte_after_reopen() {

@@ -78,23 +78,32 @@ const LEFTOVER_MARGIN: Duration = Duration::from_secs(2);
 /// # Integrity
 ///
 /// Once a blob is committed, reads check the 1 MiB blocks they touch against their hashes: a
-/// block is read whole and hashed the first time it is read in a *use* of the blob (a period
-/// during which it has readers, shared by all of them), and served straight from the file for
-/// the rest of that use. A blob opened with [`Storage::open`] (after a restart, say) starts
-/// with no block checked; a blob this handle committed starts with every block checked, since
-/// the writer hashed exactly the bytes it wrote (so reading back what was just written costs
-/// no second hash). When a new use starts (after [`BlobReader::idle`]), the file is
-/// `fstat`ed: if its size, inode, modification or change time differ from when the blocks were
-/// checked, the record of checked blocks is forgotten. So a file altered at rest is caught by
-/// the next read of each altered block — sequential, `read_at` in the middle or after a seek
-/// alike — without reading the whole blob first; a block that fails is an [`Error::Corrupt`]
-/// read error, never data. Limits, by design: a block rewritten *during* a use, after it was
-/// checked, is re-checked only at the next use; a change that leaves the file's times as they
-/// were is not noticed until a process opens the file afresh (e.g. after a restart) — this
-/// covers damage that bypasses the file system (a bad sector under the page cache), a write
-/// that restores the times, and, on file systems or kernels that keep coarse timestamps (one
-/// per clock tick; Linux before 6.13 on most file systems), a write landing in the same tick
-/// as the previous stamp.
+/// block is read whole and hashed the first time it is read, and then served straight from
+/// the file for as long as the file's `fstat` stamp (size, inode, modification and change
+/// times) stays what it was when the block was checked. A blob opened with
+/// [`Storage::open`] (after a restart, say) starts with no block checked; a blob this handle
+/// committed starts with every block checked, since the writer hashed exactly the bytes it
+/// wrote (so reading back what was just written costs no second hash).
+///
+/// The stamp is compared again ([`BlobReader::revalidate`]) whenever a stream reader starts
+/// reading and whenever one of its reads enters a 1 MiB block it has not just read —
+/// sequentially, with `read_at`, or after a seek — and at the first read after the blob was
+/// idle ([`BlobReader::idle`]); a read that stays within the block costs no `fstat`. If the
+/// stamp changed, every checked block is forgotten (a check racing that is withdrawn), so
+/// each block is hashed again before it is served. A file altered on disk, at rest or while
+/// the blob is in use, is thus caught by the next read of each altered block that enters it
+/// — by any reader, new or old — without reading the whole blob first; a block that fails is
+/// an [`Error::Corrupt`] read error, never data.
+///
+/// Limits, by design: a reader that keeps reading *within* one block it already read is
+/// served from the file without a new comparison, so a change made in the middle of that
+/// block's reads may reach it (the next block it enters, or any other reader entering the
+/// block, notices); and a change that leaves the stamp as it was is not noticed until a
+/// process opens the file afresh (e.g. after a restart) — this covers damage that bypasses
+/// the file system (a bad sector under the page cache), a write that restores the times, and,
+/// on file systems or kernels that keep coarse timestamps (one per clock tick; Linux before
+/// 6.13 on most file systems), a write landing in the same tick as the previous stamp.
+///
 /// Bytes read while the blob is still being written are not checked: they were just written
 /// by this process.
 #[derive(Debug, Clone)]
@@ -707,8 +716,8 @@ impl BlobWriter for DiskWriter {
 ///
 /// While the blob is being written, reads are plain positional reads. Once it is committed
 /// (or when it was opened from storage), each block is checked against its blake3 hash the
-/// first time it is read; a use that starts after the blob was idle ([`BlobReader::idle`])
-/// keeps those checks only if the file's `fstat` stamp is unchanged.
+/// first time it is read; [`BlobReader::revalidate`] (and the first read after
+/// [`BlobReader::idle`]) keeps those checks only if the file's `fstat` stamp is unchanged.
 #[derive(Debug)]
 struct DiskReader {
     file: Arc<File>,
@@ -756,6 +765,10 @@ struct Check {
     verified: Box<[AtomicU64]>,
     /// Set by `idle`: the next read first compares the file's stamp with `stamp`.
     recheck: AtomicBool,
+    /// Bumped each time `verified` is cleared, so that a block check that raced the clear
+    /// (it read the file before the change, and set its bit after the clear) withdraws its
+    /// bit instead of vouching for the changed file.
+    epoch: AtomicU64,
     /// Lock: this mutex. The file's stamp when the bits in `verified` were earned.
     stamp: Mutex<Option<Stamp>>,
 }
@@ -768,23 +781,43 @@ impl Check {
             hashes,
             verified: (0..words).map(|_| AtomicU64::new(0)).collect(),
             recheck: AtomicBool::new(false),
+            epoch: AtomicU64::new(0),
             stamp: Mutex::new(stamp),
         }
     }
 
-    /// At the start of a use: forgets every checked block if the file changed since they
-    /// were checked (or if that cannot be told).
-    fn revalidate(&self, file: &File) {
-        if !self.recheck.swap(false, Ordering::AcqRel) {
+    /// Forgets every checked block if the file changed since they were checked (or if that
+    /// cannot be told): with `force` (a reader entering a new block, `BlobReader::revalidate`)
+    /// or at the first read of a new use (after `idle`); otherwise does nothing.
+    fn revalidate(&self, file: &File, force: bool) {
+        let new_use = self.recheck.swap(false, Ordering::AcqRel);
+        if !(force || new_use) {
             return;
         }
-        let now = Stamp::of(file);
+        // The stamp is taken under the lock, so concurrent revalidations update it in order.
         let mut stamp = self.stamp.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Stamp::of(file);
         if now.is_none() || *stamp != now {
-            for word in self.verified.iter() {
-                word.store(0, Ordering::Release);
-            }
+            self.forget();
             *stamp = now;
+        }
+    }
+
+    /// Clears every checked block.
+    fn forget(&self) {
+        self.epoch.fetch_add(1, Ordering::SeqCst);
+        for word in self.verified.iter() {
+            word.store(0, Ordering::SeqCst);
+        }
+    }
+
+    /// Marks `block` checked, unless `verified` was cleared since `epoch` (when the check
+    /// started reading): then the bytes it checked may predate a change.
+    fn mark(&self, block: u64, epoch: u64) {
+        let (word, bit) = (&self.verified[(block / 64) as usize], 1 << (block % 64));
+        word.fetch_or(bit, Ordering::SeqCst);
+        if self.epoch.load(Ordering::SeqCst) != epoch {
+            word.fetch_and(!bit, Ordering::SeqCst);
         }
     }
 
@@ -820,6 +853,7 @@ impl DiskReader {
     fn verify_block(&self, c: &Check, block: u64, from: usize, out: &mut [u8]) -> io::Result<()> {
         let start = block * BLOCK;
         let size = (c.len - start).min(BLOCK) as usize;
+        let epoch = c.epoch.load(Ordering::SeqCst);
         let mut guard = self.scratch.try_lock().ok();
         let mut own = Vec::new();
         let scratch = match guard.as_deref_mut() {
@@ -840,13 +874,13 @@ impl DiskReader {
                 format!("block {block} fails its blake3 check"),
             ));
         }
-        c.verified[(block / 64) as usize].fetch_or(1 << (block % 64), Ordering::AcqRel);
+        c.mark(block, epoch);
         out.copy_from_slice(&scratch[from..from + out.len()]);
         Ok(())
     }
 
     fn read_checked(&self, c: &Check, buf: &mut [u8], offset: u64) -> io::Result<usize> {
-        c.revalidate(&self.file);
+        c.revalidate(&self.file, false);
         if offset >= c.len {
             return Ok(0);
         }
@@ -884,9 +918,40 @@ impl BlobReader for DiskReader {
             c.recheck.store(true, Ordering::Release);
         }
     }
+
+    /// Compares the file's `fstat` stamp with the one the checked blocks were earned under;
+    /// if it changed, every block is hashed again before it is served.
+    fn revalidate(&self) {
+        if let Some(c) = self.check.get() {
+            c.revalidate(&self.file, true);
+        }
+    }
 }
 
 impl DiskStorage {
+    /// `Storage::create`, with the writer's concrete type (unit tests look into its reader).
+    fn create_writer(&self, name: &str) -> io::Result<DiskWriter> {
+        validate_name(name)?;
+        let (file, staged) = tempfile::Builder::new()
+            .prefix(name)
+            .tempfile_in(&self.inner.tmp)?
+            .into_parts();
+        let file = Arc::new(file);
+        let reader = Arc::new(DiskReader::new(file.clone(), self.blob_path(name), None));
+        Ok(DiskWriter {
+            storage: self.inner.clone(),
+            name: name.to_owned(),
+            file,
+            reader,
+            staged,
+            len: 0,
+            block: blake3::Hasher::new(),
+            hashes: Vec::new(),
+            tail: None,
+            last_write: None,
+        })
+    }
+
     /// Reads `name`'s record and opens its data, making sure they belong together: a commit
     /// replacing the blob removes the record before it moves new data in, so if the record
     /// read is still in place once the data is open, that data is the record's. (Regression:
@@ -1010,25 +1075,7 @@ impl DiskStorage {
 
 impl Storage for DiskStorage {
     fn create(&self, name: &str) -> io::Result<Box<dyn BlobWriter>> {
-        validate_name(name)?;
-        let (file, staged) = tempfile::Builder::new()
-            .prefix(name)
-            .tempfile_in(&self.inner.tmp)?
-            .into_parts();
-        let file = Arc::new(file);
-        let reader = Arc::new(DiskReader::new(file.clone(), self.blob_path(name), None));
-        Ok(Box::new(DiskWriter {
-            storage: self.inner.clone(),
-            name: name.to_owned(),
-            file,
-            reader,
-            staged,
-            len: 0,
-            block: blake3::Hasher::new(),
-            hashes: Vec::new(),
-            tail: None,
-            last_write: None,
-        }))
+        Ok(Box::new(self.create_writer(name)?))
     }
 
     fn open(&self, name: &str) -> io::Result<(Arc<dyn BlobReader>, BlobInfo)> {
@@ -1212,6 +1259,151 @@ mod tests {
         assert_eq!(r.read_at(&mut buf, 0).unwrap(), 10);
         let err = r.read_at(&mut buf, BLOCK).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+    }
+
+    /// One byte flipped through a handle of its own, and the modification time moved to
+    /// `mtime`: a change to the file the storage did not make.
+    fn tamper(path: &Path, at: u64, mtime: SystemTime) {
+        let f = File::options().read(true).write(true).open(path).unwrap();
+        let mut b = [0u8];
+        f.read_exact_at(&mut b, at).unwrap();
+        f.write_all_at(&[!b[0]], at).unwrap();
+        f.set_modified(mtime).unwrap();
+    }
+
+    /// Which blocks `r` counts as checked.
+    fn checked(r: &DiskReader) -> Vec<bool> {
+        let c = r.check.get().expect("committed");
+        (0..c.hashes.len() as u64)
+            .map(|b| c.is_verified(b))
+            .collect()
+    }
+
+    /// A committed blob of `blocks` full blocks and 5 bytes, with its writer's shared reader.
+    fn committed(s: &DiskStorage, name: &str, blocks: u64) -> Arc<DiskReader> {
+        let mut w = s.create_writer(name).unwrap();
+        let r = w.reader.clone();
+        w.write(&vec![7u8; (blocks * BLOCK + 5) as usize]).unwrap();
+        Box::new(w).commit(Vec::new()).unwrap();
+        r
+    }
+
+    /// `vouch_all` marks exactly the blob's blocks, in every word, whatever the count.
+    #[test]
+    fn vouch_all_marks_exactly_the_blocks() {
+        for n in [1u64, 2, 63, 64, 65, 127, 128, 129, 200] {
+            let c = Check::new(n * BLOCK, vec![[0; 32]; n as usize], None);
+            c.vouch_all();
+            let words = c.verified.len() as u64;
+            assert_eq!(words, n.div_ceil(64));
+            for b in 0..words * 64 {
+                assert_eq!(c.is_verified(b), b < n, "block {b} of {n}");
+            }
+        }
+    }
+
+    /// The life of the checked-blocks record of a blob this handle committed: all vouched for
+    /// at commit; kept by a revalidation that finds the same stamp; forgotten when the stamp
+    /// changes (here only the time: content unchanged); earned again block by block; and kept
+    /// again by the next revalidation under the new stamp.
+    #[test]
+    fn revalidation_keeps_checks_only_under_the_same_stamp() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = DiskStorage::open(dir.path()).unwrap();
+        let r = committed(&s, "blob", 3);
+        assert_eq!(checked(&r), [true; 4], "vouched for at commit");
+        r.revalidate();
+        assert_eq!(checked(&r), [true; 4], "same stamp: checks kept");
+        File::options()
+            .write(true)
+            .open(s.blob_path("blob"))
+            .unwrap()
+            .set_modified(SystemTime::now() + Duration::from_secs(1))
+            .unwrap();
+        // Without `revalidate` or a new use, reads go on under the old checks.
+        let mut buf = [0u8; 4];
+        r.read_at(&mut buf, 0).unwrap();
+        assert_eq!(checked(&r), [true; 4], "no fstat within a use");
+        r.revalidate();
+        assert_eq!(checked(&r), [false; 4], "new stamp: checks forgotten");
+        r.read_at(&mut buf, BLOCK + 1).unwrap();
+        assert_eq!(buf, [7; 4]);
+        assert_eq!(checked(&r), [false, true, false, false]);
+        r.revalidate();
+        assert_eq!(
+            checked(&r),
+            [false, true, false, false],
+            "the new stamp was recorded: checks earned under it are kept"
+        );
+        // A new use (after `idle`) compares too, at its first read.
+        r.idle();
+        File::options()
+            .write(true)
+            .open(s.blob_path("blob"))
+            .unwrap()
+            .set_modified(SystemTime::now() + Duration::from_secs(2))
+            .unwrap();
+        r.read_at(&mut buf, 0).unwrap();
+        assert_eq!(checked(&r), [true, false, false, false]);
+    }
+
+    /// A revalidation after the bytes changed makes the next read of the changed block fail,
+    /// also for a reader that read it clean before.
+    #[test]
+    fn revalidate_catches_a_change_during_a_use() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = DiskStorage::open(dir.path()).unwrap();
+        let r = committed(&s, "blob", 2);
+        let mut buf = [0u8; 8];
+        r.read_at(&mut buf, BLOCK).unwrap();
+        tamper(
+            &s.blob_path("blob"),
+            BLOCK + 3,
+            SystemTime::now() + Duration::from_secs(1),
+        );
+        r.revalidate();
+        let err = r.read_at(&mut buf, BLOCK).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+        r.read_at(&mut buf, 0).unwrap();
+        assert_eq!(buf, [7; 8]);
+    }
+
+    /// Regression guard for the commit-time vouching: a staged file that was extended and
+    /// changed behind the writer's back, with its modification time then set *back* (so the
+    /// time alone looks unchanged), is not vouched for: its length differs from what was
+    /// written.
+    #[test]
+    fn commit_does_not_vouch_for_a_file_of_another_length() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = DiskStorage::open(dir.path()).unwrap();
+        let mut w = s.create_writer("blob").unwrap();
+        let r = w.reader.clone();
+        w.write(&vec![7u8; BLOCK as usize + 5]).unwrap();
+        let staged = w.staged.to_path_buf();
+        let long_ago = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000_000);
+        tamper(&staged, BLOCK + 1, long_ago);
+        let f = File::options().append(true).open(&staged).unwrap();
+        (&f).write_all(b"more").unwrap();
+        f.set_modified(long_ago).unwrap();
+        Box::new(w).commit(Vec::new()).unwrap();
+        assert_eq!(checked(&r), [false, false]);
+        let mut buf = [0u8; 4];
+        let err = r.read_at(&mut buf, BLOCK).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+    }
+
+    /// A block check that read the file before a revalidation forgot the checks, and marks
+    /// its block after, withdraws the mark: the bytes it checked may predate the change.
+    #[test]
+    fn a_check_racing_a_revalidation_is_withdrawn() {
+        let c = Check::new(2 * BLOCK, vec![[0; 32]; 2], None);
+        let before = c.epoch.load(Ordering::SeqCst);
+        c.forget();
+        c.mark(1, before);
+        assert!(!c.is_verified(1), "a mark from before the clear survived");
+        c.mark(1, c.epoch.load(Ordering::SeqCst));
+        assert!(c.is_verified(1));
+        assert!(!c.is_verified(0));
     }
 
     /// Blocks hashed inline or on a helper thread (everything past the first block, once a
