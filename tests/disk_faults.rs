@@ -1,13 +1,22 @@
-//! Real faults on a disk cache's directory: files altered while an entry is in use.
+//! Real faults on a disk cache's directory: files altered while an entry is in use, a deleted
+//! `LOCK` file.
+//!
+//! Risky calls run on a thread under a deadline, or in a child process (this test binary
+//! re-executed in "child mode", selected by an environment variable and an exact test-name
+//! filter, as in `cache_crash.rs`), so that a hang or an abort is a failure, never a stuck run.
 
 mod support;
 
-use std::fs::File;
-use std::io::{self, Read, Seek, SeekFrom};
+use std::fs::{self, File};
+use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant, SystemTime};
 
+use streamcache::storage::{BlobWriter, DiskStorage, Storage};
 use streamcache::{Cache, Error};
 use support::*;
 
@@ -179,4 +188,181 @@ fn touched_but_unaltered_file_still_reads_whole() {
     let mut buf = vec![0; 10];
     keep.read_at(&mut buf, 2 * MIB as u64).unwrap();
     assert_eq!(buf, data[2 * MIB..2 * MIB + 10]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Child processes.
+
+const CHILD_ENV: &str = "STREAMCACHE_DISK_FAULTS_CHILD_DIR";
+const READY: &str = "STREAMCACHE-CHILD-READY";
+
+/// How long a child may take before it counts as hung.
+const CHILD_DEADLINE: Duration = Duration::from_secs(20);
+
+/// A child process running the test `name` of this binary in child mode (`CHILD_ENV` set to
+/// `dir`), with its stdout lines collected. Killed when dropped.
+struct ChildRun {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    name: String,
+}
+
+impl ChildRun {
+    fn spawn(name: &str, dir: &Path) -> ChildRun {
+        Self::spawn_with(name, dir, None)
+    }
+
+    /// `nofile`: the child's open-file limit, set with `prlimit` (util-linux); `None` if it
+    /// is not installed.
+    fn spawn_with(name: &str, dir: &Path, nofile: Option<u32>) -> ChildRun {
+        let exe = std::env::current_exe().unwrap();
+        let mut cmd = match nofile {
+            Some(n) => {
+                let mut c = Command::new("prlimit");
+                c.arg(format!("--nofile={n}:{n}")).arg("--").arg(exe);
+                c
+            }
+            None => Command::new(exe),
+        };
+        let mut child = cmd
+            .args(["--exact", name, "--nocapture", "--test-threads=1"])
+            .env(CHILD_ENV, dir)
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        ChildRun {
+            child,
+            lines,
+            name: name.to_owned(),
+        }
+    }
+
+    /// Waits for a line containing `marker`; fails the test if the child does not print one
+    /// within the deadline.
+    fn line(&self, marker: &str) -> String {
+        let until = Instant::now() + CHILD_DEADLINE;
+        loop {
+            let left = until.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) if line.contains(marker) => return line,
+                Ok(_) => {}
+                Err(_) => panic!(
+                    "child {} printed no {marker} within {CHILD_DEADLINE:?} (hung, aborted or failed)",
+                    self.name
+                ),
+            }
+        }
+    }
+}
+
+impl Drop for ChildRun {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn child_dir() -> Option<PathBuf> {
+    std::env::var_os(CHILD_ENV).map(PathBuf::from)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Item: deleting `LOCK` let a second opener in.
+
+/// Regression: the lock was an OS lock on `<dir>/LOCK` only, so deleting that file (as temp
+/// cleaners do with old untouched files) let a second opener in, which wiped `tmp/` under
+/// the first one's writers.
+#[test]
+fn deleting_lock_file_does_not_unlock_the_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = DiskStorage::open(dir.path()).unwrap();
+    let mut w = first.create("busy").unwrap();
+    w.write(b"in flight").unwrap();
+    fs::remove_file(dir.path().join("LOCK")).unwrap();
+    match DiskStorage::open(dir.path()) {
+        Err(Error::Locked { dir: d }) => assert_eq!(d, dir.path()),
+        other => panic!("expected Locked after LOCK was deleted, got {other:?}"),
+    }
+    match Cache::builder().disk(dir.path()).build() {
+        Err(Error::Locked { .. }) => {}
+        other => panic!("expected Locked for a cache, got {other:?}"),
+    }
+    // The first opener's writer was not disturbed.
+    w.commit(Vec::new()).unwrap();
+    drop(first);
+    let again = reopen(dir.path());
+    assert_eq!(
+        again
+            .list()
+            .unwrap()
+            .into_iter()
+            .map(|b| b.name)
+            .collect::<Vec<_>>(),
+        ["busy"]
+    );
+}
+
+/// Opens `dir` once the lock is free. Not at once: a child process that another test is
+/// starting at that moment shares this process's open files until its `exec` closes them,
+/// and with them the locks.
+fn reopen(dir: &Path) -> DiskStorage {
+    let until = Instant::now() + CHILD_DEADLINE;
+    loop {
+        match DiskStorage::open(dir) {
+            Err(Error::Locked { .. }) if Instant::now() < until => {
+                thread::sleep(Duration::from_millis(10));
+            }
+            other => return other.unwrap(),
+        }
+    }
+}
+
+/// Child body for the cross-process lock test: holds the cache, with an entry half written,
+/// until killed.
+#[test]
+fn lock_holder_child() {
+    let Some(dir) = child_dir() else {
+        return;
+    };
+    let cache = disk_cache(&dir);
+    let mut w = miss(&cache, "in-flight");
+    w.write_all(&pattern(100_000, 3)).unwrap();
+    w.flush().unwrap();
+    let mut out = io::stdout().lock();
+    writeln!(out, "{READY}").unwrap();
+    out.flush().unwrap();
+    drop(out);
+    loop {
+        thread::park();
+    }
+}
+
+/// The same across processes: another process holds the directory, `LOCK` is deleted, and
+/// an opener here is still refused, leaving the other process's staged writes alone.
+#[test]
+fn deleting_lock_file_does_not_let_another_process_in() {
+    let dir = tempfile::tempdir().unwrap();
+    let child = ChildRun::spawn("lock_holder_child", dir.path());
+    child.line(READY);
+    let staged = files_under(&dir.path().join("tmp"));
+    assert_eq!(staged.len(), 1, "the child's entry is staged: {staged:?}");
+    fs::remove_file(dir.path().join("LOCK")).unwrap();
+    let refused = Cache::builder().disk(dir.path()).build();
+    assert!(staged[0].exists(), "the holder's staged file was wiped");
+    drop(child);
+    match refused {
+        Err(Error::Locked { dir: d }) => assert_eq!(d, dir.path()),
+        other => panic!("expected Error::Locked while the holder lives, got {other:?}"),
+    }
+    // Once the holder is gone, the directory opens again.
+    reopen(dir.path());
 }

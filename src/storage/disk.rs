@@ -30,7 +30,9 @@ const LEFTOVER_MARGIN: Duration = Duration::from_secs(2);
 ///
 /// All readers of a blob share one file handle and use positional reads, so opening another
 /// reader costs no system call. The directory is locked against other processes until every
-/// clone of this handle is dropped or [`unlock`](DiskStorage::unlock) is called.
+/// clone of this handle is dropped or [`unlock`](DiskStorage::unlock) is called: with an
+/// exclusive OS lock (`flock`) on the directory itself, so the lock cannot be lost by
+/// deleting a file in it.
 ///
 /// A writer hashes the first 1 MiB block itself; from the second block on, a helper thread
 /// hashes copies of the blocks while the writer goes on writing (a blob of one block never
@@ -39,8 +41,9 @@ const LEFTOVER_MARGIN: Duration = Duration::from_secs(2);
 /// # Layout
 ///
 /// ```text
-/// <dir>/
-///   LOCK                     held with an exclusive OS file lock while a DiskStorage is open
+/// <dir>/                     itself held with an exclusive OS file lock while a DiskStorage is open
+///   LOCK                     also locked, for processes of earlier versions (which lock only
+///                            this file); deleting it unlocks nothing
 ///   tmp/                     blobs being written and metadata being replaced (wiped at open)
 ///   v1/<ab>/<name>           committed data; <ab> is the first two characters of the name
 ///   v1/<ab>/<name>.meta      its metadata record (below)
@@ -120,9 +123,9 @@ struct DiskInner {
     /// How many block-hashing helpers may run process-wide before this storage's writers hash
     /// inline: the number of cores.
     hash_helpers: usize,
-    /// Lock: this mutex. Holds the exclusive OS lock on `<dir>/LOCK` until dropped or
-    /// [`DiskStorage::unlock`]ed.
-    lock: Mutex<Option<File>>,
+    /// Lock: this mutex. The directory itself and `<dir>/LOCK`, each held with an exclusive
+    /// OS lock until dropped or [`DiskStorage::unlock`]ed.
+    lock: Mutex<Option<(File, File)>>,
     /// When this storage opened the directory: `list` deletes leftovers only if they are
     /// older (by `LEFTOVER_MARGIN`), so it never deletes a commit or removal in flight.
     opened: SystemTime,
@@ -149,6 +152,12 @@ impl DiskStorage {
     /// As for [`open`](Self::open).
     pub fn open_with(dir: &Path, sync: bool) -> Result<Self> {
         fs::create_dir_all(dir).map_err(|e| Error::io("create directory", dir, e))?;
+        // The lock is on the directory itself, which no one deletes while we use it.
+        // (Regression: it was on `<dir>/LOCK` alone, so deleting that file, as temp cleaners
+        // do with old untouched files, let a second process in, which wiped `tmp/` under our
+        // writers.) `LOCK` is still locked too, for processes of earlier versions.
+        let dir_lock = File::open(dir).map_err(|e| Error::io("open", dir, e))?;
+        try_lock(&dir_lock, dir, dir)?;
         let lock_path = dir.join("LOCK");
         let lock = File::options()
             .create(true)
@@ -156,15 +165,7 @@ impl DiskStorage {
             .write(true)
             .open(&lock_path)
             .map_err(|e| Error::io("open", &lock_path, e))?;
-        match lock.try_lock() {
-            Ok(()) => {}
-            Err(fs::TryLockError::WouldBlock) => {
-                return Err(Error::Locked {
-                    dir: dir.to_path_buf(),
-                });
-            }
-            Err(fs::TryLockError::Error(e)) => return Err(Error::io("lock", &lock_path, e)),
-        }
+        try_lock(&lock, &lock_path, dir)?;
         let tmp = dir.join(TMP_DIR);
         match fs::remove_dir_all(&tmp) {
             Ok(()) => {}
@@ -187,7 +188,7 @@ impl DiskStorage {
                 tmp,
                 sync,
                 hash_helpers: std::thread::available_parallelism().map_or(1, |n| n.get()),
-                lock: Mutex::new(Some(lock)),
+                lock: Mutex::new(Some((dir_lock, lock))),
                 opened: SystemTime::now(),
                 durable_shards: Mutex::default(),
             }),
@@ -229,6 +230,17 @@ impl DiskStorage {
     /// The data file of a committed blob (for tools and tests).
     pub fn blob_path(&self, name: &str) -> PathBuf {
         self.inner.shard(name).join(name)
+    }
+}
+
+/// Takes the exclusive OS lock on `file` (at `path`), or [`Error::Locked`] naming `dir`.
+fn try_lock(file: &File, path: &Path, dir: &Path) -> Result<()> {
+    match file.try_lock() {
+        Ok(()) => Ok(()),
+        Err(fs::TryLockError::WouldBlock) => Err(Error::Locked {
+            dir: dir.to_path_buf(),
+        }),
+        Err(fs::TryLockError::Error(e)) => Err(Error::io("lock", path, e)),
     }
 }
 
