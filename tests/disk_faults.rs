@@ -1,4 +1,5 @@
-//! Real faults on a disk cache's directory: files altered while an entry is in use, a deleted
+//! Real faults on a disk cache's directory: files altered while an entry is in use, hostile
+//! files where records or data belong (huge sparse files, FIFOs, symbolic links), a deleted
 //! `LOCK` file.
 //!
 //! Risky calls run on a thread under a deadline, or in a child process (this test binary
@@ -195,6 +196,7 @@ fn touched_but_unaltered_file_still_reads_whole() {
 
 const CHILD_ENV: &str = "STREAMCACHE_DISK_FAULTS_CHILD_DIR";
 const READY: &str = "STREAMCACHE-CHILD-READY";
+const REPORT: &str = "STREAMCACHE-CHILD-REPORT";
 
 /// How long a child may take before it counts as hung.
 const CHILD_DEADLINE: Duration = Duration::from_secs(20);
@@ -262,6 +264,22 @@ impl ChildRun {
             }
         }
     }
+
+    /// Waits for the child to exit on its own; fails the test if it does not in time.
+    fn wait(mut self) -> std::process::ExitStatus {
+        let until = Instant::now() + CHILD_DEADLINE;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < until,
+                "child {} still running after {CHILD_DEADLINE:?}",
+                self.name
+            );
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
 }
 
 impl Drop for ChildRun {
@@ -273,6 +291,192 @@ impl Drop for ChildRun {
 
 fn child_dir() -> Option<PathBuf> {
     std::env::var_os(CHILD_ENV).map(PathBuf::from)
+}
+
+/// Peak resident memory of this process in KiB (`VmHWM`), if the kernel reports it.
+fn peak_rss_kib() -> Option<u64> {
+    let status = fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+fn report(fields: &str) {
+    let mut out = io::stdout().lock();
+    writeln!(out, "{REPORT} {fields}").unwrap();
+    out.flush().unwrap();
+}
+
+/// `key=value` from a report line.
+fn field(line: &str, key: &str) -> Option<u64> {
+    line.split_whitespace()
+        .find_map(|kv| kv.strip_prefix(&format!("{key}=")))
+        .and_then(|v| v.parse().ok())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Item: hostile record and data files at open.
+
+const GOOD: [&str; 3] = ["good-1", "good-2", "good-3"];
+
+fn good_bytes(key: &str) -> Vec<u8> {
+    pattern(10_000 + key.len(), key.len() as u64)
+}
+
+/// Child body: opens the cache, checks every good entry is served and the victim is not,
+/// and reports how long the open took and the peak memory.
+#[test]
+fn hostile_open_child() {
+    let Some(dir) = child_dir() else {
+        return;
+    };
+    let start = Instant::now();
+    let cache = disk_cache(&dir);
+    let open_ms = start.elapsed().as_millis();
+    for key in GOOD {
+        assert!(get_bytes(&cache, key) == good_bytes(key), "{key} damaged");
+    }
+    assert!(cache.get("victim").unwrap().is_none(), "victim served");
+    report(&format!(
+        "open_ms={open_ms} peak_kib={}",
+        peak_rss_kib().unwrap_or(0)
+    ));
+}
+
+/// A cache directory with the good entries and a 2 MiB "victim"; returns the victim's data
+/// file.
+fn cache_with_victim(dir: &Path) -> PathBuf {
+    let cache = disk_cache(dir);
+    for key in GOOD {
+        put(&cache, key, &good_bytes(key));
+    }
+    put(&cache, "victim", &pattern(2 * MIB, 9));
+    drop(cache);
+    data_file_of(dir, "victim")
+}
+
+fn mkfifo(path: &Path) {
+    let status = Command::new("mkfifo").arg(path).status().unwrap();
+    assert!(status.success(), "mkfifo {}", path.display());
+}
+
+/// Runs `hostile_open_child` on `dir` and checks it opened in bounded time and memory.
+fn open_in_child(dir: &Path, what: &str) {
+    let child = ChildRun::spawn("hostile_open_child", dir);
+    let line = child.line(REPORT);
+    let status = child.wait();
+    assert!(status.success(), "{what}: child failed: {status:?}");
+    let open_ms = field(&line, "open_ms").unwrap();
+    println!("{what}: open took {open_ms} ms; {line}");
+    match field(&line, "peak_kib") {
+        Some(kib) if kib > 0 => assert!(
+            kib < 256 << 10,
+            "{what}: opening the cache peaked at {kib} KiB of resident memory"
+        ),
+        _ => println!("{what}: SKIPPED the memory bound: no VmHWM in /proc/self/status"),
+    }
+}
+
+/// Regression: a record file replaced by a 100 GB sparse file made `Cache::build` allocate
+/// its size and abort the process ("memory allocation of 107374182400 bytes failed"). A
+/// record larger than the format allows is now damage, found before any allocation.
+#[test]
+fn huge_sparse_record_is_damage_not_an_allocation() {
+    let dir = tempfile::tempdir().unwrap();
+    let victim = cache_with_victim(dir.path());
+    let record = victim.with_extension("meta");
+    File::options()
+        .write(true)
+        .open(&record)
+        .unwrap()
+        .set_len(100 << 30)
+        .unwrap();
+    open_in_child(dir.path(), "100 GB sparse record");
+    assert!(!record.exists(), "the oversized record is discarded");
+}
+
+/// Regression: a FIFO in place of a record made `Cache::build` hang for ever (the open
+/// blocked waiting for a writer).
+#[test]
+fn fifo_record_does_not_hang_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let victim = cache_with_victim(dir.path());
+    let record = victim.with_extension("meta");
+    fs::remove_file(&record).unwrap();
+    mkfifo(&record);
+    open_in_child(dir.path(), "FIFO record");
+    assert!(
+        fs::symlink_metadata(&record).is_err(),
+        "the FIFO is discarded"
+    );
+}
+
+/// Regression: a symbolic link to `/dev/zero` in place of a record was followed and read
+/// (2 GB of memory and 2 s per open). Links are not followed; the link itself is removed,
+/// never its target.
+#[test]
+fn symlink_record_to_dev_zero_is_not_followed() {
+    let dir = tempfile::tempdir().unwrap();
+    let victim = cache_with_victim(dir.path());
+    let record = victim.with_extension("meta");
+    fs::remove_file(&record).unwrap();
+    std::os::unix::fs::symlink("/dev/zero", &record).unwrap();
+    open_in_child(dir.path(), "symlink record to /dev/zero");
+    assert!(
+        fs::symlink_metadata(&record).is_err(),
+        "the link is discarded"
+    );
+    assert!(
+        Path::new("/dev/zero").exists(),
+        "the link's target survives"
+    );
+}
+
+/// Data files get the same care: `Storage::open` of a blob whose data is a FIFO returns at
+/// once with `InvalidData` (regression: it blocked for ever), one whose data is a symbolic
+/// link (here to a regular file with the right bytes) is not followed; listing discards both
+/// names and leaves the link's target alone.
+#[test]
+fn hostile_data_files_are_damage_not_followed_or_waited_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let outside = tempfile::tempdir().unwrap();
+    let (fifo_data, link_data, target) = {
+        let s = DiskStorage::open(dir.path()).unwrap();
+        for (name, len) in [("fifo", 5000), ("link", 5000), ("fine", 100)] {
+            let mut w = s.create(name).unwrap();
+            w.write(&pattern(len, 1)).unwrap();
+            w.commit(b"m".to_vec()).unwrap();
+        }
+        let target = outside.path().join("target");
+        fs::rename(s.blob_path("link"), &target).unwrap();
+        std::os::unix::fs::symlink(&target, s.blob_path("link")).unwrap();
+        fs::remove_file(s.blob_path("fifo")).unwrap();
+        mkfifo(&s.blob_path("fifo"));
+        (s.blob_path("fifo"), s.blob_path("link"), target)
+    };
+    let s = DiskStorage::open(dir.path()).unwrap();
+    for name in ["fifo", "link"] {
+        let res = deadline(&format!("open {name}"), {
+            let s = s.clone();
+            move || s.open(name).map(|(_, info)| info)
+        });
+        match res {
+            Err(e) => assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{name}: {e}"),
+            Ok(info) => panic!("{name}: opened as a blob: {info:?}"),
+        }
+    }
+    let listed = deadline("list", {
+        let s = s.clone();
+        move || s.list().unwrap()
+    });
+    let names: Vec<_> = listed.into_iter().map(|b| b.name).collect();
+    assert_eq!(names, ["fine"]);
+    assert!(fs::symlink_metadata(&fifo_data).is_err(), "FIFO kept");
+    assert!(fs::symlink_metadata(&link_data).is_err(), "link kept");
+    assert_eq!(
+        fs::read(&target).unwrap(),
+        pattern(5000, 1),
+        "target harmed"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------

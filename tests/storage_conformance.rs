@@ -841,6 +841,39 @@ fn disk_open_racing_a_replacement_never_sees_a_mixed_blob() {
     });
 }
 
+/// Names in a shard that are not regular files (a symbolic link, a FIFO) are never a commit
+/// in flight, so listing removes them at once, whatever their age, without touching a link's
+/// target; a fresh regular file without its partner may be one, and is kept.
+#[test]
+fn disk_non_regular_leftovers_are_removed_at_listing() {
+    let dir = tempfile::tempdir().unwrap();
+    let outside = tempfile::tempdir().unwrap();
+    let s = DiskStorage::open(dir.path()).unwrap();
+    commit_pattern(&s, "fine", 100, b"");
+    let shard = s.blob_path("fine").parent().unwrap().to_path_buf();
+    let target = outside.path().join("target");
+    fs::write(&target, b"not yours").unwrap();
+    let link_data = shard.join("filink");
+    std::os::unix::fs::symlink(&target, &link_data).unwrap();
+    let link_meta = shard.join("filink2.meta");
+    std::os::unix::fs::symlink(&target, &link_meta).unwrap();
+    let fifo = shard.join("fififo");
+    let made = std::process::Command::new("mkfifo").arg(&fifo).status();
+    assert!(made.is_ok_and(|st| st.success()), "mkfifo");
+    let fresh = shard.join("fifresh");
+    fs::write(&fresh, b"maybe a commit in flight").unwrap();
+    assert_eq!(names(&s), ["fine"]);
+    for gone in [&link_data, &link_meta, &fifo] {
+        assert!(
+            fs::symlink_metadata(gone).is_err(),
+            "{} kept",
+            gone.display()
+        );
+    }
+    assert!(fresh.exists(), "a fresh regular file was deleted");
+    assert_eq!(fs::read(&target).unwrap(), b"not yours");
+}
+
 /// One live `DiskStorage` per directory; the lock goes with the last handle.
 #[test]
 fn disk_second_storage_on_same_dir_is_locked() {

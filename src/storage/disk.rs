@@ -24,6 +24,11 @@ const TMP_DIR: &str = "tmp";
 const META_EXT: &str = "meta";
 /// How much older than the storage's opening a leftover must be for `list` to delete it.
 const LEFTOVER_MARGIN: Duration = Duration::from_secs(2);
+/// The largest record the format allows: its fixed fields, the hashes of a blob of
+/// [`DiskStorage::MAX_BLOB_LEN`] and [`DiskStorage::MAX_META_LEN`] of metadata (48 MiB).
+/// A bigger record file is damage, rejected before anything is allocated for it.
+const MAX_RECORD_LEN: u64 =
+    8 * 5 + 32 * (DiskStorage::MAX_BLOB_LEN / BLOCK + 2) + DiskStorage::MAX_META_LEN as u64;
 
 /// Blobs stored as files in a directory, committed by atomic rename, checked block by block
 /// with blake3.
@@ -63,6 +68,21 @@ const LEFTOVER_MARGIN: Duration = Duration::from_secs(2);
 /// | the caller's metadata | m |
 /// | blake3 of everything above | 32 |
 ///
+/// `n` is at most 2²⁰ (a blob of at most [`MAX_BLOB_LEN`](DiskStorage::MAX_BLOB_LEN), 1 TiB)
+/// and `m` at most [`MAX_META_LEN`](DiskStorage::MAX_META_LEN) (16 MiB), so no record is
+/// longer than 48 MiB (+ 104 bytes): a record file longer than that is damaged, known so
+/// from its size without reading it. Writers refuse to go past either limit.
+///
+/// # Hostile files
+///
+/// Storage only creates regular files and opens nothing else: records and data files are
+/// opened without following symbolic links and without waiting (`O_NOFOLLOW | O_NONBLOCK`),
+/// and their type is checked on the open handle; listing looks at names with `lstat`. A
+/// symbolic link, FIFO, socket or device where a record or data file belongs is damage: `open`
+/// reports it as [`Error::Corrupt`], and listing discards the blob, removing that name itself
+/// (a link, never its target). So opening a directory stays bounded in time and memory
+/// whatever was put in it, and the other blobs are listed as usual.
+///
 /// # Commit and crash safety
 ///
 /// Data is written to `tmp/`. [`commit`](BlobWriter::commit) (optionally fsyncs the
@@ -70,10 +90,12 @@ const LEFTOVER_MARGIN: Duration = Duration::from_secs(2);
 /// the record through `tmp/` (optionally fsynced) and renames it next to the data (optionally
 /// fsyncing the directory; a failure here removes both, so a commit reported as failed is
 /// never reloaded). The record is the commit point. At listing, a record that fails its
-/// checksum is discarded; data without a record (an interrupted commit) and a record whose
+/// checksum or is too long, and a non-regular file (above), are discarded; data without a record (an interrupted commit) and a record whose
 /// data length does not match are deleted if they predate the storage's opening, and only
 /// left out of the listing otherwise, since a commit, replacement or removal in flight passes
-/// through those states. Files that cannot be read at the moment are left out, never deleted.
+/// through those states. Files that cannot be read at the moment (EMFILE, EACCES, EIO...)
+/// are left out, never deleted; `open` and `info` report such errors as they are, and
+/// `NotFound` or `InvalidData` only for a missing blob or one proven damaged.
 /// Without the sync option a
 /// power loss can lose recent commits (never expose half of one: the record's checksum and the
 /// data length are checked, and each block's hash on read); with it, a committed blob survives.
@@ -136,6 +158,16 @@ struct DiskInner {
 }
 
 impl DiskStorage {
+    /// The longest blob this storage stores: 1 TiB. A write past it fails
+    /// ([`io::ErrorKind::FileTooLarge`]); it bounds the size of a record (see
+    /// "Metadata record"), so that a record file larger than any record can be is known
+    /// damaged without reading it.
+    pub const MAX_BLOB_LEN: u64 = 1 << 40;
+
+    /// The most metadata a blob can be committed with: 16 MiB. A commit or
+    /// [`set_meta`](Storage::set_meta) with more fails ([`io::ErrorKind::InvalidInput`]).
+    pub const MAX_META_LEN: usize = 16 << 20;
+
     /// Opens (creating if needed) a storage directory: takes its lock, wipes `tmp/`.
     ///
     /// # Errors
@@ -334,6 +366,9 @@ impl Record {
         if bytes.len() < 32 {
             return Err("record too short".into());
         }
+        if bytes.len() as u64 > MAX_RECORD_LEN {
+            return Err("record longer than the format allows".into());
+        }
         let (body, check) = bytes.split_at(bytes.len() - 32);
         if blake3::hash(body).as_bytes() != check {
             return Err("record checksum mismatch".into());
@@ -343,6 +378,9 @@ impl Record {
             return Err("bad magic".into());
         }
         let len = cur.u64()?;
+        if len > DiskStorage::MAX_BLOB_LEN {
+            return Err("blob longer than the format allows".into());
+        }
         if cur.u64()? != BLOCK {
             return Err("unsupported block size".into());
         }
@@ -361,6 +399,9 @@ impl Record {
             return Err("content digest mismatch".into());
         }
         let m = cur.u64()?;
+        if m > DiskStorage::MAX_META_LEN as u64 {
+            return Err("metadata longer than the format allows".into());
+        }
         let meta = cur
             .take(usize::try_from(m).map_err(|_| "metadata too long")?)?
             .to_vec();
@@ -396,6 +437,78 @@ fn corrupt(path: &Path, reason: impl Into<String>) -> io::Error {
         reason: reason.into(),
     }
     .into()
+}
+
+/// Metadata longer than a record may hold is refused before anything is written.
+fn check_meta_len(meta: &[u8]) -> io::Result<()> {
+    if meta.len() > DiskStorage::MAX_META_LEN {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "{} bytes of metadata: disk storage allows {}",
+                meta.len(),
+                DiskStorage::MAX_META_LEN
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Opens `path` for reading if it is a regular file, with its metadata. A symbolic link is
+/// not followed (`O_NOFOLLOW`), a FIFO or device is not waited on (`O_NONBLOCK`), and the
+/// type is checked on the open handle: anything but a regular file is damage
+/// ([`Error::Corrupt`], kind `InvalidData`), since storage creates nothing else. Other errors
+/// are returned as they are (`NotFound` only if the file is missing); `EINTR` is retried.
+fn open_regular(path: &Path) -> io::Result<(File, fs::Metadata)> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = loop {
+        match File::options()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(path)
+        {
+            Ok(file) => break file,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            // ELOOP: a symbolic link (with O_NOFOLLOW); ENXIO: a socket, or a device with no
+            // driver. Damage only if the name is indeed not a regular file.
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ELOOP | libc::ENXIO)) => {
+                return Err(match fs::symlink_metadata(path) {
+                    Ok(md) if !md.file_type().is_file() => not_regular(path, &md),
+                    _ => e,
+                });
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    let md = file.metadata()?;
+    if !md.file_type().is_file() {
+        return Err(not_regular(path, &md));
+    }
+    Ok((file, md))
+}
+
+fn not_regular(path: &Path, md: &fs::Metadata) -> io::Error {
+    corrupt(
+        path,
+        format!("not a regular file but {}", file_kind(md.file_type())),
+    )
+}
+
+fn file_kind(t: fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if t.is_symlink() {
+        "a symbolic link"
+    } else if t.is_dir() {
+        "a directory"
+    } else if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_char_device() || t.is_block_device() {
+        "a device"
+    } else if t.is_socket() {
+        "a socket"
+    } else {
+        "of an unknown type"
+    }
 }
 
 /// Reads until `buf` is full or the file ends.
@@ -621,6 +734,16 @@ impl Tail {
 
 impl BlobWriter for DiskWriter {
     fn write(&mut self, mut buf: &[u8]) -> io::Result<()> {
+        if buf.len() as u64 > DiskStorage::MAX_BLOB_LEN - self.len {
+            return Err(io::Error::new(
+                io::ErrorKind::FileTooLarge,
+                format!(
+                    "blob {:?} would exceed the {} bytes disk storage allows",
+                    self.name,
+                    DiskStorage::MAX_BLOB_LEN
+                ),
+            ));
+        }
         (&*self.file).write_all(buf)?;
         self.last_write = wall_clock();
         while !buf.is_empty() {
@@ -655,6 +778,7 @@ impl BlobWriter for DiskWriter {
     }
 
     fn commit(mut self: Box<Self>, meta: Vec<u8>) -> io::Result<()> {
+        check_meta_len(&meta)?;
         match self.tail.take() {
             Some(tail) => tail.finish(&mut self.hashes)?,
             // Shorter than one block (a blob of exactly one was hashed as it filled).
@@ -968,7 +1092,7 @@ impl DiskStorage {
     /// replacing the blob removes the record before it moves new data in, so if the record
     /// read is still in place once the data is open, that data is the record's. (Regression:
     /// an open racing a replacement could pair the old record with the new data.)
-    fn open_pair(&self, name: &str, path: &Path) -> io::Result<(Record, File)> {
+    fn open_pair(&self, name: &str, path: &Path) -> io::Result<(Record, File, fs::Metadata)> {
         use std::os::unix::fs::MetadataExt;
         let meta_path = self.inner.meta_path(name);
         for _ in 0..3 {
@@ -976,9 +1100,9 @@ impl DiskStorage {
             // number of a deleted file only once nothing holds it open, so an equal number
             // then means the same file, not a new record that got the old one's number.
             let (record, _held, id) = self.read_record_with_id(name)?;
-            let file = File::open(path).map_err(|e| named_not_found(e, name))?;
-            match fs::metadata(&meta_path) {
-                Ok(md) if md.ino() == id => return Ok((record, file)),
+            let (file, md) = open_regular(path).map_err(|e| named_not_found(e, name))?;
+            match fs::symlink_metadata(&meta_path) {
+                Ok(now) if now.ino() == id => return Ok((record, file, md)),
                 // Replaced meanwhile: read the new one.
                 Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
@@ -995,13 +1119,27 @@ impl DiskStorage {
 
     /// `name`'s record, the file it was read from (still open) and that file's inode. (The
     /// same system calls as `fs::read`, which also takes the metadata to size its buffer.)
+    /// Only a regular file is read (see `open_regular`), and only if it is no longer than a
+    /// record can be: a bigger one (a sparse 100 GB file, say) is damage, found before any
+    /// allocation; reading stops past that size too, should the file grow meanwhile.
     fn read_record_with_id(&self, name: &str) -> io::Result<(Record, File, u64)> {
         use std::os::unix::fs::MetadataExt;
         let path = self.inner.meta_path(name);
-        let mut file = File::open(&path).map_err(|e| named_not_found(e, name))?;
-        let md = file.metadata()?;
-        let mut bytes = Vec::with_capacity(usize::try_from(md.len()).unwrap_or(0));
-        io::Read::read_to_end(&mut file, &mut bytes)?;
+        let (file, md) = open_regular(&path).map_err(|e| named_not_found(e, name))?;
+        let too_long = |len: u64| {
+            corrupt(
+                &path,
+                format!("record of {len} bytes, longer than the format allows ({MAX_RECORD_LEN})"),
+            )
+        };
+        if md.len() > MAX_RECORD_LEN {
+            return Err(too_long(md.len()));
+        }
+        let mut bytes = Vec::with_capacity(md.len() as usize);
+        io::Read::read_to_end(&mut io::Read::take(&file, MAX_RECORD_LEN + 1), &mut bytes)?;
+        if bytes.len() as u64 > MAX_RECORD_LEN {
+            return Err(too_long(bytes.len() as u64));
+        }
         let record = Record::decode(&bytes).map_err(|reason| corrupt(&path, reason))?;
         Ok((record, file, md.ino()))
     }
@@ -1022,18 +1160,20 @@ impl DiskStorage {
                 }
             }
         }
-        // Only definite damage is deleted: a record that fails its checksum (records are
-        // written whole and renamed into place, so that is never a write in flight), or files
-        // that predate this storage's opening (`predates_open`), since a commit or removal in
-        // flight briefly leaves data without a record, or a record whose data is being
-        // replaced. Anything else that cannot be read now (EMFILE, EACCES, EIO) is left out of
-        // the listing but kept.
+        // Only definite damage is deleted: a record that fails its checksum or is too long
+        // (records are written whole and renamed into place, so that is never a write in
+        // flight), a name that is not a regular file (a symbolic link, FIFO, socket or device:
+        // storage never creates one; the name itself is removed, never what a link points
+        // to), or files that predate this storage's opening (`predates_open`), since a commit
+        // or removal in flight briefly leaves data without a record, or a record whose data is
+        // being replaced. Anything else that cannot be read now (EMFILE, EACCES, EIO) is left
+        // out of the listing but kept. Nothing here follows a symbolic link.
         for name in metas {
             let data_path = shard.join(&name);
             let has_data = validate_name(&name).is_ok() && datas.remove(&name);
             if !has_data {
                 let meta_path = shard.join(format!("{name}.{META_EXT}"));
-                if fs::metadata(&meta_path).is_ok_and(|md| self.inner.predates_open(&md)) {
+                if fs::symlink_metadata(&meta_path).is_ok_and(|md| self.is_leftover(&md)) {
                     tracing::warn!(blob = %name, "discarding a record without data");
                     self.discard(shard, &name);
                 }
@@ -1051,7 +1191,11 @@ impl DiskStorage {
                     continue;
                 }
             };
-            match fs::metadata(&data_path) {
+            match fs::symlink_metadata(&data_path) {
+                Ok(md) if !md.file_type().is_file() => {
+                    tracing::warn!(blob = %name, "discarding blob whose data is {}", file_kind(md.file_type()));
+                    self.discard(shard, &name);
+                }
                 Ok(md) if md.len() == rec.len => out.push(BlobInfo {
                     name,
                     len: rec.len,
@@ -1071,12 +1215,20 @@ impl DiskStorage {
         }
         for orphan in datas {
             let path = shard.join(&orphan);
-            if fs::metadata(&path).is_ok_and(|md| self.inner.predates_open(&md)) {
+            if fs::symlink_metadata(&path).is_ok_and(|md| self.is_leftover(&md)) {
                 tracing::warn!(blob = %orphan, "deleting data of an interrupted commit");
                 let _ = fs::remove_file(path);
             }
         }
         Ok(())
+    }
+
+    /// Whether a file without its partner (data without a record, or the reverse) is a
+    /// leftover to delete: it predates this storage's opening, or it is not a regular file
+    /// (never one of ours, whatever its age; a directory is left alone).
+    fn is_leftover(&self, md: &fs::Metadata) -> bool {
+        let t = md.file_type();
+        (!t.is_file() && !t.is_dir()) || self.inner.predates_open(md)
     }
 
     fn discard(&self, shard: &Path, name: &str) {
@@ -1093,8 +1245,7 @@ impl Storage for DiskStorage {
     fn open(&self, name: &str) -> io::Result<(Arc<dyn BlobReader>, BlobInfo)> {
         validate_name(name)?;
         let path = self.blob_path(name);
-        let (record, file) = self.open_pair(name, &path)?;
-        let md = file.metadata()?;
+        let (record, file, md) = self.open_pair(name, &path)?;
         if md.len() != record.len {
             return Err(corrupt(&path, "data length does not match its record"));
         }
@@ -1172,6 +1323,7 @@ impl Storage for DiskStorage {
 
     fn set_meta(&self, name: &str, meta: &[u8]) -> io::Result<()> {
         validate_name(name)?;
+        check_meta_len(meta)?;
         let mut record = self.read_record(name)?;
         record.meta = meta.to_vec();
         self.inner.write_meta(name, &record.encode())
@@ -1416,6 +1568,69 @@ mod tests {
         c.mark(1, c.epoch.load(Ordering::SeqCst));
         assert!(c.is_verified(1));
         assert!(!c.is_verified(0));
+    }
+
+    /// The format's limits: metadata up to `MAX_META_LEN` round-trips, one byte more is
+    /// refused by the writer and by the decoder; a blob longer than `MAX_BLOB_LEN` is refused
+    /// by both too; a record file longer than any record can be is damage, unread.
+    #[test]
+    fn record_limits() {
+        let max = DiskStorage::MAX_META_LEN;
+        let at_max = Record {
+            len: 1,
+            hashes: vec![[3; 32]],
+            meta: vec![1; max],
+        };
+        assert_eq!(Record::decode(&at_max.encode()).unwrap().meta.len(), max);
+        let over = Record {
+            meta: vec![1; max + 1],
+            ..at_max
+        };
+        assert!(Record::decode(&over.encode()).is_err());
+        // A claimed length past the limit, in a record otherwise well formed.
+        let mut body = Vec::new();
+        body.extend_from_slice(MAGIC);
+        let len = DiskStorage::MAX_BLOB_LEN + 1;
+        body.extend_from_slice(&len.to_le_bytes());
+        body.extend_from_slice(&BLOCK.to_le_bytes());
+        body.extend_from_slice(&len.div_ceil(BLOCK).to_le_bytes());
+        let check = blake3::hash(&body);
+        body.extend_from_slice(check.as_bytes());
+        assert_eq!(
+            Record::decode(&body).unwrap_err(),
+            "blob longer than the format allows"
+        );
+
+        let dir = tempfile::tempdir().unwrap();
+        let s = DiskStorage::open(dir.path()).unwrap();
+        let w = s.create("big-meta").unwrap();
+        let err = w.commit(vec![0; max + 1]).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
+        commit_bytes(&s, "blob", b"abc");
+        let err = s.set_meta("blob", &vec![0; max + 1]).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
+        s.set_meta("blob", &vec![0; max]).unwrap();
+        assert_eq!(s.info("blob").unwrap().meta.len(), max);
+
+        let mut w = s.create_writer("huge").unwrap();
+        w.len = DiskStorage::MAX_BLOB_LEN - 3;
+        let err = w.write(b"four").unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::FileTooLarge);
+        w.write(b"3by").unwrap();
+
+        // A record file one byte longer than the longest record: damage, found from its size.
+        File::options()
+            .write(true)
+            .open(s.inner.meta_path("blob"))
+            .unwrap()
+            .set_len(MAX_RECORD_LEN + 1)
+            .unwrap();
+        let err = s.info("blob").unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{err}");
+        assert!(
+            err.to_string().contains("longer than the format allows"),
+            "{err}"
+        );
     }
 
     /// Blocks hashed inline or on a helper thread (everything past the first block, once a
