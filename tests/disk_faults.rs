@@ -1,6 +1,6 @@
 //! Real faults on a disk cache's directory: files altered while an entry is in use, hostile
 //! files where records or data belong (huge sparse files, FIFOs, symbolic links), a deleted
-//! `LOCK` file.
+//! `LOCK` file, and running out of file descriptors.
 //!
 //! Risky calls run on a thread under a deadline, or in a child process (this test binary
 //! re-executed in "child mode", selected by an environment variable and an exact test-name
@@ -569,4 +569,90 @@ fn deleting_lock_file_does_not_let_another_process_in() {
     }
     // Once the holder is gone, the directory opens again.
     reopen(dir.path());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Transient errors are not a verdict on a blob.
+
+/// Child body: with every file descriptor in use, `open`, `info` and `list` fail with the
+/// plain I/O error (EMFILE), never `NotFound` or `InvalidData`, and nothing is deleted.
+#[test]
+fn emfile_child() {
+    let Some(dir) = child_dir() else {
+        return;
+    };
+    let s = DiskStorage::open(&dir).unwrap();
+    for name in ["a", "b"] {
+        let mut w = s.create(name).unwrap();
+        w.write(&pattern(3000, 4)).unwrap();
+        w.commit(b"meta".to_vec()).unwrap();
+    }
+    let files_before = files_under(&dir.join("v1"));
+    // Fill the descriptor table.
+    let mut hog = Vec::new();
+    loop {
+        match File::open("/dev/null") {
+            Ok(f) => hog.push(f),
+            Err(e) if e.raw_os_error() == Some(24) => break, // EMFILE
+            Err(e) => panic!("unexpected error filling the descriptor table: {e}"),
+        }
+        assert!(
+            hog.len() < 1 << 20,
+            "no EMFILE after a million files: limit not applied"
+        );
+    }
+    let transient = |what: &str, e: &io::Error| {
+        assert!(
+            !matches!(
+                e.kind(),
+                io::ErrorKind::NotFound | io::ErrorKind::InvalidData
+            ),
+            "{what}: EMFILE reported as a verdict on the blob: {e:?}"
+        );
+    };
+    // No descriptor at all: the record cannot be opened.
+    transient("open", &s.open("a").unwrap_err());
+    transient("info", &s.info("a").unwrap_err());
+    // One: the record opens, the data file cannot.
+    drop(hog.pop());
+    transient("open of the data", &s.open("a").unwrap_err());
+    // A few: listing may fail or leave blobs out, but deletes nothing.
+    for free in 0..4 {
+        match s.list() {
+            Ok(l) => assert!(l.len() <= 2),
+            Err(e) => transient("list", &e),
+        }
+        assert_eq!(files_under(&dir.join("v1")), files_before, "{free} free");
+        drop(hog.pop());
+    }
+    drop(hog);
+    let (r, info) = s.open("a").unwrap();
+    assert_eq!(info.len, 3000);
+    let mut buf = vec![0; 3000];
+    assert_eq!(r.read_at(&mut buf, 0).unwrap(), 3000);
+    assert_eq!(s.list().unwrap().len(), 2);
+    report("emfile=ok");
+}
+
+/// Runs `emfile_child` with a low open-file limit (only in the child: the shared test
+/// process keeps its own).
+#[test]
+fn emfile_during_open_is_not_a_verdict_on_the_blob() {
+    let has_prlimit = Command::new("prlimit")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !has_prlimit {
+        println!(
+            "SKIPPED emfile_during_open_is_not_a_verdict_on_the_blob: prlimit (util-linux) not installed"
+        );
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let child = ChildRun::spawn_with("emfile_child", dir.path(), Some(64));
+    let line = child.line(REPORT);
+    assert!(line.contains("emfile=ok"));
+    let status = child.wait();
+    assert!(status.success(), "{status:?}");
 }

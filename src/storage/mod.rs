@@ -32,6 +32,11 @@
 //! * return an error rather than wrong bytes (for example when a stored file fails its
 //!   integrity check), also when the stored file was altered while the blob had readers:
 //!   by the next read that follows a [`BlobReader::revalidate`] at the latest;
+//! * report [`io::ErrorKind::NotFound`] only for a blob that really is not there, and
+//!   [`io::ErrorKind::InvalidData`] only on proof of damage (a hash or checksum mismatch, a
+//!   malformed or oversized record, a short file, a file of the wrong type): an error that
+//!   says nothing about the blob (EMFILE, ENOMEM, EACCES, EIO) passes through as it is, so
+//!   the caller fails that request and keeps the blob.
 
 use std::fmt;
 use std::io;
