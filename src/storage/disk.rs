@@ -1618,7 +1618,22 @@ mod tests {
         assert_eq!(err.kind(), io::ErrorKind::FileTooLarge);
         w.write(b"3by").unwrap();
 
-        // A record file one byte longer than the longest record: damage, found from its size.
+        // The longest record the format allows (the longest blob, the most metadata) is read;
+        // one byte more is damage, found from its size.
+        let longest = Record {
+            len: DiskStorage::MAX_BLOB_LEN,
+            hashes: vec![[5; 32]; (DiskStorage::MAX_BLOB_LEN / BLOCK) as usize],
+            meta: vec![2; max],
+        }
+        .encode();
+        assert_eq!(longest.len() as u64, MAX_RECORD_LEN);
+        fs::write(s.inner.meta_path("blob"), &longest).unwrap();
+        drop(longest);
+        let info = s.info("blob").unwrap();
+        assert_eq!(
+            (info.len, info.meta.len()),
+            (DiskStorage::MAX_BLOB_LEN, max)
+        );
         File::options()
             .write(true)
             .open(s.inner.meta_path("blob"))
