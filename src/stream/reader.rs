@@ -192,8 +192,10 @@ impl Reader {
         let last = offset.saturating_add(len.saturating_sub(1) as u64) >> REVALIDATE_SHIFT;
         let prev = self.last_block.load(Ordering::Relaxed);
         if first != prev || last != prev {
-            self.last_block.store(last, Ordering::Relaxed);
+            // Recorded only once revalidated: a `read_at` racing on another thread revalidates
+            // too rather than skip ahead of this one.
             self.shared.blob.revalidate();
+            self.last_block.store(last, Ordering::Relaxed);
         }
     }
 
