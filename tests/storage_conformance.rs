@@ -660,6 +660,40 @@ fn disk_written_blocks_are_trusted_only_while_the_file_is_unchanged() {
     );
 }
 
+/// `BlobReader::revalidate` is what stream readers call as they enter a new block: on disk,
+/// and through every wrapper, a change to the file during a use (no `idle` in between) makes
+/// the next read of the changed block fail after it, even one that read clean before.
+/// (Regression: wrappers that did not forward it would silently keep the old checks.)
+#[test]
+fn disk_revalidate_catches_a_change_during_a_use_through_every_wrapper() {
+    let wrapped: Vec<(&str, Factory)> = vec![
+        ("disk", disk),
+        ("box<disk>", || boxed(disk())),
+        ("arc<disk>", || shared(disk())),
+        ("faulty<disk>", || faulty(disk())),
+        ("faulty<box<disk>>", || faulty(boxed(disk()))),
+    ];
+    for (name, make) in wrapped {
+        let b = make();
+        let s = &*b.storage;
+        let len = 2 * MIB + 70;
+        commit_pattern(s, "blob", len, b"");
+        let (r, _) = s.open("blob").unwrap();
+        assert_pattern(&read_range(&*r, 0, len).unwrap(), 0);
+        let dir = b._dir.as_ref().unwrap().path();
+        flip(&data_path(dir, "blob"), MIB + 9);
+        r.revalidate();
+        let err = read_range(&*r, MIB as u64, 16).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{name}: {err}");
+        assert_pattern(&read_range(&*r, 0, 16).unwrap(), 0);
+    }
+}
+
+/// The data file of blob `name` under a disk storage's directory (`v1/<ab>/<name>`).
+fn data_path(dir: &std::path::Path, name: &str) -> std::path::PathBuf {
+    dir.join("v1").join(&name[..2]).join(name)
+}
+
 /// The same on a fresh process-like reopen of the directory.
 #[test]
 fn disk_flipped_byte_after_reopen() {
@@ -805,6 +839,39 @@ fn disk_open_racing_a_replacement_never_sees_a_mixed_blob() {
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
         assert!(opener.join().unwrap() > 0);
     });
+}
+
+/// Names in a shard that are not regular files (a symbolic link, a FIFO) are never a commit
+/// in flight, so listing removes them at once, whatever their age, without touching a link's
+/// target; a fresh regular file without its partner may be one, and is kept.
+#[test]
+fn disk_non_regular_leftovers_are_removed_at_listing() {
+    let dir = tempfile::tempdir().unwrap();
+    let outside = tempfile::tempdir().unwrap();
+    let s = DiskStorage::open(dir.path()).unwrap();
+    commit_pattern(&s, "fine", 100, b"");
+    let shard = s.blob_path("fine").parent().unwrap().to_path_buf();
+    let target = outside.path().join("target");
+    fs::write(&target, b"not yours").unwrap();
+    let link_data = shard.join("filink");
+    std::os::unix::fs::symlink(&target, &link_data).unwrap();
+    let link_meta = shard.join("filink2.meta");
+    std::os::unix::fs::symlink(&target, &link_meta).unwrap();
+    let fifo = shard.join("fififo");
+    let made = std::process::Command::new("mkfifo").arg(&fifo).status();
+    assert!(made.is_ok_and(|st| st.success()), "mkfifo");
+    let fresh = shard.join("fifresh");
+    fs::write(&fresh, b"maybe a commit in flight").unwrap();
+    assert_eq!(names(&s), ["fine"]);
+    for gone in [&link_data, &link_meta, &fifo] {
+        assert!(
+            fs::symlink_metadata(gone).is_err(),
+            "{} kept",
+            gone.display()
+        );
+    }
+    assert!(fresh.exists(), "a fresh regular file was deleted");
+    assert_eq!(fs::read(&target).unwrap(), b"not yours");
 }
 
 /// One live `DiskStorage` per directory; the lock goes with the last handle.

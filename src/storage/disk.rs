@@ -24,13 +24,20 @@ const TMP_DIR: &str = "tmp";
 const META_EXT: &str = "meta";
 /// How much older than the storage's opening a leftover must be for `list` to delete it.
 const LEFTOVER_MARGIN: Duration = Duration::from_secs(2);
+/// The largest record the format allows: its fixed fields, the hashes of a blob of
+/// [`DiskStorage::MAX_BLOB_LEN`] and [`DiskStorage::MAX_META_LEN`] of metadata (48 MiB).
+/// A bigger record file is damage, rejected before anything is allocated for it.
+const MAX_RECORD_LEN: u64 =
+    8 * 5 + 32 * (DiskStorage::MAX_BLOB_LEN / BLOCK + 2) + DiskStorage::MAX_META_LEN as u64;
 
 /// Blobs stored as files in a directory, committed by atomic rename, checked block by block
 /// with blake3.
 ///
 /// All readers of a blob share one file handle and use positional reads, so opening another
 /// reader costs no system call. The directory is locked against other processes until every
-/// clone of this handle is dropped or [`unlock`](DiskStorage::unlock) is called.
+/// clone of this handle is dropped or [`unlock`](DiskStorage::unlock) is called: with an
+/// exclusive OS lock (`flock`) on the directory itself, so the lock cannot be lost by
+/// deleting a file in it.
 ///
 /// A writer hashes the first 1 MiB block itself; from the second block on, a helper thread
 /// hashes copies of the blocks while the writer goes on writing (a blob of one block never
@@ -39,8 +46,9 @@ const LEFTOVER_MARGIN: Duration = Duration::from_secs(2);
 /// # Layout
 ///
 /// ```text
-/// <dir>/
-///   LOCK                     held with an exclusive OS file lock while a DiskStorage is open
+/// <dir>/                     itself held with an exclusive OS file lock while a DiskStorage is open
+///   LOCK                     also locked, for processes of earlier versions (which lock only
+///                            this file); deleting it unlocks nothing
 ///   tmp/                     blobs being written and metadata being replaced (wiped at open)
 ///   v1/<ab>/<name>           committed data; <ab> is the first two characters of the name
 ///   v1/<ab>/<name>.meta      its metadata record (below)
@@ -60,6 +68,21 @@ const LEFTOVER_MARGIN: Duration = Duration::from_secs(2);
 /// | the caller's metadata | m |
 /// | blake3 of everything above | 32 |
 ///
+/// `n` is at most 2²⁰ (a blob of at most [`MAX_BLOB_LEN`](DiskStorage::MAX_BLOB_LEN), 1 TiB)
+/// and `m` at most [`MAX_META_LEN`](DiskStorage::MAX_META_LEN) (16 MiB), so no record is
+/// longer than 48 MiB (+ 104 bytes): a record file longer than that is damaged, known so
+/// from its size without reading it. Writers refuse to go past either limit.
+///
+/// # Hostile files
+///
+/// Storage only creates regular files and opens nothing else: records and data files are
+/// opened without following symbolic links and without waiting (`O_NOFOLLOW | O_NONBLOCK`),
+/// and their type is checked on the open handle; listing looks at names with `lstat`. A
+/// symbolic link, FIFO, socket or device where a record or data file belongs is damage: `open`
+/// reports it as [`Error::Corrupt`], and listing discards the blob, removing that name itself
+/// (a link, never its target). So opening a directory stays bounded in time and memory
+/// whatever was put in it, and the other blobs are listed as usual.
+///
 /// # Commit and crash safety
 ///
 /// Data is written to `tmp/`. [`commit`](BlobWriter::commit) (optionally fsyncs the
@@ -67,10 +90,12 @@ const LEFTOVER_MARGIN: Duration = Duration::from_secs(2);
 /// the record through `tmp/` (optionally fsynced) and renames it next to the data (optionally
 /// fsyncing the directory; a failure here removes both, so a commit reported as failed is
 /// never reloaded). The record is the commit point. At listing, a record that fails its
-/// checksum is discarded; data without a record (an interrupted commit) and a record whose
+/// checksum or is too long, and a non-regular file (above), are discarded; data without a record (an interrupted commit) and a record whose
 /// data length does not match are deleted if they predate the storage's opening, and only
 /// left out of the listing otherwise, since a commit, replacement or removal in flight passes
-/// through those states. Files that cannot be read at the moment are left out, never deleted.
+/// through those states. Files that cannot be read at the moment (EMFILE, EACCES, EIO...)
+/// are left out, never deleted; `open` and `info` report such errors as they are, and
+/// `NotFound` or `InvalidData` only for a missing blob or one proven damaged.
 /// Without the sync option a
 /// power loss can lose recent commits (never expose half of one: the record's checksum and the
 /// data length are checked, and each block's hash on read); with it, a committed blob survives.
@@ -78,23 +103,32 @@ const LEFTOVER_MARGIN: Duration = Duration::from_secs(2);
 /// # Integrity
 ///
 /// Once a blob is committed, reads check the 1 MiB blocks they touch against their hashes: a
-/// block is read whole and hashed the first time it is read in a *use* of the blob (a period
-/// during which it has readers, shared by all of them), and served straight from the file for
-/// the rest of that use. A blob opened with [`Storage::open`] (after a restart, say) starts
-/// with no block checked; a blob this handle committed starts with every block checked, since
-/// the writer hashed exactly the bytes it wrote (so reading back what was just written costs
-/// no second hash). When a new use starts (after [`BlobReader::idle`]), the file is
-/// `fstat`ed: if its size, inode, modification or change time differ from when the blocks were
-/// checked, the record of checked blocks is forgotten. So a file altered at rest is caught by
-/// the next read of each altered block — sequential, `read_at` in the middle or after a seek
-/// alike — without reading the whole blob first; a block that fails is an [`Error::Corrupt`]
-/// read error, never data. Limits, by design: a block rewritten *during* a use, after it was
-/// checked, is re-checked only at the next use; a change that leaves the file's times as they
-/// were is not noticed until a process opens the file afresh (e.g. after a restart) — this
-/// covers damage that bypasses the file system (a bad sector under the page cache), a write
-/// that restores the times, and, on file systems or kernels that keep coarse timestamps (one
-/// per clock tick; Linux before 6.13 on most file systems), a write landing in the same tick
-/// as the previous stamp.
+/// block is read whole and hashed the first time it is read, and then served straight from
+/// the file for as long as the file's `fstat` stamp (size, inode, modification and change
+/// times) stays what it was when the block was checked. A blob opened with
+/// [`Storage::open`] (after a restart, say) starts with no block checked; a blob this handle
+/// committed starts with every block checked, since the writer hashed exactly the bytes it
+/// wrote (so reading back what was just written costs no second hash).
+///
+/// The stamp is compared again ([`BlobReader::revalidate`]) whenever a stream reader starts
+/// reading and whenever one of its reads enters a 1 MiB block it has not just read —
+/// sequentially, with `read_at`, or after a seek — and at the first read after the blob was
+/// idle ([`BlobReader::idle`]); a read that stays within the block costs no `fstat`. If the
+/// stamp changed, every checked block is forgotten (a check racing that is withdrawn), so
+/// each block is hashed again before it is served. A file altered on disk, at rest or while
+/// the blob is in use, is thus caught by the next read of each altered block that enters it
+/// — by any reader, new or old — without reading the whole blob first; a block that fails is
+/// an [`Error::Corrupt`] read error, never data.
+///
+/// Limits, by design: a reader that keeps reading *within* one block it already read is
+/// served from the file without a new comparison, so a change made in the middle of that
+/// block's reads may reach it (the next block it enters, or any other reader entering the
+/// block, notices); and a change that leaves the stamp as it was is not noticed until a
+/// process opens the file afresh (e.g. after a restart) — this covers damage that bypasses
+/// the file system (a bad sector under the page cache), a write that restores the times, and,
+/// on file systems or kernels that keep coarse timestamps (one per clock tick; Linux before
+/// 6.13 on most file systems), a write landing in the same tick as the previous stamp.
+///
 /// Bytes read while the blob is still being written are not checked: they were just written
 /// by this process.
 #[derive(Debug, Clone)]
@@ -111,9 +145,9 @@ struct DiskInner {
     /// How many block-hashing helpers may run process-wide before this storage's writers hash
     /// inline: the number of cores.
     hash_helpers: usize,
-    /// Lock: this mutex. Holds the exclusive OS lock on `<dir>/LOCK` until dropped or
-    /// [`DiskStorage::unlock`]ed.
-    lock: Mutex<Option<File>>,
+    /// Lock: this mutex. The directory itself and `<dir>/LOCK`, each held with an exclusive
+    /// OS lock until dropped or [`DiskStorage::unlock`]ed.
+    lock: Mutex<Option<(File, File)>>,
     /// When this storage opened the directory: `list` deletes leftovers only if they are
     /// older (by `LEFTOVER_MARGIN`), so it never deletes a commit or removal in flight.
     opened: SystemTime,
@@ -124,6 +158,16 @@ struct DiskInner {
 }
 
 impl DiskStorage {
+    /// The longest blob this storage stores: 1 TiB. A write past it fails
+    /// ([`io::ErrorKind::FileTooLarge`]); it bounds the size of a record (see
+    /// "Metadata record"), so that a record file larger than any record can be is known
+    /// damaged without reading it.
+    pub const MAX_BLOB_LEN: u64 = 1 << 40;
+
+    /// The most metadata a blob can be committed with: 16 MiB. A commit or
+    /// [`set_meta`](Storage::set_meta) with more fails ([`io::ErrorKind::InvalidInput`]).
+    pub const MAX_META_LEN: usize = 16 << 20;
+
     /// Opens (creating if needed) a storage directory: takes its lock, wipes `tmp/`.
     ///
     /// # Errors
@@ -140,6 +184,12 @@ impl DiskStorage {
     /// As for [`open`](Self::open).
     pub fn open_with(dir: &Path, sync: bool) -> Result<Self> {
         fs::create_dir_all(dir).map_err(|e| Error::io("create directory", dir, e))?;
+        // The lock is on the directory itself, which no one deletes while we use it.
+        // (Regression: it was on `<dir>/LOCK` alone, so deleting that file, as temp cleaners
+        // do with old untouched files, let a second process in, which wiped `tmp/` under our
+        // writers.) `LOCK` is still locked too, for processes of earlier versions.
+        let dir_lock = File::open(dir).map_err(|e| Error::io("open", dir, e))?;
+        try_lock(&dir_lock, dir, dir)?;
         let lock_path = dir.join("LOCK");
         let lock = File::options()
             .create(true)
@@ -147,15 +197,7 @@ impl DiskStorage {
             .write(true)
             .open(&lock_path)
             .map_err(|e| Error::io("open", &lock_path, e))?;
-        match lock.try_lock() {
-            Ok(()) => {}
-            Err(fs::TryLockError::WouldBlock) => {
-                return Err(Error::Locked {
-                    dir: dir.to_path_buf(),
-                });
-            }
-            Err(fs::TryLockError::Error(e)) => return Err(Error::io("lock", &lock_path, e)),
-        }
+        try_lock(&lock, &lock_path, dir)?;
         let tmp = dir.join(TMP_DIR);
         match fs::remove_dir_all(&tmp) {
             Ok(()) => {}
@@ -178,7 +220,7 @@ impl DiskStorage {
                 tmp,
                 sync,
                 hash_helpers: std::thread::available_parallelism().map_or(1, |n| n.get()),
-                lock: Mutex::new(Some(lock)),
+                lock: Mutex::new(Some((dir_lock, lock))),
                 opened: SystemTime::now(),
                 durable_shards: Mutex::default(),
             }),
@@ -220,6 +262,17 @@ impl DiskStorage {
     /// The data file of a committed blob (for tools and tests).
     pub fn blob_path(&self, name: &str) -> PathBuf {
         self.inner.shard(name).join(name)
+    }
+}
+
+/// Takes the exclusive OS lock on `file` (at `path`), or [`Error::Locked`] naming `dir`.
+fn try_lock(file: &File, path: &Path, dir: &Path) -> Result<()> {
+    match file.try_lock() {
+        Ok(()) => Ok(()),
+        Err(fs::TryLockError::WouldBlock) => Err(Error::Locked {
+            dir: dir.to_path_buf(),
+        }),
+        Err(fs::TryLockError::Error(e)) => Err(Error::io("lock", path, e)),
     }
 }
 
@@ -313,6 +366,9 @@ impl Record {
         if bytes.len() < 32 {
             return Err("record too short".into());
         }
+        if bytes.len() as u64 > MAX_RECORD_LEN {
+            return Err("record longer than the format allows".into());
+        }
         let (body, check) = bytes.split_at(bytes.len() - 32);
         if blake3::hash(body).as_bytes() != check {
             return Err("record checksum mismatch".into());
@@ -322,6 +378,9 @@ impl Record {
             return Err("bad magic".into());
         }
         let len = cur.u64()?;
+        if len > DiskStorage::MAX_BLOB_LEN {
+            return Err("blob longer than the format allows".into());
+        }
         if cur.u64()? != BLOCK {
             return Err("unsupported block size".into());
         }
@@ -340,6 +399,9 @@ impl Record {
             return Err("content digest mismatch".into());
         }
         let m = cur.u64()?;
+        if m > DiskStorage::MAX_META_LEN as u64 {
+            return Err("metadata longer than the format allows".into());
+        }
         let meta = cur
             .take(usize::try_from(m).map_err(|_| "metadata too long")?)?
             .to_vec();
@@ -375,6 +437,78 @@ fn corrupt(path: &Path, reason: impl Into<String>) -> io::Error {
         reason: reason.into(),
     }
     .into()
+}
+
+/// Metadata longer than a record may hold is refused before anything is written.
+fn check_meta_len(meta: &[u8]) -> io::Result<()> {
+    if meta.len() > DiskStorage::MAX_META_LEN {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "{} bytes of metadata: disk storage allows {}",
+                meta.len(),
+                DiskStorage::MAX_META_LEN
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Opens `path` for reading if it is a regular file, with its metadata. A symbolic link is
+/// not followed (`O_NOFOLLOW`), a FIFO or device is not waited on (`O_NONBLOCK`), and the
+/// type is checked on the open handle: anything but a regular file is damage
+/// ([`Error::Corrupt`], kind `InvalidData`), since storage creates nothing else. Other errors
+/// are returned as they are (`NotFound` only if the file is missing); `EINTR` is retried.
+fn open_regular(path: &Path) -> io::Result<(File, fs::Metadata)> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = loop {
+        match File::options()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(path)
+        {
+            Ok(file) => break file,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            // ELOOP: a symbolic link (with O_NOFOLLOW); ENXIO: a socket, or a device with no
+            // driver. Damage only if the name is indeed not a regular file.
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ELOOP | libc::ENXIO)) => {
+                return Err(match fs::symlink_metadata(path) {
+                    Ok(md) if !md.file_type().is_file() => not_regular(path, &md),
+                    _ => e,
+                });
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    let md = file.metadata()?;
+    if !md.file_type().is_file() {
+        return Err(not_regular(path, &md));
+    }
+    Ok((file, md))
+}
+
+fn not_regular(path: &Path, md: &fs::Metadata) -> io::Error {
+    corrupt(
+        path,
+        format!("not a regular file but {}", file_kind(md.file_type())),
+    )
+}
+
+fn file_kind(t: fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if t.is_symlink() {
+        "a symbolic link"
+    } else if t.is_dir() {
+        "a directory"
+    } else if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_char_device() || t.is_block_device() {
+        "a device"
+    } else if t.is_socket() {
+        "a socket"
+    } else {
+        "of an unknown type"
+    }
 }
 
 /// Reads until `buf` is full or the file ends.
@@ -600,6 +734,16 @@ impl Tail {
 
 impl BlobWriter for DiskWriter {
     fn write(&mut self, mut buf: &[u8]) -> io::Result<()> {
+        if buf.len() as u64 > DiskStorage::MAX_BLOB_LEN - self.len {
+            return Err(io::Error::new(
+                io::ErrorKind::FileTooLarge,
+                format!(
+                    "blob {:?} would exceed the {} bytes disk storage allows",
+                    self.name,
+                    DiskStorage::MAX_BLOB_LEN
+                ),
+            ));
+        }
         (&*self.file).write_all(buf)?;
         self.last_write = wall_clock();
         while !buf.is_empty() {
@@ -634,6 +778,7 @@ impl BlobWriter for DiskWriter {
     }
 
     fn commit(mut self: Box<Self>, meta: Vec<u8>) -> io::Result<()> {
+        check_meta_len(&meta)?;
         match self.tail.take() {
             Some(tail) => tail.finish(&mut self.hashes)?,
             // Shorter than one block (a blob of exactly one was hashed as it filled).
@@ -707,8 +852,8 @@ impl BlobWriter for DiskWriter {
 ///
 /// While the blob is being written, reads are plain positional reads. Once it is committed
 /// (or when it was opened from storage), each block is checked against its blake3 hash the
-/// first time it is read; a use that starts after the blob was idle ([`BlobReader::idle`])
-/// keeps those checks only if the file's `fstat` stamp is unchanged.
+/// first time it is read; [`BlobReader::revalidate`] (and the first read after
+/// [`BlobReader::idle`]) keeps those checks only if the file's `fstat` stamp is unchanged.
 #[derive(Debug)]
 struct DiskReader {
     file: Arc<File>,
@@ -756,6 +901,10 @@ struct Check {
     verified: Box<[AtomicU64]>,
     /// Set by `idle`: the next read first compares the file's stamp with `stamp`.
     recheck: AtomicBool,
+    /// Bumped each time `verified` is cleared, so that a block check that raced the clear
+    /// (it read the file before the change, and set its bit after the clear) withdraws its
+    /// bit instead of vouching for the changed file.
+    epoch: AtomicU64,
     /// Lock: this mutex. The file's stamp when the bits in `verified` were earned.
     stamp: Mutex<Option<Stamp>>,
 }
@@ -768,23 +917,43 @@ impl Check {
             hashes,
             verified: (0..words).map(|_| AtomicU64::new(0)).collect(),
             recheck: AtomicBool::new(false),
+            epoch: AtomicU64::new(0),
             stamp: Mutex::new(stamp),
         }
     }
 
-    /// At the start of a use: forgets every checked block if the file changed since they
-    /// were checked (or if that cannot be told).
-    fn revalidate(&self, file: &File) {
-        if !self.recheck.swap(false, Ordering::AcqRel) {
+    /// Forgets every checked block if the file changed since they were checked (or if that
+    /// cannot be told): with `force` (a reader entering a new block, `BlobReader::revalidate`)
+    /// or at the first read of a new use (after `idle`); otherwise does nothing.
+    fn revalidate(&self, file: &File, force: bool) {
+        let new_use = self.recheck.swap(false, Ordering::AcqRel);
+        if !(force || new_use) {
             return;
         }
-        let now = Stamp::of(file);
+        // The stamp is taken under the lock, so concurrent revalidations update it in order.
         let mut stamp = self.stamp.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Stamp::of(file);
         if now.is_none() || *stamp != now {
-            for word in self.verified.iter() {
-                word.store(0, Ordering::Release);
-            }
+            self.forget();
             *stamp = now;
+        }
+    }
+
+    /// Clears every checked block.
+    fn forget(&self) {
+        self.epoch.fetch_add(1, Ordering::SeqCst);
+        for word in self.verified.iter() {
+            word.store(0, Ordering::SeqCst);
+        }
+    }
+
+    /// Marks `block` checked, unless `verified` was cleared since `epoch` (when the check
+    /// started reading): then the bytes it checked may predate a change.
+    fn mark(&self, block: u64, epoch: u64) {
+        let (word, bit) = (&self.verified[(block / 64) as usize], 1 << (block % 64));
+        word.fetch_or(bit, Ordering::SeqCst);
+        if self.epoch.load(Ordering::SeqCst) != epoch {
+            word.fetch_and(!bit, Ordering::SeqCst);
         }
     }
 
@@ -820,6 +989,7 @@ impl DiskReader {
     fn verify_block(&self, c: &Check, block: u64, from: usize, out: &mut [u8]) -> io::Result<()> {
         let start = block * BLOCK;
         let size = (c.len - start).min(BLOCK) as usize;
+        let epoch = c.epoch.load(Ordering::SeqCst);
         let mut guard = self.scratch.try_lock().ok();
         let mut own = Vec::new();
         let scratch = match guard.as_deref_mut() {
@@ -840,13 +1010,13 @@ impl DiskReader {
                 format!("block {block} fails its blake3 check"),
             ));
         }
-        c.verified[(block / 64) as usize].fetch_or(1 << (block % 64), Ordering::AcqRel);
+        c.mark(block, epoch);
         out.copy_from_slice(&scratch[from..from + out.len()]);
         Ok(())
     }
 
     fn read_checked(&self, c: &Check, buf: &mut [u8], offset: u64) -> io::Result<usize> {
-        c.revalidate(&self.file);
+        c.revalidate(&self.file, false);
         if offset >= c.len {
             return Ok(0);
         }
@@ -884,14 +1054,45 @@ impl BlobReader for DiskReader {
             c.recheck.store(true, Ordering::Release);
         }
     }
+
+    /// Compares the file's `fstat` stamp with the one the checked blocks were earned under;
+    /// if it changed, every block is hashed again before it is served.
+    fn revalidate(&self) {
+        if let Some(c) = self.check.get() {
+            c.revalidate(&self.file, true);
+        }
+    }
 }
 
 impl DiskStorage {
+    /// `Storage::create`, with the writer's concrete type (unit tests look into its reader).
+    fn create_writer(&self, name: &str) -> io::Result<DiskWriter> {
+        validate_name(name)?;
+        let (file, staged) = tempfile::Builder::new()
+            .prefix(name)
+            .tempfile_in(&self.inner.tmp)?
+            .into_parts();
+        let file = Arc::new(file);
+        let reader = Arc::new(DiskReader::new(file.clone(), self.blob_path(name), None));
+        Ok(DiskWriter {
+            storage: self.inner.clone(),
+            name: name.to_owned(),
+            file,
+            reader,
+            staged,
+            len: 0,
+            block: blake3::Hasher::new(),
+            hashes: Vec::new(),
+            tail: None,
+            last_write: None,
+        })
+    }
+
     /// Reads `name`'s record and opens its data, making sure they belong together: a commit
     /// replacing the blob removes the record before it moves new data in, so if the record
     /// read is still in place once the data is open, that data is the record's. (Regression:
     /// an open racing a replacement could pair the old record with the new data.)
-    fn open_pair(&self, name: &str, path: &Path) -> io::Result<(Record, File)> {
+    fn open_pair(&self, name: &str, path: &Path) -> io::Result<(Record, File, fs::Metadata)> {
         use std::os::unix::fs::MetadataExt;
         let meta_path = self.inner.meta_path(name);
         for _ in 0..3 {
@@ -899,9 +1100,9 @@ impl DiskStorage {
             // number of a deleted file only once nothing holds it open, so an equal number
             // then means the same file, not a new record that got the old one's number.
             let (record, _held, id) = self.read_record_with_id(name)?;
-            let file = File::open(path).map_err(|e| named_not_found(e, name))?;
-            match fs::metadata(&meta_path) {
-                Ok(md) if md.ino() == id => return Ok((record, file)),
+            let (file, md) = open_regular(path).map_err(|e| named_not_found(e, name))?;
+            match fs::symlink_metadata(&meta_path) {
+                Ok(now) if now.ino() == id => return Ok((record, file, md)),
                 // Replaced meanwhile: read the new one.
                 Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
@@ -918,13 +1119,27 @@ impl DiskStorage {
 
     /// `name`'s record, the file it was read from (still open) and that file's inode. (The
     /// same system calls as `fs::read`, which also takes the metadata to size its buffer.)
+    /// Only a regular file is read (see `open_regular`), and only if it is no longer than a
+    /// record can be: a bigger one (a sparse 100 GB file, say) is damage, found before any
+    /// allocation; reading stops past that size too, should the file grow meanwhile.
     fn read_record_with_id(&self, name: &str) -> io::Result<(Record, File, u64)> {
         use std::os::unix::fs::MetadataExt;
         let path = self.inner.meta_path(name);
-        let mut file = File::open(&path).map_err(|e| named_not_found(e, name))?;
-        let md = file.metadata()?;
-        let mut bytes = Vec::with_capacity(usize::try_from(md.len()).unwrap_or(0));
-        io::Read::read_to_end(&mut file, &mut bytes)?;
+        let (file, md) = open_regular(&path).map_err(|e| named_not_found(e, name))?;
+        let too_long = |len: u64| {
+            corrupt(
+                &path,
+                format!("record of {len} bytes, longer than the format allows ({MAX_RECORD_LEN})"),
+            )
+        };
+        if md.len() > MAX_RECORD_LEN {
+            return Err(too_long(md.len()));
+        }
+        let mut bytes = Vec::with_capacity(md.len() as usize);
+        io::Read::read_to_end(&mut io::Read::take(&file, MAX_RECORD_LEN + 1), &mut bytes)?;
+        if bytes.len() as u64 > MAX_RECORD_LEN {
+            return Err(too_long(bytes.len() as u64));
+        }
         let record = Record::decode(&bytes).map_err(|reason| corrupt(&path, reason))?;
         Ok((record, file, md.ino()))
     }
@@ -945,18 +1160,20 @@ impl DiskStorage {
                 }
             }
         }
-        // Only definite damage is deleted: a record that fails its checksum (records are
-        // written whole and renamed into place, so that is never a write in flight), or files
-        // that predate this storage's opening (`predates_open`), since a commit or removal in
-        // flight briefly leaves data without a record, or a record whose data is being
-        // replaced. Anything else that cannot be read now (EMFILE, EACCES, EIO) is left out of
-        // the listing but kept.
+        // Only definite damage is deleted: a record that fails its checksum or is too long
+        // (records are written whole and renamed into place, so that is never a write in
+        // flight), a name that is not a regular file (a symbolic link, FIFO, socket or device:
+        // storage never creates one; the name itself is removed, never what a link points
+        // to), or files that predate this storage's opening (`predates_open`), since a commit
+        // or removal in flight briefly leaves data without a record, or a record whose data is
+        // being replaced. Anything else that cannot be read now (EMFILE, EACCES, EIO) is left
+        // out of the listing but kept. Nothing here follows a symbolic link.
         for name in metas {
             let data_path = shard.join(&name);
             let has_data = validate_name(&name).is_ok() && datas.remove(&name);
             if !has_data {
                 let meta_path = shard.join(format!("{name}.{META_EXT}"));
-                if fs::metadata(&meta_path).is_ok_and(|md| self.inner.predates_open(&md)) {
+                if fs::symlink_metadata(&meta_path).is_ok_and(|md| self.is_leftover(&md)) {
                     tracing::warn!(blob = %name, "discarding a record without data");
                     self.discard(shard, &name);
                 }
@@ -974,7 +1191,11 @@ impl DiskStorage {
                     continue;
                 }
             };
-            match fs::metadata(&data_path) {
+            match fs::symlink_metadata(&data_path) {
+                Ok(md) if !md.file_type().is_file() => {
+                    tracing::warn!(blob = %name, "discarding blob whose data is {}", file_kind(md.file_type()));
+                    self.discard(shard, &name);
+                }
                 Ok(md) if md.len() == rec.len => out.push(BlobInfo {
                     name,
                     len: rec.len,
@@ -994,12 +1215,20 @@ impl DiskStorage {
         }
         for orphan in datas {
             let path = shard.join(&orphan);
-            if fs::metadata(&path).is_ok_and(|md| self.inner.predates_open(&md)) {
+            if fs::symlink_metadata(&path).is_ok_and(|md| self.is_leftover(&md)) {
                 tracing::warn!(blob = %orphan, "deleting data of an interrupted commit");
                 let _ = fs::remove_file(path);
             }
         }
         Ok(())
+    }
+
+    /// Whether a file without its partner (data without a record, or the reverse) is a
+    /// leftover to delete: it predates this storage's opening, or it is not a regular file
+    /// (never one of ours, whatever its age; a directory is left alone).
+    fn is_leftover(&self, md: &fs::Metadata) -> bool {
+        let t = md.file_type();
+        (!t.is_file() && !t.is_dir()) || self.inner.predates_open(md)
     }
 
     fn discard(&self, shard: &Path, name: &str) {
@@ -1010,32 +1239,13 @@ impl DiskStorage {
 
 impl Storage for DiskStorage {
     fn create(&self, name: &str) -> io::Result<Box<dyn BlobWriter>> {
-        validate_name(name)?;
-        let (file, staged) = tempfile::Builder::new()
-            .prefix(name)
-            .tempfile_in(&self.inner.tmp)?
-            .into_parts();
-        let file = Arc::new(file);
-        let reader = Arc::new(DiskReader::new(file.clone(), self.blob_path(name), None));
-        Ok(Box::new(DiskWriter {
-            storage: self.inner.clone(),
-            name: name.to_owned(),
-            file,
-            reader,
-            staged,
-            len: 0,
-            block: blake3::Hasher::new(),
-            hashes: Vec::new(),
-            tail: None,
-            last_write: None,
-        }))
+        Ok(Box::new(self.create_writer(name)?))
     }
 
     fn open(&self, name: &str) -> io::Result<(Arc<dyn BlobReader>, BlobInfo)> {
         validate_name(name)?;
         let path = self.blob_path(name);
-        let (record, file) = self.open_pair(name, &path)?;
-        let md = file.metadata()?;
+        let (record, file, md) = self.open_pair(name, &path)?;
         if md.len() != record.len {
             return Err(corrupt(&path, "data length does not match its record"));
         }
@@ -1113,6 +1323,7 @@ impl Storage for DiskStorage {
 
     fn set_meta(&self, name: &str, meta: &[u8]) -> io::Result<()> {
         validate_name(name)?;
+        check_meta_len(meta)?;
         let mut record = self.read_record(name)?;
         record.meta = meta.to_vec();
         self.inner.write_meta(name, &record.encode())
@@ -1212,6 +1423,229 @@ mod tests {
         assert_eq!(r.read_at(&mut buf, 0).unwrap(), 10);
         let err = r.read_at(&mut buf, BLOCK).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+    }
+
+    /// One byte flipped through a handle of its own, and the modification time moved to
+    /// `mtime`: a change to the file the storage did not make.
+    fn tamper(path: &Path, at: u64, mtime: SystemTime) {
+        let f = File::options().read(true).write(true).open(path).unwrap();
+        let mut b = [0u8];
+        f.read_exact_at(&mut b, at).unwrap();
+        f.write_all_at(&[!b[0]], at).unwrap();
+        f.set_modified(mtime).unwrap();
+    }
+
+    /// Which blocks `r` counts as checked.
+    fn checked(r: &DiskReader) -> Vec<bool> {
+        let c = r.check.get().expect("committed");
+        (0..c.hashes.len() as u64)
+            .map(|b| c.is_verified(b))
+            .collect()
+    }
+
+    /// A committed blob of `blocks` full blocks and 5 bytes, with its writer's shared reader.
+    fn committed(s: &DiskStorage, name: &str, blocks: u64) -> Arc<DiskReader> {
+        let mut w = s.create_writer(name).unwrap();
+        let r = w.reader.clone();
+        w.write(&vec![7u8; (blocks * BLOCK + 5) as usize]).unwrap();
+        Box::new(w).commit(Vec::new()).unwrap();
+        r
+    }
+
+    /// `vouch_all` marks exactly the blob's blocks, in every word, whatever the count.
+    #[test]
+    fn vouch_all_marks_exactly_the_blocks() {
+        for n in [1u64, 2, 63, 64, 65, 127, 128, 129, 200] {
+            let c = Check::new(n * BLOCK, vec![[0; 32]; n as usize], None);
+            c.vouch_all();
+            let words = c.verified.len() as u64;
+            assert_eq!(words, n.div_ceil(64));
+            for b in 0..words * 64 {
+                assert_eq!(c.is_verified(b), b < n, "block {b} of {n}");
+            }
+        }
+    }
+
+    /// The life of the checked-blocks record of a blob this handle committed: all vouched for
+    /// at commit; kept by a revalidation that finds the same stamp; forgotten when the stamp
+    /// changes (here only the time: content unchanged); earned again block by block; and kept
+    /// again by the next revalidation under the new stamp.
+    #[test]
+    fn revalidation_keeps_checks_only_under_the_same_stamp() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = DiskStorage::open(dir.path()).unwrap();
+        let r = committed(&s, "blob", 3);
+        assert_eq!(checked(&r), [true; 4], "vouched for at commit");
+        r.revalidate();
+        assert_eq!(checked(&r), [true; 4], "same stamp: checks kept");
+        File::options()
+            .write(true)
+            .open(s.blob_path("blob"))
+            .unwrap()
+            .set_modified(SystemTime::now() + Duration::from_secs(1))
+            .unwrap();
+        // Without `revalidate` or a new use, reads go on under the old checks.
+        let mut buf = [0u8; 4];
+        r.read_at(&mut buf, 0).unwrap();
+        assert_eq!(checked(&r), [true; 4], "no fstat within a use");
+        r.revalidate();
+        assert_eq!(checked(&r), [false; 4], "new stamp: checks forgotten");
+        r.read_at(&mut buf, BLOCK + 1).unwrap();
+        assert_eq!(buf, [7; 4]);
+        assert_eq!(checked(&r), [false, true, false, false]);
+        r.revalidate();
+        assert_eq!(
+            checked(&r),
+            [false, true, false, false],
+            "the new stamp was recorded: checks earned under it are kept"
+        );
+        // A new use (after `idle`) compares too, at its first read.
+        r.idle();
+        File::options()
+            .write(true)
+            .open(s.blob_path("blob"))
+            .unwrap()
+            .set_modified(SystemTime::now() + Duration::from_secs(2))
+            .unwrap();
+        r.read_at(&mut buf, 0).unwrap();
+        assert_eq!(checked(&r), [true, false, false, false]);
+    }
+
+    /// A revalidation after the bytes changed makes the next read of the changed block fail,
+    /// also for a reader that read it clean before.
+    #[test]
+    fn revalidate_catches_a_change_during_a_use() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = DiskStorage::open(dir.path()).unwrap();
+        let r = committed(&s, "blob", 2);
+        let mut buf = [0u8; 8];
+        r.read_at(&mut buf, BLOCK).unwrap();
+        tamper(
+            &s.blob_path("blob"),
+            BLOCK + 3,
+            SystemTime::now() + Duration::from_secs(1),
+        );
+        r.revalidate();
+        let err = r.read_at(&mut buf, BLOCK).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+        r.read_at(&mut buf, 0).unwrap();
+        assert_eq!(buf, [7; 8]);
+    }
+
+    /// Regression guard for the commit-time vouching: a staged file that was extended and
+    /// changed behind the writer's back, with its modification time then set *back* (so the
+    /// time alone looks unchanged), is not vouched for: its length differs from what was
+    /// written.
+    #[test]
+    fn commit_does_not_vouch_for_a_file_of_another_length() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = DiskStorage::open(dir.path()).unwrap();
+        let mut w = s.create_writer("blob").unwrap();
+        let r = w.reader.clone();
+        w.write(&vec![7u8; BLOCK as usize + 5]).unwrap();
+        let staged = w.staged.to_path_buf();
+        let long_ago = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000_000);
+        tamper(&staged, BLOCK + 1, long_ago);
+        let f = File::options().append(true).open(&staged).unwrap();
+        (&f).write_all(b"more").unwrap();
+        f.set_modified(long_ago).unwrap();
+        Box::new(w).commit(Vec::new()).unwrap();
+        assert_eq!(checked(&r), [false, false]);
+        let mut buf = [0u8; 4];
+        let err = r.read_at(&mut buf, BLOCK).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+    }
+
+    /// A block check that read the file before a revalidation forgot the checks, and marks
+    /// its block after, withdraws the mark: the bytes it checked may predate the change.
+    #[test]
+    fn a_check_racing_a_revalidation_is_withdrawn() {
+        let c = Check::new(2 * BLOCK, vec![[0; 32]; 2], None);
+        let before = c.epoch.load(Ordering::SeqCst);
+        c.forget();
+        c.mark(1, before);
+        assert!(!c.is_verified(1), "a mark from before the clear survived");
+        c.mark(1, c.epoch.load(Ordering::SeqCst));
+        assert!(c.is_verified(1));
+        assert!(!c.is_verified(0));
+    }
+
+    /// The format's limits: metadata up to `MAX_META_LEN` round-trips, one byte more is
+    /// refused by the writer and by the decoder; a blob longer than `MAX_BLOB_LEN` is refused
+    /// by both too; a record file longer than any record can be is damage, unread.
+    #[test]
+    fn record_limits() {
+        let max = DiskStorage::MAX_META_LEN;
+        let at_max = Record {
+            len: 1,
+            hashes: vec![[3; 32]],
+            meta: vec![1; max],
+        };
+        assert_eq!(Record::decode(&at_max.encode()).unwrap().meta.len(), max);
+        let over = Record {
+            meta: vec![1; max + 1],
+            ..at_max
+        };
+        assert!(Record::decode(&over.encode()).is_err());
+        // A claimed length past the limit, in a record otherwise well formed.
+        let mut body = Vec::new();
+        body.extend_from_slice(MAGIC);
+        let len = DiskStorage::MAX_BLOB_LEN + 1;
+        body.extend_from_slice(&len.to_le_bytes());
+        body.extend_from_slice(&BLOCK.to_le_bytes());
+        body.extend_from_slice(&len.div_ceil(BLOCK).to_le_bytes());
+        let check = blake3::hash(&body);
+        body.extend_from_slice(check.as_bytes());
+        assert_eq!(
+            Record::decode(&body).unwrap_err(),
+            "blob longer than the format allows"
+        );
+
+        let dir = tempfile::tempdir().unwrap();
+        let s = DiskStorage::open(dir.path()).unwrap();
+        let w = s.create("big-meta").unwrap();
+        let err = w.commit(vec![0; max + 1]).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
+        commit_bytes(&s, "blob", b"abc");
+        let err = s.set_meta("blob", &vec![0; max + 1]).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
+        s.set_meta("blob", &vec![0; max]).unwrap();
+        assert_eq!(s.info("blob").unwrap().meta.len(), max);
+
+        let mut w = s.create_writer("huge").unwrap();
+        w.len = DiskStorage::MAX_BLOB_LEN - 3;
+        let err = w.write(b"four").unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::FileTooLarge);
+        w.write(b"3by").unwrap();
+
+        // The longest record the format allows (the longest blob, the most metadata) is read;
+        // one byte more is damage, found from its size.
+        let longest = Record {
+            len: DiskStorage::MAX_BLOB_LEN,
+            hashes: vec![[5; 32]; (DiskStorage::MAX_BLOB_LEN / BLOCK) as usize],
+            meta: vec![2; max],
+        }
+        .encode();
+        assert_eq!(longest.len() as u64, MAX_RECORD_LEN);
+        fs::write(s.inner.meta_path("blob"), &longest).unwrap();
+        drop(longest);
+        let info = s.info("blob").unwrap();
+        assert_eq!(
+            (info.len, info.meta.len()),
+            (DiskStorage::MAX_BLOB_LEN, max)
+        );
+        File::options()
+            .write(true)
+            .open(s.inner.meta_path("blob"))
+            .unwrap()
+            .set_len(MAX_RECORD_LEN + 1)
+            .unwrap();
+        let err = s.info("blob").unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{err}");
+        assert!(
+            err.to_string().contains("longer than the format allows"),
+            "{err}"
+        );
     }
 
     /// Blocks hashed inline or on a helper thread (everything past the first block, once a

@@ -152,6 +152,10 @@ impl BlobReader for FaultyReader {
     fn idle(&self) {
         self.inner.idle()
     }
+
+    fn revalidate(&self) {
+        self.inner.revalidate()
+    }
 }
 
 impl Storage for FaultyStorage {

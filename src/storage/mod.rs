@@ -30,7 +30,13 @@
 //!   commit atomic: after a crash a blob is either absent or whole, with its metadata;
 //! * discard an uncommitted blob when its writer is dropped;
 //! * return an error rather than wrong bytes (for example when a stored file fails its
-//!   integrity check).
+//!   integrity check), also when the stored file was altered while the blob had readers:
+//!   by the next read that follows a [`BlobReader::revalidate`] at the latest;
+//! * report [`io::ErrorKind::NotFound`] only for a blob that really is not there, and
+//!   [`io::ErrorKind::InvalidData`] only on proof of damage (a hash or checksum mismatch, a
+//!   malformed or oversized record, a short file, a file of the wrong type): an error that
+//!   says nothing about the blob (EMFILE, ENOMEM, EACCES, EIO) passes through as it is, so
+//!   the caller fails that request and keeps the blob.
 
 use std::fmt;
 use std::io;
@@ -150,6 +156,16 @@ pub trait BlobReader: Send + Sync + fmt::Debug {
     /// Implementations may drop caches; [`DiskStorage`] re-examines the file at the next use
     /// and forgets which blocks it has checked if the file changed. The default does nothing.
     fn idle(&self) {}
+
+    /// Asks the backend to make sure that what it is about to serve is still what was
+    /// committed, before the next read. Callers (the stream readers) call it when a reader
+    /// starts reading and whenever a read enters a 1 MiB block that reader has not just
+    /// read: sequentially, with `read_at` or after a seek. It must be cheap (it runs about
+    /// once per MiB read) and must not fail; a problem it finds is reported by the reads that
+    /// follow. [`DiskStorage`] compares the file's `fstat` stamp with the one under which it
+    /// checked blocks and, if it changed, forgets those checks so every block is hashed again
+    /// before it is served. The default does nothing.
+    fn revalidate(&self) {}
 }
 
 // Forwarding impls, so boxed and shared storages (and their writers and readers) can be used
@@ -189,6 +205,9 @@ macro_rules! forward_through {
             }
             fn idle(&self) {
                 (**self).idle()
+            }
+            fn revalidate(&self) {
+                (**self).revalidate()
             }
         }
     };

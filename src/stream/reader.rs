@@ -45,7 +45,14 @@ pub struct Reader {
     chunk_pos: u64,
     /// Bytes delivered by this reader (for cache statistics). Relaxed: only summed at drop.
     delivered: AtomicU64,
+    /// The 1 MiB block (offset >> `REVALIDATE_SHIFT`) this reader's last storage read ended
+    /// in; `u64::MAX` before the first. A read reaching outside it first asks the storage to
+    /// revalidate (`BlobReader::revalidate`). Atomic because `read_at` takes `&self`.
+    last_block: AtomicU64,
 }
+
+/// Readers ask the storage to revalidate when they enter a new block of `1 << 20` bytes.
+const REVALIDATE_SHIFT: u32 = 20;
 
 impl fmt::Debug for Reader {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -65,6 +72,7 @@ impl Reader {
             chunk: Bytes::new(),
             chunk_pos: 0,
             delivered: AtomicU64::new(0),
+            last_block: AtomicU64::new(u64::MAX),
         }
     }
 
@@ -163,6 +171,7 @@ impl Reader {
     /// One `read_at` of published bytes from storage: a storage error is reported as such
     /// (and a corrupt block to the cache), and no data at all is a corrupt short read.
     fn blob_read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        self.entering(offset, buf.len());
         let n = self
             .shared
             .blob
@@ -172,6 +181,22 @@ impl Reader {
             return Err(self.short_read(offset));
         }
         Ok(n)
+    }
+
+    /// Before a storage read of `[offset, offset + len)`: if it reaches outside the block
+    /// this reader last read in (or it is the first), the storage revalidates the blob (for
+    /// disk, an `fstat`), so bytes altered since are re-checked. Within a block: two compares.
+    #[inline]
+    fn entering(&self, offset: u64, len: usize) {
+        let first = offset >> REVALIDATE_SHIFT;
+        let last = offset.saturating_add(len.saturating_sub(1) as u64) >> REVALIDATE_SHIFT;
+        let prev = self.last_block.load(Ordering::Relaxed);
+        if first != prev || last != prev {
+            // Recorded only once revalidated: a `read_at` racing on another thread revalidates
+            // too rather than skip ahead of this one.
+            self.shared.blob.revalidate();
+            self.last_block.store(last, Ordering::Relaxed);
+        }
     }
 
     fn short_read(&self, offset: u64) -> io::Error {
@@ -188,6 +213,7 @@ impl Reader {
         if (self.chunk_pos..chunk_end).contains(&self.pos) {
             return Ok(true);
         }
+        self.entering(self.pos, 1);
         match self.shared.blob.read_bytes(self.pos, max) {
             Some(Ok(chunk)) if !chunk.is_empty() => {
                 self.chunk = chunk;
