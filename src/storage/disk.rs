@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex, OnceLock, mpsc};
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use tempfile::{NamedTempFile, TempPath};
+use tempfile::TempPath;
 
 use super::{BlobInfo, BlobReader, BlobWriter, Storage, not_found, validate_name};
 use crate::error::{Error, Result};
@@ -324,13 +324,49 @@ impl DiskInner {
     }
 
     fn write_meta(&self, name: &str, record: &[u8]) -> io::Result<()> {
-        let mut tmp = NamedTempFile::new_in(&self.tmp)?;
-        tmp.write_all(record)?;
+        let (mut file, staged) = self.staged_file(name)?;
+        file.write_all(record)?;
         if self.sync {
-            tmp.as_file().sync_data()?;
+            file.sync_data()?;
         }
-        tmp.persist(self.meta_path(name)).map_err(|e| e.error)?;
+        drop(file);
+        staged.persist(self.meta_path(name)).map_err(|e| e.error)?;
         Ok(())
+    }
+
+    /// A new file in `tmp/` (named after `prefix`, created exclusively, deleted when the
+    /// returned path drops unless persisted). Errors are the operating system's own, with
+    /// their codes: the cache tells EMFILE from damage by them. (`tempfile`'s builders wrap
+    /// errors in a type whose `source` hides the code, so a writer that ran out of file
+    /// descriptors could not be told apart.)
+    fn staged_file(&self, prefix: &str) -> io::Result<(File, TempPath)> {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        loop {
+            let n = NEXT.fetch_add(1, Ordering::Relaxed);
+            let path = self
+                .tmp
+                .join(format!("{prefix}.{:x}.{n:x}", std::process::id()));
+            match File::options()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .open(&path)
+            {
+                Ok(file) => {
+                    return match TempPath::try_from_path(&path) {
+                        Ok(staged) => Ok((file, staged)),
+                        Err(e) => {
+                            let _ = fs::remove_file(&path);
+                            Err(e)
+                        }
+                    };
+                }
+                // Left by an earlier process with the same id (`tmp/` is wiped at open, so
+                // only if that failed): take the next number.
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(e),
+            }
+        }
     }
 }
 
@@ -1068,10 +1104,7 @@ impl DiskStorage {
     /// `Storage::create`, with the writer's concrete type (unit tests look into its reader).
     fn create_writer(&self, name: &str) -> io::Result<DiskWriter> {
         validate_name(name)?;
-        let (file, staged) = tempfile::Builder::new()
-            .prefix(name)
-            .tempfile_in(&self.inner.tmp)?
-            .into_parts();
+        let (file, staged) = self.inner.staged_file(name)?;
         let file = Arc::new(file);
         let reader = Arc::new(DiskReader::new(file.clone(), self.blob_path(name), None));
         Ok(DiskWriter {
