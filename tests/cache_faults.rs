@@ -50,6 +50,28 @@ fn run_child_with_nofile(name: &str, nofile: u32, dir: &Path) {
     }
 }
 
+/// A disk cache on `dir` keeping at most `idle` unused entries' files open.
+fn disk_cache(dir: &Path, idle: usize) -> Cache {
+    Cache::builder()
+        .disk(dir)
+        .max_idle_handles(idle)
+        .build()
+        .unwrap()
+}
+
+/// Entry `i` of the descriptor tests: its key and value.
+fn entry(i: usize) -> (String, String) {
+    (format!("k{i}"), format!("value {i}"))
+}
+
+/// Writes entries `0..n`.
+fn fill(cache: &Cache, n: usize) {
+    for i in 0..n {
+        let (key, value) = entry(i);
+        put(cache, &key, value.as_bytes());
+    }
+}
+
 fn child_dir() -> Option<PathBuf> {
     std::env::var_os(CHILD_ENV).map(PathBuf::from)
 }
@@ -61,14 +83,8 @@ fn child_dir() -> Option<PathBuf> {
 #[test]
 fn child_emfile_readers() {
     let Some(dir) = child_dir() else { return };
-    let cache = Cache::builder()
-        .disk(&dir)
-        .max_idle_handles(8)
-        .build()
-        .unwrap();
-    for i in 0..100 {
-        put(&cache, &format!("k{i}"), format!("value {i}").as_bytes());
-    }
+    let cache = disk_cache(&dir, 8);
+    fill(&cache, 100);
     let mut held = Vec::new();
     let mut refused = 0;
     for i in 0..100 {
@@ -93,10 +109,8 @@ fn child_emfile_readers() {
     let cache = Cache::builder().disk(&dir).build().unwrap();
     assert_eq!(cache.len(), 100, "entries lost on disk");
     for i in 0..100 {
-        assert_eq!(
-            get_bytes(&cache, &format!("k{i}")),
-            format!("value {i}").as_bytes()
-        );
+        let (key, value) = entry(i);
+        assert_eq!(get_bytes(&cache, &key), value.as_bytes());
     }
 }
 
@@ -114,16 +128,10 @@ fn running_out_of_descriptors_fails_requests_not_entries() {
 #[test]
 fn child_emfile_idle_handles() {
     let Some(dir) = child_dir() else { return };
-    let cache = Cache::builder()
-        .disk(&dir)
-        .max_idle_handles(10_000)
-        .build()
-        .unwrap();
+    let cache = disk_cache(&dir, 10_000);
     for i in 0..200 {
-        assert_eq!(
-            get_bytes(&cache, &format!("k{i}")),
-            format!("value {i}").as_bytes()
-        );
+        let (key, value) = entry(i);
+        assert_eq!(get_bytes(&cache, &key), value.as_bytes());
     }
     assert_eq!(cache.len(), 200);
 }
@@ -133,9 +141,7 @@ fn idle_handles_are_closed_before_a_request_fails() {
     let dir = tempfile::tempdir().unwrap();
     {
         let cache = Cache::builder().disk(dir.path()).build().unwrap();
-        for i in 0..200 {
-            put(&cache, &format!("k{i}"), format!("value {i}").as_bytes());
-        }
+        fill(&cache, 200);
     }
     run_child_with_nofile("child_emfile_idle_handles", 64, dir.path());
 }
@@ -148,15 +154,10 @@ fn idle_handles_are_closed_before_a_request_fails() {
 #[test]
 fn child_emfile_commits() {
     let Some(dir) = child_dir() else { return };
-    let cache = Cache::builder()
-        .disk(&dir)
-        .max_idle_handles(10_000)
-        .build()
-        .unwrap();
+    let cache = disk_cache(&dir, 10_000);
     let mut retried = 0;
     for i in 0..200 {
-        let key = format!("k{i}");
-        let value = format!("value {i}");
+        let (key, value) = entry(i);
         let write = || -> streamcache::Result<()> {
             match cache.get_or_create(&key)? {
                 Entry::Miss(mut w) => {
