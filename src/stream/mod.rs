@@ -172,7 +172,9 @@ impl Shared {
     }
 
     fn doom(&self, how: OnUnused) {
-        self.progress.close(Some(Arc::new(Closing("removed"))));
+        // The writer may go on and finish; readers it opens get every byte.
+        self.progress
+            .close_except_writer(Some(Arc::new(Closing("removed"))));
         self.on_unused
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -200,7 +202,17 @@ impl Shared {
     }
 
     pub(crate) fn new_reader(self: &Arc<Self>) -> Result<Reader> {
-        self.progress.acquire().map_err(|cause| Error::Closed {
+        self.reader_from(self.progress.acquire())
+    }
+
+    /// A reader for the stream's open writer: unlike [`new_reader`](Self::new_reader), a
+    /// removal (a doom) does not refuse it; a shutdown or cancel does.
+    pub(crate) fn new_writer_reader(self: &Arc<Self>) -> Result<Reader> {
+        self.reader_from(self.progress.acquire_by_writer())
+    }
+
+    fn reader_from(self: &Arc<Self>, acquired: Result<(), Option<Cause>>) -> Result<Reader> {
+        acquired.map_err(|cause| Error::Closed {
             key: self.key.to_string(),
             cause,
         })?;

@@ -61,6 +61,9 @@ struct State {
     /// `Some` once the stream is closed to new readers (shutdown, removal, cancel), with the
     /// reason given.
     closed: Option<Option<Cause>>,
+    /// Whether the writer's own readers are refused too (shutdown, cancel, blocking removal);
+    /// a non-blocking removal spares them while the stream is open.
+    refuse_writer: bool,
     /// Threads blocked in `wait_*` (to skip `notify_all` when nobody waits).
     sleepers: usize,
     /// Async waiters to wake on the next change.
@@ -109,6 +112,7 @@ impl Progress {
                 len,
                 status,
                 closed: None,
+                refuse_writer: false,
                 sleepers: 0,
                 wakers: Vec::new(),
             }),
@@ -179,7 +183,7 @@ impl Progress {
             self.len.store(len, Ordering::Release);
         }
         if let Status::Cancelled(cause) = &status {
-            self.mark_closed(&mut st, cause.clone());
+            self.mark_closed(&mut st, cause.clone(), true);
         }
         self.status.store(status.code(), Ordering::Release);
         st.status = status;
@@ -187,16 +191,27 @@ impl Progress {
         true
     }
 
-    /// Records the closing reason (first one wins), then sets `CLOSED`.
-    fn mark_closed(&self, st: &mut State, cause: Option<Cause>) {
+    /// Records the closing reason (first one wins) and whether the writer's readers are
+    /// refused too (once refused, always), then sets `CLOSED`.
+    fn mark_closed(&self, st: &mut State, cause: Option<Cause>, refuse_writer: bool) {
         st.closed.get_or_insert(cause);
+        st.refuse_writer |= refuse_writer;
         self.refs.fetch_or(CLOSED, Ordering::AcqRel);
     }
 
-    /// Closes the stream to new readers with `cause` (first reason wins). Existing readers go on.
+    /// Closes the stream to new readers with `cause` (first reason wins), the writer's own
+    /// included. Existing readers go on.
     pub(crate) fn close(&self, cause: Option<Cause>) {
         let mut st = self.lock();
-        self.mark_closed(&mut st, cause);
+        self.mark_closed(&mut st, cause, true);
+    }
+
+    /// Closes the stream to new readers with `cause` (first reason wins), except those the
+    /// writer opens while the stream is open ([`acquire_by_writer`](Self::acquire_by_writer)):
+    /// a removed entry's writer may still finish, and its readers get every byte.
+    pub(crate) fn close_except_writer(&self, cause: Option<Cause>) {
+        let mut st = self.lock();
+        self.mark_closed(&mut st, cause, false);
     }
 
     /// Registers a new reader. Fails with the closing reason if the stream is closed.
@@ -214,6 +229,25 @@ impl Progress {
                 Err(now) => cur = now,
             }
         }
+    }
+
+    /// Registers a reader for the writer, which holds its own handle (so the count cannot
+    /// reach zero meanwhile): as [`acquire`](Self::acquire), but a stream closed with
+    /// [`close_except_writer`](Self::close_except_writer) still admits it while it is open.
+    /// Regression: a `Cache::remove` racing `get_or_produce` (between the miss and the
+    /// writer's `reader()`) made the writer's reader fail with `Closed` although the writer
+    /// went on to finish.
+    pub(crate) fn acquire_by_writer(&self) -> Result<(), Option<Cause>> {
+        let Err(cause) = self.acquire() else {
+            return Ok(());
+        };
+        let st = self.lock();
+        if st.refuse_writer || !matches!(st.status, Status::Open) {
+            return Err(cause);
+        }
+        // A cancel, the only other way to refuse, needs the lock we hold.
+        self.refs.fetch_add(1, Ordering::AcqRel);
+        Ok(())
     }
 
     /// Drops a reader or the writer. Returns `true` if that was the last handle.
@@ -271,7 +305,7 @@ impl Progress {
     /// Closes the stream to new readers, then blocks until every handle is released.
     pub(crate) fn close_and_wait_unused(&self, cause: Option<Cause>) {
         let mut st = self.lock();
-        self.mark_closed(&mut st, cause);
+        self.mark_closed(&mut st, cause, true);
         while self.handles() > 0 {
             st.sleepers += 1;
             st = self.cond.wait(st).unwrap_or_else(|e| e.into_inner());
@@ -475,6 +509,34 @@ mod loom_tests {
             assert!(p.acquire().is_err());
             assert_eq!(reader.join().unwrap(), seen);
             writer.join().unwrap();
+        });
+    }
+
+    /// The writer's reader racing a removal and a cancel: without a cancel a removal never
+    /// refuses it; whatever the order, the count has exactly the handles that were granted.
+    #[test]
+    fn writer_reader_races_removal_and_cancel() {
+        loom::model(|| {
+            let p = Arc::new(Progress::new_open());
+            let p2 = p.clone();
+            let remover = thread::spawn(move || p2.close_except_writer(None));
+            let p3 = p.clone();
+            let canceller = thread::spawn(move || p3.end(0, Status::Cancelled(None)));
+            let got = p.acquire_by_writer().is_ok();
+            remover.join().unwrap();
+            assert!(canceller.join().unwrap());
+            assert_eq!(p.handles(), 1 + usize::from(got));
+            assert!(p.acquire().is_err());
+            assert!(p.acquire_by_writer().is_err(), "cancelled: refused");
+        });
+        loom::model(|| {
+            let p = Arc::new(Progress::new_open());
+            let p2 = p.clone();
+            let remover = thread::spawn(move || p2.close_except_writer(None));
+            assert!(p.acquire_by_writer().is_ok());
+            remover.join().unwrap();
+            assert!(p.acquire().is_err());
+            assert_eq!(p.handles(), 2);
         });
     }
 }
