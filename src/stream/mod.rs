@@ -48,6 +48,8 @@ pub(crate) mod progress;
 mod reader;
 mod writer;
 
+#[cfg_attr(not(feature = "tokio"), allow(unused_imports))]
+pub(crate) use reader::Waiter;
 pub use reader::{Reader, Size};
 pub use writer::Writer;
 
