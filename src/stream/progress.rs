@@ -479,7 +479,9 @@ mod tests {
     use super::*;
     use std::sync::Arc;
     use std::sync::atomic::AtomicUsize as StdAtomicUsize;
+    use std::sync::mpsc;
     use std::task::Wake;
+    use std::time::Duration;
 
     /// A waker that counts its wake-ups.
     #[derive(Default)]
@@ -505,6 +507,238 @@ mod tests {
     /// Polls once with `waker`.
     fn poll(p: &Progress, end: u64, waker: &Waker, key: &mut WaitKey) -> Poll<Snapshot> {
         p.poll_for(end, &mut Context::from_waker(waker), key)
+    }
+
+    /// Runs `f` on a thread; fails if it does not return within 20 s (a deadlock).
+    fn within<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+        let (tx, rx) = mpsc::channel();
+        let h = std::thread::spawn(move || {
+            let out = f();
+            let _ = tx.send(());
+            out
+        });
+        match rx.recv_timeout(Duration::from_secs(20)) {
+            Ok(()) | Err(mpsc::RecvTimeoutError::Disconnected) => h.join().unwrap(),
+            Err(mpsc::RecvTimeoutError::Timeout) => panic!("deadlock: no return within 20 s"),
+        }
+    }
+
+    /// Waits until a thread sleeps in `wait_*` (so a later change must wake it).
+    fn until_asleep(p: &Progress) {
+        for _ in 0..20_000 {
+            if p.lock().sleepers > 0 {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        panic!("nobody went to sleep");
+    }
+
+    #[test]
+    fn peek_snapshot_and_failed_follow_the_status() {
+        let p = Progress::new_open();
+        assert_eq!(p.peek(), (0, OPEN));
+        assert!(!p.failed());
+        p.publish(3);
+        assert_eq!(p.peek(), (3, OPEN));
+        assert!(p.end(4, Status::Finished));
+        assert_eq!(p.peek(), (4, FINISHED));
+        assert!(matches!(p.snapshot().status, Status::Finished));
+        assert_eq!(p.snapshot().len, 4);
+        assert!(!p.failed());
+        let p = Progress::new_finished(9);
+        assert_eq!(p.peek(), (9, FINISHED));
+        assert_eq!(p.handles(), 0);
+        let p = Progress::new_open();
+        assert!(p.end(0, Status::Aborted(None)));
+        assert_eq!(p.peek().1, FAILED);
+        assert!(p.failed());
+    }
+
+    #[test]
+    fn publish_only_grows_an_open_stream_and_wakes_only_on_growth() {
+        let p = Progress::new_open();
+        p.publish(5);
+        let (count, waker) = counter();
+        let mut key = WaitKey::default();
+        assert!(poll(&p, 10, &waker, &mut key).is_pending());
+        p.publish(5); // no growth: nobody woken
+        p.publish(2); // never backwards
+        assert_eq!(p.peek().0, 5);
+        assert_eq!(count.get(), 0);
+        p.publish(6);
+        assert_eq!(count.get(), 1);
+        assert_eq!(p.peek().0, 6);
+        assert!(p.end(7, Status::Finished));
+        p.publish(8); // after the end: nothing changes
+        assert_eq!(p.peek().0, 7);
+        assert_eq!(p.snapshot().len, 7);
+        p.deregister(&mut key);
+    }
+
+    #[test]
+    fn end_happens_once_except_a_cancel_after_a_finish() {
+        let cancelled = || Status::Cancelled(None);
+        let p = Progress::new_open();
+        p.publish(5);
+        // An abort keeps the published length; a finish may extend it but never shrinks it.
+        assert!(p.end(7, Status::Aborted(None)));
+        assert_eq!(p.peek().0, 5);
+        assert!(!p.end(9, Status::Finished));
+        assert!(
+            !p.end(9, cancelled()),
+            "a cancel does not end an aborted stream"
+        );
+        assert!(p.acquire().is_ok(), "an abort does not close");
+        assert_eq!(p.peek(), (5, FAILED));
+
+        let p = Progress::new_open();
+        p.publish(5);
+        assert!(p.end(3, Status::Finished));
+        assert_eq!(p.peek(), (5, FINISHED));
+        assert!(!p.end(6, Status::Finished));
+        assert!(!p.end(6, Status::Aborted(None)));
+        assert_eq!(p.peek(), (5, FINISHED));
+        assert!(p.acquire().is_ok());
+        assert!(p.end(6, cancelled()));
+        assert_eq!(p.peek(), (5, FAILED));
+        assert!(matches!(p.snapshot().status, Status::Cancelled(_)));
+        assert!(p.acquire().is_err(), "a cancel closes");
+        assert!(!p.end(6, cancelled()));
+
+        let p = Progress::new_open();
+        assert!(p.end(0, cancelled()));
+        assert!(!p.end(0, Status::Finished));
+    }
+
+    #[test]
+    fn end_wakes_async_and_blocked_waiters() {
+        let p = Arc::new(Progress::new_open());
+        let (count, waker) = counter();
+        let mut key = WaitKey::default();
+        assert!(poll(&p, 1, &waker, &mut key).is_pending());
+        let p2 = p.clone();
+        within(move || {
+            let t = std::thread::spawn({
+                let p = p2.clone();
+                move || p.wait_for(1).status
+            });
+            until_asleep(&p2);
+            assert!(p2.end(0, Status::Aborted(None)));
+            assert!(matches!(t.join().unwrap(), Status::Aborted(_)));
+        });
+        assert_eq!(count.get(), 1);
+        assert_eq!(p.lock().sleepers, 0);
+        p.deregister(&mut key);
+    }
+
+    #[test]
+    fn acquire_release_and_handles_count() {
+        let p = Progress::new_open();
+        assert_eq!(p.handles(), 1);
+        assert!(p.acquire().is_ok());
+        assert!(p.acquire().is_ok());
+        assert_eq!(p.handles(), 3);
+        assert!(!p.release());
+        p.close(Some(Arc::new(crate::stream::Closing("shut"))));
+        assert_eq!(p.handles(), 2, "CLOSED is not a handle");
+        let cause = p.acquire().unwrap_err().expect("a cause");
+        assert_eq!(cause.to_string(), "shut");
+        assert_eq!(p.handles(), 2, "a refused reader is not counted");
+        assert!(!p.release());
+        assert!(p.release(), "the last handle");
+        assert_eq!(p.handles(), 0);
+        // First reason wins.
+        p.close(Some(Arc::new(crate::stream::Closing("again"))));
+        assert_eq!(p.acquire().unwrap_err().unwrap().to_string(), "shut");
+    }
+
+    #[test]
+    fn last_release_wakes_a_blocking_removal() {
+        let p = Arc::new(Progress::new_finished(1));
+        p.acquire().unwrap();
+        let p2 = p.clone();
+        within(move || {
+            let t = std::thread::spawn({
+                let p = p2.clone();
+                move || p.close_and_wait_unused(None)
+            });
+            until_asleep(&p2);
+            assert!(p2.release());
+            t.join().unwrap();
+        });
+        assert!(p.acquire().is_err());
+        assert!(
+            p.acquire_by_writer().is_err(),
+            "a blocking removal refuses the writer"
+        );
+        // Unused already: returns at once.
+        within(|| Progress::new_finished(0).close_and_wait_unused(None));
+    }
+
+    #[test]
+    fn writer_readers_pass_a_removal_only() {
+        // A removal spares the writer's readers while the stream is open.
+        let p = Progress::new_open();
+        p.close_except_writer(None);
+        assert!(p.acquire().is_err());
+        assert!(p.acquire_by_writer().is_ok());
+        assert_eq!(p.handles(), 2);
+        // ... not once it has failed.
+        assert!(p.end(0, Status::Aborted(None)));
+        assert!(p.acquire_by_writer().is_err());
+        assert_eq!(p.handles(), 2);
+        // A shutdown refuses them, before or after a removal.
+        for removed_first in [false, true] {
+            let p = Progress::new_open();
+            if removed_first {
+                p.close_except_writer(None);
+            }
+            p.close(Some(Arc::new(crate::stream::Closing("shut"))));
+            p.close_except_writer(None);
+            assert!(p.acquire_by_writer().is_err());
+            assert_eq!(p.handles(), 1);
+        }
+        // So does a cancel.
+        let p = Progress::new_open();
+        p.close_except_writer(None);
+        assert!(p.end(0, Status::Cancelled(None)));
+        assert!(p.acquire_by_writer().is_err());
+        // Not closed at all: a plain acquire.
+        let p = Progress::new_open();
+        assert!(p.acquire_by_writer().is_ok());
+        assert_eq!(p.handles(), 2);
+    }
+
+    #[test]
+    fn wait_for_returns_at_once_when_there_is_enough_or_it_ended() {
+        within(|| {
+            let p = Progress::new_open();
+            p.publish(5);
+            assert_eq!(p.wait_for(5).len, 5);
+            assert_eq!(p.wait_for(0).len, 5);
+            assert!(p.end(5, Status::Finished));
+            assert_eq!(p.wait_for(100).len, 5, "finished short of the wish");
+            let p = Progress::new_open();
+            p.end(0, Status::Aborted(None));
+            assert!(matches!(p.wait_for(100).status, Status::Aborted(_)));
+        });
+    }
+
+    #[test]
+    fn publish_wakes_a_blocked_waiter() {
+        let p = Arc::new(Progress::new_open());
+        within(move || {
+            let t = std::thread::spawn({
+                let p = p.clone();
+                move || p.wait_for(2).len
+            });
+            until_asleep(&p);
+            p.publish(1);
+            p.publish(3);
+            assert_eq!(t.join().unwrap(), 3);
+            assert_eq!(p.lock().sleepers, 0);
+        });
     }
 
     #[test]
