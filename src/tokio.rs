@@ -381,6 +381,19 @@ mod tests {
     /// slot back when dropped, and live waiters are still woken.
     #[test]
     fn cancelled_async_reads_leave_no_waiter_behind() {
+        // On a thread under a deadline: a wait that spins instead of parking fails the test.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let t = std::thread::spawn(move || {
+            cancelled_async_reads_body();
+            let _ = tx.send(());
+        });
+        match rx.recv_timeout(std::time::Duration::from_secs(20)) {
+            Ok(()) | Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => t.join().unwrap(),
+            Err(_) => panic!("no return within 20 s (a wait spins or deadlocks)"),
+        }
+    }
+
+    fn cancelled_async_reads_body() {
         let mut w = Writer::create(Arc::new(MemoryStorage::new()), "w").unwrap();
         let mut reader = AsyncReader::from(w.reader().unwrap());
         let shared = w.shared.clone();

@@ -388,8 +388,9 @@ impl Stream {
         self.shared.progress.handles()
     }
 
-    /// Stops new readers: [`reader`](Stream::reader) fails with [`Error::Closed`] carrying
-    /// `cause`. Existing readers and the writer carry on (Go's `ShutdownWithErr`).
+    /// Stops new readers: [`reader`](Stream::reader) and [`Writer::reader`] fail with
+    /// [`Error::Closed`] carrying `cause`. Existing readers and the writer carry on (Go's
+    /// `ShutdownWithErr`).
     pub fn shutdown_with(&self, cause: impl Into<Box<dyn std::error::Error + Send + Sync>>) {
         self.shared.progress.close(Some(Cause::from(cause.into())));
     }
@@ -405,8 +406,8 @@ impl Stream {
         self.shared.fail(len, Status::Cancelled(cause));
     }
 
-    /// Stops new readers, blocks until every reader and the writer are gone, then deletes the
-    /// blob from storage.
+    /// Stops new readers (the writer's too), blocks until every reader and the writer are gone,
+    /// then deletes the blob from storage.
     ///
     /// # Errors
     /// [`Error::Io`] if the storage cannot delete it (a blob that was never committed is not an
@@ -422,7 +423,8 @@ impl Stream {
 
     /// Non-blocking removal: stops new readers and deletes the blob when the last handle of
     /// any kind (reader, writer, `Stream`) is dropped. Existing readers read to the end; a
-    /// writer may still finish, and its readers get every byte.
+    /// writer may still finish, and its readers get every byte, including readers it opens
+    /// after the removal ([`Writer::reader`] is not refused while the stream is open).
     pub fn remove_when_unused(&self) {
         self.shared.doom(OnUnused::Delete);
     }

@@ -653,6 +653,30 @@ mod tests {
         assert_eq!(p.acquire().unwrap_err().unwrap().to_string(), "shut");
     }
 
+    /// A release wakes nobody, except the last one of a closed stream (for a blocking
+    /// removal): no spurious wake-ups of async waiters on every reader's drop.
+    #[test]
+    fn only_the_last_release_of_a_closed_stream_wakes() {
+        let (count, waker) = counter();
+        let mut key = WaitKey::default();
+        // Not closed: even the last release wakes nobody.
+        let p = Progress::new_open();
+        assert!(poll(&p, 1, &waker, &mut key).is_pending());
+        assert!(p.release());
+        assert_eq!(count.get(), 0);
+        p.deregister(&mut key);
+        // Closed: only the last release does.
+        let p = Progress::new_open();
+        p.acquire().unwrap();
+        assert!(poll(&p, 1, &waker, &mut key).is_pending());
+        p.close(None);
+        assert!(!p.release());
+        assert_eq!(count.get(), 0);
+        assert!(p.release());
+        assert_eq!(count.get(), 1);
+        p.deregister(&mut key);
+    }
+
     #[test]
     fn last_release_wakes_a_blocking_removal() {
         let p = Arc::new(Progress::new_finished(1));
@@ -666,6 +690,7 @@ mod tests {
             until_asleep(&p2);
             assert!(p2.release());
             t.join().unwrap();
+            assert_eq!(p2.lock().sleepers, 0);
         });
         assert!(p.acquire().is_err());
         assert!(
