@@ -357,7 +357,9 @@ impl Progress {
         if st.refuse_writer || !matches!(st.status, Status::Open) {
             return Err(cause);
         }
-        // A cancel, the only other way to refuse, needs the lock we hold.
+        // Whatever would refuse it now (a shutdown, a blocking removal, a cancel or any other
+        // end) needs the lock we hold. The count is not zero (the writer's handle), so no
+        // `close_and_wait_unused` can have returned.
         self.refs.fetch_add(1, Ordering::AcqRel);
         Ok(())
     }
