@@ -337,12 +337,16 @@ fn remove_when_unused_deletes_after_last_handle() {
         let reader = spawn("reader", move || read_all(&mut { r }).unwrap());
         w.write_all(&pattern(0, 2 * MIB)).unwrap();
         w.stream().remove_when_unused();
-        assert!(matches!(w.reader(), Err(Error::Closed { .. })));
+        // New handles' readers are refused, the writer's are not (it may finish).
+        assert!(matches!(w.stream().reader(), Err(Error::Closed { .. })));
+        let mut late = w.reader().unwrap();
         w.write_all(&pattern(2 * MIB as u64, 10)).unwrap();
         w.finish().unwrap();
         let got = reader.join();
         assert_eq!(got.len(), 2 * MIB + 10);
         assert_pattern(&got, 0);
+        assert_eq!(read_all(&mut late).unwrap(), got);
+        drop(late);
         assert_eq!(s.open("rwu2").unwrap_err().kind(), io::ErrorKind::NotFound);
         assert!(s.list().unwrap().is_empty());
     });
@@ -965,5 +969,99 @@ fn stress_fan_out_disk() {
     deadline("fan-out on disk", || {
         let st = disk();
         fan_out(st.storage.clone(), 2);
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// A removed stream's writer keeps its readers (DESIGN.md: "a writer of a removed entry may keep
+// writing and finish, and its readers still get every byte").
+// ---------------------------------------------------------------------------------------------
+
+/// Regression: a removal closed the stream to *every* new reader, the writer's own included,
+/// so `Writer::reader()` failed with `Closed` on a stream its writer went on to finish.
+/// Handles (`Stream::reader`) stay refused; a shutdown or cancel still refuses the writer too.
+#[test]
+fn writer_reader_after_remove_when_unused_gets_every_byte() {
+    on_each_storage(|s| {
+        let len = 2 * MIB + 7;
+        let mut w = Writer::create(s.clone(), "doomed").unwrap();
+        let stream = w.stream();
+        w.write_all(&pattern(0, 1000)).unwrap();
+        stream.remove_when_unused();
+        assert!(matches!(stream.reader(), Err(Error::Closed { .. })));
+        let mut early = w.reader().expect("the writer's reader after a removal");
+        w.write_all(&pattern(1000, len - 1000)).unwrap();
+        let mut late = w.reader().expect("a second one, mid-write");
+        w.finish().unwrap();
+        for r in [&mut early, &mut late] {
+            let got = read_all(r).unwrap();
+            assert_eq!(got.len(), len);
+            assert_pattern(&got, 0);
+        }
+        let mut buf = [0; 10];
+        assert_eq!(late.read_at(&mut buf, 2 * MIB as u64).unwrap(), 7);
+        assert_pattern(&buf[..7], 2 * MIB as u64);
+        assert!(matches!(stream.reader(), Err(Error::Closed { .. })));
+        drop((early, late, stream));
+        assert_eq!(
+            s.open("doomed").unwrap_err().kind(),
+            io::ErrorKind::NotFound
+        );
+    });
+}
+
+/// A shutdown after a removal still refuses the writer's readers (and the reverse order too).
+#[test]
+fn writer_reader_refused_after_shutdown_even_when_removed() {
+    on_each_storage(|s| {
+        let w = Writer::create(s.clone(), "shut").unwrap();
+        w.stream().remove_when_unused();
+        w.stream().shutdown_with("no more");
+        assert_eq!(closed_cause(&w.reader().unwrap_err()), "removed");
+        let w = Writer::create(s, "shut2").unwrap();
+        w.stream().shutdown_with("no more");
+        w.stream().remove_when_unused();
+        assert_eq!(closed_cause(&w.reader().unwrap_err()), "no more");
+    });
+}
+
+/// A cancelled removed stream: the writer's readers are refused; ones opened before fail.
+#[test]
+fn writer_reader_of_removed_then_cancelled_stream_fails() {
+    on_each_storage(|s| {
+        let mut w = Writer::create(s, "cancelled").unwrap();
+        let stream = w.stream();
+        stream.remove_when_unused();
+        let mut r = w.reader().unwrap();
+        w.write_all(b"bytes").unwrap();
+        w.flush().unwrap();
+        stream.cancel_with("stop");
+        assert!(matches!(w.reader(), Err(Error::Closed { .. })));
+        let mut buf = [0; 4];
+        assert_cause(&r.read(&mut buf).unwrap_err(), "stop");
+        assert!(matches!(w.finish(), Err(Error::Closed { .. })));
+    });
+}
+
+/// The same through a cache: `remove` between the miss and `Writer::reader()`.
+#[test]
+fn cache_writer_reader_after_remove_gets_every_byte() {
+    deadline("cache remove then writer reader", || {
+        let cache = streamcache::Cache::builder().memory().build().unwrap();
+        let streamcache::Entry::Miss(mut w) = cache.get_or_create("k").unwrap() else {
+            panic!("fresh cache")
+        };
+        assert!(cache.remove("k").unwrap());
+        let mut r = w.reader().expect("the writer's reader after Cache::remove");
+        let len = MIB + 3;
+        w.write_all(&pattern(0, len)).unwrap();
+        w.finish().unwrap();
+        let got = read_all(&mut r).unwrap();
+        assert_eq!(got.len(), len);
+        assert_pattern(&got, 0);
+        assert!(matches!(
+            cache.get_or_create("k").unwrap(),
+            streamcache::Entry::Miss(_)
+        ));
     });
 }

@@ -48,6 +48,8 @@ pub(crate) mod progress;
 mod reader;
 mod writer;
 
+#[cfg_attr(not(feature = "tokio"), allow(unused_imports))]
+pub(crate) use reader::Waiter;
 pub use reader::{Reader, Size};
 pub use writer::Writer;
 
@@ -178,7 +180,9 @@ impl Shared {
     }
 
     fn doom(&self, how: OnUnused) {
-        self.progress.close(Some(Arc::new(Closing("removed"))));
+        // The writer may go on and finish; readers it opens get every byte.
+        self.progress
+            .close_except_writer(Some(Arc::new(Closing("removed"))));
         self.on_unused
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -206,7 +210,17 @@ impl Shared {
     }
 
     pub(crate) fn new_reader(self: &Arc<Self>) -> Result<Reader> {
-        self.progress.acquire().map_err(|cause| Error::Closed {
+        self.reader_from(self.progress.acquire())
+    }
+
+    /// A reader for the stream's open writer: unlike [`new_reader`](Self::new_reader), a
+    /// removal (a doom) does not refuse it; a shutdown or cancel does.
+    pub(crate) fn new_writer_reader(self: &Arc<Self>) -> Result<Reader> {
+        self.reader_from(self.progress.acquire_by_writer())
+    }
+
+    fn reader_from(self: &Arc<Self>, acquired: Result<(), Option<Cause>>) -> Result<Reader> {
+        acquired.map_err(|cause| Error::Closed {
             key: self.key.to_string(),
             cause,
         })?;
@@ -380,8 +394,9 @@ impl Stream {
         self.shared.progress.handles()
     }
 
-    /// Stops new readers: [`reader`](Stream::reader) fails with [`Error::Closed`] carrying
-    /// `cause`. Existing readers and the writer carry on (Go's `ShutdownWithErr`).
+    /// Stops new readers: [`reader`](Stream::reader) and [`Writer::reader`] fail with
+    /// [`Error::Closed`] carrying `cause`. Existing readers and the writer carry on (Go's
+    /// `ShutdownWithErr`).
     pub fn shutdown_with(&self, cause: impl Into<Box<dyn std::error::Error + Send + Sync>>) {
         self.shared.progress.close(Some(Cause::from(cause.into())));
     }
@@ -397,8 +412,8 @@ impl Stream {
         self.shared.fail(len, Status::Cancelled(cause));
     }
 
-    /// Stops new readers, blocks until every reader and the writer are gone, then deletes the
-    /// blob from storage.
+    /// Stops new readers (the writer's too), blocks until every reader and the writer are gone,
+    /// then deletes the blob from storage.
     ///
     /// # Errors
     /// [`Error::Io`] if the storage cannot delete it (a blob that was never committed is not an
@@ -414,7 +429,8 @@ impl Stream {
 
     /// Non-blocking removal: stops new readers and deletes the blob when the last handle of
     /// any kind (reader, writer, `Stream`) is dropped. Existing readers read to the end; a
-    /// writer may still finish, and its readers get every byte.
+    /// writer may still finish, and its readers get every byte, including readers it opens
+    /// after the removal ([`Writer::reader`] is not refused while the stream is open).
     pub fn remove_when_unused(&self) {
         self.shared.doom(OnUnused::Delete);
     }

@@ -61,10 +61,119 @@ struct State {
     /// `Some` once the stream is closed to new readers (shutdown, removal, cancel), with the
     /// reason given.
     closed: Option<Option<Cause>>,
+    /// Whether the writer's own readers are refused too (shutdown, cancel, blocking removal);
+    /// a non-blocking removal spares them while the stream is open.
+    refuse_writer: bool,
     /// Threads blocked in `wait_*` (to skip `notify_all` when nobody waits).
     sleepers: usize,
-    /// Async waiters to wake on the next change.
-    wakers: Vec<Waker>,
+    /// Async waiters, woken on the next change.
+    wakers: Wakers,
+}
+
+/// An async waiter's place in [`Wakers`]: kept by the waiter (a future, an async reader) from
+/// its first `Pending` until it deregisters with [`Progress::deregister`].
+#[derive(Debug, Default)]
+pub(crate) struct WaitKey(Option<usize>);
+
+/// One slot of [`Wakers`].
+#[derive(Debug)]
+enum Slot {
+    /// Not in use (on the free list).
+    Free,
+    /// Held by a waiter that is not waiting now (woken, or ready without waiting).
+    Idle,
+    /// Held by a waiter that waits: its waker, for the next change.
+    Armed(Waker),
+}
+
+/// The async waiters of a stream: a slab with a free list. Registering, re-registering and
+/// deregistering are O(1); its length never exceeds the most waiters registered at once since
+/// it was last empty (it is emptied, and its memory returned, when the last one leaves).
+/// Regression: this was a `Vec<Waker>` that a waiter never left before the next change and
+/// that every poll scanned with `will_wake`, so cancelled reads piled up (40 000 cancelled
+/// `read_at` futures made a poll 200 times slower).
+#[derive(Debug, Default)]
+struct Wakers {
+    slots: Vec<Slot>,
+    /// Indices of `Free` slots.
+    free: Vec<usize>,
+    /// Slots that are not `Free`.
+    held: usize,
+    /// Slots that are `Armed`.
+    armed: usize,
+}
+
+impl Wakers {
+    /// Arms `key`'s slot (taking one first if it has none) with `waker`. Returns the waker it
+    /// replaces, for the caller to drop after unlocking.
+    fn arm(&mut self, key: &mut WaitKey, waker: &Waker) -> Option<Waker> {
+        let i = match key.0 {
+            Some(i) => i,
+            None => {
+                let i = match self.free.pop() {
+                    Some(i) => i,
+                    None => {
+                        self.slots.push(Slot::Free);
+                        self.slots.len() - 1
+                    }
+                };
+                self.slots[i] = Slot::Idle;
+                self.held += 1;
+                key.0 = Some(i);
+                i
+            }
+        };
+        match &mut self.slots[i] {
+            Slot::Armed(w) if w.will_wake(waker) => None,
+            Slot::Armed(w) => Some(std::mem::replace(w, waker.clone())),
+            slot => {
+                debug_assert!(matches!(slot, Slot::Idle), "armed a free slot");
+                *slot = Slot::Armed(waker.clone());
+                self.armed += 1;
+                None
+            }
+        }
+    }
+
+    /// Gives `key`'s slot back. Returns its waker if it was armed, for the caller to drop
+    /// after unlocking.
+    fn remove(&mut self, key: &mut WaitKey) -> Option<Waker> {
+        let i = key.0.take()?;
+        let old = std::mem::replace(&mut self.slots[i], Slot::Free);
+        debug_assert!(!matches!(old, Slot::Free), "deregistered a free slot");
+        self.held -= 1;
+        if self.held == 0 {
+            // Nobody left: return the memory (so a burst of waiters does not stay allocated).
+            self.slots = Vec::new();
+            self.free = Vec::new();
+        } else {
+            self.free.push(i);
+        }
+        match old {
+            Slot::Armed(w) => {
+                self.armed -= 1;
+                Some(w)
+            }
+            _ => None,
+        }
+    }
+
+    /// Takes every armed waker out (their slots stay with their waiters, idle).
+    fn take_armed(&mut self) -> Vec<Waker> {
+        if self.armed == 0 {
+            return Vec::new();
+        }
+        let mut out = Vec::with_capacity(self.armed);
+        for slot in &mut self.slots {
+            if let Slot::Armed(_) = slot
+                && let Slot::Armed(w) = std::mem::replace(slot, Slot::Idle)
+            {
+                out.push(w);
+            }
+        }
+        self.armed = 0;
+        out
+    }
 }
 
 /// Shared progress of one stream.
@@ -109,8 +218,9 @@ impl Progress {
                 len,
                 status,
                 closed: None,
+                refuse_writer: false,
                 sleepers: 0,
-                wakers: Vec::new(),
+                wakers: Wakers::default(),
             }),
             cond: Condvar::new(),
         }
@@ -143,11 +253,17 @@ impl Progress {
         }
     }
 
-    fn wake(&self, st: &mut State) {
-        if st.sleepers > 0 {
+    /// Wakes every waiter after a change made under `st`, which it releases first: sleepers
+    /// recheck under the lock, and wakers (foreign code) never run while it is held.
+    /// Regression: wakers ran, and were dropped, with the lock held.
+    fn wake(&self, mut st: MutexGuard<'_, State>) {
+        let notify = st.sleepers > 0;
+        let wakers = st.wakers.take_armed();
+        drop(st);
+        if notify {
             self.cond.notify_all();
         }
-        for w in st.wakers.drain(..) {
+        for w in wakers {
             w.wake();
         }
     }
@@ -160,7 +276,7 @@ impl Progress {
         }
         st.len = len;
         self.len.store(len, Ordering::Release);
-        self.wake(&mut st);
+        self.wake(st);
     }
 
     /// Ends the stream (once): `Finished` at `len`, or failed. A cancel may also end a
@@ -179,24 +295,35 @@ impl Progress {
             self.len.store(len, Ordering::Release);
         }
         if let Status::Cancelled(cause) = &status {
-            self.mark_closed(&mut st, cause.clone());
+            self.mark_closed(&mut st, cause.clone(), true);
         }
         self.status.store(status.code(), Ordering::Release);
         st.status = status;
-        self.wake(&mut st);
+        self.wake(st);
         true
     }
 
-    /// Records the closing reason (first one wins), then sets `CLOSED`.
-    fn mark_closed(&self, st: &mut State, cause: Option<Cause>) {
+    /// Records the closing reason (first one wins) and whether the writer's readers are
+    /// refused too (once refused, always), then sets `CLOSED`.
+    fn mark_closed(&self, st: &mut State, cause: Option<Cause>, refuse_writer: bool) {
         st.closed.get_or_insert(cause);
+        st.refuse_writer |= refuse_writer;
         self.refs.fetch_or(CLOSED, Ordering::AcqRel);
     }
 
-    /// Closes the stream to new readers with `cause` (first reason wins). Existing readers go on.
+    /// Closes the stream to new readers with `cause` (first reason wins), the writer's own
+    /// included. Existing readers go on.
     pub(crate) fn close(&self, cause: Option<Cause>) {
         let mut st = self.lock();
-        self.mark_closed(&mut st, cause);
+        self.mark_closed(&mut st, cause, true);
+    }
+
+    /// Closes the stream to new readers with `cause` (first reason wins), except those the
+    /// writer opens while the stream is open ([`acquire_by_writer`](Self::acquire_by_writer)):
+    /// a removed entry's writer may still finish, and its readers get every byte.
+    pub(crate) fn close_except_writer(&self, cause: Option<Cause>) {
+        let mut st = self.lock();
+        self.mark_closed(&mut st, cause, false);
     }
 
     /// Registers a new reader. Fails with the closing reason if the stream is closed.
@@ -216,6 +343,27 @@ impl Progress {
         }
     }
 
+    /// Registers a reader for the writer, which holds its own handle (so the count cannot
+    /// reach zero meanwhile): as [`acquire`](Self::acquire), but a stream closed with
+    /// [`close_except_writer`](Self::close_except_writer) still admits it while it is open.
+    /// Regression: a `Cache::remove` racing `get_or_produce` (between the miss and the
+    /// writer's `reader()`) made the writer's reader fail with `Closed` although the writer
+    /// went on to finish.
+    pub(crate) fn acquire_by_writer(&self) -> Result<(), Option<Cause>> {
+        let Err(cause) = self.acquire() else {
+            return Ok(());
+        };
+        let st = self.lock();
+        if st.refuse_writer || !matches!(st.status, Status::Open) {
+            return Err(cause);
+        }
+        // Whatever would refuse it now (a shutdown, a blocking removal, a cancel or any other
+        // end) needs the lock we hold. The count is not zero (the writer's handle), so no
+        // `close_and_wait_unused` can have returned.
+        self.refs.fetch_add(1, Ordering::AcqRel);
+        Ok(())
+    }
+
     /// Drops a reader or the writer. Returns `true` if that was the last handle.
     pub(crate) fn release(&self) -> bool {
         // SeqCst, as is `handles`: a cache's size eviction checks the count after publishing
@@ -227,8 +375,7 @@ impl Progress {
         if last && prev & CLOSED != 0 {
             // Someone may be waiting in `close_and_wait_unused`: taking the lock orders this
             // signal after its check of the count.
-            let mut st = self.lock();
-            self.wake(&mut st);
+            self.wake(self.lock());
         }
         last
     }
@@ -253,8 +400,15 @@ impl Progress {
     }
 
     /// Async form of [`wait_for`](Self::wait_for): ready once `end` bytes are published or the
-    /// stream has ended; otherwise registers `cx`'s waker for the next change.
-    pub(crate) fn poll_for(&self, end: u64, cx: &mut Context<'_>) -> Poll<Snapshot> {
+    /// stream has ended; otherwise arms `key`'s slot (taking one if it has none) with `cx`'s
+    /// waker for the next change. The waiter must [`deregister`](Self::deregister) `key` when
+    /// it goes away (a dropped future, a dropped reader).
+    pub(crate) fn poll_for(
+        &self,
+        end: u64,
+        cx: &mut Context<'_>,
+        key: &mut WaitKey,
+    ) -> Poll<Snapshot> {
         let mut st = self.lock();
         if st.len >= end || !matches!(st.status, Status::Open) {
             return Poll::Ready(Snapshot {
@@ -262,21 +416,454 @@ impl Progress {
                 status: st.status.clone(),
             });
         }
-        if !st.wakers.iter().any(|w| w.will_wake(cx.waker())) {
-            st.wakers.push(cx.waker().clone());
-        }
+        let replaced = st.wakers.arm(key, cx.waker());
+        drop(st);
+        drop(replaced);
         Poll::Pending
+    }
+
+    /// Gives back the slot `key` took in [`poll_for`](Self::poll_for), if any (O(1); no lock
+    /// if it never waited).
+    pub(crate) fn deregister(&self, key: &mut WaitKey) {
+        if key.0.is_none() {
+            return;
+        }
+        let old = self.lock().wakers.remove(key);
+        drop(old);
+    }
+
+    /// Slots of the async waiter list in use (waiters registered and not yet deregistered).
+    #[cfg(test)]
+    pub(crate) fn waiters(&self) -> usize {
+        self.lock().wakers.held
+    }
+
+    /// Armed slots of the async waiter list (waiters whose waker the next change runs),
+    /// checked against the slots themselves.
+    #[cfg(test)]
+    pub(crate) fn armed_waiters(&self) -> usize {
+        let st = self.lock();
+        let w = &st.wakers;
+        let armed = w
+            .slots
+            .iter()
+            .filter(|s| matches!(s, Slot::Armed(_)))
+            .count();
+        let free = w.slots.iter().filter(|s| matches!(s, Slot::Free)).count();
+        assert_eq!(armed, w.armed, "armed count");
+        assert_eq!(w.slots.len() - free, w.held, "held count");
+        assert_eq!(free, w.free.len(), "free list");
+        w.armed
+    }
+
+    /// Length of the async waiter list, free slots included (its memory).
+    #[cfg(test)]
+    pub(crate) fn waiter_slots(&self) -> usize {
+        self.lock().wakers.slots.len()
     }
 
     /// Closes the stream to new readers, then blocks until every handle is released.
     pub(crate) fn close_and_wait_unused(&self, cause: Option<Cause>) {
         let mut st = self.lock();
-        self.mark_closed(&mut st, cause);
+        self.mark_closed(&mut st, cause, true);
         while self.handles() > 0 {
             st.sleepers += 1;
             st = self.cond.wait(st).unwrap_or_else(|e| e.into_inner());
             st.sleepers -= 1;
         }
+    }
+}
+
+#[cfg(all(test, not(streamcache_loom)))]
+mod tests {
+    //! Each condition of the core, pinned without threads where possible (blocking cases run
+    //! under a deadline, so a lost wake-up fails instead of hanging).
+    use super::*;
+    use std::sync::Arc;
+    use std::sync::atomic::AtomicUsize as StdAtomicUsize;
+    use std::sync::mpsc;
+    use std::task::Wake;
+    use std::time::Duration;
+
+    /// A waker that counts its wake-ups.
+    #[derive(Default)]
+    struct Count(StdAtomicUsize);
+
+    impl Wake for Count {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    impl Count {
+        fn get(&self) -> usize {
+            self.0.load(std::sync::atomic::Ordering::SeqCst)
+        }
+    }
+
+    fn counter() -> (Arc<Count>, Waker) {
+        let c = Arc::new(Count::default());
+        (c.clone(), Waker::from(c))
+    }
+
+    /// Polls once with `waker`.
+    fn poll(p: &Progress, end: u64, waker: &Waker, key: &mut WaitKey) -> Poll<Snapshot> {
+        p.poll_for(end, &mut Context::from_waker(waker), key)
+    }
+
+    /// Runs `f` on a thread; fails if it does not return within 20 s (a deadlock).
+    fn within<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+        let (tx, rx) = mpsc::channel();
+        let h = std::thread::spawn(move || {
+            let out = f();
+            let _ = tx.send(());
+            out
+        });
+        match rx.recv_timeout(Duration::from_secs(20)) {
+            Ok(()) | Err(mpsc::RecvTimeoutError::Disconnected) => h.join().unwrap(),
+            Err(mpsc::RecvTimeoutError::Timeout) => panic!("deadlock: no return within 20 s"),
+        }
+    }
+
+    /// Waits until a thread sleeps in `wait_*` (so a later change must wake it).
+    fn until_asleep(p: &Progress) {
+        for _ in 0..20_000 {
+            if p.lock().sleepers > 0 {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        panic!("nobody went to sleep");
+    }
+
+    #[test]
+    fn peek_snapshot_and_failed_follow_the_status() {
+        let p = Progress::new_open();
+        assert_eq!(p.peek(), (0, OPEN));
+        assert!(!p.failed());
+        p.publish(3);
+        assert_eq!(p.peek(), (3, OPEN));
+        assert!(p.end(4, Status::Finished));
+        assert_eq!(p.peek(), (4, FINISHED));
+        assert!(matches!(p.snapshot().status, Status::Finished));
+        assert_eq!(p.snapshot().len, 4);
+        assert!(!p.failed());
+        let p = Progress::new_finished(9);
+        assert_eq!(p.peek(), (9, FINISHED));
+        assert_eq!(p.handles(), 0);
+        let p = Progress::new_open();
+        assert!(p.end(0, Status::Aborted(None)));
+        assert_eq!(p.peek().1, FAILED);
+        assert!(p.failed());
+    }
+
+    #[test]
+    fn publish_only_grows_an_open_stream_and_wakes_only_on_growth() {
+        let p = Progress::new_open();
+        p.publish(5);
+        let (count, waker) = counter();
+        let mut key = WaitKey::default();
+        assert!(poll(&p, 10, &waker, &mut key).is_pending());
+        p.publish(5); // no growth: nobody woken
+        p.publish(2); // never backwards
+        assert_eq!(p.peek().0, 5);
+        assert_eq!(count.get(), 0);
+        p.publish(6);
+        assert_eq!(count.get(), 1);
+        assert_eq!(p.peek().0, 6);
+        assert!(p.end(7, Status::Finished));
+        p.publish(8); // after the end: nothing changes
+        assert_eq!(p.peek().0, 7);
+        assert_eq!(p.snapshot().len, 7);
+        p.deregister(&mut key);
+    }
+
+    #[test]
+    fn end_happens_once_except_a_cancel_after_a_finish() {
+        let cancelled = || Status::Cancelled(None);
+        let p = Progress::new_open();
+        p.publish(5);
+        // An abort keeps the published length; a finish may extend it but never shrinks it.
+        assert!(p.end(7, Status::Aborted(None)));
+        assert_eq!(p.peek().0, 5);
+        assert!(!p.end(9, Status::Finished));
+        assert!(
+            !p.end(9, cancelled()),
+            "a cancel does not end an aborted stream"
+        );
+        assert!(p.acquire().is_ok(), "an abort does not close");
+        assert_eq!(p.peek(), (5, FAILED));
+
+        let p = Progress::new_open();
+        p.publish(5);
+        assert!(p.end(3, Status::Finished));
+        assert_eq!(p.peek(), (5, FINISHED));
+        assert!(!p.end(6, Status::Finished));
+        assert!(!p.end(6, Status::Aborted(None)));
+        assert_eq!(p.peek(), (5, FINISHED));
+        assert!(p.acquire().is_ok());
+        assert!(p.end(6, cancelled()));
+        assert_eq!(p.peek(), (5, FAILED));
+        assert!(matches!(p.snapshot().status, Status::Cancelled(_)));
+        assert!(p.acquire().is_err(), "a cancel closes");
+        assert!(!p.end(6, cancelled()));
+
+        let p = Progress::new_open();
+        assert!(p.end(0, cancelled()));
+        assert!(!p.end(0, Status::Finished));
+    }
+
+    #[test]
+    fn end_wakes_async_and_blocked_waiters() {
+        let p = Arc::new(Progress::new_open());
+        let (count, waker) = counter();
+        let mut key = WaitKey::default();
+        assert!(poll(&p, 1, &waker, &mut key).is_pending());
+        let p2 = p.clone();
+        within(move || {
+            let t = std::thread::spawn({
+                let p = p2.clone();
+                move || p.wait_for(1).status
+            });
+            until_asleep(&p2);
+            assert!(p2.end(0, Status::Aborted(None)));
+            assert!(matches!(t.join().unwrap(), Status::Aborted(_)));
+        });
+        assert_eq!(count.get(), 1);
+        assert_eq!(p.lock().sleepers, 0);
+        p.deregister(&mut key);
+    }
+
+    #[test]
+    fn acquire_release_and_handles_count() {
+        let p = Progress::new_open();
+        assert_eq!(p.handles(), 1);
+        assert!(p.acquire().is_ok());
+        assert!(p.acquire().is_ok());
+        assert_eq!(p.handles(), 3);
+        assert!(!p.release());
+        p.close(Some(Arc::new(crate::stream::Closing("shut"))));
+        assert_eq!(p.handles(), 2, "CLOSED is not a handle");
+        let cause = p.acquire().unwrap_err().expect("a cause");
+        assert_eq!(cause.to_string(), "shut");
+        assert_eq!(p.handles(), 2, "a refused reader is not counted");
+        assert!(!p.release());
+        assert!(p.release(), "the last handle");
+        assert_eq!(p.handles(), 0);
+        // First reason wins.
+        p.close(Some(Arc::new(crate::stream::Closing("again"))));
+        assert_eq!(p.acquire().unwrap_err().unwrap().to_string(), "shut");
+    }
+
+    /// A release wakes nobody, except the last one of a closed stream (for a blocking
+    /// removal): no spurious wake-ups of async waiters on every reader's drop.
+    #[test]
+    fn only_the_last_release_of_a_closed_stream_wakes() {
+        let (count, waker) = counter();
+        let mut key = WaitKey::default();
+        // Not closed: even the last release wakes nobody.
+        let p = Progress::new_open();
+        assert!(poll(&p, 1, &waker, &mut key).is_pending());
+        assert!(p.release());
+        assert_eq!(count.get(), 0);
+        p.deregister(&mut key);
+        // Closed: only the last release does.
+        let p = Progress::new_open();
+        p.acquire().unwrap();
+        assert!(poll(&p, 1, &waker, &mut key).is_pending());
+        p.close(None);
+        assert!(!p.release());
+        assert_eq!(count.get(), 0);
+        assert!(p.release());
+        assert_eq!(count.get(), 1);
+        p.deregister(&mut key);
+    }
+
+    #[test]
+    fn last_release_wakes_a_blocking_removal() {
+        let p = Arc::new(Progress::new_finished(1));
+        p.acquire().unwrap();
+        let p2 = p.clone();
+        within(move || {
+            let t = std::thread::spawn({
+                let p = p2.clone();
+                move || p.close_and_wait_unused(None)
+            });
+            until_asleep(&p2);
+            assert!(p2.release());
+            t.join().unwrap();
+            assert_eq!(p2.lock().sleepers, 0);
+        });
+        assert!(p.acquire().is_err());
+        assert!(
+            p.acquire_by_writer().is_err(),
+            "a blocking removal refuses the writer"
+        );
+        // Unused already: returns at once.
+        within(|| Progress::new_finished(0).close_and_wait_unused(None));
+    }
+
+    #[test]
+    fn writer_readers_pass_a_removal_only() {
+        // A removal spares the writer's readers while the stream is open.
+        let p = Progress::new_open();
+        p.close_except_writer(None);
+        assert!(p.acquire().is_err());
+        assert!(p.acquire_by_writer().is_ok());
+        assert_eq!(p.handles(), 2);
+        // ... not once it has failed.
+        assert!(p.end(0, Status::Aborted(None)));
+        assert!(p.acquire_by_writer().is_err());
+        assert_eq!(p.handles(), 2);
+        // A shutdown refuses them, before or after a removal.
+        for removed_first in [false, true] {
+            let p = Progress::new_open();
+            if removed_first {
+                p.close_except_writer(None);
+            }
+            p.close(Some(Arc::new(crate::stream::Closing("shut"))));
+            p.close_except_writer(None);
+            assert!(p.acquire_by_writer().is_err());
+            assert_eq!(p.handles(), 1);
+        }
+        // So does a cancel.
+        let p = Progress::new_open();
+        p.close_except_writer(None);
+        assert!(p.end(0, Status::Cancelled(None)));
+        assert!(p.acquire_by_writer().is_err());
+        // Not closed at all: a plain acquire.
+        let p = Progress::new_open();
+        assert!(p.acquire_by_writer().is_ok());
+        assert_eq!(p.handles(), 2);
+    }
+
+    #[test]
+    fn wait_for_returns_at_once_when_there_is_enough_or_it_ended() {
+        within(|| {
+            let p = Progress::new_open();
+            p.publish(5);
+            assert_eq!(p.wait_for(5).len, 5);
+            assert_eq!(p.wait_for(0).len, 5);
+            assert!(p.end(5, Status::Finished));
+            assert_eq!(p.wait_for(100).len, 5, "finished short of the wish");
+            let p = Progress::new_open();
+            p.end(0, Status::Aborted(None));
+            assert!(matches!(p.wait_for(100).status, Status::Aborted(_)));
+        });
+    }
+
+    #[test]
+    fn publish_wakes_a_blocked_waiter() {
+        let p = Arc::new(Progress::new_open());
+        within(move || {
+            let t = std::thread::spawn({
+                let p = p.clone();
+                move || p.wait_for(2).len
+            });
+            until_asleep(&p);
+            p.publish(1);
+            p.publish(3);
+            assert_eq!(t.join().unwrap(), 3);
+            assert_eq!(p.lock().sleepers, 0);
+        });
+    }
+
+    #[test]
+    fn poll_for_is_ready_with_enough_bytes_or_an_end() {
+        let p = Progress::new_open();
+        let (count, waker) = counter();
+        let mut key = WaitKey::default();
+        p.publish(5);
+        assert!(matches!(poll(&p, 5, &waker, &mut key), Poll::Ready(s) if s.len == 5));
+        assert_eq!(p.waiters(), 0, "ready without taking a slot");
+        assert!(poll(&p, 6, &waker, &mut key).is_pending());
+        assert_eq!((p.waiters(), p.armed_waiters()), (1, 1));
+        p.publish(6);
+        assert_eq!(count.get(), 1);
+        assert_eq!(
+            (p.waiters(), p.armed_waiters()),
+            (1, 0),
+            "woken: idle, still held"
+        );
+        assert!(poll(&p, 6, &waker, &mut key).is_ready());
+        assert!(poll(&p, 100, &waker, &mut key).is_pending());
+        assert!(p.end(6, Status::Finished));
+        assert_eq!(count.get(), 2);
+        let ready = poll(&p, 100, &waker, &mut key);
+        assert!(
+            matches!(ready, Poll::Ready(s) if s.len == 6 && matches!(s.status, Status::Finished))
+        );
+        p.deregister(&mut key);
+        assert_eq!((p.waiters(), p.waiter_slots()), (0, 0));
+        p.deregister(&mut key); // twice is harmless
+    }
+
+    #[test]
+    fn repoll_replaces_the_waker_in_its_own_slot() {
+        let p = Progress::new_open();
+        let (old, old_waker) = counter();
+        let (new, new_waker) = counter();
+        let mut key = WaitKey::default();
+        assert!(poll(&p, 1, &old_waker, &mut key).is_pending());
+        assert!(poll(&p, 1, &old_waker, &mut key).is_pending());
+        assert!(poll(&p, 1, &new_waker, &mut key).is_pending());
+        assert_eq!((p.waiters(), p.armed_waiters()), (1, 1));
+        p.publish(1);
+        assert_eq!((old.get(), new.get()), (0, 1));
+        p.deregister(&mut key);
+    }
+
+    #[test]
+    fn slots_are_reused_and_freed() {
+        let p = Progress::new_open();
+        let (count, waker) = counter();
+        let mut keys: Vec<WaitKey> = (0..3).map(|_| WaitKey::default()).collect();
+        for k in &mut keys {
+            assert!(poll(&p, 1, &waker, k).is_pending());
+        }
+        assert_eq!(
+            (p.waiters(), p.armed_waiters(), p.waiter_slots()),
+            (3, 3, 3)
+        );
+        // A waiter that leaves gives its slot to the next one.
+        p.deregister(&mut keys[1]);
+        assert_eq!(
+            (p.waiters(), p.armed_waiters(), p.waiter_slots()),
+            (2, 2, 3)
+        );
+        let mut late = WaitKey::default();
+        assert!(poll(&p, 1, &waker, &mut late).is_pending());
+        assert_eq!(late.0, Some(1));
+        assert_eq!((p.waiters(), p.waiter_slots()), (3, 3));
+        // The others still get their wake-up.
+        p.publish(1);
+        assert_eq!(count.get(), 3);
+        assert_eq!(p.armed_waiters(), 0);
+        p.deregister(&mut keys[0]);
+        p.deregister(&mut late);
+        assert_eq!(p.waiter_slots(), 3, "one left: the memory stays");
+        p.deregister(&mut keys[2]);
+        assert_eq!((p.waiters(), p.waiter_slots()), (0, 0));
+    }
+
+    /// Regression: cancelled waits stayed in the list until the next change.
+    #[test]
+    fn cancelled_waits_leave_nothing_behind() {
+        let p = Progress::new_open();
+        let (live, live_waker) = counter();
+        let mut live_key = WaitKey::default();
+        assert!(poll(&p, 1, &live_waker, &mut live_key).is_pending());
+        for _ in 0..10_000 {
+            let (_, waker) = counter(); // a new task every time: no `will_wake` match
+            let mut key = WaitKey::default();
+            assert!(poll(&p, 1, &waker, &mut key).is_pending());
+            p.deregister(&mut key);
+        }
+        assert_eq!((p.waiters(), p.armed_waiters()), (1, 1));
+        assert!(p.waiter_slots() <= 2);
+        p.publish(1);
+        assert_eq!(live.get(), 1);
+        p.deregister(&mut live_key);
     }
 }
 
@@ -434,16 +1021,105 @@ mod loom_tests {
     }
 
     /// The async path: a task polling `poll_for` registers its waker under the lock, so a
-    /// publish or finish racing with the registration is never lost.
+    /// publish or finish racing with the registration is never lost; re-polls after a wake
+    /// reuse the task's slot, and deregistering empties the list.
     #[test]
     fn async_waiter_is_woken() {
         loom::model(|| {
             let p = Arc::new(Progress::new_open());
             let p2 = p.clone();
-            let task = thread::spawn(move || block_on(|cx| p2.poll_for(2, cx)).len);
+            let task = thread::spawn(move || {
+                let mut key = WaitKey::default();
+                let len = block_on(|cx| p2.poll_for(2, cx, &mut key)).len;
+                assert!(p2.waiters() <= 1);
+                p2.deregister(&mut key);
+                len
+            });
             p.publish(1);
             p.end(2, Status::Finished);
             assert_eq!(task.join().unwrap(), 2);
+            assert_eq!(p.waiters(), 0);
+            assert_eq!(p.armed_waiters(), 0);
+        });
+    }
+
+    /// A waiter that gives up (its future dropped) while a publish wakes: the other waiter is
+    /// still woken (its slot is neither lost nor taken by the leaver), and the list ends empty.
+    #[test]
+    fn waiter_dropped_while_publish_wakes() {
+        loom::model(|| {
+            let p = Arc::new(Progress::new_open());
+            let p2 = p.clone();
+            let quitter = thread::spawn(move || {
+                let mut key = WaitKey::default();
+                let waker = Waker::noop();
+                let _ = p2.poll_for(1, &mut Context::from_waker(waker), &mut key);
+                p2.deregister(&mut key);
+            });
+            let p3 = p.clone();
+            let stayer = thread::spawn(move || {
+                let mut key = WaitKey::default();
+                let len = block_on(|cx| p3.poll_for(1, cx, &mut key)).len;
+                p3.deregister(&mut key);
+                len
+            });
+            p.publish(1);
+            quitter.join().unwrap();
+            assert_eq!(stayer.join().unwrap(), 1);
+            assert_eq!(p.waiters(), 0);
+            assert_eq!(p.armed_waiters(), 0);
+            assert_eq!(p.waiter_slots(), 0, "emptied: memory returned");
+        });
+    }
+
+    /// A waiter re-polled with another waker (a task moved, a `select!`): the new waker
+    /// replaces the old one in its slot, so the wake-up reaches the task that waits now.
+    #[test]
+    fn repoll_with_new_waker_is_woken() {
+        loom::model(|| {
+            let p = Arc::new(Progress::new_open());
+            let p2 = p.clone();
+            let task = thread::spawn(move || {
+                let mut key = WaitKey::default();
+                let first = p2.poll_for(2, &mut Context::from_waker(Waker::noop()), &mut key);
+                let len = match first {
+                    Poll::Ready(snap) => snap.len,
+                    Poll::Pending => block_on(|cx| p2.poll_for(2, cx, &mut key)).len,
+                };
+                p2.deregister(&mut key);
+                len
+            });
+            p.publish(2);
+            assert_eq!(task.join().unwrap(), 2);
+            assert_eq!(p.waiters(), 0);
+        });
+    }
+
+    /// The writer's reader racing a removal and a cancel: without a cancel a removal never
+    /// refuses it; whatever the order, the count has exactly the handles that were granted.
+    #[test]
+    fn writer_reader_races_removal_and_cancel() {
+        loom::model(|| {
+            let p = Arc::new(Progress::new_open());
+            let p2 = p.clone();
+            let remover = thread::spawn(move || p2.close_except_writer(None));
+            let p3 = p.clone();
+            let canceller = thread::spawn(move || p3.end(0, Status::Cancelled(None)));
+            let got = p.acquire_by_writer().is_ok();
+            remover.join().unwrap();
+            assert!(canceller.join().unwrap());
+            assert_eq!(p.handles(), 1 + usize::from(got));
+            assert!(p.acquire().is_err());
+            assert!(p.acquire_by_writer().is_err(), "cancelled: refused");
+        });
+        loom::model(|| {
+            let p = Arc::new(Progress::new_open());
+            let p2 = p.clone();
+            let remover = thread::spawn(move || p2.close_except_writer(None));
+            assert!(p.acquire_by_writer().is_ok());
+            remover.join().unwrap();
+            assert!(p.acquire().is_err());
+            assert_eq!(p.handles(), 2);
         });
     }
 

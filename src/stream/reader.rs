@@ -7,7 +7,7 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 
 use super::Shared;
-use super::progress::{FAILED, FINISHED, Progress};
+use super::progress::{FAILED, FINISHED, Progress, WaitKey};
 use crate::error::Error;
 
 /// How much of a stream exists.
@@ -144,16 +144,41 @@ impl Reader {
         }
     }
 
-    /// Async form of `wait`.
+    /// A registration for [`poll_wait`](Self::poll_wait): one per concurrent async wait (a
+    /// `read_at` future, an async reader's sequential reads); it leaves the stream's waker
+    /// list when dropped.
     #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
-    pub(crate) fn poll_wait(&self, end: u64, cx: &mut Context<'_>) -> Poll<io::Result<u64>> {
+    pub(crate) fn waiter(&self) -> Waiter {
+        Waiter {
+            shared: self.shared.clone(),
+            key: WaitKey::default(),
+        }
+    }
+
+    /// Async form of `wait`; `waiter` (from this reader's [`waiter`](Self::waiter)) holds the
+    /// waker while it waits.
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
+    pub(crate) fn poll_wait(
+        &self,
+        end: u64,
+        cx: &mut Context<'_>,
+        waiter: &mut Waiter,
+    ) -> Poll<io::Result<u64>> {
+        debug_assert!(
+            Arc::ptr_eq(&self.shared, &waiter.shared),
+            "another stream's waiter"
+        );
         loop {
             match self.check(end) {
                 Err(e) => return Poll::Ready(Err(e)),
                 Ok(Some(len)) => return Poll::Ready(Ok(len)),
                 Ok(None) => {}
             }
-            if self.progress().poll_for(end, cx).is_pending() {
+            if self
+                .progress()
+                .poll_for(end, cx, &mut waiter.key)
+                .is_pending()
+            {
                 return Poll::Pending;
             }
         }
@@ -368,6 +393,20 @@ impl Seek for Reader {
 
     fn stream_position(&mut self) -> io::Result<u64> {
         Ok(self.pos)
+    }
+}
+
+/// An async waiter's slot in its stream's waker list (see [`Reader::waiter`]), given back on
+/// drop, so that a cancelled wait leaves nothing behind.
+#[derive(Debug)]
+pub(crate) struct Waiter {
+    shared: Arc<Shared>,
+    key: WaitKey,
+}
+
+impl Drop for Waiter {
+    fn drop(&mut self) {
+        self.shared.progress.deregister(&mut self.key);
     }
 }
 

@@ -72,12 +72,15 @@ impl Writer {
         })
     }
 
-    /// A new reader of this stream, positioned at byte 0.
+    /// A new reader of this stream, positioned at byte 0. A removed stream (a cache entry
+    /// removed or evicted while it is written, [`Stream::remove_when_unused`]) still gives its
+    /// writer readers, which get every byte it goes on to write.
     ///
     /// # Errors
-    /// [`Error::Closed`] if the stream was shut down, cancelled or removed.
+    /// [`Error::Closed`] if the stream was shut down, cancelled, removed with the blocking
+    /// [`Stream::remove`], or removed after it failed.
     pub fn reader(&self) -> Result<Reader> {
-        self.shared.new_reader()
+        self.shared.new_writer_reader()
     }
 
     /// A handle on this stream (for readers after the writer is gone, shutdown, removal).
