@@ -487,3 +487,48 @@ fn a_crafted_blob_id_is_not_loaded() {
     let cache = Cache::builder().disk(dir.path()).build().unwrap();
     assert_eq!(get_bytes(&cache, "k"), b"fresh");
 }
+
+/// Peak resident memory of this process (`VmHWM`), in KiB.
+fn peak_rss_kib() -> u64 {
+    let status = fs::read_to_string("/proc/self/status").unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM in /proc/self/status")
+}
+
+/// Child: a 64 MiB memory cache is asked to take a 512 MiB entry (the scenario);
+/// the process's peak memory must stay within twice the limit. Regression: it took the whole
+/// entry (517 MiB peak) and evicted it only after `finish`.
+#[test]
+fn child_oversized_memory_entry() {
+    if child_dir().is_none() {
+        return;
+    }
+    const MAX: u64 = 64 << 20;
+    let cache = Cache::builder().memory().max_bytes(MAX).build().unwrap();
+    let mut w = miss(&cache, "big");
+    let chunk = vec![7u8; 1 << 20];
+    let mut refused = None;
+    for _ in 0..512 {
+        if let Err(e) = w.write_bytes(&chunk) {
+            refused = Some(e);
+            break;
+        }
+    }
+    assert!(
+        matches!(refused, Some(Error::TooLarge { max_bytes: MAX, .. })),
+        "{refused:?}"
+    );
+    drop(w);
+    let peak = peak_rss_kib();
+    println!("peak RSS {peak} KiB for a max_bytes of {} KiB", MAX >> 10);
+    assert!(peak <= 2 * (MAX >> 10), "peak RSS {peak} KiB");
+}
+
+#[test]
+fn an_oversized_entry_keeps_memory_near_max_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    run_child_with_nofile("child_oversized_memory_entry", 1024, dir.path());
+}
