@@ -1387,6 +1387,17 @@ mod tests {
         assert!(Record::decode(&bytes[..bytes.len() - 1]).is_err());
     }
 
+    /// Records shorter than their checksum are damage, never a panic (a mutant that let
+    /// them through to `split_at` survived every other test).
+    #[test]
+    fn records_shorter_than_a_checksum_are_damage() {
+        for n in 0..=32 {
+            assert!(Record::decode(&vec![0; n]).is_err(), "{n} bytes accepted");
+        }
+        // A body that is empty but correctly checksummed is still no record.
+        assert!(Record::decode(blake3::hash(b"").as_bytes()).is_err());
+    }
+
     /// `unlock` frees the directory while this handle (and its readers) live on.
     #[test]
     fn unlock_frees_the_directory_for_another_opener() {
