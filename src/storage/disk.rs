@@ -172,7 +172,8 @@ impl DiskStorage {
     ///
     /// # Errors
     /// [`Error::Locked`] if another live process (or another open `DiskStorage` in this one)
-    /// holds the directory; [`Error::Io`] if it cannot be created or read.
+    /// holds the directory (after waiting up to 250 ms, in case the holder is a child process
+    /// between its start and its `exec`); [`Error::Io`] if it cannot be created or read.
     pub fn open(dir: impl AsRef<Path>) -> Result<Self> {
         Self::open_with(dir.as_ref(), false)
     }
@@ -265,14 +266,31 @@ impl DiskStorage {
     }
 }
 
+/// How long `try_lock` waits out a lock that may be held only in passing.
+const LOCK_GRACE: Duration = Duration::from_millis(250);
+
 /// Takes the exclusive OS lock on `file` (at `path`), or [`Error::Locked`] naming `dir`.
+///
+/// A lock that is taken is waited out for up to `LOCK_GRACE` first: a child process that
+/// this process is starting shares its open files, and so the lock of a directory it just
+/// released, until the child's `exec` closes them. (Regression: dropping a cache and opening
+/// the directory again failed now and then with `Locked` while another thread spawned a
+/// process.)
 fn try_lock(file: &File, path: &Path, dir: &Path) -> Result<()> {
-    match file.try_lock() {
-        Ok(()) => Ok(()),
-        Err(fs::TryLockError::WouldBlock) => Err(Error::Locked {
-            dir: dir.to_path_buf(),
-        }),
-        Err(fs::TryLockError::Error(e)) => Err(Error::io("lock", path, e)),
+    let until = std::time::Instant::now() + LOCK_GRACE;
+    loop {
+        match file.try_lock() {
+            Ok(()) => return Ok(()),
+            Err(fs::TryLockError::WouldBlock) if std::time::Instant::now() < until => {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(fs::TryLockError::WouldBlock) => {
+                return Err(Error::Locked {
+                    dir: dir.to_path_buf(),
+                });
+            }
+            Err(fs::TryLockError::Error(e)) => return Err(Error::io("lock", path, e)),
+        }
     }
 }
 
