@@ -138,10 +138,11 @@ pub struct CacheStats {
 
 /// A keyed cache of byte streams. See the [crate documentation](crate).
 ///
-/// `Cache` is `Send + Sync`; share it with an `Arc`. Dropping it stops and joins its threads (the reaper, and the listener's if any),
-/// records recency on disk and releases the directory lock, so the directory can be reopened
-/// at once; readers it handed out keep working (a writer still open may fail to commit once
-/// another cache has opened the directory).
+/// `Cache` is `Send + Sync`; share it with an `Arc`. Dropping it stops and joins its threads
+/// (the reaper, and the listener's if any), records recency on disk and releases the
+/// directory lock, so the directory can be reopened at once; readers it handed out keep
+/// working (a writer still open may fail to commit once another cache has opened the
+/// directory).
 pub struct Cache {
     inner: Arc<Inner>,
     reaper: Option<JoinHandle<()>>,
