@@ -905,7 +905,8 @@ async fn connection_cap_makes_new_clients_wait_for_a_slot() {
                 .unwrap();
             stalled.push(conn);
         }
-        sleep(Duration::from_millis(100)).await; // let the proxy accept them first
+        // No wait needed here: the kernel hands connections to `accept` in arrival order,
+        // so the stalled ones take the slots before the next one is accepted.
 
         // The kernel completes the handshake (listen backlog), but the proxy does not serve it.
         let mut waiting = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
