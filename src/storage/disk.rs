@@ -980,7 +980,10 @@ impl Check {
     /// cannot be told): with `force` (a reader entering a new block, `BlobReader::revalidate`)
     /// or at the first read of a new use (after `idle`); otherwise does nothing.
     fn revalidate(&self, file: &File, force: bool) {
-        let new_use = self.recheck.swap(false, Ordering::AcqRel);
+        // Every checked read comes through here: a plain load first, so that reads of a blob
+        // in use (the common case) cost no read-modify-write on this shared flag.
+        let new_use =
+            self.recheck.load(Ordering::Acquire) && self.recheck.swap(false, Ordering::AcqRel);
         if !(force || new_use) {
             return;
         }
