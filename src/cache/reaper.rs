@@ -122,14 +122,7 @@ impl Deletions {
     }
 
     fn attempt(&self, doomed: Doomed, failures: u32) {
-        let call = AssertUnwindSafe(|| self.storage.remove(&doomed.name));
-        let error = match catch_unwind(call) {
-            Ok(Ok(())) => None,
-            Ok(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => None,
-            Ok(Err(e)) => Some(e.to_string()),
-            Err(_) => Some("the storage panicked".to_owned()),
-        };
-        let Some(error) = error else {
+        let Err(error) = remove(&*self.storage, &doomed.name) else {
             self.pending.fetch_sub(1, Ordering::Relaxed);
             self.pending_bytes.fetch_sub(doomed.bytes, Ordering::AcqRel);
             return;
@@ -363,11 +356,17 @@ pub(crate) fn notify(listener: &Listener, key: &str, cause: RemovalCause) {
 /// Deletes a blob found at open that is not to be loaded (a superseded version, an expired
 /// entry, a stray blob); a failure is logged, and the next open tries again.
 pub(crate) fn delete_at_open(storage: &dyn Storage, name: &str) {
-    let call = AssertUnwindSafe(|| storage.remove(name));
-    match catch_unwind(call) {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Ok(Err(e)) => tracing::error!(blob = %name, error = %e, "could not delete blob"),
-        Err(_) => tracing::error!(blob = %name, "the storage panicked deleting a blob"),
+    if let Err(error) = remove(storage, name) {
+        tracing::error!(blob = %name, %error, "could not delete blob");
+    }
+}
+
+/// Deletes blob `name`; one already gone is no error, and a panic of the storage is one.
+fn remove(storage: &dyn Storage, name: &str) -> Result<(), String> {
+    match catch_unwind(AssertUnwindSafe(|| storage.remove(name))) {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("the storage panicked".to_owned()),
     }
 }
