@@ -494,7 +494,8 @@ impl Observer for Slot {
             // Removed while it was being written: nobody else will delete it.
             cache.delete_blob(self.name(), len, false);
         }
-        cache.account(&self, len);
+        // (Its bytes were accounted by `published`, which `finish` calls with the final
+        // length before committing.)
         {
             let mut lru = cache.lru.lock().unwrap_or_else(|e| e.into_inner());
             // Checked under the LRU lock: `finalize` clears `LIVE` before taking it.
@@ -765,6 +766,18 @@ impl Inner {
         }
     }
 
+    /// Runs `op`; if it fails for want of file descriptors, closes the idle entries' handles
+    /// and runs it once more.
+    pub(crate) fn retry_out_of_handles<T>(&self, op: impl Fn() -> Result<T>) -> Result<T> {
+        match op() {
+            Err(e) if out_of_handles(&e) => {
+                self.close_idle_handles();
+                op()
+            }
+            other => other,
+        }
+    }
+
     /// Closes the storage handles of every finished entry nobody uses (they reopen on
     /// demand). Called when the process runs out of file descriptors.
     pub(crate) fn close_idle_handles(&self) {
@@ -883,19 +896,11 @@ impl Inner {
             }
         }
         let name = slot.name();
-        let open = || {
+        let (blob, info) = self.retry_out_of_handles(|| {
             self.storage
                 .open(&name)
                 .map_err(|e| Error::from_io("open", &name, e))
-        };
-        let (blob, info) = match open() {
-            // Out of file descriptors: let go of the idle entries' handles, then retry once.
-            Err(e) if out_of_handles(&e) => {
-                self.close_idle_handles();
-                open()?
-            }
-            other => other?,
-        };
+        })?;
         let user = EntryMeta::decode(&info.meta)
             .map(|m| m.user)
             .unwrap_or_default();

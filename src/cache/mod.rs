@@ -26,7 +26,7 @@ mod reaper;
 pub use builder::CacheBuilder;
 pub use clock::{Clock, ManualClock, SystemClock};
 
-use index::{Books, Counters, Indexed, Inner, Limits, Slot, blob_name, out_of_handles};
+use index::{Books, Counters, Indexed, Inner, Limits, Slot, blob_name};
 use meta::EntryMeta;
 use reaper::{Deletions, Job, Note};
 
@@ -282,23 +282,14 @@ impl Cache {
             let now = inner.books.now();
             let slot = Arc::new(Slot::new(inner, key_arc.clone(), id, 0, now, 0));
             let observer: Arc<dyn Observer> = slot.clone();
-            let create = || {
+            let writer = inner.retry_out_of_handles(|| {
                 Writer::create_observed(
                     inner.storage.clone(),
                     blob_name(key, id),
                     Some(key_arc.clone()),
                     Some(observer.clone()),
                 )
-            };
-            let writer = match create() {
-                // Out of file descriptors: let go of the idle entries' handles, then retry
-                // once, before failing the request.
-                Err(e) if out_of_handles(&e) => {
-                    inner.close_idle_handles();
-                    create()?
-                }
-                other => other?,
-            };
+            })?;
             slot.set_live();
             // Counted before it is visible. Regression: counted after, a `remove` in between
             // uncounted it first and the count could wrap below zero (then `len` read ~2^64
