@@ -1,10 +1,11 @@
-//! Real faults against the cache: running out of file descriptors (`ulimit -n` in a child
+//! Real faults against the cache: running out of file descriptors (`prlimit` on a child
 //! process), a directory that refuses deletions (`chattr +i`), a storage and a listener that
 //! misbehave, and arithmetic at the edges. Each test names the regression it pins.
 //!
 //! Tests that need a lowered descriptor limit re-execute this binary in "child mode"
 //! (selected by an environment variable and an exact test-name filter) under
-//! `bash -c 'ulimit -n N; exec …'`, so the limit never touches the other tests' process.
+//! `prlimit --nofile=N:N` (see `support::child`), so the limit never touches the other
+//! tests' process.
 
 mod support;
 
@@ -20,35 +21,6 @@ use streamcache::cache::{ManualClock, RemovalCause};
 use streamcache::storage::{BlobInfo, BlobReader, BlobWriter, MemoryStorage, Storage};
 use streamcache::{Cache, Entry, Error};
 use support::*;
-
-const CHILD_ENV: &str = "STREAMCACHE_FAULTS_CHILD_DIR";
-
-/// Runs the test `name` of this binary as a child with at most `nofile` file descriptors,
-/// with `dir` in its environment; fails if the child fails or does not end in time.
-fn run_child_with_nofile(name: &str, nofile: u32, dir: &Path) {
-    let exe = std::env::current_exe().unwrap();
-    let mut child = Command::new("bash")
-        .arg("-c")
-        .arg(format!("ulimit -n {nofile} && exec \"$0\" \"$@\""))
-        .arg(exe)
-        .args(["--exact", name, "--nocapture", "--test-threads=1"])
-        .env(CHILD_ENV, dir)
-        .spawn()
-        .expect("bash to run the child");
-    let limit = std::time::Instant::now() + DEADLINE;
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            assert!(status.success(), "child {name} failed: {status:?}");
-            return;
-        }
-        if std::time::Instant::now() > limit {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("child {name} did not finish in {DEADLINE:?} (deadlock?)");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
 
 /// A disk cache on `dir` keeping at most `idle` unused entries' files open.
 fn disk_cache(dir: &Path, idle: usize) -> Cache {
@@ -70,10 +42,6 @@ fn fill(cache: &Cache, n: usize) {
         let (key, value) = entry(i);
         put(cache, &key, value.as_bytes());
     }
-}
-
-fn child_dir() -> Option<PathBuf> {
-    std::env::var_os(CHILD_ENV).map(PathBuf::from)
 }
 
 /// Child (64 descriptors): 100 finished entries, a reader held on every one it can get.
@@ -488,16 +456,6 @@ fn a_crafted_blob_id_is_not_loaded() {
     assert_eq!(get_bytes(&cache, "k"), b"fresh");
 }
 
-/// Peak resident memory of this process (`VmHWM`), in KiB.
-fn peak_rss_kib() -> u64 {
-    let status = fs::read_to_string("/proc/self/status").unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmHWM in /proc/self/status")
-}
-
 /// Child: a 64 MiB memory cache is asked to take a 512 MiB entry (the scenario);
 /// the process's peak memory must stay within twice the limit. Regression: it took the whole
 /// entry (517 MiB peak) and evicted it only after `finish`.
@@ -522,13 +480,16 @@ fn child_oversized_memory_entry() {
         "{refused:?}"
     );
     drop(w);
-    let peak = peak_rss_kib();
-    println!("peak RSS {peak} KiB for a max_bytes of {} KiB", MAX >> 10);
+    let peak = peak_rss_kib().expect("VmHWM in /proc/self/status");
+    report(&format!("peak_kib={peak} max_kib={}", MAX >> 10));
     assert!(peak <= 2 * (MAX >> 10), "peak RSS {peak} KiB");
 }
 
 #[test]
 fn an_oversized_entry_keeps_memory_near_max_bytes() {
     let dir = tempfile::tempdir().unwrap();
-    run_child_with_nofile("child_oversized_memory_entry", 1024, dir.path());
+    let child = ChildRun::spawn("child_oversized_memory_entry", dir.path());
+    println!("{}", child.line(REPORT));
+    let status = child.wait();
+    assert!(status.success(), "{status:?}");
 }

@@ -9,11 +9,10 @@
 mod support;
 
 use std::fs::{self, File};
-use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom, Write};
+use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -193,118 +192,6 @@ fn touched_but_unaltered_file_still_reads_whole() {
 
 // ---------------------------------------------------------------------------------------------
 // Child processes.
-
-const CHILD_ENV: &str = "STREAMCACHE_DISK_FAULTS_CHILD_DIR";
-const READY: &str = "STREAMCACHE-CHILD-READY";
-const REPORT: &str = "STREAMCACHE-CHILD-REPORT";
-
-/// How long a child may take before it counts as hung.
-const CHILD_DEADLINE: Duration = Duration::from_secs(20);
-
-/// A child process running the test `name` of this binary in child mode (`CHILD_ENV` set to
-/// `dir`), with its stdout lines collected. Killed when dropped.
-struct ChildRun {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-    name: String,
-}
-
-impl ChildRun {
-    fn spawn(name: &str, dir: &Path) -> ChildRun {
-        Self::spawn_with(name, dir, None)
-    }
-
-    /// `nofile`: the child's open-file limit, set with `prlimit` (util-linux); `None` if it
-    /// is not installed.
-    fn spawn_with(name: &str, dir: &Path, nofile: Option<u32>) -> ChildRun {
-        let exe = std::env::current_exe().unwrap();
-        let mut cmd = match nofile {
-            Some(n) => {
-                let mut c = Command::new("prlimit");
-                c.arg(format!("--nofile={n}:{n}")).arg("--").arg(exe);
-                c
-            }
-            None => Command::new(exe),
-        };
-        let mut child = cmd
-            .args(["--exact", name, "--nocapture", "--test-threads=1"])
-            .env(CHILD_ENV, dir)
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let (tx, lines) = mpsc::channel();
-        thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        ChildRun {
-            child,
-            lines,
-            name: name.to_owned(),
-        }
-    }
-
-    /// Waits for a line containing `marker`; fails the test if the child does not print one
-    /// within the deadline.
-    fn line(&self, marker: &str) -> String {
-        let until = Instant::now() + CHILD_DEADLINE;
-        loop {
-            let left = until.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) if line.contains(marker) => return line,
-                Ok(_) => {}
-                Err(_) => panic!(
-                    "child {} printed no {marker} within {CHILD_DEADLINE:?} (hung, aborted or failed)",
-                    self.name
-                ),
-            }
-        }
-    }
-
-    /// Waits for the child to exit on its own; fails the test if it does not in time.
-    fn wait(mut self) -> std::process::ExitStatus {
-        let until = Instant::now() + CHILD_DEADLINE;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(
-                Instant::now() < until,
-                "child {} still running after {CHILD_DEADLINE:?}",
-                self.name
-            );
-            thread::sleep(Duration::from_millis(10));
-        }
-    }
-}
-
-impl Drop for ChildRun {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn child_dir() -> Option<PathBuf> {
-    std::env::var_os(CHILD_ENV).map(PathBuf::from)
-}
-
-/// Peak resident memory of this process in KiB (`VmHWM`), if the kernel reports it.
-fn peak_rss_kib() -> Option<u64> {
-    let status = fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    line.split_whitespace().nth(1)?.parse().ok()
-}
-
-fn report(fields: &str) {
-    let mut out = io::stdout().lock();
-    writeln!(out, "{REPORT} {fields}").unwrap();
-    out.flush().unwrap();
-}
 
 /// `key=value` from a report line.
 fn field(line: &str, key: &str) -> Option<u64> {
@@ -624,15 +511,7 @@ fn emfile_child() {
 /// process keeps its own).
 #[test]
 fn emfile_during_open_is_not_a_verdict_on_the_blob() {
-    let has_prlimit = Command::new("prlimit")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !has_prlimit {
-        println!(
-            "SKIPPED emfile_during_open_is_not_a_verdict_on_the_blob: prlimit (util-linux) not installed"
-        );
+    if !has_prlimit("emfile_during_open_is_not_a_verdict_on_the_blob") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();

@@ -8,8 +8,11 @@ use std::path::{Path, PathBuf};
 use streamcache::{Cache, Entry, Error, Reader, Writer};
 
 // The deadline helpers are shared with the stream-level tests.
+mod child;
 #[path = "../common/mod.rs"]
 mod common;
+#[allow(unused_imports)]
+pub use child::*;
 #[allow(unused_imports)]
 pub use common::{DEADLINE, assert_closed, deadline, deadline_in, read_all, wait_until};
 
