@@ -36,6 +36,13 @@ fn help_slack(max: u64) -> u64 {
     (max / 16).max(64)
 }
 
+/// The entry count past which writers help the reaper evict: `max` plus the slack,
+/// saturating. (Regression: `max + slack` overflowed for `max_entries(u64::MAX)`, a panic in
+/// debug builds and, wrapped, a threshold far below the limit in release builds.)
+fn help_threshold(max: u64) -> u64 {
+    max.saturating_add(help_slack(max))
+}
+
 /// Whether `e` says the process (`EMFILE`) or the system (`ENFILE`) has no file descriptor
 /// left: a passing shortage, never a verdict on an entry.
 pub(crate) fn out_of_handles(e: &Error) -> bool {
@@ -510,8 +517,7 @@ impl Observer for Slot {
             // whose calls stay on the reaper.
             if let Some(max) = cache.limits.max_entries
                 && cache.policy.is_none()
-                && cache.entries.load(Ordering::Relaxed) as u64
-                    > max.saturating_add(help_slack(max))
+                && cache.entries.load(Ordering::Relaxed) as u64 > help_threshold(max)
             {
                 cache.help_evict(2);
             }
@@ -1274,6 +1280,16 @@ mod tests {
     use std::hash::BuildHasher;
 
     use super::*;
+
+    /// Writers help evict only past the limit, for any limit (the largest included).
+    #[test]
+    fn help_threshold_is_past_the_limit() {
+        assert_eq!(help_threshold(10), 10 + 64);
+        assert_eq!(help_threshold(16_000), 17_000);
+        for max in [u64::MAX, u64::MAX - 1, u64::MAX / 2 + 1] {
+            assert!(help_threshold(max) >= max, "{max}");
+        }
+    }
 
     /// Sequential ids (how the cache makes them) must spread over both the low bits, which pick
     /// hashbrown's bucket, and the top 7 bits, its tag; a weak mix here turns promotions into
