@@ -325,11 +325,10 @@ pub(crate) struct Inner {
     pub(crate) next_id: AtomicU64,
     /// The reaper's queue (bounded: see `reaper`).
     pub(crate) jobs: SyncSender<Job>,
-    /// The notifier's queue, when there is a listener (bounded: see `reaper`).
-    pub(crate) notes: Option<SyncSender<Note>>,
-    /// The listener, for the notifier's own removals (called inline: it must never wait
-    /// for its own queue).
-    pub(crate) listener: Option<Listener>,
+    /// When there is an eviction listener: the notifier's queue (bounded: see `reaper`), and
+    /// the listener itself, for the notifier's own removals (called inline: it must never
+    /// wait for its own queue).
+    pub(crate) notifier: Option<(SyncSender<Note>, Listener)>,
     /// Deletions not carried out yet (shared with the reaper).
     pub(crate) deletions: Arc<Deletions>,
     /// The reaper's and notifier's thread ids.
@@ -628,7 +627,7 @@ impl Inner {
     /// behind (back-pressure), except on the cache's own threads: the notifier calls it
     /// inline, the reaper never waits for the listener.
     fn notify(&self, key: &Arc<str>, cause: RemovalCause) {
-        let (Some(notes), Some(listener)) = (&self.notes, &self.listener) else {
+        let Some((notes, listener)) = &self.notifier else {
             return;
         };
         if self.threads.is_notifier() {
@@ -646,7 +645,7 @@ impl Inner {
     /// Reaper: queues `note` for the notifier without ever waiting for a slow listener.
     /// Past a full queue, notes wait in `note_overflow`, in order, for `flush_notes`.
     pub(crate) fn reaper_note(&self, note: Note) {
-        let Some(notes) = &self.notes else {
+        let Some((notes, _)) = &self.notifier else {
             if let Note::Sync(ack) = note {
                 let _ = ack.send(());
             }
@@ -664,7 +663,7 @@ impl Inner {
     /// there is room, or all of them with `wait` (at shutdown). Returns whether some are
     /// still waiting.
     pub(crate) fn flush_notes(&self, wait: bool) -> bool {
-        let Some(notes) = &self.notes else {
+        let Some((notes, _)) = &self.notifier else {
             return false;
         };
         let mut overflow = self.note_overflow.lock().unwrap_or_else(|e| e.into_inner());

@@ -181,7 +181,7 @@ impl Cache {
                 let (notes, rx) = mpsc::sync_channel(reaper::NOTE_QUEUE);
                 let thread = reaper::spawn_notifier(listener.clone(), rx)
                     .map_err(|e| Error::io("spawn listener thread", "streamcache-listener", e))?;
-                (Some(notes), Some(thread))
+                (Some((notes, listener.clone())), Some(thread))
             }
             None => (None, None),
         };
@@ -210,8 +210,7 @@ impl Cache {
             limits,
             next_id: AtomicU64::new(0),
             jobs: tx,
-            notes,
-            listener: b.listener.clone(),
+            notifier: notes,
             deletions: Arc::new(Deletions::new(storage.clone())),
             threads: reaper::Threads::default(),
             note_overflow: Mutex::default(),
@@ -622,7 +621,7 @@ impl Drop for Cache {
             let _ = reaper.join();
         }
         if let Some(notifier) = self.notifier.take() {
-            if let Some(notes) = &self.inner.notes {
+            if let Some((notes, _)) = &self.inner.notifier {
                 let _ = notes.send(Note::Shutdown);
             }
             let _ = notifier.join();
