@@ -17,18 +17,27 @@ use crate::error::{Error, Result};
 use crate::storage::{DiskStorage, Storage};
 use crate::stream::{Closing, Observer, Reader, Writer};
 
+mod books;
 mod builder;
 mod clock;
+mod evict;
+mod handles;
 mod index;
+mod jobs;
 mod meta;
 mod reaper;
+mod recency;
+mod remove;
+mod slot;
 
 pub use builder::CacheBuilder;
 pub use clock::{Clock, ManualClock, SystemClock};
 
-use index::{Books, Counters, Indexed, Inner, Limits, Slot, blob_name};
+use books::{Books, Counters, Limits};
+use index::{Indexed, Inner};
 use meta::EntryMeta;
 use reaper::{Deletions, Job, Note};
+use slot::{Slot, blob_name};
 
 /// What [`Cache::get_or_create`] hands out.
 #[derive(Debug)]

@@ -1,0 +1,261 @@
+//! One entry (`Slot`): what the index maps a key to, and the `Observer` of its stream, which
+//! tells the cache what becomes of the entry (published bytes, finish, abort, release…).
+//!
+//! Invariants: `LIVE` is set before the slot enters the index and cleared once, by
+//! `finalize`; `LIVE` and `COMMITTED` share one atomic, so exactly one of `finalize` and
+//! `finished` deletes a blob committed after its entry was removed. `accounted` is the slot's
+//! share of `Inner::bytes` until it becomes `GONE`, after which it never changes.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+
+use bytes::Bytes;
+
+use super::RemovalCause;
+use super::books::Books;
+use super::evict::help_threshold;
+use super::handles::io_out_of_handles;
+use super::index::Inner;
+use super::meta::EntryMeta;
+use crate::error::{Error, Result};
+use crate::stream::Observer;
+
+/// `Slot::accounted` once the entry left the index: its bytes no longer count.
+pub(super) const GONE: u64 = u64::MAX;
+
+/// `Slot::flags`: in the index. Set before insertion, cleared once by `finalize`.
+pub(super) const LIVE: u8 = 1;
+/// `Slot::flags`: the blob is committed in storage.
+pub(super) const COMMITTED: u8 = 2;
+/// `Slot::flags`: read since committed or reloaded (its recency should be persisted).
+pub(super) const TOUCHED: u8 = 4;
+/// `Slot::flags`: queued in `Inner::idle_open`.
+pub(super) const QUEUED_IDLE: u8 = 8;
+
+/// One entry: what the index maps a key to, and the observer of the entry's stream.
+///
+/// The slot does not hold its stream (the index does, beside it), so the stream's observer
+/// pointing back at the slot makes no reference cycle.
+///
+/// Kept small (one 88-byte allocation): the creation time and user metadata live in the
+/// stored record, not here.
+#[derive(Debug)]
+pub(crate) struct Slot {
+    pub(crate) key: Arc<str>,
+    pub(crate) id: u64,
+    pub(crate) books: Arc<Books>,
+    /// Milliseconds; 0 while being written. Set once.
+    pub(crate) finished: AtomicU64,
+    /// When a reader was last opened (recency, persisted).
+    pub(crate) last_access: AtomicU64,
+    /// Time-to-idle base: when the last handle was released. While the entry is being written
+    /// (no release can happen), it holds the creation time.
+    pub(crate) idle_since: AtomicU64,
+    /// Bytes counted into `Inner::bytes`, or `GONE`.
+    pub(crate) accounted: AtomicU64,
+    /// `LIVE | COMMITTED | TOUCHED | QUEUED_IDLE`. `LIVE` and `COMMITTED` share the atomic so
+    /// that exactly one of `finalize` (clearing `LIVE`) and `finished` (setting `COMMITTED`)
+    /// sees the other's bit and deletes a blob committed after its entry was removed.
+    pub(crate) flags: AtomicU8,
+}
+
+impl Slot {
+    pub(crate) fn new(
+        inner: &Arc<Inner>,
+        key: Arc<str>,
+        id: u64,
+        finished: u64,
+        since: u64,
+        len: u64,
+    ) -> Slot {
+        Slot {
+            key,
+            id,
+            books: inner.books.clone(),
+            finished: AtomicU64::new(finished),
+            last_access: AtomicU64::new(since),
+            idle_since: AtomicU64::new(since),
+            accounted: AtomicU64::new(len),
+            flags: AtomicU8::new(if finished != 0 { COMMITTED } else { 0 }),
+        }
+    }
+
+    fn has(&self, flag: u8) -> bool {
+        self.flags.load(Ordering::SeqCst) & flag != 0
+    }
+
+    pub(crate) fn is_live(&self) -> bool {
+        self.has(LIVE)
+    }
+
+    pub(crate) fn set_live(&self) {
+        self.flags.fetch_or(LIVE, Ordering::SeqCst);
+    }
+
+    pub(crate) fn is_committed(&self) -> bool {
+        self.has(COMMITTED)
+    }
+
+    pub(crate) fn is_touched(&self) -> bool {
+        self.has(TOUCHED)
+    }
+
+    pub(crate) fn name(&self) -> String {
+        blob_name(&self.key, self.id)
+    }
+}
+
+/// The blob name of version `id` of `key`: 128 bits of blake3(key), then the id.
+pub(crate) fn blob_name(key: &str, id: u64) -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let hash = blake3::hash(key.as_bytes());
+    // Written digit by digit into an exactly sized buffer (no formatting machinery).
+    let mut name = String::with_capacity(32 + 1 + 16);
+    for b in &hash.as_bytes()[..16] {
+        name.push(HEX[usize::from(b >> 4)] as char);
+        name.push(HEX[usize::from(b & 15)] as char);
+    }
+    name.push('-');
+    for shift in (0..16).rev() {
+        name.push(HEX[((id >> (shift * 4)) & 15) as usize] as char);
+    }
+    name
+}
+
+impl Observer for Slot {
+    fn commit_meta(&self, user: &Bytes) -> Vec<u8> {
+        let now = self.books.now();
+        // Still being written: `idle_since` holds the creation time.
+        let created = self.idle_since.load(Ordering::Relaxed);
+        self.finished.store(now, Ordering::Relaxed);
+        self.last_access.store(now, Ordering::Relaxed);
+        EntryMeta::encode_parts(&self.key, created, now, now, user)
+    }
+
+    fn published(&self, len: u64) -> Result<()> {
+        let Some(cache) = self.books.cache() else {
+            return Ok(());
+        };
+        // An entry that alone exceeds `max_bytes` could never be kept: refused as soon as it
+        // crosses the limit, so its bytes never pile up in memory or on disk. (Regression: a
+        // 64 MiB memory cache took a 512 MiB entry whole, and evicted it only after finish.)
+        if let Some(max) = cache.limits.max_bytes
+            && len > max
+        {
+            return Err(Error::TooLarge {
+                key: self.key.to_string(),
+                len,
+                max_bytes: max,
+            });
+        }
+        cache.account(self, len);
+        Ok(())
+    }
+
+    fn finished(self: Arc<Self>, len: u64, committed: bool) {
+        let Some(cache) = self.books.cache() else {
+            return;
+        };
+        // A committed entry was stamped by `commit_meta` a moment ago; a doomed one was not.
+        let now = match self.finished.load(Ordering::Relaxed) {
+            0 => {
+                let now = cache.books.now();
+                self.finished.store(now, Ordering::Relaxed);
+                self.last_access.store(now, Ordering::Relaxed);
+                now
+            }
+            stamped => stamped,
+        };
+        self.idle_since.store(now, Ordering::Relaxed);
+        cache
+            .books
+            .stats
+            .bytes_written
+            .fetch_add(len, Ordering::Relaxed);
+        if committed && self.flags.fetch_or(COMMITTED, Ordering::SeqCst) & LIVE == 0 {
+            // Removed while it was being written: nobody else will delete it.
+            cache.delete_blob(self.name(), len, false);
+        }
+        // (Its bytes were accounted by `published`, which `finish` calls with the final
+        // length before committing.)
+        {
+            let mut lru = cache.lru.lock().unwrap_or_else(|e| e.into_inner());
+            // Checked under the LRU lock: `finalize` clears `LIVE` before taking it.
+            if self.is_live() {
+                lru.put(self.id, self.clone());
+            }
+        }
+        if cache.over_limits() {
+            cache.request_maintenance();
+            // The reaper has fallen far behind (a storm of writers, or a slow listener): this
+            // writer evicts its share, so the count stays near the limit. Not with a policy,
+            // whose calls stay on the reaper.
+            if let Some(max) = cache.limits.max_entries
+                && cache.policy.is_none()
+                && cache.entries.load(Ordering::Relaxed) as u64 > help_threshold(max)
+            {
+                cache.help_evict(2);
+            }
+        }
+    }
+
+    fn aborted(&self) {
+        // A request may already have unlinked the failed entry; `finalize` counts it once.
+        if let Some(cache) = self.books.cache() {
+            cache.unlink_id(&self.key, self.id, RemovalCause::Aborted);
+        }
+    }
+
+    fn released(&self) {
+        if self.books.track_idle {
+            self.idle_since
+                .store(self.books.clock.now_millis(), Ordering::Relaxed);
+        }
+        // An entry that was spared by size eviction because it was in use may go now.
+        // Regression: the reaper published "over the limit" only after its pass, so a release
+        // between its in-use check and that store asked for nothing, and the cache stayed over
+        // its limit until the next write or tick. The pass now publishes it before looking at
+        // any entry; with this load and the handle release both SeqCst, either the pass saw
+        // the entry unused or this sees the flag.
+        if self.books.stats.over_limit.load(Ordering::SeqCst)
+            && let Some(cache) = self.books.cache()
+        {
+            cache.request_maintenance();
+        }
+        // A finished entry nobody uses keeps its open stream only while it is among the most
+        // recently released ones (bounding open files).
+        if self.finished.load(Ordering::Relaxed) != 0
+            && !self.has(QUEUED_IDLE)
+            && self.flags.fetch_or(QUEUED_IDLE, Ordering::AcqRel) & QUEUED_IDLE == 0
+            && let Some(cache) = self.books.cache()
+        {
+            cache.queue_idle(self.key.clone(), self.id);
+        }
+    }
+
+    fn corrupt(&self) {
+        if let Some(cache) = self.books.cache() {
+            tracing::warn!(key = %self.key, "dropping entry whose stored data is corrupt");
+            cache.unlink_id(&self.key, self.id, RemovalCause::Corrupt);
+        }
+    }
+
+    fn storage_failed(&self, error: &std::io::Error) {
+        // Out of file descriptors while writing or committing (a commit opens the record
+        // file): this entry aborts, but the next request must not meet the same shortage.
+        if io_out_of_handles(error)
+            && let Some(cache) = self.books.cache()
+        {
+            cache.close_idle_handles();
+        }
+    }
+
+    fn reader_closed(&self, bytes: u64) {
+        if bytes > 0 {
+            self.books
+                .stats
+                .bytes_read
+                .fetch_add(bytes, Ordering::Relaxed);
+        }
+    }
+}
