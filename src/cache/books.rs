@@ -79,11 +79,10 @@ impl Books {
 impl Inner {
     /// Sets `slot`'s contribution to the byte total to `len` (unless it left the index).
     ///
-    /// Regression: the slot's figure used to grow first and the total after, so a removal in
-    /// between (`finalize` subtracts the slot's figure) took the total below zero: a debug
-    /// build panicked on overflow, a release build briefly saw ~2^64 bytes and evicted every
-    /// idle entry. The total now grows first (undone if the slot's figure moved meanwhile),
-    /// so it is never less than the sum of the slots' figures: at worst a brief overcount.
+    /// The total grows before the slot's figure (and is undone if that figure moved
+    /// meanwhile), so it is never less than the sum of the slots' figures: a removal in
+    /// between (`finalize` subtracts the figure) can cause a brief overcount, never a wrap
+    /// below zero.
     pub(super) fn account(&self, slot: &Slot, len: u64) {
         let mut cur = slot.accounted.load(Ordering::Acquire);
         loop {

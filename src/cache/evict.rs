@@ -19,8 +19,7 @@ fn help_slack(max: u64) -> u64 {
 }
 
 /// The entry count past which writers help the reaper evict: `max` plus the slack,
-/// saturating. (Regression: `max + slack` overflowed for `max_entries(u64::MAX)`, a panic in
-/// debug builds and, wrapped, a threshold far below the limit in release builds.)
+/// saturating, so it is never below `max` (not even for `max_entries(u64::MAX)`).
 pub(super) fn help_threshold(max: u64) -> u64 {
     max.saturating_add(help_slack(max))
 }
@@ -44,10 +43,10 @@ fn policy_allows(policy: &dyn Policy, entry: &EntryInfo) -> bool {
     })
 }
 
-/// How many in-use entries a helping writer steps over before it gives up. Regression: a
-/// writer used to stop at the first one, so a single entry in use at the least recently used
-/// end (a slow reader, or a writer preempted between filing its entry and closing it) stopped
-/// all help and let a storm of writers grow the cache far past `max_entries`.
+/// How many in-use entries a helping writer steps over before it gives up: several, so that
+/// a few entries in use at the least recently used end (slow readers, writers between filing
+/// and closing their entry) cannot stop all help and let writers grow the cache far past
+/// `max_entries`.
 const HELP_SKIP: usize = 8;
 
 impl Inner {

@@ -265,8 +265,8 @@ impl Inner {
                 self.unlink(slot, RemovalCause::Explicit);
                 return Ok(None);
             }
-            // Only proof that the data is lost drops the entry. Regression: any error did, so
-            // running out of file descriptors (EMFILE) destroyed finished entries for good.
+            // Only proof that the data is lost drops the entry: a passing failure (EMFILE, EIO…)
+            // must fail this request, never destroy a finished entry.
             Err(e) if proves_loss(&e) => {
                 tracing::warn!(key = %slot.key, error = %e, "dropping entry whose stored data is lost");
                 self.unlink(slot, RemovalCause::Corrupt);

@@ -137,8 +137,7 @@ impl Observer for Slot {
             return Ok(());
         };
         // An entry that alone exceeds `max_bytes` could never be kept: refused as soon as it
-        // crosses the limit, so its bytes never pile up in memory or on disk. (Regression: a
-        // 64 MiB memory cache took a 512 MiB entry whole, and evicted it only after finish.)
+        // crosses the limit, so its bytes never pile up in memory or on disk.
         if let Some(max) = cache.limits.max_bytes
             && len > max
         {
@@ -211,12 +210,10 @@ impl Observer for Slot {
             self.idle_since
                 .store(self.books.clock.now_millis(), Ordering::Relaxed);
         }
-        // An entry that was spared by size eviction because it was in use may go now.
-        // Regression: the reaper published "over the limit" only after its pass, so a release
-        // between its in-use check and that store asked for nothing, and the cache stayed over
-        // its limit until the next write or tick. The pass now publishes it before looking at
-        // any entry; with this load and the handle release both SeqCst, either the pass saw
-        // the entry unused or this sees the flag.
+        // An entry that was spared by size eviction because it was in use may go now. Size
+        // eviction sets `over_limit` before it looks at any entry; with this load and the
+        // handle release both SeqCst, either the pass saw the entry unused or this sees the
+        // flag, so a cache left over its limit by entries in use never waits for the next write.
         if self.books.stats.over_limit.load(Ordering::SeqCst)
             && let Some(cache) = self.books.cache()
         {
