@@ -63,12 +63,13 @@ pub enum Error {
     },
 
     /// An operating-system I/O error.
-    #[error("{op} {}: {source}", path.display())]
+    #[error("{op}{}: {source}", fmt_path(path))]
     Io {
-        /// What was being done (`"create"`, `"write"`, `"rename"`, …).
+        /// What was being done (`"create"`, `"write"`, `"rename"`, `"spawn reaper thread"`, …).
         op: &'static str,
-        /// The file or directory involved.
-        path: PathBuf,
+        /// The file or directory involved, if the operation had one (spawning a thread or
+        /// listing a custom storage has none).
+        path: Option<PathBuf>,
         /// The underlying error.
         #[source]
         source: io::Error,
@@ -103,6 +104,13 @@ pub enum Error {
     },
 }
 
+fn fmt_path(path: &Option<PathBuf>) -> String {
+    match path {
+        Some(p) => format!(" {}", p.display()),
+        None => String::new(),
+    }
+}
+
 fn fmt_cause(cause: &Option<Cause>) -> String {
     match cause {
         Some(c) => format!(": {c}"),
@@ -127,7 +135,16 @@ impl Error {
     pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>, source: io::Error) -> Self {
         Error::Io {
             op,
-            path: path.into(),
+            path: Some(path.into()),
+            source,
+        }
+    }
+
+    /// An I/O error of an operation that involves no file (spawning a thread, say).
+    pub(crate) fn io_without_path(op: &'static str, source: io::Error) -> Self {
+        Error::Io {
+            op,
+            path: None,
             source,
         }
     }
@@ -141,11 +158,24 @@ impl Error {
     /// Recover a typed [`Error`] from an [`io::Error`] produced by this crate, or wrap a foreign
     /// one as [`Error::Io`].
     pub(crate) fn from_io(op: &'static str, path: impl Into<PathBuf>, err: io::Error) -> Self {
+        Self::from_io_at(op, Some(path.into()), err)
+    }
+
+    /// As [`from_io`](Error::from_io), for an operation that involves no file.
+    pub(crate) fn from_io_without_path(op: &'static str, err: io::Error) -> Self {
+        Self::from_io_at(op, None, err)
+    }
+
+    fn from_io_at(op: &'static str, path: Option<PathBuf>, err: io::Error) -> Self {
         if err.get_ref().is_some_and(|inner| inner.is::<Error>()) {
             let inner = err.into_inner().expect("checked above");
             return *inner.downcast::<Error>().expect("checked above");
         }
-        Error::io(op, path, err)
+        Error::Io {
+            op,
+            path,
+            source: err,
+        }
     }
 }
 
@@ -189,6 +219,15 @@ mod tests {
             }
             other => panic!("unexpected {other:?}"),
         }
+    }
+
+    #[test]
+    fn io_error_without_path_has_no_empty_field_in_its_message() {
+        let e = Error::io_without_path("spawn reaper thread", io::Error::other("no threads"));
+        assert_eq!(e.to_string(), "spawn reaper thread: no threads");
+        assert!(matches!(e, Error::Io { path: None, .. }));
+        let e = Error::io("open", "/d/f", io::Error::other("denied"));
+        assert_eq!(e.to_string(), "open /d/f: denied");
     }
 
     #[test]

@@ -10,10 +10,10 @@
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! use tokio::io::AsyncReadExt;
-//! use streamcache::{Cache, tokio::get_or_produce};
+//! use streamcache::{Cache, tokio::CacheExt};
 //!
 //! let cache = Cache::builder().build()?;
-//! let mut reader = get_or_produce(&cache, "greeting", |mut w| async move {
+//! let mut reader = cache.get_or_produce_async("greeting", |mut w| async move {
 //!     use tokio::io::AsyncWriteExt;
 //!     w.write_all(b"hello from a task").await
 //! })?;
@@ -174,10 +174,10 @@ impl AsyncSeek for AsyncReader {
 /// Writes copy into storage synchronously (like the blocking writer) and never wait for
 /// readers. `poll_flush` publishes to readers; `poll_shutdown` only flushes — call
 /// [`finish`](AsyncWriter::finish) to commit. Dropping it unfinished aborts the stream (except
-/// the writer handed to a [`get_or_produce`] producer, whose fate the helper decides).
+/// the writer handed to a [`CacheExt::get_or_produce_async`] producer, whose fate the helper decides).
 #[derive(Debug)]
 pub struct AsyncWriter {
-    /// Lock: this mutex, uncontended except against the `get_or_produce` supervisor after the
+    /// Lock: this mutex, uncontended except against the `get_or_produce_async` supervisor after the
     /// producer is done. `None` once finished or aborted.
     slot: Arc<Mutex<Option<Writer>>>,
     /// Whether dropping this handle aborts an unfinished stream.
@@ -276,54 +276,75 @@ impl AsyncWrite for AsyncWriter {
     }
 }
 
-/// Async memoization: a reader of `key`; on a miss, spawns `producer` on the current tokio
-/// runtime to write the entry, and returns a reader at once (even the first caller streams).
+/// Async methods of [`Cache`]: bring them into scope with `use streamcache::tokio::CacheExt`.
 ///
-/// When the producer's future resolves to `Ok(())` the entry is finished (unless the producer
-/// finished it itself). If it resolves to an error, panics, or its task is cancelled (runtime
-/// shutdown), the entry is aborted: every reader gets [`Error::Aborted`](crate::Error::Aborted)
-/// carrying that cause, and the next request retries. The producer's future must be `Send`:
-/// it runs as its own task.
-///
-/// # Errors
-/// As [`Cache::get_or_create`].
-///
-/// # Panics
-/// Outside a tokio runtime, on a miss (as `tokio::spawn`).
-pub fn get_or_produce<F, Fut>(cache: &Cache, key: &str, producer: F) -> Result<AsyncReader>
-where
-    F: FnOnce(AsyncWriter) -> Fut,
-    Fut: Future<Output = io::Result<()>> + Send + 'static,
-{
-    let writer = match cache.get_or_create(key)? {
-        Entry::Hit(r) => return Ok(r.into()),
-        Entry::Miss(w) => w,
-    };
-    let reader = writer.reader()?;
-    let owner = AsyncWriter::from(writer);
-    let lent = AsyncWriter {
-        slot: owner.slot.clone(),
-        owned: false,
-    };
-    let task = ::tokio::spawn(producer(lent));
-    ::tokio::spawn(async move {
-        // If this supervisor is dropped (runtime shutdown), `owner` drops and aborts.
-        let outcome = task.await;
-        let Some(w) = owner.take() else { return };
-        match outcome {
-            Ok(Ok(())) => {
-                if let Err(e) = w.finish() {
-                    tracing::warn!(error = %e, "memoized entry could not be finished");
+/// Each is the async sibling of the [`Cache`] method with the same name minus `_async`, and
+/// behaves the same except where its documentation says otherwise. Only the operations whose
+/// inputs differ in async code have one: reading ([`AsyncReader`]) and every other call are
+/// the same in both worlds, since no `Cache` method waits for a writer or for eviction.
+pub trait CacheExt: sealed::Sealed {
+    /// Async memoization, as [`Cache::get_or_produce`]: a reader of `key`; on a miss, spawns
+    /// `producer` on the current tokio runtime to write the entry, and returns a reader at
+    /// once (even the first caller streams).
+    ///
+    /// When the producer's future resolves to `Ok(())` the entry is finished (unless the
+    /// producer finished it itself). If it resolves to an error, panics, or its task is
+    /// cancelled (runtime shutdown), the entry is aborted: every reader gets
+    /// [`Error::Aborted`](crate::Error::Aborted) carrying that cause, and the next request
+    /// retries. The producer's future must be `Send`: it runs as its own task.
+    ///
+    /// # Errors
+    /// As [`Cache::get_or_create`].
+    ///
+    /// # Panics
+    /// Outside a tokio runtime, on a miss (as `tokio::spawn`).
+    fn get_or_produce_async<F, Fut>(&self, key: &str, producer: F) -> Result<AsyncReader>
+    where
+        F: FnOnce(AsyncWriter) -> Fut,
+        Fut: Future<Output = io::Result<()>> + Send + 'static;
+}
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for crate::Cache {}
+}
+
+impl CacheExt for Cache {
+    fn get_or_produce_async<F, Fut>(&self, key: &str, producer: F) -> Result<AsyncReader>
+    where
+        F: FnOnce(AsyncWriter) -> Fut,
+        Fut: Future<Output = io::Result<()>> + Send + 'static,
+    {
+        let writer = match self.get_or_create(key)? {
+            Entry::Hit(r) => return Ok(r.into()),
+            Entry::Miss(w) => w,
+        };
+        let reader = writer.reader()?;
+        let owner = AsyncWriter::from(writer);
+        let lent = AsyncWriter {
+            slot: owner.slot.clone(),
+            owned: false,
+        };
+        let task = ::tokio::spawn(producer(lent));
+        ::tokio::spawn(async move {
+            // If this supervisor is dropped (runtime shutdown), `owner` drops and aborts.
+            let outcome = task.await;
+            let Some(w) = owner.take() else { return };
+            match outcome {
+                Ok(Ok(())) => {
+                    if let Err(e) = w.finish() {
+                        tracing::warn!(error = %e, "memoized entry could not be finished");
+                    }
                 }
+                Ok(Err(e)) => w.abort_with(e),
+                Err(e) if e.is_panic() => {
+                    w.abort_with(Box::new(Closing("producer panicked")) as Box<_>)
+                }
+                Err(_) => w.abort_with(Box::new(Closing("producer task cancelled")) as Box<_>),
             }
-            Ok(Err(e)) => w.abort_with(e),
-            Err(e) if e.is_panic() => {
-                w.abort_with(Box::new(Closing("producer panicked")) as Box<_>)
-            }
-            Err(_) => w.abort_with(Box::new(Closing("producer task cancelled")) as Box<_>),
-        }
-    });
-    Ok(reader.into())
+        });
+        Ok(reader.into())
+    }
 }
 
 #[cfg(test)]
@@ -352,7 +373,7 @@ mod tests {
             .build()
             .unwrap();
         let _guard = rt.enter();
-        let produced = get_or_produce(&cache, "other", |_w| async { Ok(()) });
+        let produced = cache.get_or_produce_async("other", |_w| async { Ok(()) });
         assert_send(&produced);
     }
 

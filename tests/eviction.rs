@@ -740,7 +740,7 @@ fn totals_never_dip_below_zero_when_removals_race_writes() {
 #[test]
 fn storm_of_operations() {
     const KEYS: usize = 12;
-    const MAX: u64 = 4;
+    const MAX: usize = 4;
     let content = |k: usize| pattern(1000 + k * 3000, k as u64);
     let cache = Arc::new(
         Cache::builder()
@@ -818,7 +818,7 @@ fn storm_of_operations() {
     assert!(stop.load(Ordering::Relaxed));
     assert!(reads.load(Ordering::Relaxed) > 0);
     cache.run_pending_tasks();
-    assert!(cache.len() as u64 <= MAX, "len {}", cache.len());
+    assert!(cache.len() <= MAX, "len {}", cache.len());
     let stored: BTreeMap<String, u64> = cache
         .storage()
         .list()
@@ -1021,7 +1021,7 @@ fn policy_keeping_everything_reports_over_limit() {
 fn lru_order_survives_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     let clock = Arc::new(ManualClock::new());
-    let open = |max: Option<u64>| {
+    let open = |max: Option<usize>| {
         let mut b = Cache::builder()
             .disk(dir.path())
             .clock(clock.clone())

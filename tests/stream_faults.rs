@@ -109,7 +109,7 @@ fn get_or_produce_races_remove_loop() {
 #[cfg(feature = "tokio")]
 mod tokio_adapter {
     use super::*;
-    use streamcache::tokio::{AsyncWriter, get_or_produce};
+    use streamcache::tokio::{AsyncWriter, CacheExt};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     fn runtime() -> tokio::runtime::Runtime {
@@ -141,7 +141,7 @@ mod tokio_adapter {
         });
     }
 
-    /// `tokio::get_or_produce` racing a remove loop: never `Closed`.
+    /// `CacheExt::get_or_produce_async` racing a remove loop: never `Closed`.
     #[test]
     fn async_get_or_produce_races_remove_loop() {
         deadline("tokio get_or_produce vs remove loop", || {
@@ -151,12 +151,9 @@ mod tokio_adapter {
             against_remove_loop(&cache, || {
                 rt.block_on(async {
                     for _ in 0..20_000 {
-                        let got =
-                            get_or_produce(
-                                &cache,
-                                "k",
-                                |mut w| async move { w.write_all(BODY).await },
-                            );
+                        let got = cache.get_or_produce_async("k", |mut w| async move {
+                            w.write_all(BODY).await
+                        });
                         match got {
                             Ok(mut r) => {
                                 let mut got = Vec::new();

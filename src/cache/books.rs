@@ -43,6 +43,10 @@ pub(crate) struct Books {
     pub(crate) stats: Counters,
     /// Whether a time to idle is configured (otherwise releases need no timestamp).
     pub(crate) track_idle: bool,
+    /// Whether some entry may have a time to live of its own (set, never cleared, before
+    /// the first such entry is finished; with an `Expiry`, from the start): hits then need
+    /// the exact time, and the reaper scans for expired entries.
+    pub(crate) own_ttls: AtomicBool,
     /// The cache, for the entries' less frequent callbacks (set once, right after the cache
     /// is built; weak, so entries never keep a dropped cache alive).
     pub(crate) cache: OnceLock<Weak<Inner>>,

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use super::clock::{Clock, SystemClock};
 use super::index::Listener;
-use super::{Cache, Policy, RemovalCause};
+use super::{Cache, Expiry, Policy, RemovalCause};
 use crate::error::{Error, Result};
 use crate::storage::{DiskStorage, MemoryStorage, Storage};
 
@@ -44,6 +44,7 @@ pub struct CacheBuilder {
     pub(super) clock: Arc<dyn Clock>,
     pub(super) listener: Option<Listener>,
     pub(super) policy: Option<Arc<dyn Policy>>,
+    pub(super) expiry: Option<Arc<dyn Expiry>>,
     pub(super) tick: Option<Duration>,
     pub(super) max_idle_open: usize,
 }
@@ -59,6 +60,7 @@ impl fmt::Debug for CacheBuilder {
             .field("time_to_idle", &self.tti)
             .field("listener", &self.listener.is_some())
             .field("policy", &self.policy)
+            .field("expiry", &self.expiry)
             .finish()
     }
 }
@@ -75,6 +77,7 @@ impl Default for CacheBuilder {
             clock: Arc::new(SystemClock),
             listener: None,
             policy: None,
+            expiry: None,
             tick: None,
             max_idle_open: 128,
         }
@@ -115,8 +118,11 @@ impl CacheBuilder {
     /// count passes `n` by more than `max(n / 16, 64)`, each finishing writer also evicts up
     /// to two entries itself (no I/O: their data is still deleted by the reaper) — unless a
     /// [`Policy`](crate::cache::Policy) is set, whose calls stay on the reaper.
-    pub fn max_entries(mut self, n: u64) -> Self {
-        self.max_entries = Some(n);
+    ///
+    /// A count of entries, so a `usize` like [`Cache::len`](crate::Cache::len); byte limits
+    /// are `u64`.
+    pub fn max_entries(mut self, n: usize) -> Self {
+        self.max_entries = Some(u64::try_from(n).unwrap_or(u64::MAX));
         self
     }
 
@@ -127,7 +133,8 @@ impl CacheBuilder {
         self
     }
 
-    /// Entries expire this long after they were finished.
+    /// Entries expire this long after they were finished (or earlier, if they have a time to
+    /// live of their own: see [`expiry`](CacheBuilder::expiry)).
     pub fn time_to_live(mut self, d: Duration) -> Self {
         self.ttl = Some(d);
         self
@@ -164,6 +171,14 @@ impl CacheBuilder {
     /// A policy that can veto evictions (see [`Policy`]).
     pub fn policy(mut self, policy: impl Policy + 'static) -> Self {
         self.policy = Some(Arc::new(policy));
+        self
+    }
+
+    /// Computes each entry's own time to live when it is finished (see [`Expiry`]); a
+    /// writer's [`set_time_to_live`](crate::Writer::set_time_to_live) takes precedence. An
+    /// entry expires at the earlier of its own time to live and the cache-wide one.
+    pub fn expiry(mut self, expiry: impl Expiry + 'static) -> Self {
+        self.expiry = Some(Arc::new(expiry));
         self
     }
 

@@ -65,8 +65,8 @@ impl Inner {
         if finished == 0 {
             return None; // being written: never expires
         }
-        if let Some(ttl) = self.limits.ttl_ms
-            && now >= finished.saturating_add(ttl)
+        if let Some(at) = self.expires_at(slot)
+            && now >= at
         {
             return Some(RemovalCause::Expired);
         }
@@ -81,7 +81,10 @@ impl Inner {
     /// Time-based eviction: every finished entry past its time to live or idle (the policy is
     /// not consulted: such entries are never served again anyway).
     pub(crate) fn evict_expired(&self) -> usize {
-        if self.limits.ttl_ms.is_none() && self.limits.tti_ms.is_none() {
+        if self.limits.ttl_ms.is_none()
+            && self.limits.tti_ms.is_none()
+            && !self.books.own_ttls.load(Ordering::Relaxed)
+        {
             return 0;
         }
         let now = self.books.clock.now_millis();
@@ -223,14 +226,20 @@ impl Inner {
         }
     }
 
+    /// What the policy sees of `slot` (with `len`, the bytes it holds): as much as can be
+    /// read now (an unreadable record gives no creation time and metadata).
     fn info(&self, slot: &Slot, len: u64) -> EntryInfo {
-        let meta = self.current_meta(slot);
+        let meta = self.read_meta(slot);
+        let (created, metadata) = meta.map_or((0, bytes::Bytes::new()), |m| (m.created, m.user));
+        let finished = slot.finished.load(Ordering::Relaxed);
         EntryInfo {
-            key: meta.key,
+            key: slot.key.to_string(),
             len,
-            created: meta.created,
-            last_access: meta.last_access,
-            metadata: meta.user,
+            created,
+            finished: (finished != 0).then_some(finished),
+            last_access: slot.last_access.load(Ordering::Relaxed),
+            expires: self.expires_at(slot),
+            metadata,
         }
     }
 }

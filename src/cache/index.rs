@@ -34,8 +34,9 @@ use super::reaper::{Deletions, Job, Note, Threads};
 pub(crate) use super::recency::HIT_RING;
 use super::recency::Recency;
 // (Re-exported: the cache's tests measure it.)
+use super::slot::GONE;
 pub(crate) use super::slot::Slot;
-use super::{Policy, RemovalCause};
+use super::{EntryInfo, Expiry, Policy, RemovalCause};
 use crate::error::{Error, Result};
 use crate::storage::Storage;
 use crate::stream::{Observer, Reader, Stream};
@@ -131,6 +132,8 @@ pub(crate) struct Inner {
     /// a slow listener never blocks it. Grows only while the listener is behind.
     pub(crate) note_overflow: Mutex<std::collections::VecDeque<Note>>,
     pub(crate) policy: Option<Arc<dyn Policy>>,
+    /// Computes finished entries' own time to live (see `Slot::commit_meta`).
+    pub(crate) expiry: Option<Arc<dyn Expiry>>,
     /// Lock: this mutex (a leaf lock). Finished entries (key, id) that were released with
     /// their stream open, oldest first; beyond `max_idle_open`, the oldest close their stream
     /// if unused.
@@ -152,26 +155,96 @@ impl fmt::Debug for Inner {
 impl Inner {
     /// The exact time if an expiry limit needs it to judge a hit, else `None`.
     pub(crate) fn exact_now(&self) -> Option<u64> {
-        (self.limits.ttl_ms.is_some() || self.limits.tti_ms.is_some()).then(|| self.books.now())
+        (self.limits.ttl_ms.is_some()
+            || self.limits.tti_ms.is_some()
+            || self.books.own_ttls.load(Ordering::Relaxed))
+        .then(|| self.books.now())
     }
 
-    /// The entry's record as stored (user metadata included), from its open stream or from
-    /// storage.
-    pub(crate) fn current_meta(&self, slot: &Slot) -> EntryMeta {
-        let stored = self
-            .storage
-            .info(&slot.name())
-            .ok()
-            .and_then(|info| EntryMeta::decode(&info.meta).ok());
+    /// What the entry's record says now: times and time to live from the slot, creation time
+    /// and user metadata from the entry being written, or from the stored record (the open
+    /// stream's metadata, if any, is the same and costs no I/O).
+    ///
+    /// # Errors
+    /// Those of reading the stored record; `InvalidData` if it does not decode.
+    pub(crate) fn read_meta(&self, slot: &Slot) -> std::io::Result<EntryMeta> {
+        let finished = slot.finished.load(Ordering::Relaxed);
         let open_user = self.open_stream(slot).map(|s| s.metadata());
-        let (created, stored_user) = stored.map_or((0, Bytes::new()), |m| (m.created, m.user));
-        EntryMeta {
+        let (created, user) = if finished == 0 {
+            // Being written: `idle_since` holds the creation time.
+            (
+                slot.idle_since.load(Ordering::Relaxed),
+                open_user.unwrap_or_default(),
+            )
+        } else {
+            let info = self.storage.info(&slot.name())?;
+            let stored = EntryMeta::decode(&info.meta)
+                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+            (stored.created, open_user.unwrap_or(stored.user))
+        };
+        Ok(EntryMeta {
             key: slot.key.to_string(),
             created,
-            finished: slot.finished.load(Ordering::Relaxed),
+            finished,
             last_access: slot.last_access.load(Ordering::Relaxed),
-            user: open_user.unwrap_or(stored_user),
+            ttl_ms: slot.ttl_ms().unwrap_or(0),
+            user,
+        })
+    }
+
+    /// When `slot` stops being served for its age, if a time to live applies.
+    pub(crate) fn expires_at(&self, slot: &Slot) -> Option<u64> {
+        let finished = slot.finished.load(Ordering::Relaxed);
+        if finished == 0 {
+            return None;
         }
+        let ttl = match (self.limits.ttl_ms, slot.ttl_ms()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        ttl.map(|ttl| finished.saturating_add(ttl))
+    }
+
+    /// `Cache::entry_info` of `slot` at `now`: `None` unless it is servable.
+    pub(crate) fn entry_info(&self, slot: &Slot, now: u64) -> Option<EntryInfo> {
+        if self.expiry(slot, now).is_some() || self.failed(slot) {
+            return None;
+        }
+        let meta = match self.read_meta(slot) {
+            Ok(meta) => meta,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::NotFound | std::io::ErrorKind::InvalidData
+                ) =>
+            {
+                return None;
+            }
+            Err(e) => {
+                tracing::warn!(key = %slot.key, error = %e, "entry record unreadable now; reporting its info without creation time and metadata");
+                EntryMeta {
+                    key: slot.key.to_string(),
+                    created: 0,
+                    finished: slot.finished.load(Ordering::Relaxed),
+                    last_access: slot.last_access.load(Ordering::Relaxed),
+                    ttl_ms: 0,
+                    user: Bytes::new(),
+                }
+            }
+        };
+        let len = match slot.accounted.load(Ordering::Relaxed) {
+            GONE => return None,
+            len => len,
+        };
+        Some(EntryInfo {
+            key: meta.key,
+            len,
+            created: meta.created,
+            finished: (meta.finished != 0).then_some(meta.finished),
+            last_access: meta.last_access,
+            expires: self.expires_at(slot),
+            metadata: meta.user,
+        })
     }
 
     /// The slot indexed under `key`, if any.
@@ -180,7 +253,7 @@ impl Inner {
     }
 
     /// `slot`'s index entry (a shard read guard), if `slot` is still the one indexed.
-    fn indexed(&self, slot: &Slot) -> Option<Ref<'_, Indexed, Option<Stream>>> {
+    pub(crate) fn indexed(&self, slot: &Slot) -> Option<Ref<'_, Indexed, Option<Stream>>> {
         self.index
             .get(&*slot.key)
             .filter(|e| std::ptr::eq(&*e.key().0, slot))

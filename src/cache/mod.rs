@@ -67,20 +67,70 @@ pub enum RemovalCause {
     Corrupt,
 }
 
-/// What a [`Policy`] sees of an entry.
-#[derive(Debug, Clone)]
+/// What [`Cache::entry_info`] and [`Cache::iter`] tell of an entry, and what a [`Policy`] and
+/// an [`Expiry`] see of one. Times are milliseconds since the Unix epoch, from the cache's
+/// [clock](CacheBuilder::clock).
+#[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct EntryInfo {
     /// The key.
     pub key: String,
-    /// Its length in bytes.
+    /// Its length in bytes; for an entry still being written, the bytes written so far.
     pub len: u64,
-    /// When it was created (milliseconds since the Unix epoch, from the cache's clock).
+    /// When it was created (its writer started).
     pub created: u64,
-    /// When a reader was last opened on it (same unit).
+    /// When its writer finished it; `None` while it is being written.
+    pub finished: Option<u64>,
+    /// When a reader was last opened on it (its finish time if none was).
     pub last_access: u64,
+    /// When it stops being served for its age: its finish time plus the shorter of the
+    /// cache's [time to live](CacheBuilder::time_to_live) and its own
+    /// ([`Writer::set_time_to_live`], [`CacheBuilder::expiry`]). `None` if neither applies or
+    /// it is being written. (Time to idle comes on top, and depends on future use.)
+    pub expires: Option<u64>,
     /// The user metadata its writer attached.
     pub metadata: Bytes,
+}
+
+impl EntryInfo {
+    /// Whether its writer finished it.
+    pub fn is_finished(&self) -> bool {
+        self.finished.is_some()
+    }
+}
+
+/// Computes an entry's own time to live when its writer finishes it, from what is known of
+/// it then (its key, length and metadata: a proxy's `Cache-Control: max-age`, say). Like
+/// moka's `Expiry`. Set with [`CacheBuilder::expiry`].
+///
+/// **Contract:** called once per entry, on the writer's thread inside
+/// [`Writer::finish`], before the entry is committed, unless the writer set a time to live
+/// itself ([`Writer::set_time_to_live`], which wins). It must not block for long and must
+/// not call back into the cache. The result is stored with the entry (it survives a
+/// restart) and counts from the entry's finish time; the entry then expires at the earlier
+/// of that and the cache-wide [time to live](CacheBuilder::time_to_live). `None` leaves only
+/// the cache-wide limits. If it panics, the panic is logged and the entry gets no time to
+/// live of its own.
+///
+/// ```
+/// use std::time::Duration;
+/// use streamcache::cache::{EntryInfo, Expiry};
+///
+/// /// Metadata `max-age=N` (seconds) sets the entry's time to live.
+/// #[derive(Debug)]
+/// struct MaxAge;
+///
+/// impl Expiry for MaxAge {
+///     fn time_to_live(&self, entry: &EntryInfo) -> Option<Duration> {
+///         let text = std::str::from_utf8(&entry.metadata).ok()?;
+///         let secs = text.strip_prefix("max-age=")?.parse().ok()?;
+///         Some(Duration::from_secs(secs))
+///     }
+/// }
+/// ```
+pub trait Expiry: Send + Sync + fmt::Debug {
+    /// The time to live of `entry`, counted from its finish time; `None` for none of its own.
+    fn time_to_live(&self, entry: &EntryInfo) -> Option<Duration>;
 }
 
 /// A custom eviction policy: vetoes size evictions the reaper would otherwise make.
@@ -189,7 +239,7 @@ impl Cache {
             Some(listener) => {
                 let (notes, rx) = mpsc::sync_channel(reaper::NOTE_QUEUE);
                 let thread = reaper::spawn_notifier(listener.clone(), rx)
-                    .map_err(|e| Error::io("spawn listener thread", "streamcache-listener", e))?;
+                    .map_err(|e| Error::io_without_path("spawn listener thread", e))?;
                 (Some((notes, listener.clone())), Some(thread))
             }
             None => (None, None),
@@ -213,6 +263,7 @@ impl Cache {
                 clock: b.clock,
                 stats: Counters::default(),
                 track_idle: limits.tti_ms.is_some(),
+                own_ttls: AtomicBool::new(b.expiry.is_some()),
                 cache: OnceLock::new(),
                 access: AtomicU64::new(0),
             }),
@@ -224,6 +275,7 @@ impl Cache {
             threads: reaper::Threads::default(),
             note_overflow: Mutex::default(),
             policy: b.policy,
+            expiry: b.expiry,
             idle_open: Mutex::default(),
             max_idle_open: b.max_idle_open,
         });
@@ -242,7 +294,7 @@ impl Cache {
         inner.books.now();
         reload(&inner)?;
         let reaper = reaper::spawn(Arc::downgrade(&inner), inner.deletions.clone(), rx, tick)
-            .map_err(|e| Error::io("spawn reaper thread", "streamcache-reaper", e))?;
+            .map_err(|e| Error::io_without_path("spawn reaper thread", e))?;
         let _ = inner.threads.reaper.set(reaper.thread().id());
         cache.reaper = Some(reaper);
         if cache.inner.over_limits() {
@@ -403,7 +455,7 @@ impl Cache {
                 std::thread::Builder::new()
                     .name("streamcache-producer".into())
                     .spawn(move || run_producer(w, producer))
-                    .map_err(|e| Error::io("spawn producer thread", "", e))?;
+                    .map_err(|e| Error::io_without_path("spawn producer thread", e))?;
                 Ok(reader)
             }
         }
@@ -414,6 +466,75 @@ impl Cache {
         let now = self.inner.books.clock.now_millis();
         let slot = self.inner.slot(key);
         slot.is_some_and(|s| self.inner.expiry(&s, now).is_none() && !self.inner.failed(&s))
+    }
+
+    /// What is known of `key`'s entry, if it is present and servable (finished or being
+    /// written; not expired, not failed), without reading it: opens no reader, counts no hit
+    /// or miss, refreshes no recency, reads no content.
+    ///
+    /// Its creation time and metadata come from the entry's open stream or, for a finished
+    /// entry nobody is reading, from its stored record (for disk storage: one small file read,
+    /// no data file opened). If that record cannot be read right now (EMFILE, EIO…), those two
+    /// fields are empty (`0` and no bytes) and the failure is logged; an entry whose record is
+    /// gone is reported absent.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use streamcache::{Cache, Entry};
+    ///
+    /// let cache = Cache::builder().build()?;
+    /// let Entry::Miss(mut w) = cache.get_or_create("page")? else { unreachable!() };
+    /// w.set_metadata("text/html");
+    /// w.set_time_to_live(Duration::from_secs(60));
+    /// w.write_all(b"<p>hi</p>")?;
+    /// let info = cache.entry_info("page").unwrap();
+    /// assert!(!info.is_finished());
+    /// w.finish()?;
+    /// let info = cache.entry_info("page").unwrap();
+    /// assert_eq!((info.len, &info.metadata[..]), (9, &b"text/html"[..]));
+    /// assert_eq!(info.expires, Some(info.finished.unwrap() + 60_000));
+    /// assert_eq!(cache.stats().hits, 0);
+    /// assert!(cache.entry_info("other").is_none());
+    /// # use std::io::Write;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn entry_info(&self, key: &str) -> Option<EntryInfo> {
+        let slot = self.inner.slot(key)?;
+        self.inner
+            .entry_info(&slot, self.inner.books.clock.now_millis())
+    }
+
+    /// An iterator over the entries present (finished or being written, not expired), in no
+    /// particular order, as [`entry_info`](Cache::entry_info) describes each: it opens no
+    /// reader and changes no recency.
+    ///
+    /// Weakly consistent, like moka's: it holds no lock between items, so the cache stays
+    /// fully usable (also from the loop's body), and it sees every entry that is present for
+    /// the whole iteration exactly once, may or may not see entries inserted or removed
+    /// meanwhile, and never yields one removed or expired before `next` reached it. It
+    /// copies one pointer per entry up front (8 bytes each: 8 MB for a million entries),
+    /// never the keys; each item's record is read when `next` reaches it.
+    ///
+    /// ```
+    /// use streamcache::Cache;
+    ///
+    /// let cache = Cache::builder().build()?;
+    /// for key in ["a", "b", "c"] {
+    ///     cache.get_or_produce(key, |w| w.write_all(key.as_bytes()))?;
+    /// }
+    /// # cache.run_pending_tasks();
+    /// # while cache.iter().any(|e| !e.is_finished()) { std::thread::yield_now() }
+    /// let mut keys: Vec<String> = cache.iter().map(|e| e.key).collect();
+    /// keys.sort();
+    /// assert_eq!(keys, ["a", "b", "c"]);
+    /// # use std::io::Write;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn iter(&self) -> Iter<'_> {
+        Iter {
+            cache: self,
+            slots: self.slots().into_iter(),
+        }
     }
 
     /// Removes `key` and returns whether it was present. Returns at once: new requests miss
@@ -513,11 +634,52 @@ impl Cache {
         }
     }
 
-    /// The storage this cache uses.
+    /// Test tool (feature `test-util`): the storage under this cache, to see what is stored.
+    /// Changing it behind the cache's back (removing a blob, say) breaks the cache's books.
+    #[cfg(feature = "test-util")]
     pub fn storage(&self) -> &Arc<dyn Storage> {
         &self.inner.storage
     }
 }
+
+/// The iterator of [`Cache::iter`].
+pub struct Iter<'a> {
+    cache: &'a Cache,
+    /// The slots indexed when the iteration began.
+    slots: std::vec::IntoIter<Arc<Slot>>,
+}
+
+impl fmt::Debug for Iter<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Iter")
+            .field("remaining", &self.slots.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Iterator for Iter<'_> {
+    type Item = EntryInfo;
+
+    fn next(&mut self) -> Option<EntryInfo> {
+        let inner = &self.cache.inner;
+        for slot in self.slots.by_ref() {
+            // Skips slots removed, replaced or expired since the snapshot.
+            if inner.indexed(&slot).is_none() {
+                continue;
+            }
+            if let Some(info) = inner.entry_info(&slot, inner.books.clock.now_millis()) {
+                return Some(info);
+            }
+        }
+        None
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        (0, Some(self.slots.len()))
+    }
+}
+
+impl std::iter::FusedIterator for Iter<'_> {}
 
 /// A duration in whole milliseconds for the limits, at least 1; one too long for a `u64`
 /// of milliseconds (half a billion years) means "never" (`u64::MAX`, which every comparison
@@ -549,7 +711,7 @@ fn reload(inner: &Arc<Inner>) -> Result<()> {
     let blobs = inner
         .storage
         .list()
-        .map_err(|e| Error::from_io("list", "", e))?;
+        .map_err(|e| Error::from_io_without_path("list stored entries", e))?;
     let now = inner.books.clock.now_millis();
     let mut newest: HashMap<String, (u64, EntryMeta, u64)> = HashMap::new();
     let mut max_id = 0;
@@ -573,10 +735,13 @@ fn reload(inner: &Arc<Inner>) -> Result<()> {
             continue;
         }
         max_id = max_id.max(id + 1);
-        let expired = inner
-            .limits
-            .ttl_ms
-            .is_some_and(|ttl| now >= meta.finished.saturating_add(ttl));
+        let ttl = match (inner.limits.ttl_ms, meta.ttl_ms) {
+            (Some(ttl), 0) => Some(ttl),
+            (Some(ttl), own) => Some(ttl.min(own)),
+            (None, 0) => None,
+            (None, own) => Some(own),
+        };
+        let expired = ttl.is_some_and(|ttl| now >= meta.finished.saturating_add(ttl));
         if expired {
             reaper::delete_at_open(&*inner.storage, &blob.name);
             continue;
@@ -608,6 +773,7 @@ fn reload(inner: &Arc<Inner>) -> Result<()> {
             meta.last_access,
             len,
         ));
+        slot.set_ttl_ms(meta.ttl_ms);
         slot.set_live();
         // Stamps of this session must order after those persisted by the last one.
         inner
@@ -639,8 +805,10 @@ impl Drop for Cache {
         // order survives a restart (best effort).
         for slot in self.slots() {
             if slot.is_committed() && slot.is_touched() {
-                let meta = self.inner.current_meta(&slot);
-                let _ = self.inner.storage.set_meta(&slot.name(), &meta.encode());
+                // Never rewrites a record it could not read (its metadata would be lost).
+                if let Ok(meta) = self.inner.read_meta(&slot) {
+                    let _ = self.inner.storage.set_meta(&slot.name(), &meta.encode());
+                }
             }
         }
         // Readers and writers may outlive the cache, but the directory is free for a new one.

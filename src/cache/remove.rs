@@ -124,7 +124,7 @@ impl Inner {
             // The open stream knows the blob's name: no need to derive it again.
             let name = stream
                 .as_ref()
-                .map_or_else(|| slot.name(), |s| s.name().to_owned());
+                .map_or_else(|| slot.name(), |s| s.blob_name().to_owned());
             let inline = matches!(deletion, Deletion::Inline | Deletion::InlineUnfiled);
             self.delete_blob(name, counted, inline);
         }

@@ -7,16 +7,17 @@
 //! share of `Inner::bytes` until it becomes `GONE`, after which it never changes.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering};
+use std::time::Duration;
 
 use bytes::Bytes;
 
-use super::RemovalCause;
 use super::books::Books;
 use super::evict::help_threshold;
 use super::handles::io_out_of_handles;
 use super::index::Inner;
 use super::meta::EntryMeta;
+use super::{EntryInfo, RemovalCause};
 use crate::error::{Error, Result};
 use crate::stream::Observer;
 
@@ -57,6 +58,35 @@ pub(crate) struct Slot {
     /// that exactly one of `finalize` (clearing `LIVE`) and `finished` (setting `COMMITTED`)
     /// sees the other's bit and deletes a blob committed after its entry was removed.
     pub(crate) flags: AtomicU8,
+    /// The entry's own time to live, counted from `finished`, in the compact form of
+    /// `encode_ttl` (0 = none). Set by the writer or the `Expiry` before the commit (and at
+    /// reload); read lock-free by expiry checks. Fits in the padding after `flags`.
+    ttl: AtomicU32,
+}
+
+/// `encode_ttl` values with this bit hold whole seconds, the others milliseconds.
+const TTL_SECONDS: u32 = 1 << 31;
+
+/// A time to live (milliseconds, at least 1) in 32 bits: exact up to 24.8 days, whole seconds
+/// (rounded down, so never served longer than asked) up to 68 years, then 68 years.
+fn encode_ttl(ms: u64) -> u32 {
+    match u32::try_from(ms) {
+        Ok(ms) if ms < TTL_SECONDS => ms.max(1),
+        _ => {
+            TTL_SECONDS
+                | u32::try_from(ms / 1000)
+                    .unwrap_or(u32::MAX)
+                    .min(!TTL_SECONDS)
+        }
+    }
+}
+
+fn decode_ttl(v: u32) -> Option<u64> {
+    match v {
+        0 => None,
+        v if v & TTL_SECONDS != 0 => Some(u64::from(v & !TTL_SECONDS) * 1000),
+        v => Some(u64::from(v)),
+    }
 }
 
 impl Slot {
@@ -77,7 +107,26 @@ impl Slot {
             idle_since: AtomicU64::new(since),
             accounted: AtomicU64::new(len),
             flags: AtomicU8::new(if finished != 0 { COMMITTED } else { 0 }),
+            ttl: AtomicU32::new(0),
         }
+    }
+
+    /// The entry's own time to live in milliseconds, if it has one.
+    pub(crate) fn ttl_ms(&self) -> Option<u64> {
+        decode_ttl(self.ttl.load(Ordering::Relaxed))
+    }
+
+    /// Gives the entry its own time to live (milliseconds; 0 = none).
+    pub(crate) fn set_ttl_ms(&self, ms: u64) {
+        if ms == 0 {
+            self.ttl.store(0, Ordering::Relaxed);
+            return;
+        }
+        // Expiry checks read the clock on hits from now on.
+        if !self.books.own_ttls.load(Ordering::Relaxed) {
+            self.books.own_ttls.store(true, Ordering::Relaxed);
+        }
+        self.ttl.store(encode_ttl(ms), Ordering::Relaxed);
     }
 
     fn has(&self, flag: u8) -> bool {
@@ -127,9 +176,51 @@ impl Observer for Slot {
         let now = self.books.now();
         // Still being written: `idle_since` holds the creation time.
         let created = self.idle_since.load(Ordering::Relaxed);
+        if self.ttl_ms().is_none()
+            && let Some(cache) = self.books.cache()
+            && let Some(expiry) = &cache.expiry
+        {
+            let info = EntryInfo {
+                key: self.key.to_string(),
+                len: match self.accounted.load(Ordering::Relaxed) {
+                    GONE => 0,
+                    len => len,
+                },
+                created,
+                finished: Some(now),
+                last_access: now,
+                expires: None,
+                metadata: user.clone(),
+            };
+            let asked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                expiry.time_to_live(&info)
+            }));
+            match asked {
+                Ok(Some(ttl)) => self.set_ttl_ms(super::millis(ttl)),
+                Ok(None) => {}
+                Err(_) => {
+                    tracing::error!(key = %self.key, "expiry policy panicked; the entry gets no time to live of its own")
+                }
+            }
+        }
         self.finished.store(now, Ordering::Relaxed);
         self.last_access.store(now, Ordering::Relaxed);
-        EntryMeta::encode_parts(&self.key, created, now, now, user)
+        let ttl = self.ttl_ms().unwrap_or(0);
+        EntryMeta::encode_parts(&self.key, [created, now, now, ttl], user)
+    }
+
+    fn set_time_to_live(&self, ttl: Duration) {
+        self.set_ttl_ms(super::millis(ttl));
+    }
+
+    fn remove_requested(&self) -> bool {
+        match self.books.cache() {
+            Some(cache) => {
+                cache.unlink_id(&self.key, self.id, RemovalCause::Explicit);
+                true
+            }
+            None => false,
+        }
     }
 
     fn published(&self, len: u64) -> Result<()> {

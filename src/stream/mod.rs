@@ -86,6 +86,16 @@ pub(crate) trait Observer: Send + Sync + fmt::Debug {
     fn storage_failed(&self, error: &std::io::Error) {
         let _ = error;
     }
+    /// The writer set the entry's own time to live.
+    fn set_time_to_live(&self, ttl: std::time::Duration) {
+        let _ = ttl;
+    }
+    /// A [`Stream`] handle asked for the stream's removal. Returns `true` if the owner (a
+    /// cache) takes charge: it forgets the entry and deletes the blob itself, so the removal
+    /// goes through the same path (accounting, listener, retried deletion) as its own.
+    fn remove_requested(&self) -> bool {
+        false
+    }
 }
 
 /// What happens to the stored blob when the last handle goes away.
@@ -361,9 +371,23 @@ impl Stream {
         self.shared.progress.failed()
     }
 
-    /// The name the stream was created with.
-    pub fn name(&self) -> &str {
+    /// The stream's key: a cache entry's key, or the name a standalone stream was created or
+    /// opened with (as [`Reader::key`] and [`Writer::key`]).
+    pub fn key(&self) -> &str {
+        &self.shared.key
+    }
+
+    /// The blob's name in storage.
+    pub(crate) fn blob_name(&self) -> &str {
         &self.shared.name
+    }
+
+    /// Hands the removal to the stream's cache, if it has one that takes it.
+    fn cache_removes(&self) -> bool {
+        self.shared
+            .observer
+            .as_ref()
+            .is_some_and(|obs| obs.remove_requested())
     }
 
     /// A new reader positioned at byte 0.
@@ -415,13 +439,22 @@ impl Stream {
     /// Stops new readers (the writer's too), blocks until every reader and the writer are gone,
     /// then deletes the blob from storage.
     ///
+    /// The stream of a cache entry is removed through its cache, as by
+    /// [`Cache::remove`](crate::Cache::remove): the key is forgotten at once, and the cache
+    /// deletes the blob (in the background, retrying if the storage refuses) once this call
+    /// has seen every handle go.
+    ///
     /// # Errors
     /// [`Error::Io`] if the storage cannot delete it (a blob that was never committed is not an
-    /// error).
+    /// error). Never for a cache entry's stream, whose deletion the cache carries out.
     pub fn remove(&self) -> Result<()> {
+        let by_cache = self.cache_removes();
         self.shared
             .progress
             .close_and_wait_unused(Some(Arc::new(Closing("removed"))));
+        if by_cache {
+            return Ok(());
+        }
         self.shared
             .delete_committed()
             .map_err(|e| Error::from_io("remove", &self.shared.name, e))
@@ -431,7 +464,14 @@ impl Stream {
     /// any kind (reader, writer, `Stream`) is dropped. Existing readers read to the end; a
     /// writer may still finish, and its readers get every byte, including readers it opens
     /// after the removal ([`Writer::reader`] is not refused while the stream is open).
+    ///
+    /// The stream of a cache entry is removed through its cache, as by
+    /// [`Cache::remove`](crate::Cache::remove).
     pub fn remove_when_unused(&self) {
-        self.shared.doom(OnUnused::Delete);
+        if self.cache_removes() {
+            self.shared.doom_keep();
+        } else {
+            self.shared.doom(OnUnused::Delete);
+        }
     }
 }

@@ -85,7 +85,7 @@ impl Reader {
         &self.shared.progress
     }
 
-    /// The stream's name (a cache entry's key).
+    /// The stream's key: a cache entry's key, or a standalone stream's name.
     pub fn key(&self) -> &str {
         &self.shared.key
     }

@@ -83,14 +83,15 @@ impl Writer {
         self.shared.new_writer_reader()
     }
 
-    /// A handle on this stream (for readers after the writer is gone, shutdown, removal).
+    /// A handle on this stream (for readers after the writer is gone, shutdown, removal). For
+    /// a cache entry, its [`remove`](Stream::remove) goes through the cache.
     pub fn stream(&self) -> Stream {
         Stream {
             shared: self.shared.clone(),
         }
     }
 
-    /// The stream's name (a cache entry's key).
+    /// The stream's key: a cache entry's key, or a standalone stream's name.
     pub fn key(&self) -> &str {
         &self.shared.key
     }
@@ -122,6 +123,19 @@ impl Writer {
     /// first write if readers need it before the body.
     pub fn set_metadata(&mut self, meta: impl Into<Bytes>) {
         self.shared.set_metadata(meta.into());
+    }
+
+    /// Sets this cache entry's own time to live, counted from when it is finished (a proxy's
+    /// `Cache-Control: max-age`, say): from then on it is served for at most `ttl`, or the
+    /// cache-wide [time to live](crate::CacheBuilder::time_to_live) if that is shorter, and
+    /// never after. It is stored with the entry, so it holds after a restart; it takes
+    /// precedence over the cache's [`Expiry`](crate::cache::Expiry). The last call before
+    /// [`finish`](Writer::finish) wins. A standalone stream (not made by a cache) has no
+    /// expiry: the call does nothing.
+    pub fn set_time_to_live(&mut self, ttl: std::time::Duration) {
+        if let Some(obs) = &self.shared.observer {
+            obs.set_time_to_live(ttl);
+        }
     }
 
     fn live(&mut self) -> Result<&mut Box<dyn BlobWriter>> {

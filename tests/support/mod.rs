@@ -105,6 +105,7 @@ pub fn data_files(dir: &Path) -> Vec<PathBuf> {
 }
 
 /// Number of committed blobs the cache's storage lists.
+#[cfg(feature = "test-util")]
 pub fn stored_blobs(cache: &Cache) -> usize {
     cache.storage().list().unwrap().len()
 }
