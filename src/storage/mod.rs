@@ -47,6 +47,7 @@ use bytes::Bytes;
 mod disk;
 mod faulty;
 mod memory;
+mod partitioned;
 
 pub use disk::DiskStorage;
 pub use faulty::{FaultOp, FaultyStorage};
