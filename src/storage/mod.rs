@@ -46,6 +46,7 @@ use bytes::Bytes;
 
 mod disk;
 mod faulty;
+mod front;
 mod memory;
 mod partitioned;
 
