@@ -587,6 +587,8 @@ mod tests {
     struct Gate {
         inner: MemoryStorage,
         armed: AtomicBool,
+        /// Also stop `remove` before it removes (from any thread).
+        armed_remove: AtomicBool,
         entered: Mutex<mpsc::Sender<()>>,
         release: Mutex<mpsc::Receiver<()>>,
     }
@@ -605,6 +607,10 @@ mod tests {
             out
         }
         fn remove(&self, name: &str) -> io::Result<()> {
+            if self.armed_remove.swap(false, Ordering::SeqCst) {
+                self.entered.lock().unwrap().send(()).unwrap();
+                self.release.lock().unwrap().recv().unwrap();
+            }
             self.inner.remove(name)
         }
         fn list(&self) -> io::Result<Vec<BlobInfo>> {
@@ -615,16 +621,43 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_promotion_that_read_a_removed_or_replaced_blob_loses() {
+    fn gate() -> (Arc<Gate>, mpsc::Receiver<()>, mpsc::Sender<()>) {
         let (entered_tx, entered) = mpsc::channel();
         let (release, release_rx) = mpsc::channel();
         let gate = Arc::new(Gate {
             inner: MemoryStorage::new(),
             armed: AtomicBool::new(false),
+            armed_remove: AtomicBool::new(false),
             entered: Mutex::new(entered_tx),
             release: Mutex::new(release_rx),
         });
+        (gate, entered, release)
+    }
+
+    /// A blob opened and promoted while `remove` is under way (before the inner storage
+    /// removed it) must not stay in front once `remove` returned.
+    #[test]
+    fn a_promotion_completed_during_a_remove_is_dropped_by_it() {
+        let (gate, entered, release) = gate();
+        let front = Arc::new(FrontStorage::new(gate.clone(), 1 << 20).unwrap());
+        commit(&*front, "b", b"old", b"");
+        gate.armed_remove.store(true, Ordering::SeqCst);
+        let remover = {
+            let front = front.clone();
+            std::thread::spawn(move || front.remove("b").unwrap())
+        };
+        entered.recv().unwrap(); // remove is under way, the blob still there
+        front.open("b").unwrap();
+        wait_for("promotion", || front.in_front("b"));
+        release.send(()).unwrap();
+        remover.join().unwrap();
+        assert!(!front.in_front("b"));
+        assert_eq!(front.open("b").unwrap_err().kind(), io::ErrorKind::NotFound);
+    }
+
+    #[test]
+    fn a_promotion_that_read_a_removed_or_replaced_blob_loses() {
+        let (gate, entered, release) = gate();
         let front = FrontStorage::new(gate.clone(), 1 << 20).unwrap();
         for replace in [false, true] {
             commit(&front, "b", b"old", b"");
