@@ -46,7 +46,9 @@ use bytes::Bytes;
 
 mod disk;
 mod faulty;
+mod front;
 mod memory;
+mod partitioned;
 
 pub use disk::DiskStorage;
 pub use faulty::{FaultOp, FaultyStorage};
