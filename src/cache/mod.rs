@@ -14,7 +14,7 @@ use dashmap::mapref::entry::Entry as MapEntry;
 use lru::LruCache;
 
 use crate::error::{Error, Result};
-use crate::storage::{DiskStorage, Storage};
+use crate::storage::Storage;
 use crate::stream::{Closing, Observer, Reader, Writer};
 
 mod books;
@@ -207,8 +207,8 @@ pub struct Cache {
     reaper: Option<JoinHandle<()>>,
     /// The thread that calls the eviction listener, if there is one.
     notifier: Option<JoinHandle<()>>,
-    /// The disk storage this cache opened itself: its directory lock is released on drop.
-    owned_disk: Option<DiskStorage>,
+    /// Releases the directory locks of the storage this cache opened itself, on drop.
+    unlock: Option<builder::Unlock>,
 }
 
 impl fmt::Debug for Cache {
@@ -225,7 +225,7 @@ impl Cache {
 
     fn start(
         storage: Arc<dyn Storage>,
-        owned_disk: Option<DiskStorage>,
+        unlock: Option<builder::Unlock>,
         b: CacheBuilder,
     ) -> Result<Cache> {
         let (tx, rx) = mpsc::sync_channel(reaper::JOB_QUEUE);
@@ -288,7 +288,7 @@ impl Cache {
             inner,
             reaper: None,
             notifier,
-            owned_disk,
+            unlock,
         };
         let inner = cache.inner.clone();
         inner.books.now();
@@ -812,8 +812,8 @@ impl Drop for Cache {
             }
         }
         // Readers and writers may outlive the cache, but the directory is free for a new one.
-        if let Some(disk) = &self.owned_disk {
-            disk.unlock();
+        if let Some(unlock) = self.unlock.take() {
+            unlock();
         }
     }
 }

@@ -1,13 +1,4 @@
 //! A bounded memory tier in front of another storage; documented on [`FrontStorage`].
-// Until the builder's memory-front option uses it, only the tests do (`expect`: remove this
-// when wired).
-#![cfg_attr(
-    not(test),
-    expect(
-        dead_code,
-        reason = "to be wired into the builder's memory front option"
-    )
-)]
 
 use std::collections::HashMap;
 use std::fmt;

@@ -1,10 +1,5 @@
 //! Blobs spread over several directories by rendezvous hashing; documented on
 //! [`PartitionedStorage`].
-// Until `CacheBuilder::disks` uses it, only the tests do (`expect`: remove this when wired).
-#![cfg_attr(
-    not(test),
-    expect(dead_code, reason = "to be wired into CacheBuilder::disks")
-)]
 
 use std::collections::HashMap;
 use std::fmt;
