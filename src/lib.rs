@@ -64,6 +64,7 @@
 //!   they need and outlive the call (and the cache) that made them.
 
 pub mod cache;
+mod codec;
 pub mod error;
 pub mod storage;
 pub mod stream;

@@ -11,9 +11,11 @@ use std::sync::{Arc, Mutex, OnceLock, mpsc};
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use bytes::BufMut;
 use tempfile::TempPath;
 
 use super::{BlobInfo, BlobReader, BlobWriter, Storage, not_found, validate_name};
+use crate::codec::Cursor;
 use crate::error::{Error, Result};
 
 /// Size of an integrity block.
@@ -399,89 +401,68 @@ struct Record {
 impl Record {
     fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(8 * 5 + 32 * (self.hashes.len() + 2) + self.meta.len());
-        out.extend_from_slice(MAGIC);
-        out.extend_from_slice(&self.len.to_le_bytes());
-        out.extend_from_slice(&BLOCK.to_le_bytes());
-        out.extend_from_slice(&(self.hashes.len() as u64).to_le_bytes());
+        out.put_slice(MAGIC);
+        out.put_u64_le(self.len);
+        out.put_u64_le(BLOCK);
+        out.put_u64_le(self.hashes.len() as u64);
         let mut digest = blake3::Hasher::new();
         for h in &self.hashes {
-            out.extend_from_slice(h);
+            out.put_slice(h);
             digest.update(h);
         }
-        out.extend_from_slice(digest.finalize().as_bytes());
-        out.extend_from_slice(&(self.meta.len() as u64).to_le_bytes());
-        out.extend_from_slice(&self.meta);
+        out.put_slice(digest.finalize().as_bytes());
+        out.put_u64_le(self.meta.len() as u64);
+        out.put_slice(&self.meta);
         let check = blake3::hash(&out);
-        out.extend_from_slice(check.as_bytes());
+        out.put_slice(check.as_bytes());
         out
     }
 
-    fn decode(bytes: &[u8]) -> std::result::Result<Record, String> {
+    fn decode(bytes: &[u8]) -> std::result::Result<Record, &'static str> {
         if bytes.len() < 32 {
-            return Err("record too short".into());
+            return Err("record too short");
         }
         if bytes.len() as u64 > MAX_RECORD_LEN {
-            return Err("record longer than the format allows".into());
+            return Err("record longer than the format allows");
         }
         let (body, check) = bytes.split_at(bytes.len() - 32);
         if blake3::hash(body).as_bytes() != check {
-            return Err("record checksum mismatch".into());
+            return Err("record checksum mismatch");
         }
-        let mut cur = Cursor(body);
+        let mut cur = Cursor::new(body, "record truncated");
         if cur.take(8)? != MAGIC {
-            return Err("bad magic".into());
+            return Err("bad magic");
         }
-        let len = cur.u64()?;
+        let len = cur.u64_le()?;
         if len > DiskStorage::MAX_BLOB_LEN {
-            return Err("blob longer than the format allows".into());
+            return Err("blob longer than the format allows");
         }
-        if cur.u64()? != BLOCK {
-            return Err("unsupported block size".into());
+        if cur.u64_le()? != BLOCK {
+            return Err("unsupported block size");
         }
-        let n = cur.u64()?;
+        let n = cur.u64_le()?;
         if n != len.div_ceil(BLOCK) {
-            return Err("block count does not match length".into());
+            return Err("block count does not match length");
         }
         let mut hashes = Vec::with_capacity(n.min(1 << 20) as usize);
         let mut digest = blake3::Hasher::new();
         for _ in 0..n {
-            let h: [u8; 32] = cur.take(32)?.try_into().expect("32 bytes");
+            let h: [u8; 32] = cur.array()?;
             digest.update(&h);
             hashes.push(h);
         }
         if cur.take(32)? != digest.finalize().as_bytes() {
-            return Err("content digest mismatch".into());
+            return Err("content digest mismatch");
         }
-        let m = cur.u64()?;
+        let m = cur.u64_le()?;
         if m > DiskStorage::MAX_META_LEN as u64 {
-            return Err("metadata longer than the format allows".into());
+            return Err("metadata longer than the format allows");
         }
         let meta = cur
             .take(usize::try_from(m).map_err(|_| "metadata too long")?)?
             .to_vec();
-        if !cur.0.is_empty() {
-            return Err("trailing bytes".into());
-        }
+        cur.finish("trailing bytes")?;
         Ok(Record { len, hashes, meta })
-    }
-}
-
-struct Cursor<'a>(&'a [u8]);
-
-impl<'a> Cursor<'a> {
-    fn take(&mut self, n: usize) -> std::result::Result<&'a [u8], String> {
-        if self.0.len() < n {
-            return Err("record truncated".into());
-        }
-        let (head, tail) = self.0.split_at(n);
-        self.0 = tail;
-        Ok(head)
-    }
-
-    fn u64(&mut self) -> std::result::Result<u64, String> {
-        Ok(u64::from_le_bytes(
-            self.take(8)?.try_into().expect("8 bytes"),
-        ))
     }
 }
 
