@@ -247,8 +247,7 @@ pub const MAX_NAME_LEN: usize = 128;
 
 /// Checks that `name` is a valid blob name: 1 to [`MAX_NAME_LEN`] lower-case ASCII letters,
 /// digits, `-` or `_`. Such names are safe as file names on every platform, also where file
-/// names ignore case (upper-case letters were accepted once, and `Ab` and `ab` then shared
-/// one file on such systems).
+/// names ignore case (there `Ab` and `ab` would share one file, hence no upper case).
 ///
 /// # Errors
 /// [`io::ErrorKind::InvalidInput`] naming the problem.
