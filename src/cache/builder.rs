@@ -7,7 +7,7 @@ use super::clock::{Clock, SystemClock};
 use super::index::Listener;
 use super::{Cache, Policy, RemovalCause};
 use crate::error::{Error, Result};
-use crate::storage::{DiskStorage, MemoryStorage, Storage};
+use crate::storage::{DiskStorage, Durability, MemoryStorage, Storage};
 
 #[derive(Debug, Clone)]
 enum Backend {
@@ -209,7 +209,12 @@ impl CacheBuilder {
                 Arc::new(MemoryStorage::with_pool_limit(pool))
             }
             Backend::Disk(dir) => {
-                let disk = DiskStorage::open_with(dir, self.sync)?;
+                let durability = if self.sync {
+                    Durability::SyncOnCommit
+                } else {
+                    Durability::Buffered
+                };
+                let disk = DiskStorage::open_with(dir, durability)?;
                 owned_disk = Some(disk.clone());
                 Arc::new(disk)
             }

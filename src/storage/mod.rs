@@ -48,7 +48,7 @@ mod disk;
 mod faulty;
 mod memory;
 
-pub use disk::DiskStorage;
+pub use disk::{DiskStorage, Durability};
 pub use faulty::{FaultOp, FaultyStorage};
 pub use memory::MemoryStorage;
 

@@ -42,14 +42,36 @@ const META_EXT: &str = "meta";
 /// How much older than the storage's opening a leftover must be for `list` to delete it.
 const LEFTOVER_MARGIN: Duration = Duration::from_secs(2);
 
+/// How [`DiskStorage`] makes commits durable: what a committed blob survives.
+///
+/// Either way a commit is atomic and checked: after a crash of the process or of the machine,
+/// a blob is absent or whole, never half of one (the record's checksum and the data length
+/// are checked when the directory is opened, each block's hash when it is read).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[non_exhaustive]
+pub enum Durability {
+    /// Commits leave the data to the operating system's page cache: a committed blob survives
+    /// a crash of the process, but a power loss or a crash of the operating system may lose
+    /// the blobs committed in the seconds before it. The default, and the fastest.
+    #[default]
+    Buffered,
+    /// Every commit fsyncs the data file, then the record, then the directory entries it
+    /// created (the blob's shard directory, and `v1/` when the shard is new) before it
+    /// returns: a blob whose commit returned `Ok` survives a power loss. Opening fsyncs the
+    /// storage directory too. Removals are not fsynced, so a power loss may bring a removed
+    /// blob back; a [`set_meta`](Storage::set_meta) fsyncs the new record, but not the
+    /// directory, so after a power loss the blob has its old or its new metadata.
+    SyncOnCommit,
+}
+
 /// Blobs stored as files in a directory, committed by atomic rename, checked block by block
 /// with blake3.
 ///
 /// All readers of a blob share one file handle and use positional reads, so opening another
 /// reader costs no system call. The directory is locked against other processes until every
-/// clone of this handle is dropped or [`unlock`](DiskStorage::unlock) is called: with an
-/// exclusive OS lock (`flock`) on the directory itself, so the lock cannot be lost by
-/// deleting a file in it.
+/// clone of this handle is dropped (a [`Cache`](crate::Cache) that opened the storage
+/// releases the lock when it is dropped): with an exclusive OS lock (`flock`) on the
+/// directory itself, so the lock cannot be lost by deleting a file in it.
 ///
 /// A writer hashes the first 1 MiB block itself; from the second block on, a helper thread
 /// hashes copies of the blocks while the writer goes on writing (a blob of one block never
@@ -108,9 +130,10 @@ const LEFTOVER_MARGIN: Duration = Duration::from_secs(2);
 /// through those states. Files that cannot be read at the moment (EMFILE, EACCES, EIO...)
 /// are left out, never deleted; `open` and `info` report such errors as they are, and
 /// `NotFound` or `InvalidData` only for a missing blob or one proven damaged.
-/// Without the sync option a power loss can lose recent commits (never expose half of one:
-/// the record's checksum and the data length are checked, and each block's hash on read);
-/// with it, a committed blob survives.
+/// The fsyncs ("optionally" above) are chosen with [`Durability`]: with
+/// [`Buffered`](Durability::Buffered) a power loss can lose recent commits (never expose half
+/// of one: the record's checksum and the data length are checked, and each block's hash on
+/// read); with [`SyncOnCommit`](Durability::SyncOnCommit), a committed blob survives.
 ///
 /// # Integrity
 ///
@@ -153,7 +176,7 @@ struct DiskInner {
     dir: PathBuf,
     data: PathBuf,
     tmp: PathBuf,
-    sync: bool,
+    durability: Durability,
     /// How many block-hashing helpers may run process-wide before this storage's writers hash
     /// inline: the number of cores.
     hash_helpers: usize,
@@ -187,15 +210,16 @@ impl DiskStorage {
     /// holds the directory (after waiting up to 250 ms, in case the holder is a child process
     /// between its start and its `exec`); [`Error::Io`] if it cannot be created or read.
     pub fn open(dir: impl AsRef<Path>) -> Result<Self> {
-        Self::open_with(dir.as_ref(), false)
+        Self::open_with(dir, Durability::Buffered)
     }
 
-    /// Like [`open`](Self::open); with `sync`, every commit fsyncs data, metadata and directory
-    /// before returning, so committed blobs survive a power loss.
+    /// Like [`open`](Self::open), with the given [`Durability`] of commits
+    /// ([`open`](Self::open) is [`Durability::Buffered`]).
     ///
     /// # Errors
     /// As for [`open`](Self::open).
-    pub fn open_with(dir: &Path, sync: bool) -> Result<Self> {
+    pub fn open_with(dir: impl AsRef<Path>, durability: Durability) -> Result<Self> {
+        let dir = dir.as_ref();
         fs::create_dir_all(dir).map_err(|e| Error::io("create directory", dir, e))?;
         let lock = DirLock::acquire(dir)?;
         let tmp = dir.join(TMP_DIR);
@@ -207,7 +231,7 @@ impl DiskStorage {
         fs::create_dir_all(&tmp).map_err(|e| Error::io("create directory", &tmp, e))?;
         let data = dir.join(DATA_DIR);
         fs::create_dir_all(&data).map_err(|e| Error::io("create directory", &data, e))?;
-        if sync {
+        if durability == Durability::SyncOnCommit {
             // The entries for `tmp/` and `v1/` themselves.
             File::open(dir)
                 .and_then(|d| d.sync_all())
@@ -218,7 +242,7 @@ impl DiskStorage {
                 dir: dir.to_path_buf(),
                 data,
                 tmp,
-                sync,
+                durability,
                 hash_helpers: std::thread::available_parallelism().map_or(1, |n| n.get()),
                 lock: Mutex::new(Some(lock)),
                 opened: SystemTime::now(),
@@ -240,11 +264,12 @@ impl DiskStorage {
     /// Releases the directory lock now rather than when the last handle drops, so another
     /// `DiskStorage` (in this or another process) can open the directory while readers or
     /// writers of this one are still alive. A [`Cache`](crate::Cache) that opened the storage
-    /// does this when it is dropped.
+    /// does this when it is dropped. Crate-private: it frees the directory under a live
+    /// handle, which only the owner of every handle may decide.
     ///
     /// Existing readers keep working. A writer still open here may then fail to commit (the
     /// next opener wipes `tmp/`): it gets an error and its stream is aborted, never half-served.
-    pub fn unlock(&self) {
+    pub(crate) fn unlock(&self) {
         drop(
             self.inner
                 .lock
@@ -259,8 +284,8 @@ impl DiskStorage {
         &self.inner.dir
     }
 
-    /// The data file of a committed blob (for tools and tests).
-    pub fn blob_path(&self, name: &str) -> PathBuf {
+    /// The data file of a committed blob: `v1/<ab>/<name>` (see "Layout").
+    pub(crate) fn blob_path(&self, name: &str) -> PathBuf {
         self.inner.shard(name).join(name)
     }
 }
@@ -275,9 +300,9 @@ impl DiskInner {
         self.shard(name).join(format!("{name}.{META_EXT}"))
     }
 
-    /// Whether commits fsync (the sync option).
+    /// Whether commits fsync ([`Durability::SyncOnCommit`]).
     fn syncs(&self) -> bool {
-        self.sync
+        self.durability == Durability::SyncOnCommit
     }
 
     /// Creates `shard` if needed; in sync mode, also makes its entry in `v1/` durable before
@@ -440,12 +465,12 @@ mod tests {
     #[test]
     fn sync_mode_commits_into_new_and_known_shards() {
         let dir = tempfile::tempdir().unwrap();
-        let s = DiskStorage::open_with(dir.path(), true).unwrap();
+        let s = DiskStorage::open_with(dir.path(), Durability::SyncOnCommit).unwrap();
         for name in ["aa-1", "aa-2", "bb-1"] {
             commit_bytes(&s, name, name.as_bytes());
         }
         drop(s);
-        let s = DiskStorage::open_with(dir.path(), true).unwrap();
+        let s = DiskStorage::open_with(dir.path(), Durability::SyncOnCommit).unwrap();
         let mut names: Vec<_> = s.list().unwrap().into_iter().map(|b| b.name).collect();
         names.sort();
         assert_eq!(names, ["aa-1", "aa-2", "bb-1"]);

@@ -5,9 +5,9 @@
 //! Invariants: the record is the commit point: it is renamed into place after the data, and
 //! the record of a blob being replaced is removed before the new data moves in, so no one
 //! pairs an old record with new data and a crash leaves the name absent or whole; a commit
-//! that returns an error leaves nothing that a later open or listing would serve; with the
-//! sync option, data, record and the directories they were renamed into are fsynced before
-//! the commit returns. A committed
+//! that returns an error leaves nothing that a later open or listing would serve; with
+//! [`Durability::SyncOnCommit`](super::Durability::SyncOnCommit), data, record and the
+//! directories they were renamed into are fsynced before the commit returns. A committed
 //! blob's blocks start out checked only if the file is still as the writer's last write
 //! left it (same length, no later modification time).
 
