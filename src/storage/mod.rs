@@ -5,10 +5,10 @@
 //! durable and listable once committed ([`BlobWriter::commit`]). Storage knows bytes and names
 //! only: nothing here knows about keys, readers' positions or eviction.
 //!
-//! Two implementations ship with the crate — [`MemoryStorage`] and [`DiskStorage`] — plus
-//! [`FaultyStorage`], a wrapper that injects I/O errors for tests. Users can plug their own
-//! backend by implementing the three traits below; the conformance tests in the repository's
-//! `tests/storage_conformance.rs` show what is expected.
+//! Two implementations ship with the crate — [`MemoryStorage`] and [`DiskStorage`] (Unix
+//! only) — plus [`FaultyStorage`], a wrapper that injects I/O errors for tests. Users can plug
+//! their own backend by implementing the three traits below; the conformance tests in the
+//! repository's `tests/storage_conformance.rs` show what is expected.
 //!
 //! # Contract
 //!
@@ -44,10 +44,12 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
+#[cfg(unix)]
 mod disk;
 mod faulty;
 mod memory;
 
+#[cfg(unix)]
 pub use disk::{DiskStorage, Durability};
 pub use faulty::{FaultOp, FaultyStorage};
 pub use memory::MemoryStorage;

@@ -9,6 +9,9 @@
 //! * `writer`: writing and committing a blob;
 //! * `reader`: reading a blob, with the integrity checks of committed ones;
 //! * `list`: listing, and deleting leftovers of interrupted commits.
+//!
+//! Unix only: it relies on `flock`, `O_NOFOLLOW`/`O_NONBLOCK`, positional reads and the
+//! `fstat` fields of Unix file systems.
 
 use std::collections::HashSet;
 use std::fs::{self, File};
@@ -134,6 +137,11 @@ pub enum Durability {
 /// [`Buffered`](Durability::Buffered) a power loss can lose recent commits (never expose half
 /// of one: the record's checksum and the data length are checked, and each block's hash on
 /// read); with [`SyncOnCommit`](Durability::SyncOnCommit), a committed blob survives.
+///
+/// # Platforms
+///
+/// Unix only (Linux is tested): the lock, the refusal of links and FIFOs and the integrity
+/// stamp use Unix file system calls.
 ///
 /// # Integrity
 ///
