@@ -6,9 +6,10 @@
 //! only: nothing here knows about keys, readers' positions or eviction.
 //!
 //! Two implementations ship with the crate — [`MemoryStorage`] and [`DiskStorage`] (Unix
-//! only) — plus [`FaultyStorage`], a wrapper that injects I/O errors for tests. Users can plug
-//! their own backend by implementing the three traits below; the conformance tests in the
-//! repository's `tests/storage_conformance.rs` show what is expected.
+//! only). With the `test-util` feature there is also `FaultyStorage`, a wrapper that injects
+//! I/O errors, for tests. Users can plug their own backend by implementing the three traits
+//! below; the conformance tests in the repository's `tests/storage_conformance.rs` show what
+//! is expected.
 //!
 //! # Contract
 //!
@@ -46,11 +47,13 @@ use bytes::Bytes;
 
 #[cfg(unix)]
 mod disk;
+#[cfg(feature = "test-util")]
 mod faulty;
 mod memory;
 
 #[cfg(unix)]
 pub use disk::{DiskStorage, Durability};
+#[cfg(feature = "test-util")]
 pub use faulty::{FaultOp, FaultyStorage};
 pub use memory::MemoryStorage;
 
