@@ -132,6 +132,7 @@ impl Error {
         }
     }
 
+    #[cfg_attr(not(unix), allow(dead_code, reason = "only disk storage has paths"))]
     pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>, source: io::Error) -> Self {
         Error::Io {
             op,

@@ -22,6 +22,12 @@ use support::*;
 
 const MIB: usize = 1 << 20;
 
+/// The data file of blob `name` in a disk storage's directory (`v1/<ab>/<name>`, see the
+/// layout documented on `DiskStorage`).
+fn blob_file(dir: &Path, name: &str) -> PathBuf {
+    dir.join("v1").join(&name[..2]).join(name)
+}
+
 fn disk_cache(dir: &Path) -> Cache {
     Cache::builder().disk(dir).build().unwrap()
 }
@@ -334,11 +340,15 @@ fn hostile_data_files_are_damage_not_followed_or_waited_on() {
             w.commit(b"m".to_vec()).unwrap();
         }
         let target = outside.path().join("target");
-        fs::rename(s.blob_path("link"), &target).unwrap();
-        std::os::unix::fs::symlink(&target, s.blob_path("link")).unwrap();
-        fs::remove_file(s.blob_path("fifo")).unwrap();
-        mkfifo(&s.blob_path("fifo"));
-        (s.blob_path("fifo"), s.blob_path("link"), target)
+        fs::rename(blob_file(dir.path(), "link"), &target).unwrap();
+        std::os::unix::fs::symlink(&target, blob_file(dir.path(), "link")).unwrap();
+        fs::remove_file(blob_file(dir.path(), "fifo")).unwrap();
+        mkfifo(&blob_file(dir.path(), "fifo"));
+        (
+            blob_file(dir.path(), "fifo"),
+            blob_file(dir.path(), "link"),
+            target,
+        )
     };
     let s = DiskStorage::open(dir.path()).unwrap();
     for name in ["fifo", "link"] {

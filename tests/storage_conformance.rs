@@ -556,7 +556,7 @@ fn disk_leftovers_are_discarded() {
     let dir = tempfile::tempdir().unwrap();
     let s = DiskStorage::open(dir.path()).unwrap();
     commit_pattern(&s, "whole", 100, b"");
-    let orphan = s.blob_path("orphan");
+    let orphan = data_path(dir.path(), "orphan");
     drop(s);
     fs::create_dir_all(orphan.parent().unwrap()).unwrap();
     fs::write(&orphan, b"half a commit").unwrap();
@@ -594,7 +594,7 @@ fn disk_flipped_byte_is_invalid_data_never_wrong_bytes() {
         let dir = tempfile::tempdir().unwrap();
         let s = DiskStorage::open(dir.path()).unwrap();
         commit_pattern(&s, "blob", len, b"m");
-        flip(&s.blob_path("blob"), at);
+        flip(&data_path(dir.path(), "blob"), at);
         let bad_block = at / MIB;
         {
             let (r, info) = s.open("blob").unwrap();
@@ -649,7 +649,7 @@ fn disk_written_blocks_are_trusted_only_while_the_file_is_unchanged() {
     // Same use as the writer's: every block reads back.
     assert_pattern(&read_range(&*r, 0, len).unwrap(), 0);
     r.idle();
-    flip(&s.blob_path("blob"), MIB + 7);
+    flip(&data_path(dir.path(), "blob"), MIB + 7);
     // New use: the changed stamp voids the vouched blocks; the altered one fails.
     assert_pattern(&read_range(&*r, 0, MIB).unwrap(), 0);
     let err = read_range(&*r, MIB as u64, 16).unwrap_err();
@@ -701,7 +701,7 @@ fn disk_flipped_byte_after_reopen() {
     let path = {
         let s = DiskStorage::open(dir.path()).unwrap();
         commit_pattern(&s, "blob", MIB + 10, b"");
-        s.blob_path("blob")
+        data_path(dir.path(), "blob")
     };
     flip(&path, MIB + 3);
     let s = DiskStorage::open(dir.path()).unwrap();
@@ -720,7 +720,7 @@ fn disk_damaged_record_is_discarded() {
     let s = DiskStorage::open(dir.path()).unwrap();
     commit_pattern(&s, "blob", 100, b"meta");
     commit_pattern(&s, "fine", 100, b"meta");
-    let data = s.blob_path("blob");
+    let data = data_path(dir.path(), "blob");
     let record = data.with_file_name("blob.meta");
     assert!(record.exists(), "layout changed: no {}", record.display());
     flip(&record, 20);
@@ -745,14 +745,14 @@ fn disk_truncated_data_is_discarded_at_list() {
     commit_pattern(&s, "long", 100, b"");
     commit_pattern(&s, "fine", 100, b"");
     let (before, _) = s.open("short").unwrap();
-    let short = s.blob_path("short");
+    let short = data_path(dir.path(), "short");
     fs::OpenOptions::new()
         .write(true)
         .open(&short)
         .unwrap()
         .set_len(MIB as u64 + 5)
         .unwrap();
-    let long = s.blob_path("long");
+    let long = data_path(dir.path(), "long");
     {
         use std::io::Write;
         let mut f = fs::OpenOptions::new().append(true).open(&long).unwrap();
@@ -850,7 +850,10 @@ fn disk_non_regular_leftovers_are_removed_at_listing() {
     let outside = tempfile::tempdir().unwrap();
     let s = DiskStorage::open(dir.path()).unwrap();
     commit_pattern(&s, "fine", 100, b"");
-    let shard = s.blob_path("fine").parent().unwrap().to_path_buf();
+    let shard = data_path(dir.path(), "fine")
+        .parent()
+        .unwrap()
+        .to_path_buf();
     let target = outside.path().join("target");
     fs::write(&target, b"not yours").unwrap();
     let link_data = shard.join("filink");

@@ -1,4 +1,5 @@
 use std::fmt;
+#[cfg(unix)]
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -7,12 +8,16 @@ use super::clock::{Clock, SystemClock};
 use super::index::Listener;
 use super::{Cache, Expiry, Policy, RemovalCause};
 use crate::error::{Error, Result};
-use crate::storage::{DiskStorage, FrontStorage, MemoryStorage, PartitionedStorage, Storage};
+#[cfg(unix)]
+use crate::storage::{DiskStorage, Durability, FrontStorage, PartitionedStorage};
+use crate::storage::{MemoryStorage, Storage};
 
 #[derive(Debug, Clone)]
 enum Backend {
     Memory,
+    #[cfg(unix)]
     Disk(PathBuf),
+    #[cfg(unix)]
     Disks(Vec<PathBuf>),
     Custom(Arc<dyn Storage>),
 }
@@ -40,7 +45,8 @@ pub(super) type Unlock = Box<dyn FnOnce() + Send + Sync>;
 #[must_use]
 pub struct CacheBuilder {
     backend: Backend,
-    sync: bool,
+    #[cfg(unix)]
+    durability: Durability,
     /// Bytes of the memory front over disk storage, if any.
     front: Option<u64>,
     pub(super) max_entries: Option<u64>,
@@ -57,10 +63,11 @@ pub struct CacheBuilder {
 
 impl fmt::Debug for CacheBuilder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("CacheBuilder")
-            .field("backend", &self.backend)
-            .field("sync", &self.sync)
-            .field("memory_front", &self.front)
+        let mut d = f.debug_struct("CacheBuilder");
+        d.field("backend", &self.backend);
+        #[cfg(unix)]
+        d.field("durability", &self.durability);
+        d.field("memory_front", &self.front)
             .field("max_entries", &self.max_entries)
             .field("max_bytes", &self.max_bytes)
             .field("time_to_live", &self.ttl)
@@ -76,7 +83,8 @@ impl Default for CacheBuilder {
     fn default() -> Self {
         CacheBuilder {
             backend: Backend::Memory,
-            sync: false,
+            #[cfg(unix)]
+            durability: Durability::Buffered,
             front: None,
             max_entries: None,
             max_bytes: None,
@@ -99,6 +107,7 @@ impl CacheBuilder {
         self
     }
 
+    #[cfg(unix)]
     /// Keep entries in the directory `dir` (created if missing). Finished entries survive a
     /// restart; see [`storage::DiskStorage`](crate::storage::DiskStorage) for the layout.
     pub fn disk(mut self, dir: impl Into<PathBuf>) -> Self {
@@ -106,6 +115,7 @@ impl CacheBuilder {
         self
     }
 
+    #[cfg(unix)]
     /// Keep entries in several directories, one per disk, each key in one of them (created if
     /// missing; each is locked like [`disk`](CacheBuilder::disk)'s). The limits hold for the
     /// whole cache.
@@ -134,6 +144,7 @@ impl CacheBuilder {
         self
     }
 
+    #[cfg(unix)]
     /// With disk storage ([`disk`](CacheBuilder::disk) or [`disks`](CacheBuilder::disks)):
     /// keep up to `max_bytes` of recently read small entries in memory too (entries up to an
     /// eighth of it). A hit on disk is served from disk at once and copied to memory in the
@@ -157,11 +168,13 @@ impl CacheBuilder {
         self
     }
 
-    /// With disk storage (one directory or several): make [`Writer::finish`](crate::Writer::finish) fsync the data, its
-    /// record and the directory, so a finished entry survives a power loss (not only a crash
-    /// of the process). Off by default.
-    pub fn sync_on_finish(mut self, sync: bool) -> Self {
-        self.sync = sync;
+    #[cfg(unix)]
+    /// With disk storage (one directory or several): what a finished entry survives (see
+    /// [`Durability`]). The default, [`Durability::Buffered`], survives a crash of the
+    /// process; [`Durability::SyncOnCommit`] makes [`Writer::finish`](crate::Writer::finish)
+    /// fsync the data, its record and the directory, so it also survives a power loss.
+    pub fn durability(mut self, durability: Durability) -> Self {
+        self.durability = durability;
         self
     }
 
@@ -266,8 +279,7 @@ impl CacheBuilder {
         if [self.ttl, self.tti, self.tick].contains(&Some(Duration::ZERO)) {
             return Err(Error::invalid("durations must be greater than zero"));
         }
-        let mut unlock: Option<Unlock> = None;
-        let storage: Arc<dyn Storage> = match &self.backend {
+        let (storage, unlock): (Arc<dyn Storage>, Option<Unlock>) = match &self.backend {
             Backend::Memory => {
                 let pool = self
                     .max_bytes
@@ -275,28 +287,29 @@ impl CacheBuilder {
                     .map_or(MemoryStorage::DEFAULT_POOL_LIMIT, |max| {
                         max.min(MemoryStorage::DEFAULT_POOL_LIMIT)
                     });
-                Arc::new(MemoryStorage::with_pool_limit(pool))
+                (Arc::new(MemoryStorage::with_pool_limit(pool)), None)
             }
+            #[cfg(unix)]
             Backend::Disk(dir) => {
-                let disk = DiskStorage::open_with(dir, self.sync)?;
+                let disk = DiskStorage::open_with(dir, self.durability)?;
                 let owned = disk.clone();
-                unlock = Some(Box::new(move || owned.unlock()));
-                Arc::new(disk)
+                (Arc::new(disk), Some(Box::new(move || owned.unlock())))
             }
+            #[cfg(unix)]
             Backend::Disks(dirs) => {
                 let parts = Arc::new(
-                    PartitionedStorage::open(dirs)
+                    PartitionedStorage::open(dirs, self.durability)
                         .map_err(|e| Error::from_io_without_path("open directories", e))?,
                 );
                 let owned = parts.clone();
-                unlock = Some(Box::new(move || owned.unlock()));
-                parts
+                (parts, Some(Box::new(move || owned.unlock())))
             }
-            Backend::Custom(s) => s.clone(),
+            Backend::Custom(s) => (s.clone(), None),
         };
         let storage = match (self.front, &self.backend) {
             (None, _) => storage,
             (Some(0), _) => return Err(Error::invalid("memory_front must be at least 1 byte")),
+            #[cfg(unix)]
             (Some(bytes), Backend::Disk(_) | Backend::Disks(_)) => {
                 let bytes = usize::try_from(bytes).unwrap_or(usize::MAX);
                 Arc::new(

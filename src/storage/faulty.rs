@@ -1,4 +1,5 @@
-//! A storage wrapper that injects I/O errors, for tests.
+//! A storage wrapper that injects I/O errors: a test tool, compiled only with the `test-util`
+//! feature.
 
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -33,6 +34,10 @@ impl FaultOp {
 }
 
 /// Wraps a [`Storage`] and fails chosen calls with a chosen [`io::ErrorKind`].
+///
+/// A test tool, for exercising how code over a storage handles I/O errors; available only
+/// with the `test-util` feature, which is meant for `[dev-dependencies]`
+/// (`streamcache = { version = "0.1", features = ["test-util"] }`).
 ///
 /// ```
 /// use std::io;

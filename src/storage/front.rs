@@ -181,21 +181,25 @@ impl FrontStorage {
         })
     }
 
+    #[cfg(test)]
     /// Bytes held in front (as charged against `max_bytes`).
     pub(crate) fn front_bytes(&self) -> usize {
         self.shared.lock().bytes
     }
 
+    #[cfg(test)]
     /// Whether a copy of blob `name` is held in front (no recency change).
     pub(crate) fn in_front(&self, name: &str) -> bool {
         self.shared.lock().lru.contains(name)
     }
 
+    #[cfg(test)]
     /// Promotions queued or running.
     pub(crate) fn pending(&self) -> usize {
         self.shared.lock().in_flight.len()
     }
 
+    #[cfg(test)]
     /// Promotions queued so far, and how many of them were inserted.
     pub(crate) fn promotions(&self) -> (u64, u64) {
         (

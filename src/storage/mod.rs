@@ -5,10 +5,11 @@
 //! durable and listable once committed ([`BlobWriter::commit`]). Storage knows bytes and names
 //! only: nothing here knows about keys, readers' positions or eviction.
 //!
-//! Two implementations ship with the crate — [`MemoryStorage`] and [`DiskStorage`] — plus
-//! [`FaultyStorage`], a wrapper that injects I/O errors for tests. Users can plug their own
-//! backend by implementing the three traits below; the conformance tests in the repository's
-//! `tests/storage_conformance.rs` show what is expected.
+//! Two implementations ship with the crate — [`MemoryStorage`] and [`DiskStorage`] (Unix
+//! only). With the `test-util` feature there is also `FaultyStorage`, a wrapper that injects
+//! I/O errors, for tests. Users can plug their own backend by implementing the three traits
+//! below; the conformance tests in the repository's `tests/storage_conformance.rs` show what
+//! is expected.
 //!
 //! # Contract
 //!
@@ -44,15 +45,25 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
+#[cfg(unix)]
 mod disk;
+#[cfg(feature = "test-util")]
 mod faulty;
+#[cfg(unix)]
 mod front;
 mod memory;
+#[cfg(unix)]
 mod partitioned;
 
-pub use disk::DiskStorage;
+#[cfg(unix)]
+pub use disk::{DiskStorage, Durability};
+#[cfg(feature = "test-util")]
 pub use faulty::{FaultOp, FaultyStorage};
+#[cfg(unix)]
+pub(crate) use front::FrontStorage;
 pub use memory::MemoryStorage;
+#[cfg(unix)]
+pub(crate) use partitioned::PartitionedStorage;
 
 /// A store of named, append-only blobs. Object safe: use it as `Arc<dyn Storage>`.
 ///
@@ -249,8 +260,7 @@ pub const MAX_NAME_LEN: usize = 128;
 
 /// Checks that `name` is a valid blob name: 1 to [`MAX_NAME_LEN`] lower-case ASCII letters,
 /// digits, `-` or `_`. Such names are safe as file names on every platform, also where file
-/// names ignore case (upper-case letters were accepted once, and `Ab` and `ab` then shared
-/// one file on such systems).
+/// names ignore case (there `Ab` and `ab` would share one file, hence no upper case).
 ///
 /// # Errors
 /// [`io::ErrorKind::InvalidInput`] naming the problem.

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use super::{BlobInfo, BlobReader, BlobWriter, DiskStorage, Storage, validate_name};
+use super::{BlobInfo, BlobReader, BlobWriter, DiskStorage, Durability, Storage, validate_name};
 
 /// The file in each directory that holds its partition identity.
 const ID_FILE: &str = "partition-id";
@@ -101,7 +101,10 @@ impl PartitionedStorage {
     /// same canonical path or file, or the same partition id: a copied directory);
     /// [`io::ErrorKind::InvalidData`] for a damaged `partition-id` file; otherwise as
     /// [`DiskStorage::open`] (a locked directory) and [`Storage::list`].
-    pub(crate) fn open(dirs: impl IntoIterator<Item = impl AsRef<Path>>) -> io::Result<Self> {
+    pub(crate) fn open(
+        dirs: impl IntoIterator<Item = impl AsRef<Path>>,
+        durability: Durability,
+    ) -> io::Result<Self> {
         let mut parts: Vec<Part> = Vec::new();
         let mut seen: Vec<(PathBuf, (u64, u64))> = Vec::new();
         for dir in dirs {
@@ -121,7 +124,7 @@ impl PartitionedStorage {
                 )));
             }
             seen.push((canon, file));
-            let disk = DiskStorage::open(dir).map_err(io::Error::from)?;
+            let disk = DiskStorage::open_with(dir, durability).map_err(io::Error::from)?;
             let id = dir_id(dir)?;
             if let Some(other) = parts.iter().find(|p| p.id == id) {
                 return Err(invalid(format!(
@@ -207,11 +210,13 @@ impl PartitionedStorage {
         }
     }
 
+    #[cfg(test)]
     /// The directories, in the order given to [`open`](Self::open).
     pub(crate) fn dirs(&self) -> impl Iterator<Item = &Path> {
         self.parts.iter().map(|p| p.disk.dir())
     }
 
+    #[cfg(test)]
     /// How many blobs live outside their home directory.
     pub(crate) fn misplaced_count(&self) -> usize {
         self.misplaced
@@ -536,7 +541,7 @@ mod tests {
         let dirs: Vec<PathBuf> = (0..4).map(|i| root.path().join(format!("d{i}"))).collect();
         let names: Vec<String> = (0..60).map(|k| name(k, 1)).collect();
         {
-            let s = PartitionedStorage::open(&dirs[..3]).unwrap();
+            let s = PartitionedStorage::open(&dirs[..3], Durability::Buffered).unwrap();
             for (i, n) in names.iter().enumerate() {
                 commit(&s, n, format!("data {i}").as_bytes(), &[i as u8]);
             }
@@ -567,7 +572,8 @@ mod tests {
         want.sort();
         // Same set, another order: everything found where it was.
         {
-            let s = PartitionedStorage::open([&dirs[2], &dirs[0], &dirs[1]]).unwrap();
+            let s = PartitionedStorage::open([&dirs[2], &dirs[0], &dirs[1]], Durability::Buffered)
+                .unwrap();
             assert_eq!(s.misplaced_count(), 0);
             assert_eq!(sorted_names(&s), want);
             assert_eq!(
@@ -585,7 +591,7 @@ mod tests {
         }
         // A fourth directory: about a quarter of the keys now have it as home, but their
         // blobs stay where they are and are still served.
-        let s = PartitionedStorage::open(&dirs).unwrap();
+        let s = PartitionedStorage::open(&dirs, Durability::Buffered).unwrap();
         let misplaced: Vec<&String> = live.iter().filter(|n| s.home(n) == 3).collect();
         assert!(!misplaced.is_empty() && misplaced.len() < live.len() / 2);
         assert_eq!(s.misplaced_count(), misplaced.len());
@@ -618,7 +624,7 @@ mod tests {
         }
         drop(s);
         // Without the fourth directory again, its blobs are simply gone.
-        let s = PartitionedStorage::open(&dirs[..3]).unwrap();
+        let s = PartitionedStorage::open(&dirs[..3], Durability::Buffered).unwrap();
         assert!(!sorted_names(&s).contains(&new));
         assert_eq!(s.open(&new).unwrap_err().kind(), io::ErrorKind::NotFound);
     }
@@ -629,40 +635,43 @@ mod tests {
         let a = root.path().join("a");
         let b = root.path().join("b");
         let none: [&Path; 0] = [];
-        let e = PartitionedStorage::open(none).unwrap_err();
+        let e = PartitionedStorage::open(none, Durability::Buffered).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
         assert!(e.to_string().contains("at least one"), "{e}");
         // The same directory twice, also spelled differently.
-        let e =
-            PartitionedStorage::open([a.clone(), b.clone(), a.join("..").join("a")]).unwrap_err();
+        let e = PartitionedStorage::open(
+            [a.clone(), b.clone(), a.join("..").join("a")],
+            Durability::Buffered,
+        )
+        .unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
         assert!(e.to_string().contains("given twice"), "{e}");
         // A copy of a directory (same partition id).
-        drop(PartitionedStorage::open([&a]).unwrap());
+        drop(PartitionedStorage::open([&a], Durability::Buffered).unwrap());
         fs::create_dir_all(&b).unwrap();
         fs::copy(a.join(ID_FILE), b.join(ID_FILE)).unwrap();
-        let e = PartitionedStorage::open([&a, &b]).unwrap_err();
+        let e = PartitionedStorage::open([&a, &b], Durability::Buffered).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
         assert!(e.to_string().contains("same partition id"), "{e}");
         // A damaged id is an error, never silently replaced.
         fs::write(b.join(ID_FILE), "not hex\n").unwrap();
-        let e = PartitionedStorage::open([&b]).unwrap_err();
+        let e = PartitionedStorage::open([&b], Durability::Buffered).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::InvalidData);
         assert_eq!(fs::read_to_string(b.join(ID_FILE)).unwrap(), "not hex\n");
         // A directory in use by another storage.
         fs::remove_file(b.join(ID_FILE)).unwrap();
         let held = DiskStorage::open(&b).unwrap();
-        let e = PartitionedStorage::open([&a, &b]).unwrap_err();
+        let e = PartitionedStorage::open([&a, &b], Durability::Buffered).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::ResourceBusy, "{e}");
         held.unlock();
-        let s = PartitionedStorage::open([&a, &b]).unwrap();
+        let s = PartitionedStorage::open([&a, &b], Durability::Buffered).unwrap();
         // Ids persist and differ.
         let id_a = fs::read_to_string(a.join(ID_FILE)).unwrap();
         assert_eq!(id_a.len(), 33);
         assert_ne!(id_a, fs::read_to_string(b.join(ID_FILE)).unwrap());
         assert_eq!(s.dirs().count(), 2);
         s.unlock();
-        drop(PartitionedStorage::open([&b, &a]).unwrap());
+        drop(PartitionedStorage::open([&b, &a], Durability::Buffered).unwrap());
         assert_eq!(fs::read_to_string(a.join(ID_FILE)).unwrap(), id_a);
     }
 
@@ -673,17 +682,17 @@ mod tests {
         let n = name(5, 0);
         // Two separate storages, each with the name.
         for (i, d) in dirs.iter().enumerate() {
-            let s = PartitionedStorage::open([d]).unwrap();
+            let s = PartitionedStorage::open([d], Durability::Buffered).unwrap();
             commit(&s, &n, format!("copy {i}").as_bytes(), b"");
         }
-        let s = PartitionedStorage::open(&dirs).unwrap();
+        let s = PartitionedStorage::open(&dirs, Durability::Buffered).unwrap();
         let home = s.home(&n);
         assert_eq!(sorted_names(&s), vec![n.clone()]);
         assert_eq!(holder(&dirs, &n), [home]);
         assert_eq!(read_all(&s, &n).0, format!("copy {home}").as_bytes());
         s.remove(&n).unwrap();
         drop(s);
-        let s = PartitionedStorage::open(&dirs).unwrap();
+        let s = PartitionedStorage::open(&dirs, Durability::Buffered).unwrap();
         assert!(sorted_names(&s).is_empty(), "a removed name came back");
     }
 
@@ -722,7 +731,7 @@ mod tests {
         let dirs: Vec<PathBuf> = (0..4).map(|i| root.path().join(format!("d{i}"))).collect();
         let keys: Vec<String> = (0..40).map(|i| format!("key {i}")).collect();
         {
-            let s = Arc::new(PartitionedStorage::open(&dirs[..3]).unwrap());
+            let s = Arc::new(PartitionedStorage::open(&dirs[..3], Durability::Buffered).unwrap());
             let cache = cache_on(&s);
             for k in &keys {
                 put(&cache, k, format!("old {k}").as_bytes());
@@ -730,7 +739,7 @@ mod tests {
             drop(cache);
             s.unlock();
         }
-        let s = Arc::new(PartitionedStorage::open(&dirs).unwrap());
+        let s = Arc::new(PartitionedStorage::open(&dirs, Durability::Buffered).unwrap());
         // The blob of each key, by its key-hash prefix (ids come from the cache's counter).
         let blob_of: HashMap<String, String> = s
             .list()
@@ -759,7 +768,7 @@ mod tests {
         }
         s.unlock();
         // Both versions of each moved key are on disk, in different directories.
-        let both = PartitionedStorage::open(&dirs).unwrap();
+        let both = PartitionedStorage::open(&dirs, Durability::Buffered).unwrap();
         let mut per_key: HashMap<String, usize> = HashMap::new();
         for b in both.list().unwrap() {
             *per_key.entry(key_prefix(&b.name).to_owned()).or_default() += 1;
@@ -767,7 +776,7 @@ mod tests {
         assert_eq!(per_key.values().filter(|&&n| n == 2).count(), moved.len());
         drop(both);
 
-        let s = Arc::new(PartitionedStorage::open(&dirs).unwrap());
+        let s = Arc::new(PartitionedStorage::open(&dirs, Durability::Buffered).unwrap());
         let cache = cache_on(&s);
         for k in &keys {
             let want = if moved.contains(&k) { "new" } else { "old" };
@@ -776,7 +785,7 @@ mod tests {
         drop(cache);
         s.unlock();
         // The reload deleted the old versions from their directories.
-        let after = PartitionedStorage::open(&dirs).unwrap();
+        let after = PartitionedStorage::open(&dirs, Durability::Buffered).unwrap();
         assert_eq!(after.list().unwrap().len(), keys.len());
         for b in after.list().unwrap() {
             assert_eq!(holder(&dirs, &b.name).len(), 1);
