@@ -31,8 +31,20 @@
 //! * [`Stream`] ([`stream`]): one blob's life — one [`Writer`], many [`Reader`]s, progress and
 //!   wake-ups. Usable on its own, without a cache.
 //! * [`Storage`](storage::Storage) ([`storage`]): where bytes live —
-//!   [`MemoryStorage`](storage::MemoryStorage), [`DiskStorage`](storage::DiskStorage), or your
-//!   own implementation.
+//!   [`MemoryStorage`](storage::MemoryStorage), [`DiskStorage`](storage::DiskStorage) (Unix),
+//!   several directories ([`CacheBuilder::disks`]) with an optional memory front
+//!   ([`CacheBuilder::memory_front`]), or your own implementation.
+//!
+//! # Features
+//!
+//! * `tokio`: async adapters (the `tokio` module).
+//! * `test-util`: test tools — a fault-injecting storage and `Cache::storage`. Not for
+//!   production use.
+//!
+//! # Platforms
+//!
+//! Tested on Linux. The memory cache builds wherever `std` does; disk storage needs Unix
+//! (`flock`, `O_NOFOLLOW`).
 //!
 //! # Behaviour
 //!
@@ -51,6 +63,11 @@
 //! * **Linearizable:** `get_or_create`, `get`, `remove` and `contains_key` on one key. For a
 //!   key, exactly one caller gets [`Entry::Miss`] until that entry is removed, expires or
 //!   aborts; every later call sees the entry or its removal.
+//! * **Linearizable, without side effects:** [`Cache::entry_info`] on one key sees what a
+//!   `get` at the same instant would serve, without counting, refreshing or reading it.
+//! * **Weakly consistent:** [`Cache::iter`] yields every entry present for the whole
+//!   iteration once, may or may not yield entries inserted or removed meanwhile, and holds no
+//!   lock between items; [`Cache::keys`] is a snapshot.
 //! * **Eventual:** eviction (the reaper acts shortly after a limit is crossed or an entry
 //!   expires, though an expired entry is never *served*), [`Cache::len`],
 //!   [`Cache::total_bytes`], [`Cache::stats`], and recency order.

@@ -351,9 +351,8 @@ impl Cache {
                 )
             })?;
             slot.set_live();
-            // Counted before it is visible. Regression: counted after, a `remove` in between
-            // uncounted it first and the count could wrap below zero (then `len` read ~2^64
-            // and eviction emptied the cache).
+            // Counted before it is visible, so that a `remove` in between never uncounts it
+            // first: the count may include an entry about to appear, never wrap below zero.
             inner.entries.fetch_add(1, Ordering::Relaxed);
             let inserted = match inner.index.entry(Indexed(slot.clone())) {
                 MapEntry::Occupied(_) => false,
@@ -550,8 +549,11 @@ impl Cache {
     /// still on disk and comes back at the next open.
     ///
     /// # Errors
-    /// None today: removal from the index cannot fail, and the deletion happens later. The
-    /// `Result` leaves room for storages whose removal must be confirmed.
+    /// Never with the storages of this crate: the key leaves the index at once, and the
+    /// stored data is deleted later, with failures retried and counted in
+    /// [`CacheStats::failed_deletions`] rather than returned. The `Result` is for a tier
+    /// whose removal must be confirmed to be honest: with a shared tier (a bucket that other
+    /// machines read), `remove` deletes there too and reports when it cannot.
     pub fn remove(&self, key: &str) -> Result<bool> {
         match self.inner.index.remove(key) {
             Some((Indexed(slot), stream)) => {
@@ -683,8 +685,7 @@ impl std::iter::FusedIterator for Iter<'_> {}
 
 /// A duration in whole milliseconds for the limits, at least 1; one too long for a `u64`
 /// of milliseconds (half a billion years) means "never" (`u64::MAX`, which every comparison
-/// treats with saturating arithmetic). Regression: `as u64` wrapped, so a TTL of
-/// `u64::MAX / 1000` seconds became 384 ms.
+/// treats with saturating arithmetic), never a wrapped, shorter one.
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
 }

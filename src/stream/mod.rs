@@ -430,9 +430,8 @@ impl Stream {
     pub fn cancel_with(&self, cause: impl Into<Box<dyn std::error::Error + Send + Sync>>) {
         let cause = Some(Cause::from(cause.into()));
         let len = self.shared.progress.peek().0;
-        // Regression: this used to end the stream without telling the observer, so a cache
-        // entry cancelled unfinished stayed indexed and counted, never finished, never
-        // expiring, until a request for its key noticed.
+        // Ends the stream through `fail`, which tells the observer: a cache entry cancelled
+        // unfinished leaves the index at once (it would never finish nor expire).
         self.shared.fail(len, Status::Cancelled(cause));
     }
 

@@ -295,9 +295,9 @@ impl io::Write for Writer {
 
 impl Drop for Writer {
     fn drop(&mut self) {
-        // Whatever has not ended the stream aborts it (ending is refused once it has ended).
-        // Regression: only a writer still holding its blob did, so a panic inside `finish`
-        // (in a storage's `commit`, say) after it took the blob left readers waiting forever.
+        // Whatever has not ended the stream aborts it (ending is refused once it has ended),
+        // also a writer whose `finish` panicked after it took the blob (in a storage's
+        // `commit`, say): readers must never wait forever.
         if self.shared.progress.peek().1 == progress::OPEN {
             let why = if self.blob.is_some() {
                 "writer dropped before finish"
