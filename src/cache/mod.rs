@@ -1,6 +1,5 @@
 //! The keyed cache: `get_or_create`, removal, limits, reload.
 
-use std::collections::HashMap;
 use std::fmt;
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -8,7 +7,6 @@ use std::sync::{Arc, Mutex, OnceLock, mpsc};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use bytes::Bytes;
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry as MapEntry;
 use lru::LruCache;
@@ -27,15 +25,17 @@ mod jobs;
 mod meta;
 mod reaper;
 mod recency;
+mod reload;
 mod remove;
+mod report;
 mod slot;
 
 pub use builder::CacheBuilder;
 pub use clock::{Clock, ManualClock, SystemClock};
+pub use report::{CacheStats, EntryInfo, Expiry, Iter, Policy, RemovalCause};
 
 use books::{Books, Counters, Limits};
 use index::{Indexed, Inner};
-use meta::EntryMeta;
 use reaper::{Deletions, Job, Note};
 use slot::{Slot, blob_name};
 
@@ -47,152 +47,6 @@ pub enum Entry {
     Miss(Writer),
     /// The key is present (finished or still being written): read it from byte 0.
     Hit(Reader),
-}
-
-/// Why an entry left the cache (given to the [eviction listener](CacheBuilder::eviction_listener)).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[non_exhaustive]
-pub enum RemovalCause {
-    /// [`Cache::remove`] or [`Cache::clear`].
-    Explicit,
-    /// Its time to live passed.
-    Expired,
-    /// Its time to idle passed.
-    Idle,
-    /// Evicted to respect `max_entries` / `max_bytes`.
-    Size,
-    /// Its writer aborted (or was dropped unfinished, or its producer failed).
-    Aborted,
-    /// Its stored data was found corrupt or missing.
-    Corrupt,
-}
-
-/// What [`Cache::entry_info`] and [`Cache::iter`] tell of an entry, and what a [`Policy`] and
-/// an [`Expiry`] see of one. Times are milliseconds since the Unix epoch, from the cache's
-/// [clock](CacheBuilder::clock).
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct EntryInfo {
-    /// The key.
-    pub key: String,
-    /// Its length in bytes; for an entry still being written, the bytes written so far.
-    pub len: u64,
-    /// When it was created (its writer started).
-    pub created: u64,
-    /// When its writer finished it; `None` while it is being written.
-    pub finished: Option<u64>,
-    /// When a reader was last opened on it (its finish time if none was).
-    pub last_access: u64,
-    /// When it stops being served for its age: its finish time plus the shorter of the
-    /// cache's [time to live](CacheBuilder::time_to_live) and its own
-    /// ([`Writer::set_time_to_live`], [`CacheBuilder::expiry`]). `None` if neither applies or
-    /// it is being written. (Time to idle comes on top, and depends on future use.)
-    pub expires: Option<u64>,
-    /// The user metadata its writer attached.
-    pub metadata: Bytes,
-}
-
-impl EntryInfo {
-    /// Whether its writer finished it.
-    pub fn is_finished(&self) -> bool {
-        self.finished.is_some()
-    }
-}
-
-/// Computes an entry's own time to live when its writer finishes it, from what is known of
-/// it then (its key, length and metadata: a proxy's `Cache-Control: max-age`, say). Like
-/// moka's `Expiry`. Set with [`CacheBuilder::expiry`].
-///
-/// **Contract:** called once per entry, on the writer's thread inside
-/// [`Writer::finish`], before the entry is committed, unless the writer set a time to live
-/// itself ([`Writer::set_time_to_live`], which wins). It must not block for long and must
-/// not call back into the cache. The result is stored with the entry (it survives a
-/// restart) and counts from the entry's finish time; the entry then expires at the earlier
-/// of that and the cache-wide [time to live](CacheBuilder::time_to_live). `None` leaves only
-/// the cache-wide limits. If it panics, the panic is logged and the entry gets no time to
-/// live of its own.
-///
-/// ```
-/// use std::time::Duration;
-/// use streamcache::cache::{EntryInfo, Expiry};
-///
-/// /// Metadata `max-age=N` (seconds) sets the entry's time to live.
-/// #[derive(Debug)]
-/// struct MaxAge;
-///
-/// impl Expiry for MaxAge {
-///     fn time_to_live(&self, entry: &EntryInfo) -> Option<Duration> {
-///         let text = std::str::from_utf8(&entry.metadata).ok()?;
-///         let secs = text.strip_prefix("max-age=")?.parse().ok()?;
-///         Some(Duration::from_secs(secs))
-///     }
-/// }
-/// ```
-pub trait Expiry: Send + Sync + fmt::Debug {
-    /// The time to live of `entry`, counted from its finish time; `None` for none of its own.
-    fn time_to_live(&self, entry: &EntryInfo) -> Option<Duration>;
-}
-
-/// A custom eviction policy: vetoes size evictions the reaper would otherwise make.
-///
-/// **Contract:** called on the reaper thread, without any cache lock held, for each candidate
-/// of a size eviction (`cause` is [`RemovalCause::Size`]; other causes are reserved for the
-/// future). Return `false` to keep the entry: the size limit may then stay exceeded, which
-/// [`CacheStats::over_limit`] reports. Expired and idle entries are never served again, so
-/// their removal is not subject to the policy; nor are explicit removals and aborted writes.
-/// It may read the entry's metadata (from storage, if the entry is not open); it must not
-/// block for long and must not call back into the cache. If it panics, the entry is kept, the
-/// panic is logged, and the reaper carries on.
-///
-/// ```
-/// use streamcache::cache::{EntryInfo, Policy, RemovalCause};
-///
-/// /// Keeps entries whose metadata says "pinned".
-/// #[derive(Debug)]
-/// struct KeepPinned;
-///
-/// impl Policy for KeepPinned {
-///     fn may_evict(&self, entry: &EntryInfo, _cause: RemovalCause) -> bool {
-///         &entry.metadata[..] != b"pinned"
-///     }
-/// }
-/// ```
-pub trait Policy: Send + Sync + fmt::Debug {
-    /// Whether `entry` may be evicted for `cause`.
-    fn may_evict(&self, entry: &EntryInfo, cause: RemovalCause) -> bool;
-}
-
-/// A snapshot of the cache's counters (eventually consistent).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct CacheStats {
-    /// Requests served from an existing entry.
-    pub hits: u64,
-    /// Requests that created an entry (or found nothing, for [`Cache::get`]).
-    pub misses: u64,
-    /// Entries whose writer aborted.
-    pub aborts: u64,
-    /// Entries removed explicitly or by an aborted writer.
-    pub removals: u64,
-    /// Entries evicted by time or size limits, or dropped as corrupt.
-    pub evictions: u64,
-    /// Bytes of finished entries written.
-    pub bytes_written: u64,
-    /// Bytes delivered by readers that have been dropped.
-    pub bytes_read: u64,
-    /// `true` if the last size eviction could not bring the cache under its limits because
-    /// every remaining entry was in use, being written, or kept by the policy, or because
-    /// removed entries' data could not be deleted yet (see `pending_deletion_bytes`).
-    pub over_limit: bool,
-    /// Removed or evicted entries whose stored data is not deleted yet: queued for the
-    /// reaper, or refused by the storage (a read-only or immutable directory, say) and
-    /// waiting for a retry.
-    pub pending_deletions: u64,
-    /// Their bytes. They count toward `max_bytes`, since they still use the space.
-    pub pending_deletion_bytes: u64,
-    /// Deletions the storage refused so far (each retry that fails counts again). Each
-    /// is also logged at error level.
-    pub failed_deletions: u64,
 }
 
 /// A keyed cache of byte streams. See the [crate documentation](crate).
@@ -292,7 +146,7 @@ impl Cache {
         };
         let inner = cache.inner.clone();
         inner.books.now();
-        reload(&inner)?;
+        reload::reload(&inner)?;
         let reaper = reaper::spawn(Arc::downgrade(&inner), inner.deletions.clone(), rx, tick)
             .map_err(|e| Error::io_without_path("spawn reaper thread", e))?;
         let _ = inner.threads.reaper.set(reaper.thread().id());
@@ -644,45 +498,6 @@ impl Cache {
     }
 }
 
-/// The iterator of [`Cache::iter`].
-pub struct Iter<'a> {
-    cache: &'a Cache,
-    /// The slots indexed when the iteration began.
-    slots: std::vec::IntoIter<Arc<Slot>>,
-}
-
-impl fmt::Debug for Iter<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Iter")
-            .field("remaining", &self.slots.len())
-            .finish_non_exhaustive()
-    }
-}
-
-impl Iterator for Iter<'_> {
-    type Item = EntryInfo;
-
-    fn next(&mut self) -> Option<EntryInfo> {
-        let inner = &self.cache.inner;
-        for slot in self.slots.by_ref() {
-            // Skips slots removed, replaced or expired since the snapshot.
-            if inner.indexed(&slot).is_none() {
-                continue;
-            }
-            if let Some(info) = inner.entry_info(&slot, inner.books.clock.now_millis()) {
-                return Some(info);
-            }
-        }
-        None
-    }
-
-    fn size_hint(&self) -> (usize, Option<usize>) {
-        (0, Some(self.slots.len()))
-    }
-}
-
-impl std::iter::FusedIterator for Iter<'_> {}
-
 /// A duration in whole milliseconds for the limits, at least 1; one too long for a `u64`
 /// of milliseconds (half a billion years) means "never" (`u64::MAX`, which every comparison
 /// treats with saturating arithmetic), never a wrapped, shorter one.
@@ -704,90 +519,6 @@ where
         Ok(Err(e)) => w.abort_with(e),
         Err(_) => w.abort_with(Box::new(Closing("producer panicked")) as Box<_>),
     }
-}
-
-/// Loads the committed entries of the storage into the index: newest version of each key
-/// wins, older versions, unreadable records and entries past their time to live are deleted.
-fn reload(inner: &Arc<Inner>) -> Result<()> {
-    let blobs = inner
-        .storage
-        .list()
-        .map_err(|e| Error::from_io_without_path("list stored entries", e))?;
-    let now = inner.books.clock.now_millis();
-    let mut newest: HashMap<String, (u64, EntryMeta, u64)> = HashMap::new();
-    let mut max_id = 0;
-    for blob in blobs {
-        let id = blob
-            .name
-            .rsplit_once('-')
-            .and_then(|(_, id)| u64::from_str_radix(id, 16).ok());
-        let meta = EntryMeta::decode(&blob.meta);
-        // Ids come from a counter that starts at 0 in a fresh directory: one in the top half
-        // of the range was not made by a cache (and `id + 1` below must not overflow).
-        let id = id.filter(|&id| id < 1 << 63);
-        let (Some(id), Ok(meta)) = (id, meta) else {
-            tracing::warn!(blob = %blob.name, "discarding blob that is not a cache entry");
-            reaper::delete_at_open(&*inner.storage, &blob.name);
-            continue;
-        };
-        if blob_name(&meta.key, id) != blob.name {
-            tracing::warn!(blob = %blob.name, "discarding blob whose name does not match its key");
-            reaper::delete_at_open(&*inner.storage, &blob.name);
-            continue;
-        }
-        max_id = max_id.max(id + 1);
-        let ttl = match (inner.limits.ttl_ms, meta.ttl_ms) {
-            (Some(ttl), 0) => Some(ttl),
-            (Some(ttl), own) => Some(ttl.min(own)),
-            (None, 0) => None,
-            (None, own) => Some(own),
-        };
-        let expired = ttl.is_some_and(|ttl| now >= meta.finished.saturating_add(ttl));
-        if expired {
-            reaper::delete_at_open(&*inner.storage, &blob.name);
-            continue;
-        }
-        match newest.get(&meta.key) {
-            Some((old_id, old, _)) if (old.finished, *old_id) >= (meta.finished, id) => {
-                reaper::delete_at_open(&*inner.storage, &blob.name);
-            }
-            _ => {
-                if let Some((old_id, old, _)) =
-                    newest.insert(meta.key.clone(), (id, meta, blob.len))
-                {
-                    reaper::delete_at_open(&*inner.storage, &blob_name(&old.key, old_id));
-                }
-            }
-        }
-    }
-    inner.next_id.store(max_id, Ordering::Relaxed);
-    let mut entries: Vec<_> = newest.into_values().collect();
-    entries.sort_by_key(|(_, m, _)| m.last_access);
-    let mut lru = inner.lru.lock().unwrap_or_else(|e| e.into_inner());
-    for (id, meta, len) in entries {
-        let key: Arc<str> = Arc::from(meta.key.as_str());
-        let slot = Arc::new(Slot::new(
-            inner,
-            key,
-            id,
-            meta.finished.max(1),
-            meta.last_access,
-            len,
-        ));
-        slot.set_ttl_ms(meta.ttl_ms);
-        slot.set_live();
-        // Stamps of this session must order after those persisted by the last one.
-        inner
-            .books
-            .access
-            .fetch_max(meta.last_access, Ordering::Relaxed);
-        inner.bytes.fetch_add(len, Ordering::Relaxed);
-        lru.put(id, slot.clone());
-        if inner.index.insert(Indexed(slot), None).is_none() {
-            inner.entries.fetch_add(1, Ordering::Relaxed);
-        }
-    }
-    Ok(())
 }
 
 impl Drop for Cache {
