@@ -114,6 +114,11 @@ impl Inner {
     /// Size eviction: least recently used first, skipping entries in use or that the policy
     /// keeps. Returns how many were evicted.
     pub(crate) fn evict_for_size(&self) -> usize {
+        // The recency of loaded entries is not known until the load completes (which then
+        // asks for a pass).
+        if self.loading.active.load(Ordering::Acquire) {
+            return 0;
+        }
         if self.over_limits() {
             // Before any in-use check: see `Slot::released`.
             self.books.stats.over_limit.store(true, Ordering::SeqCst);
@@ -203,6 +208,9 @@ impl Inner {
     /// least recently used entries that nobody is reading, their blobs queued for the reaper
     /// to delete (no I/O here). Entries in use are skipped (up to `HELP_SKIP` of them).
     pub(super) fn help_evict(&self, n: usize) {
+        if self.loading.active.load(Ordering::Acquire) {
+            return;
+        }
         let mut kept = Vec::new();
         let mut evicted = 0;
         while evicted < n && kept.len() < HELP_SKIP {

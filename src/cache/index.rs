@@ -134,6 +134,8 @@ pub(crate) struct Inner {
     pub(crate) policy: Option<Arc<dyn Policy>>,
     /// Computes finished entries' own time to live (see `Slot::commit_meta`).
     pub(crate) expiry: Option<Arc<dyn Expiry>>,
+    /// The background load of the stored entries (see `reload`).
+    pub(crate) loading: super::reload::Loading,
     /// Lock: this mutex (a leaf lock). Finished entries (key, id) that were released with
     /// their stream open, oldest first; beyond `max_idle_open`, the oldest close their stream
     /// if unused.

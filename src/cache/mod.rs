@@ -61,6 +61,8 @@ pub struct Cache {
     reaper: Option<JoinHandle<()>>,
     /// The thread that calls the eviction listener, if there is one.
     notifier: Option<JoinHandle<()>>,
+    /// The thread loading the stored entries into the index (joined on drop).
+    loader: Option<JoinHandle<()>>,
     /// Releases the directory locks of the storage this cache opened itself, on drop.
     unlock: Option<builder::Unlock>,
 }
@@ -130,6 +132,7 @@ impl Cache {
             note_overflow: Mutex::default(),
             policy: b.policy,
             expiry: b.expiry,
+            loading: reload::Loading::default(),
             idle_open: Mutex::default(),
             max_idle_open: b.max_idle_open,
         });
@@ -142,11 +145,12 @@ impl Cache {
             inner,
             reaper: None,
             notifier,
+            loader: None,
             unlock,
         };
         let inner = cache.inner.clone();
         inner.books.now();
-        reload::reload(&inner)?;
+        cache.loader = Some(reload::start(&inner, b.startup_wait)?);
         let reaper = reaper::spawn(Arc::downgrade(&inner), inner.deletions.clone(), rx, tick)
             .map_err(|e| Error::io_without_path("spawn reaper thread", e))?;
         let _ = inner.threads.reaper.set(reaper.thread().id());
@@ -232,12 +236,20 @@ impl Cache {
 
     /// Serves `key` if it is present and servable; unlinks stale slots on the way.
     fn lookup(&self, key: &str, now: Option<u64>) -> Result<Option<Reader>> {
+        let mut settled = false;
         loop {
             // Fast path under the shard's read guard: no lock of its own, no slot refcount
             // traffic, no I/O.
             let (slot, refused) = {
                 let Some(entry) = self.inner.index.get(key) else {
-                    return Ok(None);
+                    // While the index loads, a key not in it yet may be stored: settle it
+                    // (once) and look again.
+                    if settled || !self.inner.loading.active.load(Ordering::Acquire) {
+                        return Ok(None);
+                    }
+                    reload::settle(&self.inner, key)?;
+                    settled = true;
+                    continue;
                 };
                 let slot = &entry.key().0;
                 match self.inner.hit_open(slot, entry.value().as_ref(), now) {
@@ -314,8 +326,11 @@ impl Cache {
         }
     }
 
-    /// Whether `key` is present and servable. Does not refresh recency.
+    /// Whether `key` is present and servable. Does not refresh recency. (While the index
+    /// loads after opening, a key not indexed yet is looked up in storage; if that look-up
+    /// fails, the key is reported absent and the failure logged.)
     pub fn contains_key(&self, key: &str) -> bool {
+        self.settle_quietly(key);
         let now = self.inner.books.clock.now_millis();
         let slot = self.inner.slot(key);
         slot.is_some_and(|s| self.inner.expiry(&s, now).is_none() && !self.inner.failed(&s))
@@ -352,9 +367,21 @@ impl Cache {
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
     pub fn entry_info(&self, key: &str) -> Option<EntryInfo> {
+        self.settle_quietly(key);
         let slot = self.inner.slot(key)?;
         self.inner
             .entry_info(&slot, self.inner.books.clock.now_millis())
+    }
+
+    /// While the index loads, makes `key` indexed if it is stored (for the calls that cannot
+    /// report an error).
+    fn settle_quietly(&self, key: &str) {
+        if self.inner.loading.active.load(Ordering::Acquire)
+            && !self.inner.index.contains_key(key)
+            && let Err(e) = reload::settle(&self.inner, key)
+        {
+            tracing::warn!(key, error = %e, "could not look a key up while loading");
+        }
     }
 
     /// An iterator over the entries present (finished or being written, not expired), in no
@@ -409,6 +436,10 @@ impl Cache {
     /// whose removal must be confirmed to be honest: with a shared tier (a bucket that other
     /// machines read), `remove` deletes there too and reports when it cannot.
     pub fn remove(&self, key: &str) -> Result<bool> {
+        if self.inner.loading.active.load(Ordering::Acquire) && !self.inner.index.contains_key(key)
+        {
+            reload::settle(&self.inner, key)?;
+        }
         match self.inner.index.remove(key) {
             Some((Indexed(slot), stream)) => {
                 self.inner.finalize(&slot, stream, RemovalCause::Explicit);
@@ -420,6 +451,8 @@ impl Cache {
 
     /// Removes every entry, as [`remove`](Cache::remove) does (safe while streams are open).
     pub fn clear(&self) {
+        // Entries still loading would come back after it.
+        self.inner.loading.wait_ended();
         for slot in self.slots() {
             self.inner.unlink(&slot, RemovalCause::Explicit);
         }
@@ -471,6 +504,8 @@ impl Cache {
             pending_deletions: self.inner.deletions.pending.load(Ordering::Relaxed),
             pending_deletion_bytes: self.inner.deletions.pending_bytes.load(Ordering::Relaxed),
             failed_deletions: self.inner.deletions.failures.load(Ordering::Relaxed),
+            loading: self.inner.loading.active.load(Ordering::Relaxed),
+            loaded_entries: self.inner.loading.entries.load(Ordering::Relaxed),
         }
     }
 
@@ -484,6 +519,7 @@ impl Cache {
         if self.inner.threads.is_own() {
             return;
         }
+        self.inner.loading.wait_ended();
         let (tx, rx) = mpsc::channel();
         if self.inner.jobs.send(Job::Sync(tx)).is_ok() {
             let _ = rx.recv();
@@ -523,6 +559,9 @@ where
 
 impl Drop for Cache {
     fn drop(&mut self) {
+        if let Some(loader) = self.loader.take() {
+            reload::stop(&self.inner, loader);
+        }
         if let Some(reaper) = self.reaper.take() {
             let _ = self.inner.jobs.send(Job::Shutdown);
             let _ = reaper.join();

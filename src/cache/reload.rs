@@ -1,28 +1,286 @@
-//! Loading a storage's committed entries into the index when the cache opens.
+//! Loading a storage's committed entries into the index when the cache opens: in the
+//! background, while the cache already serves requests.
 //!
-//! Invariants: at most one version of a key is indexed (the newest by finish time, then id);
-//! every other version, every blob that is not a cache entry or whose name does not match its
-//! key, and every entry already past its time to live is deleted; `next_id` ends above every
-//! id found, so a new version never reuses a stored name.
+//! A loader thread lists the storage in batches ([`Storage::list_batches`]; every version of
+//! a key is in one batch) and indexes the newest version of each key. Meanwhile a request
+//! for a key that is not indexed yet **settles** it first: it looks the key's blobs up
+//! directly ([`Storage::list_prefix`] with the key's blob-name prefix) and indexes the newest.
+//!
+//! Invariants:
+//! * Each key is settled at most once while loading, by whichever of the loader and a request
+//!   claims it first; from then on the index alone answers for it. A request claims a key in
+//!   `Loading::claimed` before looking; the loader indexes a key only under the write guard of
+//!   that key's `claimed` shard, after seeing it unclaimed. So the loader never indexes a key
+//!   a request settled (which it may have removed or replaced since), and a request never
+//!   misses a key the loader is indexing: at most one version of a key is ever indexed, and a
+//!   finished entry on disk never gets a second producer.
+//! * Requests that find a key claimed by another wait for its look-up to end; a look-up that
+//!   fails (EMFILE, EIO) releases the claim, so the next request looks again.
+//! * Older versions, blobs that are not cache entries or whose name does not match their key,
+//!   and entries already past their time to live are deleted when found; `next_id` is raised
+//!   above every id found for a key before that key can get a new version.
+//! * While loading, size eviction waits (the recency of loaded entries is not known yet):
+//!   loaded entries enter the recency list, oldest last-access at the least recent end, when
+//!   loading completes, and a maintenance pass follows. Expiry applies throughout.
 
 use std::collections::HashMap;
-use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::collections::hash_map::Entry as HashEntry;
+use std::io;
+use std::ops::ControlFlow;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use dashmap::DashMap;
+use dashmap::mapref::entry::Entry as MapEntry;
 
 use super::index::{Indexed, Inner, Slot};
 use super::meta::EntryMeta;
 use super::reaper;
 use super::slot::blob_name;
 use crate::error::{Error, Result};
+use crate::storage::BlobInfo;
 
-/// Loads the committed entries of the storage into the index: newest version of each key
-/// wins, older versions, unreadable records and entries past their time to live are deleted.
-pub(super) fn reload(inner: &Arc<Inner>) -> Result<()> {
-    let blobs = inner
-        .storage
-        .list()
-        .map_err(|e| Error::from_io_without_path("list stored entries", e))?;
+/// A request's claim on a key while loading: set when its look-up ended (the error kind if
+/// it failed).
+type Claim = OnceLock<Result<(), io::ErrorKind>>;
+
+/// The state of the background load (in `Inner`).
+#[derive(Debug, Default)]
+pub(crate) struct Loading {
+    /// Set until the index holds every stored entry. While set, requests settle keys they do
+    /// not find and size eviction waits. Cleared once, by the loader, after the loaded
+    /// entries joined the recency list.
+    pub(crate) active: AtomicBool,
+    /// Lock: DashMap's shard locks (the loader holds one across indexing one key; a request
+    /// only to claim). Keys claimed by requests while loading (see the module invariants).
+    /// Emptied when loading completes.
+    claimed: DashMap<Arc<str>, Arc<Claim>>,
+    /// Lock: this mutex (a leaf lock). Loaded slots waiting to join the recency list: `Some`
+    /// until `complete` takes them; a slot indexed after that joins the list at once.
+    pending: Mutex<Option<Vec<Arc<Slot>>>>,
+    /// Entries indexed by the loader and by settling requests so far.
+    pub(crate) entries: AtomicU64,
+    /// Asks the loader to stop (the cache is being dropped).
+    stop: AtomicBool,
+    /// Lock: this mutex, with `done_cv`. `Some` once an attempt of the loader ended: `Ok` if
+    /// it indexed everything, else why not (a failed attempt is retried, and may be followed
+    /// by `Ok`).
+    done: Mutex<Option<std::result::Result<(), String>>>,
+    done_cv: Condvar,
+}
+
+impl Loading {
+    /// Waits up to `timeout` for the loader to end; `None` if it has not.
+    fn wait(&self, timeout: Duration) -> Option<std::result::Result<(), String>> {
+        let done = self.done.lock().unwrap_or_else(|e| e.into_inner());
+        let (done, _) = self
+            .done_cv
+            .wait_timeout_while(done, timeout, |d| d.is_none())
+            .unwrap_or_else(|e| e.into_inner());
+        done.clone()
+    }
+
+    /// Waits until an attempt of the loader ended (completed, failed or stopped).
+    pub(crate) fn wait_ended(&self) {
+        let done = self.done.lock().unwrap_or_else(|e| e.into_inner());
+        drop(
+            self.done_cv
+                .wait_while(done, |d| d.is_none())
+                .unwrap_or_else(|e| e.into_inner()),
+        );
+    }
+
+    fn end(&self, outcome: std::result::Result<(), String>) {
+        *self.done.lock().unwrap_or_else(|e| e.into_inner()) = Some(outcome);
+        self.done_cv.notify_all();
+    }
+}
+
+/// Starts loading the storage's entries in the background and waits up to `wait` for it.
+///
+/// # Errors
+/// The listing's error, if it failed within `wait` (the cache is then not built).
+pub(super) fn start(inner: &Arc<Inner>, wait: Duration) -> Result<JoinHandle<()>> {
+    *inner
+        .loading
+        .pending
+        .lock()
+        .unwrap_or_else(|e| e.into_inner()) = Some(Vec::new());
+    inner.loading.active.store(true, Ordering::SeqCst);
+    let loader = inner.clone();
+    let handle = std::thread::Builder::new()
+        .name("streamcache-loader".into())
+        .spawn(move || load(&loader))
+        .map_err(|e| Error::io_without_path("spawn loader thread", e))?;
+    match inner.loading.wait(wait) {
+        Some(Err(e)) => {
+            stop(inner, handle);
+            Err(Error::from_io_without_path(
+                "list stored entries",
+                io::Error::other(e),
+            ))
+        }
+        _ => Ok(handle),
+    }
+}
+
+/// Asks the loader to stop and waits for it.
+pub(super) fn stop(inner: &Inner, loader: JoinHandle<()>) {
+    // (A `start` that failed stopped it already.)
+    inner.loading.stop.store(true, Ordering::SeqCst);
+    let _ = loader.join();
+}
+
+/// The loader thread: indexes every batch, then completes the load. A listing that fails is
+/// retried with a growing delay; meanwhile requests keep settling the keys they ask for, so
+/// nothing stored is missed, but size eviction waits.
+fn load(inner: &Arc<Inner>) {
+    let loading = &inner.loading;
+    let mut delay = Duration::from_millis(100);
+    loop {
+        let listed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            inner.storage.list_batches(&|batch| {
+                if loading.stop.load(Ordering::Relaxed) {
+                    return ControlFlow::Break(());
+                }
+                index_batch(inner, batch);
+                ControlFlow::Continue(())
+            })
+        }));
+        let failure = match listed {
+            _ if loading.stop.load(Ordering::Relaxed) => {
+                loading.end(Err("stopped".to_owned()));
+                return;
+            }
+            Ok(Ok(())) => {
+                complete(inner);
+                loading.end(Ok(()));
+                return;
+            }
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => "the storage panicked while listing".to_owned(),
+        };
+        tracing::error!(error = %failure, "loading the cache index failed; retrying in {delay:?} (keys are looked up one by one meanwhile)");
+        loading.end(Err(failure));
+        let until = std::time::Instant::now() + delay;
+        while std::time::Instant::now() < until {
+            if loading.stop.load(Ordering::Relaxed) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        delay = (delay * 2).min(Duration::from_secs(30));
+    }
+}
+
+/// Indexes the newest version of each key of one batch, unless a request settled it.
+fn index_batch(inner: &Inner, batch: Vec<BlobInfo>) {
     let now = inner.books.clock.now_millis();
+    for (key, (id, meta, len)) in newest_per_key(inner, batch, now) {
+        let key: Arc<str> = Arc::from(key);
+        // Under the claimed shard's write guard: no request can claim the key meanwhile.
+        let MapEntry::Vacant(_unclaimed) = inner.loading.claimed.entry(key.clone()) else {
+            continue;
+        };
+        match insert(inner, key, id, &meta, len) {
+            // Indexed now, or by an earlier attempt of this load.
+            None => {}
+            Some(indexed) if indexed == id => {}
+            Some(_) => {
+                // Only a storage that splits a key's versions over batches gets here.
+                tracing::warn!(blob = %blob_name(&meta.key, id), "discarding a second version of a loaded key");
+                reaper::delete_at_open(&*inner.storage, &blob_name(&meta.key, id));
+            }
+        }
+    }
+}
+
+/// Makes `key` settled before a request looks it up in the index while loading: indexes its
+/// newest stored version if nobody has yet. Returns at once when not loading.
+///
+/// # Errors
+/// [`Error::Io`] if the storage cannot be listed for the key right now (the request fails;
+/// the next one looks again).
+pub(crate) fn settle(inner: &Inner, key: &str) -> Result<()> {
+    let loading = &inner.loading;
+    if !loading.active.load(Ordering::Acquire) {
+        return Ok(());
+    }
+    let key: Arc<str> = Arc::from(key);
+    let (claim, mine) = match loading.claimed.entry(key.clone()) {
+        MapEntry::Occupied(e) => (e.get().clone(), false),
+        MapEntry::Vacant(v) => {
+            let claim = Arc::new(Claim::new());
+            v.insert(claim.clone());
+            (claim, true)
+        }
+    };
+    if !mine {
+        return (*claim.wait()).map_err(|kind| {
+            Error::io_without_path("look up a stored entry", io::Error::from(kind))
+        });
+    }
+    // Whatever happens (an error, a panic), waiters are released and a failed claim
+    // withdrawn, so that the next request looks again.
+    struct Release<'a> {
+        loading: &'a Loading,
+        key: Arc<str>,
+        claim: Arc<Claim>,
+    }
+    impl Drop for Release<'_> {
+        fn drop(&mut self) {
+            if self.claim.get().is_none() {
+                let _ = self.claim.set(Err(io::ErrorKind::Other));
+            }
+            if self.claim.get().is_some_and(Result::is_err) {
+                self.loading
+                    .claimed
+                    .remove_if(&self.key, |_, c| Arc::ptr_eq(c, &self.claim));
+            }
+        }
+    }
+    let release = Release {
+        loading,
+        key: key.clone(),
+        claim: claim.clone(),
+    };
+    let looked = look_up(inner, &key);
+    let _ = claim.set(looked.as_ref().map(|_| ()).map_err(io::Error::kind));
+    drop(release);
+    looked.map_err(|e| Error::from_io_without_path("look up a stored entry", e))
+}
+
+/// Indexes the newest stored version of `key`, if any and not indexed already.
+fn look_up(inner: &Inner, key: &Arc<str>) -> io::Result<()> {
+    if inner.index.contains_key(&**key) {
+        return Ok(());
+    }
+    let name = blob_name(key, 0);
+    let prefix = &name[..name.len() - 16];
+    let found = inner.storage.list_prefix(prefix)?;
+    let now = inner.books.clock.now_millis();
+    for (_, (id, meta, len)) in newest_per_key(inner, found, now) {
+        if *meta.key == **key {
+            // Nobody else indexes the key while it is claimed; only the same version can be
+            // there already (indexed by an earlier, failed attempt of the loader).
+            if insert(inner, key.clone(), id, &meta, len).is_some_and(|other| other != id) {
+                reaper::delete_at_open(&*inner.storage, &blob_name(key, id));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Checks the listed blobs and keeps the newest version of each key: deletes older versions,
+/// blobs that are not cache entries or whose name does not match their key, and entries past
+/// their time to live; raises `next_id` above every id seen.
+fn newest_per_key(
+    inner: &Inner,
+    blobs: Vec<BlobInfo>,
+    now: u64,
+) -> HashMap<String, (u64, EntryMeta, u64)> {
     let mut newest: HashMap<String, (u64, EntryMeta, u64)> = HashMap::new();
     let mut max_id = 0;
     for blob in blobs {
@@ -51,50 +309,116 @@ pub(super) fn reload(inner: &Arc<Inner>) -> Result<()> {
             (None, 0) => None,
             (None, own) => Some(own),
         };
-        let expired = ttl.is_some_and(|ttl| now >= meta.finished.saturating_add(ttl));
-        if expired {
+        if ttl.is_some_and(|ttl| now >= meta.finished.saturating_add(ttl)) {
             reaper::delete_at_open(&*inner.storage, &blob.name);
             continue;
         }
-        match newest.get(&meta.key) {
-            Some((old_id, old, _)) if (old.finished, *old_id) >= (meta.finished, id) => {
-                reaper::delete_at_open(&*inner.storage, &blob.name);
+        match newest.entry(meta.key.clone()) {
+            HashEntry::Occupied(mut e) => {
+                let (old_id, old, _) = e.get();
+                let older = if (old.finished, *old_id) >= (meta.finished, id) {
+                    blob.name
+                } else {
+                    let old = blob_name(&old.key, *old_id);
+                    e.insert((id, meta, blob.len));
+                    old
+                };
+                reaper::delete_at_open(&*inner.storage, &older);
             }
-            _ => {
-                if let Some((old_id, old, _)) =
-                    newest.insert(meta.key.clone(), (id, meta, blob.len))
-                {
-                    reaper::delete_at_open(&*inner.storage, &blob_name(&old.key, old_id));
+            HashEntry::Vacant(e) => {
+                e.insert((id, meta, blob.len));
+            }
+        }
+    }
+    inner.next_id.fetch_max(max_id, Ordering::Relaxed);
+    newest
+}
+
+/// Indexes a stored entry as a finished slot, if its key is not indexed; if it is, returns
+/// the id of the version indexed.
+fn insert(inner: &Inner, key: Arc<str>, id: u64, meta: &EntryMeta, len: u64) -> Option<u64> {
+    let slot = Arc::new(Slot::new(
+        inner,
+        key,
+        id,
+        meta.finished.max(1),
+        meta.last_access,
+        len,
+    ));
+    slot.set_ttl_ms(meta.ttl_ms);
+    slot.set_live();
+    // Counted before it is visible (see `Cache::get_or_create`).
+    inner.entries.fetch_add(1, Ordering::Relaxed);
+    inner.bytes.fetch_add(len, Ordering::Relaxed);
+    match inner.index.entry(Indexed(slot.clone())) {
+        MapEntry::Occupied(e) => {
+            let indexed = e.key().0.id;
+            drop(e);
+            inner.entries.fetch_sub(1, Ordering::Relaxed);
+            inner.bytes.fetch_sub(len, Ordering::Relaxed);
+            slot.flags.store(0, Ordering::SeqCst);
+            Some(indexed)
+        }
+        MapEntry::Vacant(v) => {
+            v.insert(None);
+            // Stamps of this session must order after those persisted by the last one.
+            inner
+                .books
+                .access
+                .fetch_max(meta.last_access, Ordering::Relaxed);
+            inner.loading.entries.fetch_add(1, Ordering::Relaxed);
+            let late = {
+                let mut pending = inner
+                    .loading
+                    .pending
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
+                match &mut *pending {
+                    Some(pending) => {
+                        pending.push(slot);
+                        None
+                    }
+                    None => Some(slot),
                 }
+            };
+            if let Some(slot) = late {
+                join_recency(inner, vec![slot]);
             }
+            None
         }
     }
-    inner.next_id.store(max_id, Ordering::Relaxed);
-    let mut entries: Vec<_> = newest.into_values().collect();
-    entries.sort_by_key(|(_, m, _)| m.last_access);
+}
+
+/// Ends a complete load: loaded entries join the recency list behind everything used in this
+/// session, least recently accessed at the end; then size eviction may run.
+fn complete(inner: &Inner) {
+    let loaded = inner
+        .loading
+        .pending
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take()
+        .unwrap_or_default();
+    join_recency(inner, loaded);
+    inner.loading.active.store(false, Ordering::SeqCst);
+    inner.loading.claimed.clear();
+    if inner.over_limits() {
+        inner.request_maintenance();
+    }
+}
+
+/// Puts loaded slots at the least recent end of the recency list, least recently accessed
+/// last.
+fn join_recency(inner: &Inner, mut loaded: Vec<Arc<Slot>>) {
+    // Most recent first: each is demoted behind the ones before it.
+    loaded.sort_unstable_by_key(|s| std::cmp::Reverse(s.last_access.load(Ordering::Relaxed)));
     let mut lru = inner.lru.lock().unwrap_or_else(|e| e.into_inner());
-    for (id, meta, len) in entries {
-        let key: Arc<str> = Arc::from(meta.key.as_str());
-        let slot = Arc::new(Slot::new(
-            inner,
-            key,
-            id,
-            meta.finished.max(1),
-            meta.last_access,
-            len,
-        ));
-        slot.set_ttl_ms(meta.ttl_ms);
-        slot.set_live();
-        // Stamps of this session must order after those persisted by the last one.
-        inner
-            .books
-            .access
-            .fetch_max(meta.last_access, Ordering::Relaxed);
-        inner.bytes.fetch_add(len, Ordering::Relaxed);
-        lru.put(id, slot.clone());
-        if inner.index.insert(Indexed(slot), None).is_none() {
-            inner.entries.fetch_add(1, Ordering::Relaxed);
+    for slot in loaded {
+        // Checked under the recency lock: `finalize` clears `LIVE` before taking it.
+        if slot.is_live() {
+            let id = slot.id;
+            lru.put(id, slot);
+            lru.demote(&id);
         }
     }
-    Ok(())
 }

@@ -152,6 +152,12 @@ pub struct CacheStats {
     pub pending_deletions: u64,
     /// Their bytes. They count toward `max_bytes`, since they still use the space.
     pub pending_deletion_bytes: u64,
+    /// `true` while the index of the entries found in storage at opening is still loading
+    /// (see [`CacheBuilder::startup_wait`](crate::CacheBuilder::startup_wait)): a service may
+    /// report readiness when it turns `false`.
+    pub loading: bool,
+    /// Stored entries indexed so far by the load (its progress).
+    pub loaded_entries: u64,
     /// Deletions the storage refused so far (each retry that fails counts again). Each
     /// is also logged at error level.
     pub failed_deletions: u64,

@@ -91,7 +91,7 @@ fn decode_ttl(v: u32) -> Option<u64> {
 
 impl Slot {
     pub(crate) fn new(
-        inner: &Arc<Inner>,
+        inner: &Inner,
         key: Arc<str>,
         id: u64,
         finished: u64,

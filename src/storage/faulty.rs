@@ -196,6 +196,17 @@ impl Storage for FaultyStorage {
         self.inner.list()
     }
 
+    fn list_prefix(&self, prefix: &str) -> io::Result<Vec<BlobInfo>> {
+        self.inner.list_prefix(prefix)
+    }
+
+    fn list_batches(
+        &self,
+        each: &(dyn Fn(Vec<BlobInfo>) -> std::ops::ControlFlow<()> + Sync),
+    ) -> io::Result<()> {
+        self.inner.list_batches(each)
+    }
+
     fn set_meta(&self, name: &str, meta: &[u8]) -> io::Result<()> {
         self.inner.set_meta(name, meta)
     }

@@ -360,6 +360,17 @@ impl Storage for FrontStorage {
         self.shared.inner.list()
     }
 
+    fn list_prefix(&self, prefix: &str) -> io::Result<Vec<BlobInfo>> {
+        self.shared.inner.list_prefix(prefix)
+    }
+
+    fn list_batches(
+        &self,
+        each: &(dyn Fn(Vec<BlobInfo>) -> std::ops::ControlFlow<()> + Sync),
+    ) -> io::Result<()> {
+        self.shared.inner.list_batches(each)
+    }
+
     fn set_meta(&self, name: &str, meta: &[u8]) -> io::Result<()> {
         let _serial = self
             .shared

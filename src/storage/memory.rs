@@ -323,6 +323,16 @@ impl Storage for MemoryStorage {
             .collect())
     }
 
+    fn list_prefix(&self, prefix: &str) -> io::Result<Vec<BlobInfo>> {
+        Ok(self
+            .inner
+            .committed
+            .iter()
+            .filter(|e| e.key().starts_with(prefix))
+            .map(|e| blob_info(e.key(), &e.value().0, &e.value().1))
+            .collect())
+    }
+
     fn set_meta(&self, name: &str, meta: &[u8]) -> io::Result<()> {
         let mut entry = self
             .inner

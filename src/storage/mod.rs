@@ -41,6 +41,7 @@
 
 use std::fmt;
 use std::io;
+use std::ops::ControlFlow;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -107,6 +108,41 @@ pub trait Storage: Send + Sync + fmt::Debug {
     /// # Errors
     /// An I/O error that prevents listing at all; individual bad blobs are skipped instead.
     fn list(&self) -> io::Result<Vec<BlobInfo>>;
+
+    /// Lists the committed blobs whose names start with `prefix`, as [`list`](Storage::list)
+    /// would. A cache calls it to look a key up directly (with the 33-character prefix its
+    /// blob names share) while its index is still loading.
+    ///
+    /// The default filters [`list`](Storage::list); a backend that can find a prefix without
+    /// listing everything should override it ([`DiskStorage`] reads one shard directory).
+    ///
+    /// # Errors
+    /// As [`list`](Storage::list).
+    fn list_prefix(&self, prefix: &str) -> io::Result<Vec<BlobInfo>> {
+        let mut all = self.list()?;
+        all.retain(|b| b.name.starts_with(prefix));
+        Ok(all)
+    }
+
+    /// Lists every committed blob, as [`list`](Storage::list) does, in batches handed to
+    /// `each` as they are read, so that a listing of millions of blobs never holds them all:
+    /// a cache loads its index this way, in the background. `each` may be called from several
+    /// threads at once; when it returns [`ControlFlow::Break`], listing stops as soon as it
+    /// can. **The implementation must** put blobs whose names have the same first two
+    /// characters in the same batch (a cache relies on it to see every version of a key at
+    /// once).
+    ///
+    /// The default hands the whole of [`list`](Storage::list) over as one batch.
+    ///
+    /// # Errors
+    /// As [`list`](Storage::list). Batches already handed over stay handed over.
+    fn list_batches(
+        &self,
+        each: &(dyn Fn(Vec<BlobInfo>) -> ControlFlow<()> + Sync),
+    ) -> io::Result<()> {
+        let _ = each(self.list()?);
+        Ok(())
+    }
 
     /// Replaces the metadata of a committed blob, atomically.
     ///
@@ -203,6 +239,15 @@ macro_rules! forward_through {
             }
             fn list(&self) -> io::Result<Vec<BlobInfo>> {
                 (**self).list()
+            }
+            fn list_prefix(&self, prefix: &str) -> io::Result<Vec<BlobInfo>> {
+                (**self).list_prefix(prefix)
+            }
+            fn list_batches(
+                &self,
+                each: &(dyn Fn(Vec<BlobInfo>) -> ControlFlow<()> + Sync),
+            ) -> io::Result<()> {
+                (**self).list_batches(each)
             }
             fn set_meta(&self, name: &str, meta: &[u8]) -> io::Result<()> {
                 (**self).set_meta(name, meta)

@@ -291,6 +291,15 @@ impl Storage for PartitionedStorage {
         result
     }
 
+    fn list_prefix(&self, prefix: &str) -> io::Result<Vec<BlobInfo>> {
+        // Every directory: a blob may be misplaced (found outside its home at open).
+        let mut all = Vec::new();
+        for part in &self.parts {
+            all.extend(part.disk.list_prefix(prefix)?);
+        }
+        Ok(all)
+    }
+
     fn list(&self) -> io::Result<Vec<BlobInfo>> {
         if let Some(listing) = self
             .listing

@@ -9,7 +9,9 @@
 
 use std::fs;
 use std::io;
+use std::ops::ControlFlow;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use super::file::file_kind;
 use super::{DiskStorage, META_EXT};
@@ -18,6 +20,20 @@ use crate::storage::{BlobInfo, validate_name};
 impl DiskStorage {
     /// Every committed blob, reading the shards on up to 8 threads.
     pub(super) fn list_all(&self) -> io::Result<Vec<BlobInfo>> {
+        let all = std::sync::Mutex::new(Vec::new());
+        self.list_each_shard(&|batch| {
+            all.lock().unwrap_or_else(|e| e.into_inner()).extend(batch);
+            ControlFlow::Continue(())
+        })?;
+        Ok(all.into_inner().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Every committed blob, one shard directory (the blobs whose names share their first
+    /// two characters) per call of `each`, reading the shards on up to 8 threads.
+    pub(super) fn list_each_shard(
+        &self,
+        each: &(dyn Fn(Vec<BlobInfo>) -> ControlFlow<()> + Sync),
+    ) -> io::Result<()> {
         let mut shards = Vec::new();
         for shard in fs::read_dir(&self.inner.data)? {
             let shard = shard?;
@@ -30,33 +46,57 @@ impl DiskStorage {
             .map_or(1, |n| n.get())
             .clamp(1, 8)
             .min(shards.len().max(1));
-        let per = shards.len().div_ceil(workers).max(1);
+        let next = AtomicUsize::new(0);
+        let stop = AtomicBool::new(false);
         std::thread::scope(|scope| {
-            let handles: Vec<_> = shards
-                .chunks(per)
-                .map(|part| {
-                    scope.spawn(move || -> io::Result<Vec<BlobInfo>> {
-                        let mut out = Vec::new();
-                        for shard in part {
-                            self.list_shard(shard, &mut out)?;
+            let handles: Vec<_> = (0..workers)
+                .map(|_| {
+                    scope.spawn(|| -> io::Result<()> {
+                        while !stop.load(Ordering::Relaxed) {
+                            let Some(shard) = shards.get(next.fetch_add(1, Ordering::Relaxed))
+                            else {
+                                break;
+                            };
+                            let mut batch = Vec::new();
+                            self.list_shard(shard, "", &mut batch)?;
+                            if each(batch).is_break() {
+                                stop.store(true, Ordering::Relaxed);
+                            }
                         }
-                        Ok(out)
+                        Ok(())
                     })
                 })
                 .collect();
-            let mut all = Vec::new();
             for h in handles {
-                let part = h
-                    .join()
+                h.join()
                     .map_err(|_| io::Error::other("listing thread panicked"))??;
-                all.extend(part);
             }
-            Ok(all)
+            Ok(())
         })
     }
 
-    /// Lists one shard directory, deleting leftovers of interrupted commits.
-    fn list_shard(&self, shard: &Path, out: &mut Vec<BlobInfo>) -> io::Result<()> {
+    /// The committed blobs whose names start with `prefix`: one shard directory read, and
+    /// only the matching records (the whole listing, filtered, for a prefix shorter than a
+    /// shard's two characters).
+    pub(super) fn list_with_prefix(&self, prefix: &str) -> io::Result<Vec<BlobInfo>> {
+        let Some(shard) = prefix.get(..2) else {
+            let mut all = self.list_all()?;
+            all.retain(|b| b.name.starts_with(prefix));
+            return Ok(all);
+        };
+        let mut out = Vec::new();
+        if validate_name(shard).is_err() {
+            return Ok(out);
+        }
+        match self.list_shard(&self.inner.data.join(shard), prefix, &mut out) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(out),
+            other => other.map(|()| out),
+        }
+    }
+
+    /// Lists the blobs of one shard directory whose names start with `prefix`, deleting
+    /// leftovers of interrupted commits among them.
+    fn list_shard(&self, shard: &Path, prefix: &str, out: &mut Vec<BlobInfo>) -> io::Result<()> {
         let mut metas = Vec::new();
         let mut datas = std::collections::HashSet::new();
         for entry in fs::read_dir(shard)? {
@@ -64,6 +104,9 @@ impl DiskStorage {
             let Some(file_name) = file_name.to_str() else {
                 continue;
             };
+            if !file_name.starts_with(prefix) {
+                continue;
+            }
             match file_name.strip_suffix(".meta") {
                 Some(name) => metas.push(name.to_owned()),
                 None => {

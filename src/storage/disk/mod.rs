@@ -454,6 +454,17 @@ impl Storage for DiskStorage {
         self.list_all()
     }
 
+    fn list_prefix(&self, prefix: &str) -> io::Result<Vec<BlobInfo>> {
+        self.list_with_prefix(prefix)
+    }
+
+    fn list_batches(
+        &self,
+        each: &(dyn Fn(Vec<BlobInfo>) -> std::ops::ControlFlow<()> + Sync),
+    ) -> io::Result<()> {
+        self.list_each_shard(each)
+    }
+
     fn set_meta(&self, name: &str, meta: &[u8]) -> io::Result<()> {
         validate_name(name)?;
         check_meta_len(meta)?;
