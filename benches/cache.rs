@@ -6,7 +6,10 @@
 //! * read-back of a finished 256 MiB disk entry through `io::Read`, vs raw page-cache reads:
 //!   cold (first read after reopening: every block is verified), warm, and first read of an
 //!   entry this process wrote (its blocks were hashed as they were written);
-//! * time to first byte of a late joiner on an entry still being produced.
+//! * time to first byte of a late joiner on an entry still being produced;
+//! * memory front (`front`): a disk cache vs the same with `memory_front`, same run: hits on
+//!   4 KiB entries among 1 000 keys with 16 and with 2 000 idle handles kept, and repeated
+//!   reads of one hot 1 MiB entry through `read_chunk`.
 //!
 //! `cargo bench --bench cache` prints a Markdown table of medians (`BENCH_RUNS=n` to change
 //! the number of runs, default 7).
@@ -19,7 +22,7 @@ use std::path::Path;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use streamcache::{Cache, Entry};
+use streamcache::{Cache, Entry, Reader};
 
 #[path = "support/mod.rs"]
 mod support;
@@ -278,6 +281,216 @@ fn late_joiner(rows: &mut Table) {
     );
 }
 
+/// Keys of the memory-front section, 4 KiB each, plus one hot entry of 1 MiB.
+const FRONT_KEYS: usize = 1000;
+const FRONT_SMALL: usize = 4 << 10;
+const FRONT_HOT: usize = 1 << 20;
+/// The memory front of the section: room for every entry (each up to 2 MiB is promoted).
+const FRONT_BYTES: u64 = 16 << 20;
+
+/// Reads `r` to its end through `read_chunk(64 KiB)` (zero-copy pieces when the blob offers
+/// them); returns the length.
+fn drain_chunks(r: &mut Reader) -> usize {
+    let mut n = 0;
+    loop {
+        let piece = r.read_chunk(CHUNK).unwrap();
+        if piece.is_empty() {
+            return n;
+        }
+        n += black_box(piece).len();
+    }
+}
+
+/// Reads `r` to its end through `buf`; checks the length is `len`.
+fn drain_len(mut r: impl Read, buf: &mut [u8], len: usize) {
+    let mut total = 0;
+    loop {
+        let n = r.read(buf).unwrap();
+        if n == 0 {
+            break;
+        }
+        total += n;
+    }
+    black_box(&buf[..8]);
+    assert_eq!(total, len);
+}
+
+/// Whether a hit on `k` is served from the memory front: two readers held at once get the
+/// same zero-copy piece only from the front's one buffer (a disk blob is copied per reader).
+fn from_memory(cache: &Cache, k: &str) -> bool {
+    let mut a = cache.get(k).unwrap().expect("present");
+    let mut b = cache.get(k).unwrap().expect("present");
+    a.read_chunk(CHUNK).unwrap().as_ptr() == b.read_chunk(CHUNK).unwrap().as_ptr()
+}
+
+/// Hits every key of the front section in order, again and again, until each is served from
+/// memory in one pass (with few idle handles, each hit of a pass reopens the entry, so a
+/// promoted one comes from memory).
+fn warm_front(cache: &Cache) {
+    let until = Instant::now() + Duration::from_secs(60);
+    loop {
+        let mut all = from_memory(cache, "hot");
+        for i in 0..FRONT_KEYS {
+            all &= from_memory(cache, &key(i));
+        }
+        if all {
+            return;
+        }
+        assert!(Instant::now() < until, "memory front not warm after 60 s");
+    }
+}
+
+/// Median nanoseconds per call of `op(i)`, `n` calls per run, `disk` and `front` taking turns
+/// within each run.
+fn ns_per_op_pair(
+    n: usize,
+    mut disk: impl FnMut(usize),
+    mut front: impl FnMut(usize),
+) -> (f64, f64) {
+    let (mut d, mut f) = (Vec::new(), Vec::new());
+    for _ in 0..runs(5) {
+        for (op, out) in [
+            (&mut disk as &mut dyn FnMut(usize), &mut d),
+            (&mut front, &mut f),
+        ] {
+            let t = Instant::now();
+            for i in 0..n {
+                op(i);
+            }
+            out.push(t.elapsed().as_nanos() as f64 / n as f64);
+        }
+    }
+    (median(d), median(f))
+}
+
+/// Hits of 4 KiB entries among `FRONT_KEYS`, visited with a stride (so that with few idle
+/// handles every hit reopens its entry): `get` + read to the end via `read_chunk`.
+fn front_hits(rows: &mut Table, label: &str, disk: &Cache, front: &Cache) {
+    let keys: Vec<String> = (0..FRONT_KEYS).map(key).collect();
+    let hit = |cache: &Cache, i: usize| {
+        let k = &keys[(i * 7) % FRONT_KEYS];
+        let mut r = cache.get(k).unwrap().expect("present");
+        assert_eq!(drain_chunks(&mut r), FRONT_SMALL);
+    };
+    let (d, f) = ns_per_op_pair(20_000, |i| hit(disk, i), |i| hit(front, i));
+    rows.row(&format!("{label}: disk (baseline)"), d, "ns/op", None);
+    rows.row(
+        &format!("{label}: disk + memory_front"),
+        f,
+        "ns/op",
+        Some(f / d),
+    );
+}
+
+fn memory_front(rows: &mut Table) {
+    let small: Vec<Vec<u8>> = (0..FRONT_KEYS)
+        .map(|i| (0..FRONT_SMALL).map(|j| (i * 31 + j) as u8).collect())
+        .collect();
+    let hot: Vec<u8> = (0..FRONT_HOT).map(|j| (j % 251) as u8).collect();
+    let (disk_dir, front_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    for dir in [&disk_dir, &front_dir] {
+        let cache = Cache::builder().disk(dir.path()).build().unwrap();
+        for (i, data) in small.iter().enumerate() {
+            put(&cache, &key(i), data);
+        }
+        put(&cache, "hot", &hot);
+    }
+    let open = |dir: &tempfile::TempDir, front: bool, idle: usize| {
+        let b = Cache::builder().disk(dir.path()).max_idle_handles(idle);
+        let b = if front {
+            b.memory_front(FRONT_BYTES)
+        } else {
+            b
+        };
+        b.build().unwrap()
+    };
+
+    // (a) 16 idle handles for 1 000 hot keys: most disk hits reopen a file.
+    let disk = open(&disk_dir, false, 16);
+    let front = open(&front_dir, true, 16);
+    for i in 0..FRONT_KEYS {
+        drop(disk.get(&key(i)).unwrap());
+    }
+    warm_front(&front);
+    front_hits(
+        rows,
+        "front: hit 4 KiB of 1000 keys, 16 idle handles",
+        &disk,
+        &front,
+    );
+
+    // (c) One hot 1 MiB entry read again and again (its handle stays open between reads: in
+    // the front's cache that handle was opened from memory by the warm-up).
+    assert!(from_memory(&front, "hot"));
+    let read_hot = |cache: &Cache| {
+        let mut r = cache.get("hot").unwrap().expect("present");
+        assert_eq!(drain_chunks(&mut r), FRONT_HOT);
+    };
+    let (d, f) = ns_per_op_pair(1_000, |_| read_hot(&disk), |_| read_hot(&front));
+    let (d, f) = (FRONT_HOT as f64 / d, FRONT_HOT as f64 / f);
+    rows.row(
+        "front: hot 1 MiB entry, read_chunk(64 KiB): disk (baseline)",
+        d,
+        "GB/s",
+        None,
+    );
+    rows.row(
+        "front: hot 1 MiB entry, read_chunk(64 KiB): disk + memory_front",
+        f,
+        "GB/s",
+        Some(f / d),
+    );
+    // The same, copying: `io::Read` into a 64 KiB buffer (touches every byte, unlike the
+    // zero-copy pieces above, whose figure is not a throughput).
+    let mut buf = vec![0u8; CHUNK];
+    let mut copy_hot = |cache: &Cache| {
+        let r = cache.get("hot").unwrap().expect("present");
+        drain_len(r, &mut buf, FRONT_HOT);
+    };
+    let (mut d, mut f) = (Vec::new(), Vec::new());
+    for _ in 0..runs(5) {
+        for (cache, out) in [(&disk, &mut d), (&front, &mut f)] {
+            let t = Instant::now();
+            for _ in 0..1_000 {
+                copy_hot(cache);
+            }
+            out.push(gbps(FRONT_HOT * 1_000, t.elapsed()));
+        }
+    }
+    let (d, f) = (median(d), median(f));
+    rows.row(
+        "front: hot 1 MiB entry, io::Read 64 KiB buffer: disk (baseline)",
+        d,
+        "GB/s",
+        None,
+    );
+    rows.row(
+        "front: hot 1 MiB entry, io::Read 64 KiB buffer: disk + memory_front",
+        f,
+        "GB/s",
+        Some(f / d),
+    );
+    drop((disk, front));
+
+    // (b) 2 000 idle handles: every entry keeps its open file after its first hit, so the
+    // cache serves hits from the open handle and never asks the storage (nor its front).
+    let disk = open(&disk_dir, false, 2000);
+    let front = open(&front_dir, true, 2000);
+    for cache in [&disk, &front] {
+        for _ in 0..2 {
+            for i in 0..FRONT_KEYS {
+                drop(cache.get(&key(i)).unwrap());
+            }
+        }
+    }
+    front_hits(
+        rows,
+        "front: hit 4 KiB of 1000 keys, 2000 idle handles",
+        &disk,
+        &front,
+    );
+}
+
 fn main() {
     if !support::benchmarking() {
         return;
@@ -286,5 +499,6 @@ fn main() {
         ("hit", hit_path),
         ("disk", disk_throughput),
         ("late", late_joiner),
+        ("front", memory_front),
     ]);
 }
