@@ -252,6 +252,19 @@ pub(crate) fn settle(inner: &Inner, key: &str) -> Result<()> {
     looked.map_err(|e| Error::from_io_without_path("look up a stored entry", e))
 }
 
+/// Marks `key` settled while loading (its entry leaves the index, and its blob, deleted
+/// later, must not be looked up again). Returns at once when not loading.
+pub(crate) fn settled(inner: &Inner, key: &Arc<str>) {
+    let loading = &inner.loading;
+    if loading.active.load(Ordering::Acquire) {
+        loading.claimed.entry(key.clone()).or_insert_with(|| {
+            let done = Claim::new();
+            let _ = done.set(Ok(()));
+            Arc::new(done)
+        });
+    }
+}
+
 /// Indexes the newest stored version of `key`, if any and not indexed already.
 fn look_up(inner: &Inner, key: &Arc<str>) -> io::Result<()> {
     if inner.index.contains_key(&**key) {

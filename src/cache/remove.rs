@@ -103,6 +103,9 @@ impl Inner {
         deletion: Deletion,
     ) {
         let was = slot.flags.fetch_and(!LIVE, Ordering::SeqCst);
+        // While the index loads, a later look-up of the key must not find this entry's blob
+        // (its deletion is queued) and index it again.
+        super::reload::settled(self, &slot.key);
         self.entries.fetch_sub(1, Ordering::Relaxed);
         if deletion.filed() {
             self.lru

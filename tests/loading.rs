@@ -1,0 +1,242 @@
+//! The loading phase after a reopen: `build()` returns before the index is complete
+//! (`startup_wait(Duration::ZERO)` makes every load a background one), and the cache must
+//! still serve every stored entry, never become a second producer of a stored key, never bring
+//! back a key removed or replaced during the load, and enforce its limits once it completes.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Barrier};
+use std::thread;
+use std::time::Duration;
+
+use streamcache::cache::ManualClock;
+use streamcache::{Cache, CacheBuilder, Entry};
+use support::*;
+
+const N: usize = 4000;
+
+fn content(i: usize) -> Vec<u8> {
+    format!("entry {i} ").into_bytes().repeat(1 + i % 7)
+}
+
+/// A directory holding `n` finished entries `k0..k{n-1}`.
+fn fill(dir: &Path, n: usize) {
+    let cache = Cache::builder().disk(dir).build().unwrap();
+    for i in 0..n {
+        put(&cache, &format!("k{i}"), &content(i));
+    }
+}
+
+fn reopen(dir: &Path) -> CacheBuilder {
+    Cache::builder()
+        .disk(dir)
+        .startup_wait(Duration::ZERO)
+        .maintenance_interval(Duration::from_secs(3600))
+}
+
+fn wait_loaded(cache: &Cache) {
+    wait_until("index loaded", DEADLINE, || !cache.stats().loading);
+}
+
+/// Many threads ask for stored keys the moment `build()` returns: every request is a hit
+/// with the right bytes (never a miss, which would make a second producer), and once the
+/// load completes every entry is indexed exactly once.
+#[test]
+fn no_second_producer_while_loading() {
+    let dir = tempfile::tempdir().unwrap();
+    fill(dir.path(), N);
+    let path = dir.path().to_path_buf();
+    deadline("requests during the load", move || {
+        let cache = Arc::new(reopen(&path).build().unwrap());
+        let misses = Arc::new(AtomicUsize::new(0));
+        let start = Arc::new(Barrier::new(4));
+        let threads: Vec<_> = (0..4)
+            .map(|t| {
+                let (cache, misses, start) = (cache.clone(), misses.clone(), start.clone());
+                thread::spawn(move || {
+                    start.wait();
+                    // Each thread walks the keys from a different place, and the threads
+                    // overlap, so some keys are asked for by two threads at once.
+                    for j in 0..N / 2 {
+                        let i = (t * N / 4 + j * 7) % N;
+                        match cache.get_or_create(&format!("k{i}")).unwrap() {
+                            Entry::Hit(mut r) => assert_eq!(read_all(&mut r).unwrap(), content(i)),
+                            Entry::Miss(w) => {
+                                misses.fetch_add(1, Ordering::Relaxed);
+                                drop(w);
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_eq!(misses.load(Ordering::Relaxed), 0, "a stored key was produced again");
+        wait_loaded(&cache);
+        assert_eq!(cache.len(), N);
+        assert_eq!(cache.stats().loaded_entries, N as u64);
+        assert_eq!(stored_data_files(&path), N, "a key was stored twice");
+        assert_eq!(cache.stats().misses, 0);
+    });
+}
+
+/// `get`, `contains_key` and `entry_info` find stored keys before the loader reaches them;
+/// absent keys stay absent; a key created during the load is a new entry that survives.
+#[test]
+fn lookups_during_the_load() {
+    let dir = tempfile::tempdir().unwrap();
+    fill(dir.path(), N);
+    let cache = reopen(dir.path()).build().unwrap();
+    for i in (0..N).rev().step_by(97) {
+        let key = format!("k{i}");
+        assert!(cache.contains_key(&key), "{key}");
+        assert_eq!(cache.entry_info(&key).unwrap().len, content(i).len() as u64);
+        assert_eq!(get_bytes(&cache, &key), content(i));
+    }
+    assert!(!cache.contains_key("absent"));
+    assert!(cache.get("absent").unwrap().is_none());
+    put(&cache, "new", b"made while loading");
+    wait_loaded(&cache);
+    assert_eq!(cache.len(), N + 1);
+    assert_eq!(get_bytes(&cache, "new"), b"made while loading");
+    drop(cache);
+    let cache = reopen(dir.path()).startup_wait(Duration::MAX).build().unwrap();
+    assert!(!cache.stats().loading);
+    assert_eq!(cache.len(), N + 1);
+}
+
+/// Keys removed or replaced while loading stay removed or replaced: the loader, which
+/// listed them before, must not index them again.
+#[test]
+fn removed_and_replaced_keys_do_not_come_back() {
+    let dir = tempfile::tempdir().unwrap();
+    fill(dir.path(), N);
+    let cache = reopen(dir.path()).build().unwrap();
+    let mut want: BTreeMap<String, Option<Vec<u8>>> = BTreeMap::new();
+    for i in (0..N).step_by(13) {
+        let key = format!("k{i}");
+        if i % 2 == 0 {
+            assert!(cache.remove(&key).unwrap(), "{key} was stored");
+            want.insert(key, None);
+        } else {
+            assert!(cache.remove(&key).unwrap());
+            put(&cache, &key, b"replaced");
+            want.insert(key, Some(b"replaced".to_vec()));
+        }
+    }
+    wait_loaded(&cache);
+    cache.run_pending_tasks();
+    let check = |cache: &Cache| {
+        for (key, v) in &want {
+            match v {
+                None => assert!(cache.get(key).unwrap().is_none(), "{key} came back"),
+                Some(v) => assert_eq!(&get_bytes(cache, key), v, "{key}"),
+            }
+        }
+    };
+    check(&cache);
+    let removed = want.values().filter(|v| v.is_none()).count();
+    assert_eq!(cache.len(), N - removed);
+    drop(cache);
+    // And after another reopen, from what is on disk.
+    let cache = reopen(dir.path()).startup_wait(Duration::MAX).build().unwrap();
+    check(&cache);
+    assert_eq!(cache.len(), N - removed);
+    assert_eq!(stored_data_files(dir.path()), N - removed);
+}
+
+/// Size limits hold once the load completes, and eviction then follows the recency stored
+/// before the restart: the entries read last survive.
+#[test]
+fn eviction_after_the_load_follows_stored_recency() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new());
+    {
+        let cache = Cache::builder()
+            .disk(dir.path())
+            .clock(clock.clone())
+            .build()
+            .unwrap();
+        for i in 0..N {
+            put(&cache, &format!("k{i}"), &content(i));
+        }
+        clock.advance(Duration::from_secs(1));
+        // The last 100 keys read are 0..100: they are the most recent after the restart.
+        for i in 0..100 {
+            clock.advance(Duration::from_millis(1));
+            get_bytes(&cache, &format!("k{i}"));
+        }
+    }
+    let cache = reopen(dir.path())
+        .clock(clock.clone())
+        .max_entries(500)
+        .build()
+        .unwrap();
+    cache.run_pending_tasks(); // waits for the load, then evicts
+    wait_until("evicted to the limit", DEADLINE, || {
+        cache.run_pending_tasks();
+        cache.len() <= 500
+    });
+    assert_eq!(cache.len(), 500);
+    for i in 0..100 {
+        assert!(cache.contains_key(&format!("k{i}")), "recently read k{i} evicted");
+    }
+    cache.run_pending_tasks();
+    assert_eq!(stored_data_files(dir.path()), 500);
+}
+
+/// Expired entries are neither served nor indexed by the load.
+#[test]
+fn expired_entries_are_not_loaded() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new());
+    {
+        let cache = Cache::builder()
+            .disk(dir.path())
+            .clock(clock.clone())
+            .build()
+            .unwrap();
+        for i in 0..200 {
+            let mut w = miss(&cache, &format!("k{i}"));
+            if i % 2 == 0 {
+                w.set_time_to_live(Duration::from_secs(10));
+            }
+            w.write_all(&content(i)).unwrap();
+            w.finish().unwrap();
+        }
+    }
+    clock.advance(Duration::from_secs(10));
+    let cache = reopen(dir.path()).clock(clock.clone()).build().unwrap();
+    assert!(cache.get("k0").unwrap().is_none());
+    assert_eq!(get_bytes(&cache, "k1"), content(1));
+    wait_loaded(&cache);
+    assert_eq!(cache.len(), 100);
+}
+
+/// Dropping the cache in the middle of a load stops the loader and frees the directory.
+#[test]
+fn drop_during_the_load() {
+    let dir = tempfile::tempdir().unwrap();
+    fill(dir.path(), N);
+    let path = dir.path().to_path_buf();
+    deadline("drop while loading", move || {
+        for _ in 0..5 {
+            let cache = reopen(&path).build().unwrap();
+            assert_eq!(get_bytes(&cache, "k7"), content(7));
+            drop(cache);
+        }
+        let cache = reopen(&path).startup_wait(Duration::MAX).build().unwrap();
+        assert_eq!(cache.len(), N);
+    });
+}
+
+/// Data files (one per stored entry) under the cache directory.
+fn stored_data_files(dir: &Path) -> usize {
+    data_files(dir).len()
+}
