@@ -53,7 +53,8 @@ enum Op {
     /// Advance the clock by `ms`, then `run_pending_tasks`.
     Advance(u64),
     Clear,
-    Reopen,
+    /// Close the cache, advance the clock by `ms` while it is closed, open it again.
+    Reopen(u64),
 }
 
 /// `reopen`: the weight of `Reopen` (the others weigh 25 in all).
@@ -73,7 +74,7 @@ fn op(reopen: u32) -> impl Strategy<Value = Op> {
         3 => (0usize..4, 1u64..40).prop_map(|(w, ms)| Op::SetTtl { w, ms }),
         4 => (0u64..30).prop_map(Op::Advance),
         1 => Just(Op::Clear),
-        reopen => Just(Op::Reopen),
+        reopen => prop_oneof![Just(0u64), 0u64..30].prop_map(Op::Reopen),
     ]
 }
 
@@ -322,9 +323,7 @@ impl Harness {
             }
             Op::Advance(ms) => {
                 self.clock.advance(Duration::from_millis(ms));
-                let now = self.clock.now_millis();
-                self.finished
-                    .retain(|_, d| d.expires.is_none_or(|at| now < at));
+                self.expire();
                 self.cache().run_pending_tasks();
             }
             Op::Clear => {
@@ -334,7 +333,7 @@ impl Harness {
                     h.live = false;
                 }
             }
-            Op::Reopen => {
+            Op::Reopen(ms) => {
                 // Shut down the cache first, then abandon the unfinished writers (on disk
                 // they hold the directory), then reopen: only finished entries come back.
                 drop(self.cache.take());
@@ -343,6 +342,9 @@ impl Harness {
                     let res = read_all(&mut h.early);
                     check!(res.is_err(), "abandoned writer's reader got {res:?}");
                 }
+                // Entries that expire while the cache is closed must not come back.
+                self.clock.advance(Duration::from_millis(ms));
+                self.expire();
                 self.backend.grow();
                 self.cache = Some(self.backend.open(&self.clock, self.setup));
                 let blobs = self.cache().storage().list().unwrap().len();
@@ -354,6 +356,13 @@ impl Harness {
             }
         }
         self.check_all()
+    }
+
+    /// Drops the finished entries whose time to live has passed.
+    fn expire(&mut self) {
+        let now = self.clock.now_millis();
+        self.finished
+            .retain(|_, d| d.expires.is_none_or(|at| now < at));
     }
 
     /// Every key behaves as the model says.
