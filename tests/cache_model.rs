@@ -325,6 +325,9 @@ impl Harness {
                 self.clock.advance(Duration::from_millis(ms));
                 self.expire();
                 self.cache().run_pending_tasks();
+                // Before `check_all` looks the keys up (which unlinks expired entries on the
+                // way): the reaper alone must have made the counts exact.
+                self.check_counts()?;
             }
             Op::Clear => {
                 self.cache().clear();
@@ -440,21 +443,7 @@ impl Harness {
                 }
             }
         }
-        let live = self.held.iter().filter(|h| h.live).count();
-        check!(
-            cache.len() == self.finished.len() + live,
-            "len {} != {} finished + {live} writing",
-            cache.len(),
-            self.finished.len()
-        );
-        let keys: BTreeSet<String> = cache.keys().into_iter().collect();
-        let want: BTreeSet<String> = self
-            .finished
-            .keys()
-            .cloned()
-            .chain(self.held.iter().filter(|h| h.live).map(|h| h.key.clone()))
-            .collect();
-        check!(keys == want, "keys() {keys:?} != {want:?}");
+        self.check_counts()?;
         // `iter` yields each live entry once, as `entry_info` describes it.
         let mut seen = BTreeSet::new();
         for info in cache.iter() {
@@ -469,7 +458,33 @@ impl Harness {
                 "iter() yielded {info:?}, entry_info says {single:?}"
             );
         }
+        let want = self.live_keys();
         check!(seen == want, "iter() keys {seen:?} != {want:?}");
+        Ok(())
+    }
+
+    /// The keys the model says are present.
+    fn live_keys(&self) -> BTreeSet<String> {
+        self.finished
+            .keys()
+            .cloned()
+            .chain(self.held.iter().filter(|h| h.live).map(|h| h.key.clone()))
+            .collect()
+    }
+
+    /// `len`, `keys` and `total_bytes` agree with the model.
+    fn check_counts(&self) -> Result<(), TestCaseError> {
+        let cache = self.cache();
+        let live = self.held.iter().filter(|h| h.live).count();
+        check!(
+            cache.len() == self.finished.len() + live,
+            "len {} != {} finished + {live} writing",
+            cache.len(),
+            self.finished.len()
+        );
+        let keys: BTreeSet<String> = cache.keys().into_iter().collect();
+        let want = self.live_keys();
+        check!(keys == want, "keys() {keys:?} != {want:?}");
         let bytes: u64 = self
             .finished
             .values()
