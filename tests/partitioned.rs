@@ -156,6 +156,21 @@ fn adding_a_directory_moves_about_a_quarter_of_the_keys_to_it() {
                 }
             }
             let before = homes(&d, n);
+            // Copies of the first versions of the first 40 keys (data and record), to put back
+            // later as if the process had died before deleting them.
+            let stash = root.path().join("stash");
+            std::fs::create_dir(&stash).unwrap();
+            let stashed: Vec<(usize, PathBuf)> = d[..3]
+                .iter()
+                .flat_map(|dir| files_under(&dir.join("v1")))
+                .filter_map(|f| {
+                    let name = f.file_name()?.to_str()?.to_owned();
+                    let i = (0..40).find(|&i| name.starts_with(&key_hash(&key(i))))?;
+                    std::fs::copy(&f, stash.join(&name)).unwrap();
+                    Some((i, f))
+                })
+                .collect();
+            assert_eq!(stashed.len(), 80, "a data file and a record per key");
             // The new directory in the middle: the order does not matter.
             let cache = open(&[&d[0], &d[3], &d[1], &d[2]]);
             assert_serves(&cache, n, |_| 1);
@@ -191,11 +206,26 @@ fn adding_a_directory_moves_about_a_quarter_of_the_keys_to_it() {
                 put(&cache, &key(i), &data(i, 3));
             }
             drop(cache);
+            // The stale first versions of the keys that moved come back in their old
+            // directories: two versions of those keys on disk, the older one elsewhere.
+            let mut restored = 0;
+            for (i, f) in &stashed {
+                if after[*i] != before[*i] {
+                    std::fs::copy(stash.join(f.file_name().unwrap()), f).unwrap();
+                    restored += 1;
+                }
+            }
+            assert!(restored > 0, "none of the first 40 keys moved");
+            assert_eq!(
+                layout(&d).values().filter(|dirs| dirs.len() == 2).count(),
+                restored / 2
+            );
             let version = |i: usize| if i % 2 == 0 { 3 } else { 2 };
             let cache = open(&[&d[3], &d[2], &d[1], &d[0]]);
             assert_serves(&cache, n, version);
             drop(cache);
-            // (`homes` panics if a key has two data files anywhere.)
+            // The reload kept the newest and deleted the stale copies (`homes` panics if a key
+            // has two data files anywhere).
             assert_eq!(
                 homes(&d, n),
                 after,
