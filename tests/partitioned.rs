@@ -220,7 +220,7 @@ fn adding_a_directory_moves_about_a_quarter_of_the_keys_to_it() {
                 layout(&d).values().filter(|dirs| dirs.len() == 2).count(),
                 restored / 2
             );
-            let version = |i: usize| if i % 2 == 0 { 3 } else { 2 };
+            let version = |i: usize| if i.is_multiple_of(2) { 3 } else { 2 };
             let cache = open(&[&d[3], &d[2], &d[1], &d[0]]);
             assert_serves(&cache, n, version);
             drop(cache);
@@ -250,12 +250,12 @@ fn a_directory_left_out_takes_its_entries_and_brings_them_back() {
         let home = homes(&d, n);
         {
             let cache = open(&[&d[0], &d[1]]);
-            for i in 0..n {
+            for (i, &home) in home.iter().enumerate() {
                 let got = cache
                     .get(&key(i))
                     .unwrap()
                     .map(|mut r| read_all(&mut r).unwrap());
-                if home[i] == 2 {
+                if home == 2 {
                     assert!(got.is_none(), "{:?} served without its directory", key(i));
                 } else {
                     assert!(got == Some(data(i, 1)), "{:?}: wrong bytes", key(i));
