@@ -1,8 +1,14 @@
 //! Model-based test: random sequences of cache operations, checked after every step against a
 //! `BTreeMap` of finished entries plus the list of writers the test holds.
 //!
-//! Runs on memory storage (reopen = a new `Cache` over the same `MemoryStorage`) and on disk
-//! (reopen = drop and rebuild on the same directory).
+//! Runs on memory storage (reopen = a new `Cache` over the same `MemoryStorage`), on disk
+//! (reopen = drop and rebuild on the same directory) and on several directories (reopen = drop
+//! and rebuild with one directory more, up to four).
+//!
+//! Time is a `ManualClock` shared by every open of a case. Entries get a time to live of their
+//! own (`Writer::set_time_to_live`, or an `Expiry` that reads it from the metadata), and some
+//! cases a cache-wide one too; the model drops a finished entry once `now >= finished + ttl`,
+//! where `ttl` is the shorter of the two. Every step also checks `entry_info` and `iter`.
 
 mod support;
 
@@ -10,9 +16,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
+use streamcache::cache::{Clock, EntryInfo, Expiry, ManualClock};
 use streamcache::storage::MemoryStorage;
 use streamcache::{Cache, Entry, Reader, Writer};
 use support::*;
@@ -21,8 +29,12 @@ const KEYS: [&str; 4] = ["a", "b", "", "../a"];
 
 #[derive(Debug, Clone)]
 enum Op {
-    /// `get_or_create(KEYS[k])`.
-    Create(usize),
+    /// `get_or_create(KEYS[k])`; a new writer sets metadata `<key>#<n>`, with `;ttl=<ms>`
+    /// appended if `ttl` is given (which the case's `Expiry`, if it has one, reads).
+    Create {
+        k: usize,
+        ttl: Option<u64>,
+    },
     /// Write `len` bytes (seeded) to the `w`-th held writer.
     Write {
         w: usize,
@@ -33,24 +45,36 @@ enum Op {
     Abort(usize),
     Remove(usize),
     Get(usize),
+    /// `set_time_to_live(ms)` on the `w`-th held writer.
+    SetTtl {
+        w: usize,
+        ms: u64,
+    },
+    /// Advance the clock by `ms`, then `run_pending_tasks`.
+    Advance(u64),
     Clear,
-    Reopen,
+    /// Close the cache, advance the clock by `ms` while it is closed, open it again.
+    Reopen(u64),
 }
 
-fn op() -> impl Strategy<Value = Op> {
+/// `reopen`: the weight of `Reopen` (the others weigh 25 in all).
+fn op(reopen: u32) -> impl Strategy<Value = Op> {
     let len = prop_oneof![
         8 => 0usize..3000,
         1 => ((1usize << 20) - 8)..((1 << 20) + 8),
     ];
     prop_oneof![
-        4 => (0..KEYS.len()).prop_map(Op::Create),
+        4 => (0..KEYS.len(), prop::option::weighted(0.5, 1u64..40))
+            .prop_map(|(k, ttl)| Op::Create { k, ttl }),
         5 => (0usize..4, len, any::<u64>()).prop_map(|(w, len, seed)| Op::Write { w, len, seed }),
         3 => (0usize..4).prop_map(Op::Finish),
         1 => (0usize..4).prop_map(Op::Abort),
         2 => (0..KEYS.len()).prop_map(Op::Remove),
         2 => (0..KEYS.len()).prop_map(Op::Get),
+        3 => (0usize..4, 1u64..40).prop_map(|(w, ms)| Op::SetTtl { w, ms }),
+        4 => (0u64..30).prop_map(Op::Advance),
         1 => Just(Op::Clear),
-        1 => Just(Op::Reopen),
+        reopen => prop_oneof![Just(0u64), 0u64..30].prop_map(Op::Reopen),
     ]
 }
 
@@ -62,28 +86,95 @@ struct Held {
     data: Vec<u8>,
     /// Its entry is still in the cache (not removed or cleared since it was created).
     live: bool,
+    /// The metadata it set at creation.
+    meta: Vec<u8>,
+    /// Clock time of its creation.
+    created: u64,
+    /// The time to live its metadata asks the `Expiry` for.
+    meta_ttl: Option<u64>,
+    /// The last `set_time_to_live`.
+    ttl: Option<u64>,
+}
+
+/// A finished entry of the model.
+#[derive(Debug)]
+struct Done {
+    data: Vec<u8>,
+    meta: Vec<u8>,
+    created: u64,
+    finished: u64,
+    /// When it expires: `finished` plus the shorter of its own and the cache-wide time to live.
+    expires: Option<u64>,
+}
+
+/// An entry's own time to live from its metadata: `...;ttl=<ms>`.
+#[derive(Debug)]
+struct MetaTtl;
+
+impl Expiry for MetaTtl {
+    fn time_to_live(&self, entry: &EntryInfo) -> Option<Duration> {
+        let text = std::str::from_utf8(&entry.metadata).ok()?;
+        let (_, ms) = text.rsplit_once(";ttl=")?;
+        Some(Duration::from_millis(ms.parse().ok()?))
+    }
+}
+
+/// What a case configures besides its storage.
+#[derive(Debug, Clone, Copy)]
+struct Setup {
+    /// Cache-wide time to live, in ms.
+    cache_ttl: Option<u64>,
+    /// Whether the cache has the `MetaTtl` expiry.
+    expiry: bool,
+}
+
+fn setup() -> impl Strategy<Value = Setup> {
+    (prop::option::weighted(0.4, 5u64..100), any::<bool>())
+        .prop_map(|(cache_ttl, expiry)| Setup { cache_ttl, expiry })
 }
 
 #[derive(Clone)]
 enum Backend {
     Memory(Arc<MemoryStorage>),
     Disk(PathBuf),
+    /// Directories, and how many of them (from the first) the next open uses.
+    Disks(Vec<PathBuf>, usize),
 }
 
 impl Backend {
-    fn open(&self) -> Cache {
-        match self {
-            Backend::Memory(s) => Cache::builder().storage(s.clone()).build().unwrap(),
-            Backend::Disk(d) => Cache::builder().disk(d).build().unwrap(),
+    fn open(&self, clock: &Arc<ManualClock>, setup: Setup) -> Cache {
+        let mut b = match self {
+            Backend::Memory(s) => Cache::builder().storage(s.clone()),
+            Backend::Disk(d) => Cache::builder().disk(d),
+            Backend::Disks(dirs, n) => Cache::builder().disks(&dirs[..*n]),
+        };
+        b = b.clock(clock.clone());
+        if let Some(ms) = setup.cache_ttl {
+            b = b.time_to_live(Duration::from_millis(ms));
+        }
+        if setup.expiry {
+            b = b.expiry(MetaTtl);
+        }
+        b.build().unwrap()
+    }
+
+    /// Before a reopen: partitioned storage gets one directory more (up to all of them).
+    fn grow(&mut self) {
+        if let Backend::Disks(dirs, n) = self {
+            *n = (*n + 1).min(dirs.len());
         }
     }
 }
 
 struct Harness {
     backend: Backend,
+    setup: Setup,
+    clock: Arc<ManualClock>,
     cache: Option<Cache>,
-    finished: BTreeMap<String, Vec<u8>>,
+    finished: BTreeMap<String, Done>,
     held: Vec<Held>,
+    /// Writers created so far (numbers their metadata).
+    created: u64,
 }
 
 macro_rules! check {
@@ -105,12 +196,18 @@ impl Harness {
 
     fn step(&mut self, op: &Op) -> Result<(), TestCaseError> {
         match *op {
-            Op::Create(k) => {
+            Op::Create { k, ttl } => {
                 let key = KEYS[k];
                 let present = self.finished.contains_key(key) || self.live_writer(key).is_some();
                 match self.cache().get_or_create(key).unwrap() {
-                    Entry::Miss(writer) => {
+                    Entry::Miss(mut writer) => {
                         check!(!present, "{key:?} is present but get_or_create missed");
+                        self.created += 1;
+                        let mut meta = format!("{key}#{}", self.created);
+                        if let Some(ms) = ttl {
+                            meta.push_str(&format!(";ttl={ms}"));
+                        }
+                        writer.set_metadata(meta.clone().into_bytes());
                         let early = writer.reader().unwrap();
                         self.held.push(Held {
                             key: key.to_owned(),
@@ -118,13 +215,17 @@ impl Harness {
                             early,
                             data: Vec::new(),
                             live: true,
+                            meta: meta.into_bytes(),
+                            created: self.clock.now_millis(),
+                            meta_ttl: ttl.filter(|_| self.setup.expiry),
+                            ttl: None,
                         });
                     }
                     Entry::Hit(mut r) => {
                         check!(present, "{key:?} is absent but get_or_create hit");
                         if let Some(want) = self.finished.get(key) {
                             let got = read_all(&mut r).unwrap();
-                            check!(&got == want, "hit on {key:?} read wrong bytes");
+                            check!(got == want.data, "hit on {key:?} read wrong bytes");
                         }
                     }
                 }
@@ -153,7 +254,22 @@ impl Harness {
                     h.key
                 );
                 if h.live {
-                    self.finished.insert(h.key, h.data);
+                    let finished = self.clock.now_millis();
+                    let own = h.ttl.or(h.meta_ttl);
+                    let ttl = match (own, self.setup.cache_ttl) {
+                        (Some(a), Some(b)) => Some(a.min(b)),
+                        (a, b) => a.or(b),
+                    };
+                    self.finished.insert(
+                        h.key,
+                        Done {
+                            data: h.data,
+                            meta: h.meta,
+                            created: h.created,
+                            finished,
+                            expires: ttl.map(|t| finished + t),
+                        },
+                    );
                 }
             }
             Op::Abort(w) => {
@@ -191,10 +307,27 @@ impl Harness {
                 {
                     let got = read_all(&mut r);
                     check!(
-                        self.finished.get(key) == got.as_ref().ok(),
+                        self.finished.get(key).map(|d| &d.data) == got.as_ref().ok(),
                         "get({key:?}) read {got:?}"
                     );
                 }
+            }
+            Op::SetTtl { w, ms } => {
+                if self.held.is_empty() {
+                    return Ok(());
+                }
+                let i = w % self.held.len();
+                let h = &mut self.held[i];
+                h.writer.set_time_to_live(Duration::from_millis(ms));
+                h.ttl = Some(ms);
+            }
+            Op::Advance(ms) => {
+                self.clock.advance(Duration::from_millis(ms));
+                self.expire();
+                self.cache().run_pending_tasks();
+                // Before `check_all` looks the keys up (which unlinks expired entries on the
+                // way): the reaper alone must have made the counts exact.
+                self.check_counts()?;
             }
             Op::Clear => {
                 self.cache().clear();
@@ -203,7 +336,7 @@ impl Harness {
                     h.live = false;
                 }
             }
-            Op::Reopen => {
+            Op::Reopen(ms) => {
                 // Shut down the cache first, then abandon the unfinished writers (on disk
                 // they hold the directory), then reopen: only finished entries come back.
                 drop(self.cache.take());
@@ -212,7 +345,11 @@ impl Harness {
                     let res = read_all(&mut h.early);
                     check!(res.is_err(), "abandoned writer's reader got {res:?}");
                 }
-                self.cache = Some(self.backend.open());
+                // Entries that expire while the cache is closed must not come back.
+                self.clock.advance(Duration::from_millis(ms));
+                self.expire();
+                self.backend.grow();
+                self.cache = Some(self.backend.open(&self.clock, self.setup));
                 let blobs = self.cache().storage().list().unwrap().len();
                 check!(
                     blobs == self.finished.len(),
@@ -222,6 +359,13 @@ impl Harness {
             }
         }
         self.check_all()
+    }
+
+    /// Drops the finished entries whose time to live has passed.
+    fn expire(&mut self) {
+        let now = self.clock.now_millis();
+        self.finished
+            .retain(|_, d| d.expires.is_none_or(|at| now < at));
     }
 
     /// Every key behaves as the model says.
@@ -238,7 +382,21 @@ impl Harness {
                     );
                     let mut r = cache.get(key).unwrap();
                     let got = r.as_mut().map(|r| read_all(r).unwrap());
-                    check!(got.as_ref() == Some(want), "get({key:?}) = wrong content");
+                    check!(
+                        got.as_ref() == Some(&want.data),
+                        "get({key:?}) = wrong content"
+                    );
+                    let info = cache.entry_info(key);
+                    check!(
+                        info.as_ref().is_some_and(|i| i.is_finished()
+                            && i.key == key
+                            && i.len == want.data.len() as u64
+                            && i.created == want.created
+                            && i.finished == Some(want.finished)
+                            && i.expires == want.expires
+                            && i.metadata == want.meta),
+                        "entry_info({key:?}) = {info:?}, model {want:?}"
+                    );
                 }
                 (None, Some(h)) => {
                     check!(
@@ -260,6 +418,19 @@ impl Harness {
                         n == buf.len() && buf == h.data,
                         "in-progress {key:?}: wrong prefix"
                     );
+                    let info = cache.entry_info(key);
+                    check!(
+                        info.as_ref().is_some_and(|i| i.finished.is_none()
+                            && i.key == key
+                            && i.len == h.data.len() as u64
+                            && i.created == h.created
+                            && i.expires.is_none()
+                            && i.metadata == h.meta),
+                        "entry_info({key:?}) = {info:?} for an entry in progress, {} written, \
+                         metadata {:?}",
+                        h.data.len(),
+                        String::from_utf8_lossy(&h.meta)
+                    );
                 }
                 (None, None) => {
                     check!(!cache.contains_key(key), "{key:?} absent but contained");
@@ -267,9 +438,43 @@ impl Harness {
                         cache.get(key).unwrap().is_none(),
                         "{key:?} absent but get() hit"
                     );
+                    let info = cache.entry_info(key);
+                    check!(info.is_none(), "{key:?} absent but entry_info = {info:?}");
                 }
             }
         }
+        self.check_counts()?;
+        // `iter` yields each live entry once, as `entry_info` describes it.
+        let mut seen = BTreeSet::new();
+        for info in cache.iter() {
+            check!(
+                seen.insert(info.key.clone()),
+                "iter() yielded {:?} twice",
+                info.key
+            );
+            let single = cache.entry_info(&info.key);
+            check!(
+                single.as_ref() == Some(&info),
+                "iter() yielded {info:?}, entry_info says {single:?}"
+            );
+        }
+        let want = self.live_keys();
+        check!(seen == want, "iter() keys {seen:?} != {want:?}");
+        Ok(())
+    }
+
+    /// The keys the model says are present.
+    fn live_keys(&self) -> BTreeSet<String> {
+        self.finished
+            .keys()
+            .cloned()
+            .chain(self.held.iter().filter(|h| h.live).map(|h| h.key.clone()))
+            .collect()
+    }
+
+    /// `len`, `keys` and `total_bytes` agree with the model.
+    fn check_counts(&self) -> Result<(), TestCaseError> {
+        let cache = self.cache();
         let live = self.held.iter().filter(|h| h.live).count();
         check!(
             cache.len() == self.finished.len() + live,
@@ -278,14 +483,13 @@ impl Harness {
             self.finished.len()
         );
         let keys: BTreeSet<String> = cache.keys().into_iter().collect();
-        let want: BTreeSet<String> = self
-            .finished
-            .keys()
-            .cloned()
-            .chain(self.held.iter().filter(|h| h.live).map(|h| h.key.clone()))
-            .collect();
+        let want = self.live_keys();
         check!(keys == want, "keys() {keys:?} != {want:?}");
-        let bytes: u64 = self.finished.values().map(|v| v.len() as u64).sum::<u64>()
+        let bytes: u64 = self
+            .finished
+            .values()
+            .map(|v| v.data.len() as u64)
+            .sum::<u64>()
             + self
                 .held
                 .iter()
@@ -317,20 +521,25 @@ impl Harness {
     }
 }
 
-fn run_model(cases: u32, make: fn() -> (Backend, Option<tempfile::TempDir>)) {
+fn run_model(cases: u32, reopen: u32, make: fn() -> (Backend, Option<tempfile::TempDir>)) {
     let mut runner = TestRunner::new(Config {
         cases,
         max_shrink_iters: 2000,
         failure_persistence: None,
         ..Config::default()
     });
-    let result = runner.run(&proptest::collection::vec(op(), 1..40), |ops| {
+    let strategy = (setup(), proptest::collection::vec(op(reopen), 1..40));
+    let result = runner.run(&strategy, |(setup, ops)| {
         let (backend, _dir) = make();
+        let clock = Arc::new(ManualClock::new());
         let mut h = Harness {
-            cache: Some(backend.open()),
+            cache: Some(backend.open(&clock, setup)),
             backend,
+            setup,
+            clock,
             finished: BTreeMap::new(),
             held: Vec::new(),
+            created: 0,
         };
         for op in &ops {
             h.step(op)?;
@@ -345,7 +554,7 @@ fn run_model(cases: u32, make: fn() -> (Backend, Option<tempfile::TempDir>)) {
 #[test]
 fn model_memory() {
     deadline_in(std::time::Duration::from_secs(300), "model memory", || {
-        run_model(256, || {
+        run_model(256, 1, || {
             (Backend::Memory(Arc::new(MemoryStorage::new())), None)
         })
     });
@@ -354,9 +563,24 @@ fn model_memory() {
 #[test]
 fn model_disk() {
     deadline_in(std::time::Duration::from_secs(300), "model disk", || {
-        run_model(96, || {
+        run_model(96, 1, || {
             let dir = tempfile::tempdir().unwrap();
             (Backend::Disk(dir.path().to_path_buf()), Some(dir))
         })
     });
+}
+
+#[test]
+fn model_partitioned() {
+    deadline_in(
+        std::time::Duration::from_secs(300),
+        "model partitioned",
+        || {
+            run_model(32, 3, || {
+                let dir = tempfile::tempdir().unwrap();
+                let dirs = (0..4).map(|i| dir.path().join(format!("d{i}"))).collect();
+                (Backend::Disks(dirs, 2), Some(dir))
+            })
+        },
+    );
 }
