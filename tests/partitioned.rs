@@ -389,13 +389,9 @@ fn bad_configurations_are_refused() {
     assert_eq!(get_bytes(&cache, "k"), b"v");
 }
 
-/// `CacheBuilder::build` documents `Error::InvalidInput` for these; they come back as
-/// `Error::Io { op: "open directories", source: <kind InvalidInput> }`, because
-/// `PartitionedStorage::open`'s errors (a plain `io::Error` from `invalid()` in
-/// `src/storage/partitioned.rs`) are wrapped by `Error::from_io_without_path` in
-/// `src/cache/builder.rs`.
+/// `CacheBuilder::build` documents `Error::InvalidInput` for these. (They came back as
+/// `Error::Io { op: "open directories", .. }`: the storage's plain `io::Error` was wrapped.)
 #[test]
-#[ignore = "src bug: disks() with no or a repeated directory gives Error::Io, not Error::InvalidInput"]
 fn bad_directory_sets_are_invalid_input() {
     let root = tempfile::tempdir().unwrap();
     let d = dirs(root.path(), 2);

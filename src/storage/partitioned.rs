@@ -426,8 +426,10 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// A refused set of directories: an `io::Error` of kind `InvalidInput` that carries
+/// [`Error::InvalidInput`](crate::Error::InvalidInput), which the cache's builder returns.
 fn invalid(msg: impl Into<String>) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidInput, msg.into())
+    crate::Error::invalid(msg).into()
 }
 
 /// `e` with `what` in front of its message, same kind.
