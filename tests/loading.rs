@@ -17,7 +17,7 @@ use streamcache::cache::ManualClock;
 use streamcache::{Cache, CacheBuilder, Entry};
 use support::*;
 
-const N: usize = 4000;
+const N: usize = 2000;
 
 fn content(i: usize) -> Vec<u8> {
     format!("entry {i} ").into_bytes().repeat(1 + i % 7)
