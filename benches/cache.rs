@@ -119,17 +119,9 @@ fn raw_write(path: &Path, data: &[u8]) -> Duration {
     t.elapsed()
 }
 
-/// Reads `r` to its end through `buf`; checks the length.
-fn drain(mut r: impl Read, buf: &mut [u8]) {
-    let mut total = 0;
-    loop {
-        let n = r.read(buf).unwrap();
-        if n == 0 {
-            break;
-        }
-        total += n;
-    }
-    assert_eq!(total, BIG);
+/// Reads `r` to its end through `buf`; checks the length is `BIG`.
+fn drain(r: impl Read, buf: &mut [u8]) {
+    drain_len(r, buf, BIG);
 }
 
 fn raw_read(path: &Path, buf: &mut [u8]) -> Duration {
