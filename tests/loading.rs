@@ -77,7 +77,11 @@ fn no_second_producer_while_loading() {
         for t in threads {
             t.join().unwrap();
         }
-        assert_eq!(misses.load(Ordering::Relaxed), 0, "a stored key was produced again");
+        assert_eq!(
+            misses.load(Ordering::Relaxed),
+            0,
+            "a stored key was produced again"
+        );
         wait_loaded(&cache);
         assert_eq!(cache.len(), N);
         assert_eq!(cache.stats().loaded_entries, N as u64);
@@ -106,7 +110,10 @@ fn lookups_during_the_load() {
     assert_eq!(cache.len(), N + 1);
     assert_eq!(get_bytes(&cache, "new"), b"made while loading");
     drop(cache);
-    let cache = reopen(dir.path()).startup_wait(Duration::MAX).build().unwrap();
+    let cache = reopen(dir.path())
+        .startup_wait(Duration::MAX)
+        .build()
+        .unwrap();
     assert!(!cache.stats().loading);
     assert_eq!(cache.len(), N + 1);
 }
@@ -145,7 +152,10 @@ fn removed_and_replaced_keys_do_not_come_back() {
     assert_eq!(cache.len(), N - removed);
     drop(cache);
     // And after another reopen, from what is on disk.
-    let cache = reopen(dir.path()).startup_wait(Duration::MAX).build().unwrap();
+    let cache = reopen(dir.path())
+        .startup_wait(Duration::MAX)
+        .build()
+        .unwrap();
     check(&cache);
     assert_eq!(cache.len(), N - removed);
     assert_eq!(stored_data_files(dir.path()), N - removed);
@@ -185,7 +195,10 @@ fn eviction_after_the_load_follows_stored_recency() {
     });
     assert_eq!(cache.len(), 500);
     for i in 0..100 {
-        assert!(cache.contains_key(&format!("k{i}")), "recently read k{i} evicted");
+        assert!(
+            cache.contains_key(&format!("k{i}")),
+            "recently read k{i} evicted"
+        );
     }
     cache.run_pending_tasks();
     assert_eq!(stored_data_files(dir.path()), 500);
