@@ -466,9 +466,10 @@ fn startup(rows: &mut Table) {
                 "warm (page-cached metadata)"
             };
             let r = runs(2);
-            // Warm: one untimed pass brings the metadata into the page cache.
+            // Warm: one untimed pass of the raw load brings the directories, inodes and
+            // records into the page cache (a `readdir` walk alone reads no inode).
             if !cold {
-                run_child(&format!("readdir:{n}"));
+                run_child(&format!("rawload:{n}"));
             }
             let readdir = medians(&format!("readdir:{n}"), r, cold)["readdir_s"];
             let raw = medians(&format!("rawload:{n}"), r, cold)["rawload_s"];
