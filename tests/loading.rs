@@ -23,12 +23,24 @@ fn content(i: usize) -> Vec<u8> {
     format!("entry {i} ").into_bytes().repeat(1 + i % 7)
 }
 
-/// A directory holding `n` finished entries `k0..k{n-1}`.
+/// A directory holding `n` finished entries `k0..k{n-1}`, closed cleanly (so it holds an
+/// index hint).
 fn fill(dir: &Path, n: usize) {
     let cache = Cache::builder().disk(dir).build().unwrap();
     for i in 0..n {
         put(&cache, &format!("k{i}"), &content(i));
     }
+}
+
+/// The two ways a load can go: from the hint of a clean close, or listing the directory
+/// (after a crash: here the hint is deleted).
+fn fill_both(n: usize) -> [(&'static str, tempfile::TempDir); 2] {
+    let hinted = tempfile::tempdir().unwrap();
+    fill(hinted.path(), n);
+    let listed = tempfile::tempdir().unwrap();
+    fill(listed.path(), n);
+    std::fs::remove_file(listed.path().join(HINT)).unwrap();
+    [("from the hint", hinted), ("listing", listed)]
 }
 
 fn reopen(dir: &Path) -> CacheBuilder {
@@ -47,10 +59,14 @@ fn wait_loaded(cache: &Cache) {
 /// load completes every entry is indexed exactly once.
 #[test]
 fn no_second_producer_while_loading() {
-    let dir = tempfile::tempdir().unwrap();
-    fill(dir.path(), N);
-    let path = dir.path().to_path_buf();
-    deadline("requests during the load", move || {
+    for (how, dir) in fill_both(N) {
+        no_second_producer(how, dir.path());
+    }
+}
+
+fn no_second_producer(how: &'static str, dir: &Path) {
+    let path = dir.to_path_buf();
+    deadline(how, move || {
         let cache = Arc::new(reopen(&path).build().unwrap());
         let misses = Arc::new(AtomicUsize::new(0));
         let start = Arc::new(Barrier::new(4));
@@ -122,9 +138,13 @@ fn lookups_during_the_load() {
 /// listed them before, must not index them again.
 #[test]
 fn removed_and_replaced_keys_do_not_come_back() {
-    let dir = tempfile::tempdir().unwrap();
-    fill(dir.path(), N);
-    let cache = reopen(dir.path()).build().unwrap();
+    for (how, dir) in fill_both(N) {
+        removed_and_replaced(how, dir.path());
+    }
+}
+
+fn removed_and_replaced(how: &str, dir: &Path) {
+    let cache = reopen(dir).build().unwrap();
     let mut want: BTreeMap<String, Option<Vec<u8>>> = BTreeMap::new();
     for i in (0..N).step_by(13) {
         let key = format!("k{i}");
@@ -142,8 +162,8 @@ fn removed_and_replaced_keys_do_not_come_back() {
     let check = |cache: &Cache| {
         for (key, v) in &want {
             match v {
-                None => assert!(cache.get(key).unwrap().is_none(), "{key} came back"),
-                Some(v) => assert_eq!(&get_bytes(cache, key), v, "{key}"),
+                None => assert!(cache.get(key).unwrap().is_none(), "{how}: {key} came back"),
+                Some(v) => assert_eq!(&get_bytes(cache, key), v, "{how}: {key}"),
             }
         }
     };
@@ -152,13 +172,10 @@ fn removed_and_replaced_keys_do_not_come_back() {
     assert_eq!(cache.len(), N - removed);
     drop(cache);
     // And after another reopen, from what is on disk.
-    let cache = reopen(dir.path())
-        .startup_wait(Duration::MAX)
-        .build()
-        .unwrap();
+    let cache = reopen(dir).startup_wait(Duration::MAX).build().unwrap();
     check(&cache);
     assert_eq!(cache.len(), N - removed);
-    assert_eq!(stored_data_files(dir.path()), N - removed);
+    assert_eq!(stored_data_files(dir), N - removed);
 }
 
 /// Size limits hold once the load completes, and eviction then follows the recency stored
@@ -252,4 +269,103 @@ fn drop_during_the_load() {
 /// Data files (one per stored entry) under the cache directory.
 fn stored_data_files(dir: &Path) -> usize {
     data_files(dir).len()
+}
+
+// ---------------------------------------------------------------------------------------------
+// the index hint left at a clean close
+// ---------------------------------------------------------------------------------------------
+
+const HINT: &str = "index-hint";
+
+/// A clean close leaves a hint; the next open takes it (a crash from then on finds none, and
+/// lists the directory) and indexes every entry from it.
+#[test]
+fn a_clean_close_leaves_a_hint_the_next_open_takes() {
+    let dir = tempfile::tempdir().unwrap();
+    fill(dir.path(), N);
+    assert!(
+        dir.path().join(HINT).exists(),
+        "no hint after a clean close"
+    );
+    let cache = reopen(dir.path()).build().unwrap();
+    assert!(!dir.path().join(HINT).exists(), "hint not taken at open");
+    wait_loaded(&cache);
+    assert_eq!(cache.len(), N);
+    assert_eq!(cache.stats().loaded_entries, N as u64);
+    for i in (0..N).step_by(101) {
+        assert_eq!(get_bytes(&cache, &format!("k{i}")), content(i));
+    }
+    drop(cache);
+    assert!(dir.path().join(HINT).exists());
+}
+
+/// A writer that outlives its cache and commits after the hint was saved makes the hint stale:
+/// the storage forgets it, and the next open lists the directory and finds the entry.
+#[test]
+fn a_commit_after_the_close_forgets_the_hint() {
+    let dir = tempfile::tempdir().unwrap();
+    fill(dir.path(), 100);
+    let cache = reopen(dir.path())
+        .startup_wait(Duration::MAX)
+        .build()
+        .unwrap();
+    let mut late = miss(&cache, "late");
+    late.write_all(b"committed after the cache closed").unwrap();
+    drop(cache);
+    late.finish().unwrap();
+    assert!(!dir.path().join(HINT).exists(), "stale hint kept");
+    let cache = reopen(dir.path())
+        .startup_wait(Duration::MAX)
+        .build()
+        .unwrap();
+    assert_eq!(cache.len(), 101);
+    assert_eq!(
+        get_bytes(&cache, "late"),
+        b"committed after the cache closed"
+    );
+}
+
+/// A damaged hint is not trusted: the load lists the directory instead and loses nothing.
+#[test]
+fn a_damaged_hint_falls_back_to_listing() {
+    let dir = tempfile::tempdir().unwrap();
+    fill(dir.path(), 300);
+    let path = dir.path().join(HINT);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x55;
+    bytes.truncate(bytes.len() - 7);
+    std::fs::write(&path, bytes).unwrap();
+    let cache = reopen(dir.path())
+        .startup_wait(Duration::MAX)
+        .build()
+        .unwrap();
+    assert_eq!(cache.len(), 300);
+    for i in 0..300 {
+        assert_eq!(get_bytes(&cache, &format!("k{i}")), content(i));
+    }
+}
+
+/// Files deleted behind the cache's back while it was closed: the hint still names them, and
+/// a request for one finds it lost (a miss, never an error or wrong bytes).
+#[test]
+fn a_hinted_entry_whose_files_are_gone_is_a_miss() {
+    let dir = tempfile::tempdir().unwrap();
+    fill(dir.path(), 50);
+    for f in data_files(dir.path()).into_iter().take(10) {
+        std::fs::remove_file(f).unwrap();
+    }
+    let cache = reopen(dir.path())
+        .startup_wait(Duration::MAX)
+        .build()
+        .unwrap();
+    let mut present = 0;
+    for i in 0..50 {
+        if let Some(mut r) = cache.get(&format!("k{i}")).unwrap() {
+            assert_eq!(read_all(&mut r).unwrap(), content(i));
+            present += 1;
+        }
+    }
+    assert_eq!(present, 40);
+    assert_eq!(cache.len(), 40, "lost entries are dropped when found");
 }

@@ -150,7 +150,16 @@ impl Cache {
         };
         let inner = cache.inner.clone();
         inner.books.now();
-        cache.loader = Some(reload::start(&inner, b.startup_wait)?);
+        // A hint left by the last clean close stands in for listing the storage.
+        let hint = if cache.unlock.is_some() {
+            inner.storage.take_hint().unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "could not read the index hint; listing the storage");
+                None
+            })
+        } else {
+            None
+        };
+        cache.loader = Some(reload::start(&inner, b.startup_wait, hint)?);
         let reaper = reaper::spawn(Arc::downgrade(&inner), inner.deletions.clone(), rx, tick)
             .map_err(|e| Error::io_without_path("spawn reaper thread", e))?;
         let _ = inner.threads.reaper.set(reaper.thread().id());
@@ -580,6 +589,17 @@ impl Drop for Cache {
                 if let Ok(meta) = self.inner.read_meta(&slot) {
                     let _ = self.inner.storage.set_meta(&slot.name(), &meta.encode());
                 }
+            }
+        }
+        // For a storage it opened itself, the cache leaves a description of its entries, so
+        // that the next open need not list them one by one. (The epoch is read first: a
+        // writer that outlives the cache and commits meanwhile makes the storage refuse it.)
+        if self.unlock.is_some() {
+            let epoch = self.inner.storage.hint_epoch();
+            if let Some(hint) = reload::encode_hint(&self.inner)
+                && let Err(e) = self.inner.storage.put_hint(&hint, epoch)
+            {
+                tracing::warn!(error = %e, "could not save the index hint");
             }
         }
         // Readers and writers may outlive the cache, but the directory is free for a new one.

@@ -102,7 +102,11 @@ impl Loading {
 ///
 /// # Errors
 /// The listing's error, if it failed within `wait` (the cache is then not built).
-pub(super) fn start(inner: &Arc<Inner>, wait: Duration) -> Result<JoinHandle<()>> {
+pub(super) fn start(
+    inner: &Arc<Inner>,
+    wait: Duration,
+    hint: Option<Box<dyn io::Read + Send>>,
+) -> Result<JoinHandle<()>> {
     *inner
         .loading
         .pending
@@ -112,7 +116,7 @@ pub(super) fn start(inner: &Arc<Inner>, wait: Duration) -> Result<JoinHandle<()>
     let loader = inner.clone();
     let handle = std::thread::Builder::new()
         .name("streamcache-loader".into())
-        .spawn(move || load(&loader))
+        .spawn(move || load(&loader, hint))
         .map_err(|e| Error::io_without_path("spawn loader thread", e))?;
     match inner.loading.wait(wait) {
         Some(Err(e)) => {
@@ -136,8 +140,24 @@ pub(super) fn stop(inner: &Inner, loader: JoinHandle<()>) {
 /// The loader thread: indexes every batch, then completes the load. A listing that fails is
 /// retried with a growing delay; meanwhile requests keep settling the keys they ask for, so
 /// nothing stored is missed, but size eviction waits.
-fn load(inner: &Arc<Inner>) {
+fn load(inner: &Arc<Inner>, hint: Option<Box<dyn io::Read + Send>>) {
     let loading = &inner.loading;
+    if let Some(hint) = hint {
+        match load_hint(inner, hint) {
+            Ok(()) if loading.stop.load(Ordering::Relaxed) => {
+                loading.end(Err("stopped".to_owned()));
+                return;
+            }
+            Ok(()) => {
+                complete(inner);
+                loading.end(Ok(()));
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "the index hint is unusable; listing the storage instead");
+            }
+        }
+    }
     let mut delay = Duration::from_millis(100);
     loop {
         let listed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -179,22 +199,40 @@ fn load(inner: &Arc<Inner>) {
 fn index_batch(inner: &Inner, batch: Vec<BlobInfo>) {
     let now = inner.books.clock.now_millis();
     for (key, (id, meta, len)) in newest_per_key(inner, batch, now) {
-        let key: Arc<str> = Arc::from(key);
-        // Under the claimed shard's write guard: no request can claim the key meanwhile.
-        let MapEntry::Vacant(_unclaimed) = inner.loading.claimed.entry(key.clone()) else {
-            continue;
-        };
-        match insert(inner, key, id, &meta, len) {
-            // Indexed now, or by an earlier attempt of this load.
-            None => {}
-            Some(indexed) if indexed == id => {}
-            Some(_) => {
-                // Only a storage that splits a key's versions over batches gets here.
-                tracing::warn!(blob = %blob_name(&meta.key, id), "discarding a second version of a loaded key");
-                reaper::delete_at_open(&*inner.storage, &blob_name(&meta.key, id));
-            }
+        index_one(inner, key, id, &meta, len);
+    }
+}
+
+/// Indexes one stored entry found by the loader, unless a request settled its key.
+fn index_one(inner: &Inner, key: String, id: u64, meta: &EntryMeta, len: u64) {
+    let name = blob_name(&key, id);
+    let key: Arc<str> = Arc::from(key);
+    // Under the claimed shard's write guard: no request can claim the key meanwhile.
+    let MapEntry::Vacant(_unclaimed) = inner.loading.claimed.entry(key.clone()) else {
+        return;
+    };
+    match insert(inner, key, id, meta, len) {
+        // Indexed now, or by an earlier attempt of this load.
+        None => {}
+        Some(indexed) if indexed == id => {}
+        Some(_) => {
+            // Only a storage that splits a key's versions over batches gets here.
+            tracing::warn!(blob = %name, "discarding a second version of a loaded key");
+            reaper::delete_at_open(&*inner.storage, &name);
         }
     }
+}
+
+/// Whether an entry finished at `finished`, with its own time to live `ttl_ms` (0 = none),
+/// is past its time to live at `now`.
+fn expired(inner: &Inner, finished: u64, ttl_ms: u64, now: u64) -> bool {
+    let ttl = match (inner.limits.ttl_ms, ttl_ms) {
+        (Some(ttl), 0) => Some(ttl),
+        (Some(ttl), own) => Some(ttl.min(own)),
+        (None, 0) => None,
+        (None, own) => Some(own),
+    };
+    ttl.is_some_and(|ttl| now >= finished.saturating_add(ttl))
 }
 
 /// Makes `key` settled before a request looks it up in the index while loading: indexes its
@@ -316,13 +354,7 @@ fn newest_per_key(
             continue;
         }
         max_id = max_id.max(id + 1);
-        let ttl = match (inner.limits.ttl_ms, meta.ttl_ms) {
-            (Some(ttl), 0) => Some(ttl),
-            (Some(ttl), own) => Some(ttl.min(own)),
-            (None, 0) => None,
-            (None, own) => Some(own),
-        };
-        if ttl.is_some_and(|ttl| now >= meta.finished.saturating_add(ttl)) {
+        if expired(inner, meta.finished, meta.ttl_ms, now) {
             reaper::delete_at_open(&*inner.storage, &blob.name);
             continue;
         }
@@ -433,5 +465,128 @@ fn join_recency(inner: &Inner, mut loaded: Vec<Arc<Slot>>) {
             lru.put(id, slot);
             lru.demote(&id);
         }
+    }
+}
+
+/// Format of the hint a cache leaves at a clean close (see `Storage::put_hint`): magic, then
+/// per entry its key (u64 length and bytes), id, length, finish time, last access and own
+/// time to live (u64 little endian each), then `END` where a key length would be, and the
+/// blake3 hash of everything before it.
+const HINT_MAGIC: &[u8; 4] = b"SCH1";
+const HINT_END: u64 = u64::MAX;
+/// Entries indexed from the hint per batch.
+const HINT_BATCH: usize = 4096;
+
+/// The hint describing every finished entry of the index, or `None` when it would not be
+/// complete (the load has not completed, or deletions are still pending, whose blobs the next
+/// open must find).
+pub(super) fn encode_hint(inner: &Inner) -> Option<Vec<u8>> {
+    use bytes::BufMut;
+    if inner.loading.active.load(Ordering::SeqCst)
+        || inner.deletions.pending.load(Ordering::SeqCst) > 0
+    {
+        return None;
+    }
+    let mut out = Vec::with_capacity(64 * inner.entries.load(Ordering::Relaxed) + 40);
+    out.put_slice(HINT_MAGIC);
+    for e in inner.index.iter() {
+        let slot = &e.key().0;
+        let finished = slot.finished.load(Ordering::Relaxed);
+        let len = slot.accounted.load(Ordering::Relaxed);
+        if !slot.is_live() || !slot.is_committed() || finished == 0 || len == super::slot::GONE {
+            continue;
+        }
+        out.put_u64_le(slot.key.len() as u64);
+        out.put_slice(slot.key.as_bytes());
+        for n in [
+            slot.id,
+            len,
+            finished,
+            slot.last_access.load(Ordering::Relaxed),
+            slot.ttl_ms().unwrap_or(0),
+        ] {
+            out.put_u64_le(n);
+        }
+    }
+    out.put_u64_le(HINT_END);
+    let hash = blake3::hash(&out);
+    out.put_slice(hash.as_bytes());
+    Some(out)
+}
+
+/// Indexes the entries of a hint, in batches, checking its hash as it goes; an error (a
+/// damaged hint) leaves what was indexed, and the caller lists the storage to complete it.
+fn load_hint(inner: &Inner, mut hint: Box<dyn io::Read + Send>) -> io::Result<()> {
+    let damaged =
+        |what: &str| io::Error::new(io::ErrorKind::InvalidData, format!("index hint: {what}"));
+    let mut hasher = blake3::Hasher::new();
+    let mut read = |n: usize, hasher: &mut blake3::Hasher| -> io::Result<Vec<u8>> {
+        let mut buf = vec![0; n];
+        hint.read_exact(&mut buf)?;
+        hasher.update(&buf);
+        Ok(buf)
+    };
+    let u64_of = |b: Vec<u8>| u64::from_le_bytes(b.try_into().expect("8 bytes"));
+    if read(4, &mut hasher)? != HINT_MAGIC {
+        return Err(damaged("not a hint"));
+    }
+    let mut batch = Vec::with_capacity(HINT_BATCH);
+    let mut max_id = 0;
+    loop {
+        let key_len = u64_of(read(8, &mut hasher)?);
+        if key_len == HINT_END {
+            break;
+        }
+        let key_len = usize::try_from(key_len)
+            .ok()
+            .filter(|&n| n <= 1 << 20)
+            .ok_or_else(|| damaged("key too long"))?;
+        let key = String::from_utf8(read(key_len, &mut hasher)?)
+            .map_err(|_| damaged("key is not UTF-8"))?;
+        let mut n = [0u64; 5];
+        for v in &mut n {
+            *v = u64_of(read(8, &mut hasher)?);
+        }
+        let [id, len, finished, last_access, ttl_ms] = n;
+        if id >= 1 << 63 {
+            return Err(damaged("id out of range"));
+        }
+        max_id = max_id.max(id + 1);
+        batch.push((key, id, len, finished, last_access, ttl_ms));
+        if batch.len() == HINT_BATCH {
+            inner.next_id.fetch_max(max_id, Ordering::Relaxed);
+            index_hinted(inner, std::mem::take(&mut batch));
+            if inner.loading.stop.load(Ordering::Relaxed) {
+                return Ok(());
+            }
+        }
+    }
+    let mut want = [0u8; 32];
+    hint.read_exact(&mut want)?;
+    if hasher.finalize().as_bytes() != &want {
+        return Err(damaged("hash mismatch"));
+    }
+    inner.next_id.fetch_max(max_id, Ordering::Relaxed);
+    index_hinted(inner, batch);
+    Ok(())
+}
+
+/// Indexes hinted entries: those past their time to live are deleted instead.
+fn index_hinted(inner: &Inner, batch: Vec<(String, u64, u64, u64, u64, u64)>) {
+    let now = inner.books.clock.now_millis();
+    for (key, id, len, finished, last_access, ttl_ms) in batch {
+        if expired(inner, finished, ttl_ms, now) {
+            reaper::delete_at_open(&*inner.storage, &blob_name(&key, id));
+            continue;
+        }
+        let meta = EntryMeta {
+            key: String::new(),
+            created: 0,
+            finished,
+            last_access,
+            ttl_ms,
+            user: bytes::Bytes::new(),
+        };
+        index_one(inner, key, id, &meta, len);
     }
 }

@@ -207,6 +207,18 @@ impl Storage for FaultyStorage {
         self.inner.list_batches(each)
     }
 
+    fn hint_epoch(&self) -> u64 {
+        self.inner.hint_epoch()
+    }
+
+    fn put_hint(&self, hint: &[u8], epoch: u64) -> io::Result<bool> {
+        self.inner.put_hint(hint, epoch)
+    }
+
+    fn take_hint(&self) -> io::Result<Option<Box<dyn io::Read + Send>>> {
+        self.inner.take_hint()
+    }
+
     fn set_meta(&self, name: &str, meta: &[u8]) -> io::Result<()> {
         self.inner.set_meta(name, meta)
     }

@@ -371,6 +371,18 @@ impl Storage for FrontStorage {
         self.shared.inner.list_batches(each)
     }
 
+    fn hint_epoch(&self) -> u64 {
+        self.shared.inner.hint_epoch()
+    }
+
+    fn put_hint(&self, hint: &[u8], epoch: u64) -> io::Result<bool> {
+        self.shared.inner.put_hint(hint, epoch)
+    }
+
+    fn take_hint(&self) -> io::Result<Option<Box<dyn io::Read + Send>>> {
+        self.shared.inner.take_hint()
+    }
+
     fn set_meta(&self, name: &str, meta: &[u8]) -> io::Result<()> {
         let _serial = self
             .shared

@@ -144,6 +144,40 @@ pub trait Storage: Send + Sync + fmt::Debug {
         Ok(())
     }
 
+    /// A number that changes whenever the set of committed blobs changes (a commit or a
+    /// removal through any handle of this storage): read it before describing the storage
+    /// for [`put_hint`](Storage::put_hint). The default is always 0, with no hints.
+    fn hint_epoch(&self) -> u64 {
+        0
+    }
+
+    /// Saves `hint`, an opaque description of the committed blobs written by their owner (a
+    /// cache, when it closes), so that the next [`take_hint`](Storage::take_hint) can stand
+    /// in for a full listing. `epoch` is the [`hint_epoch`](Storage::hint_epoch) read before
+    /// the hint was made. Returns whether it was saved.
+    ///
+    /// **The implementation must** never let a hint be taken that does not describe the
+    /// storage as it is: it refuses the hint if the epoch has moved, forgets a saved hint as
+    /// soon as a blob is committed or removed, and saves it atomically (whole or not at all).
+    /// The default saves nothing.
+    ///
+    /// # Errors
+    /// Any I/O error of saving it (nothing is saved then).
+    fn put_hint(&self, hint: &[u8], epoch: u64) -> io::Result<bool> {
+        let _ = (hint, epoch);
+        Ok(false)
+    }
+
+    /// Takes the saved hint, if there is one (see [`put_hint`](Storage::put_hint)): it is
+    /// forgotten as it is taken, so a crash while it is used leads to a full listing next
+    /// time. The default has none.
+    ///
+    /// # Errors
+    /// Any I/O error of reading it.
+    fn take_hint(&self) -> io::Result<Option<Box<dyn io::Read + Send>>> {
+        Ok(None)
+    }
+
     /// Replaces the metadata of a committed blob, atomically.
     ///
     /// # Errors
@@ -248,6 +282,15 @@ macro_rules! forward_through {
                 each: &(dyn Fn(Vec<BlobInfo>) -> ControlFlow<()> + Sync),
             ) -> io::Result<()> {
                 (**self).list_batches(each)
+            }
+            fn hint_epoch(&self) -> u64 {
+                (**self).hint_epoch()
+            }
+            fn put_hint(&self, hint: &[u8], epoch: u64) -> io::Result<bool> {
+                (**self).put_hint(hint, epoch)
+            }
+            fn take_hint(&self) -> io::Result<Option<Box<dyn io::Read + Send>>> {
+                (**self).take_hint()
             }
             fn set_meta(&self, name: &str, meta: &[u8]) -> io::Result<()> {
                 (**self).set_meta(name, meta)

@@ -18,6 +18,7 @@ use std::fs::{self, File};
 use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -42,6 +43,8 @@ const BLOCK: u64 = 1 << 20;
 const DATA_DIR: &str = "v1";
 const TMP_DIR: &str = "tmp";
 const META_EXT: &str = "meta";
+/// The hint a cache saves when it closes (see `Storage::put_hint`).
+const HINT_FILE: &str = "index-hint";
 /// How much older than the storage's opening a leftover must be for `list` to delete it.
 const LEFTOVER_MARGIN: Duration = Duration::from_secs(2);
 
@@ -89,6 +92,9 @@ pub enum Durability {
 ///   tmp/                     blobs being written and metadata being replaced (wiped at open)
 ///   v1/<ab>/<name>           committed data; <ab> is the first two characters of the name
 ///   v1/<ab>/<name>.meta      its metadata record (below)
+///   index-hint               what the owner (a cache) left at its last clean close, taken
+///                            (deleted) at the next open and deleted by any commit or removal
+///                            in between (see `Storage::put_hint`)
 /// ```
 ///
 /// # Metadata record (`.meta`, little endian)
@@ -198,6 +204,12 @@ struct DiskInner {
     /// only). Shard directories known to be durable; a commit into any other makes it so
     /// first, also when another writer created it a moment ago.
     durable_shards: Mutex<HashSet<PathBuf>>,
+    /// Counts commits and removals (see `Storage::hint_epoch`); bumped before and after each.
+    epoch: AtomicU64,
+    /// Whether a hint file may be in place (saved by `put_hint`, or left by an earlier run):
+    /// the next commit or removal deletes it. Set before `put_hint` checks the epoch, so that
+    /// either that check or the change's own look at this flag sees the other (SeqCst).
+    hint_saved: AtomicBool,
 }
 
 impl DiskStorage {
@@ -255,6 +267,8 @@ impl DiskStorage {
                 lock: Mutex::new(Some(lock)),
                 opened: SystemTime::now(),
                 durable_shards: Mutex::default(),
+                epoch: AtomicU64::new(0),
+                hint_saved: AtomicBool::new(dir.join(HINT_FILE).exists()),
             }),
         })
     }
@@ -298,7 +312,39 @@ impl DiskStorage {
     }
 }
 
+/// Marks a change of the set of committed blobs while it lives (see `DiskInner::epoch`).
+struct Changing<'a>(&'a DiskInner);
+
+impl<'a> Changing<'a> {
+    fn new(st: &'a DiskInner) -> Self {
+        st.changed();
+        Changing(st)
+    }
+}
+
+impl Drop for Changing<'_> {
+    fn drop(&mut self) {
+        self.0.changed();
+    }
+}
+
 impl DiskInner {
+    /// Records a change of the committed set: a new epoch, and no hint any more.
+    fn changed(&self) {
+        self.epoch.fetch_add(1, Ordering::SeqCst);
+        if self.hint_saved.swap(false, Ordering::SeqCst) {
+            self.forget_hint();
+        }
+    }
+
+    fn forget_hint(&self) {
+        match fs::remove_file(self.dir.join(HINT_FILE)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => tracing::error!(error = %e, "could not delete the stale index hint"),
+        }
+    }
+
     fn shard(&self, name: &str) -> PathBuf {
         let cut = name.char_indices().nth(2).map_or(name.len(), |(i, _)| i);
         self.data.join(&name[..cut])
@@ -439,6 +485,7 @@ impl Storage for DiskStorage {
 
     fn remove(&self, name: &str) -> io::Result<()> {
         validate_name(name)?;
+        let _changing = Changing::new(&self.inner);
         match fs::remove_file(self.inner.meta_path(name)) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(not_found(name)),
@@ -452,6 +499,47 @@ impl Storage for DiskStorage {
 
     fn list(&self) -> io::Result<Vec<BlobInfo>> {
         self.list_all()
+    }
+
+    fn hint_epoch(&self) -> u64 {
+        self.inner.epoch.load(Ordering::SeqCst)
+    }
+
+    fn put_hint(&self, hint: &[u8], epoch: u64) -> io::Result<bool> {
+        let st = &self.inner;
+        let (mut file, staged) = staged_file(&st.tmp, HINT_FILE)?;
+        io::Write::write_all(&mut file, hint)?;
+        if st.syncs() {
+            file.sync_data()?;
+        }
+        drop(file);
+        staged
+            .persist(st.dir.join(HINT_FILE))
+            .map_err(|e| e.error)?;
+        st.hint_saved.store(true, Ordering::SeqCst);
+        if st.epoch.load(Ordering::SeqCst) != epoch {
+            // Something was committed or removed since the hint was made.
+            st.hint_saved.store(false, Ordering::SeqCst);
+            st.forget_hint();
+            return Ok(false);
+        }
+        st.fsync_dir(&st.dir)?;
+        Ok(true)
+    }
+
+    fn take_hint(&self) -> io::Result<Option<Box<dyn io::Read + Send>>> {
+        let st = &self.inner;
+        let path = st.dir.join(HINT_FILE);
+        let file = match open_regular(&path) {
+            Ok((file, _)) => file,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        // Forgotten as it is taken: a crash while it is used leads to a full listing.
+        st.hint_saved.store(false, Ordering::SeqCst);
+        fs::remove_file(&path)?;
+        st.fsync_dir(&st.dir)?;
+        Ok(Some(Box::new(io::BufReader::with_capacity(1 << 20, file))))
     }
 
     fn list_prefix(&self, prefix: &str) -> io::Result<Vec<BlobInfo>> {

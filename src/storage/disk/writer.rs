@@ -134,6 +134,7 @@ impl BlobWriter for DiskWriter {
         }
         let last_write = self.last_write;
         let st = self.storage.clone();
+        let _changing = super::Changing::new(&st);
         if st.syncs() {
             self.file.sync_data()?;
         }
