@@ -158,17 +158,18 @@ impl Slot {
 pub(crate) fn blob_name(key: &str, id: u64) -> String {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     let hash = blake3::hash(key.as_bytes());
-    // Written digit by digit into an exactly sized buffer (no formatting machinery).
-    let mut name = String::with_capacity(32 + 1 + 16);
-    for b in &hash.as_bytes()[..16] {
-        name.push(HEX[usize::from(b >> 4)] as char);
-        name.push(HEX[usize::from(b & 15)] as char);
+    // Digits written into a fixed buffer, then one exactly sized copy: pushing them one `char`
+    // at a time cost about as much as the hash itself (its capacity and UTF-8 checks).
+    let mut name = [0u8; 32 + 1 + 16];
+    for (i, b) in hash.as_bytes()[..16].iter().enumerate() {
+        name[2 * i] = HEX[usize::from(b >> 4)];
+        name[2 * i + 1] = HEX[usize::from(b & 15)];
     }
-    name.push('-');
-    for shift in (0..16).rev() {
-        name.push(HEX[((id >> (shift * 4)) & 15) as usize] as char);
+    name[32] = b'-';
+    for (i, digit) in name[33..].iter_mut().enumerate() {
+        *digit = HEX[((id >> ((15 - i) * 4)) & 15) as usize];
     }
-    name
+    String::from_utf8(name.to_vec()).expect("hex digits and '-' are ASCII")
 }
 
 impl Observer for Slot {

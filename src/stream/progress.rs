@@ -176,19 +176,23 @@ impl Wakers {
 }
 
 /// Shared progress of one stream.
+///
+/// `repr(C)`, hot fields first: a hit touches `refs` and `status` right after the stream's
+/// `Arc` count (see `Shared`), so they share its cache line.
 #[derive(Debug)]
+#[repr(C)]
 pub(crate) struct Progress {
-    /// Lock-free copy of `State::len`. Written only with `state` held; readers load it after
-    /// `status` with `Acquire`.
-    len: AtomicU64,
-    /// Lock-free copy of `State::status`'s code (`OPEN`, `FINISHED`, `FAILED`); same rule.
-    status: AtomicU8,
     /// Live readers plus the writer while it is open, with the `CLOSED` bit once the stream is
     /// closed to new readers. Lock-free: acquiring a reader is one compare-and-swap that fails
     /// once `CLOSED` is set; `CLOSED` is set (with `AcqRel`) only after `State::closed` holds
     /// the reason. A release that drops the count to zero while `CLOSED` is set takes the lock
     /// and signals `cond`, for `close_and_wait_unused`.
     refs: AtomicUsize,
+    /// Lock-free copy of `State::status`'s code (`OPEN`, `FINISHED`, `FAILED`); same rule.
+    status: AtomicU8,
+    /// Lock-free copy of `State::len`. Written only with `state` held; readers load it after
+    /// `status` with `Acquire`.
+    len: AtomicU64,
     /// Lock: this mutex. Invariant: `len`/`status` above always equal the fields inside once
     /// the lock is released; `len` never decreases; `status` leaves `Open` at most once.
     state: Mutex<State>,
@@ -326,11 +330,12 @@ impl Progress {
     }
 
     /// Registers a new reader. Fails with the closing reason if the stream is closed.
+    #[inline]
     pub(crate) fn acquire(&self) -> Result<(), Option<Cause>> {
         let mut cur = self.refs.load(Ordering::Acquire);
         loop {
             if cur & CLOSED != 0 {
-                return Err(self.lock().closed.clone().flatten());
+                return Err(self.closing_reason());
             }
             match self
                 .refs
@@ -340,6 +345,13 @@ impl Progress {
                 Err(now) => cur = now,
             }
         }
+    }
+
+    /// Why the stream was closed to new readers (off the hot path of `acquire`).
+    #[cold]
+    #[inline(never)]
+    fn closing_reason(&self) -> Option<Cause> {
+        self.lock().closed.clone().flatten()
     }
 
     /// Registers a reader for the writer, which holds its own handle (so the count cannot
@@ -363,6 +375,7 @@ impl Progress {
     }
 
     /// Drops a reader or the writer. Returns `true` if that was the last handle.
+    #[inline]
     pub(crate) fn release(&self) -> bool {
         // SeqCst, as is `handles`: a cache's size eviction checks the count after publishing
         // that it is over its limit, and the last release checks that flag after this (see

@@ -65,6 +65,7 @@ impl fmt::Debug for Reader {
 }
 
 impl Reader {
+    #[inline]
     pub(crate) fn new(shared: Arc<Shared>) -> Reader {
         Reader {
             shared,
@@ -412,8 +413,13 @@ impl Drop for Waiter {
 
 impl Drop for Reader {
     fn drop(&mut self) {
-        if let Some(obs) = &self.shared.observer {
-            obs.reader_closed(*self.delivered.get_mut());
+        // (A reader that delivered nothing, such as a hit opened only to check, has nothing
+        // to report: no call.)
+        let delivered = *self.delivered.get_mut();
+        if delivered > 0
+            && let Some(obs) = &self.shared.observer
+        {
+            obs.reader_closed(delivered);
         }
         self.shared.release();
     }
