@@ -164,6 +164,7 @@ fn child(spec: &str) {
     let n: usize = n.parse().unwrap();
     match kind {
         "startup" => startup_child(n),
+        "hinted" => hinted_child(n),
         "readdir" => readdir_child(n),
         "rawload" => rawload_child(n),
         "memory" | "memory-handles" | "disk" => cache_curve_child(kind, n),
@@ -172,8 +173,49 @@ fn child(spec: &str) {
     }
 }
 
+/// A reopen after a clean close: the index is read from the hint the last close left (made
+/// first, untimed, if the fixture has none).
+fn hinted_child(n: usize) {
+    let dir = fixture_dir(n);
+    if !dir.join("index-hint").exists() {
+        let cache = Cache::builder()
+            .disk(&dir)
+            .startup_wait(Duration::MAX)
+            .build()
+            .unwrap();
+        assert_eq!(cache.len(), n, "fixture {} is not intact", dir.display());
+    }
+    let probe = key(Rng(7 | n as u64).below(n));
+    let (before, _) = rss_and_peak();
+    let t0 = Instant::now();
+    let cache = Cache::builder().disk(&dir).build().unwrap();
+    let build = t0.elapsed();
+    let mut reader = cache.get(&probe).unwrap().expect("stored key served");
+    let mut bytes = Vec::new();
+    reader.read_to_end(&mut bytes).unwrap();
+    drop(reader);
+    assert_eq!(bytes, VALUE);
+    let first = t0.elapsed();
+    while cache.stats().loading {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let complete = t0.elapsed();
+    let (after, peak) = rss_and_peak();
+    assert_eq!(cache.len(), n, "fixture {} is not intact", dir.display());
+    // A clean close: leaves the hint for the next run.
+    drop(cache);
+    println!("build_ms={}", build.as_secs_f64() * 1e3);
+    println!("first_ms={}", first.as_secs_f64() * 1e3);
+    println!("complete_s={}", complete.as_secs_f64());
+    println!("peak_mib={}", mib(peak.saturating_sub(before) as f64));
+    println!("final_mib={}", mib(after.saturating_sub(before) as f64));
+}
+
+/// A reopen after a crash: no hint, so the directory is listed (the hint a clean close left
+/// is deleted first).
 fn startup_child(n: usize) {
     let dir = fixture_dir(n);
+    let _ = std::fs::remove_file(dir.join("index-hint"));
     let rng_seed = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
@@ -488,6 +530,37 @@ fn startup(rows: &mut Table) {
                 "s",
                 Some(raw / readdir),
             );
+            // After a clean close: from the hint (warm only: the hint is one file).
+            if !cold {
+                let h = medians(&format!("hinted:{n}"), r, false);
+                let after = "after a clean close (index hint)";
+                rows.row(&format!("{l} {after}: build()"), h["build_ms"], "ms", None);
+                rows.row(
+                    &format!("{l} {after}: first request served"),
+                    h["first_ms"],
+                    "ms",
+                    None,
+                );
+                rows.row(
+                    &format!("{l} {after}: index complete"),
+                    h["complete_s"],
+                    "s",
+                    Some(h["complete_s"] / readdir),
+                );
+                rows.row(
+                    &format!("{l} {after}: peak RSS growth during the load (VmHWM)"),
+                    h["peak_mib"],
+                    "MiB",
+                    None,
+                );
+                rows.row(
+                    &format!("{l} {after}: RSS growth after the load (index)"),
+                    h["final_mib"],
+                    "MiB",
+                    Some(h["peak_mib"] / h["final_mib"]),
+                );
+            }
+            let temp = format!("{temp}, after a crash (listing)");
             rows.row(&format!("{l} {temp}: build()"), m["build_ms"], "ms", None);
             rows.row(
                 &format!("{l} {temp}: … DiskStorage::open alone (after the load)"),

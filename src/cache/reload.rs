@@ -40,7 +40,7 @@ use super::meta::EntryMeta;
 use super::reaper;
 use super::slot::blob_name;
 use crate::error::{Error, Result};
-use crate::storage::BlobInfo;
+use crate::storage::{BlobInfo, HintReader};
 
 /// A request's claim on a key while loading: set when its look-up ended (the error kind if
 /// it failed).
@@ -105,7 +105,7 @@ impl Loading {
 pub(super) fn start(
     inner: &Arc<Inner>,
     wait: Duration,
-    hint: Option<Box<dyn io::Read + Send>>,
+    hint: Option<Box<dyn HintReader>>,
 ) -> Result<JoinHandle<()>> {
     *inner
         .loading
@@ -140,7 +140,7 @@ pub(super) fn stop(inner: &Inner, loader: JoinHandle<()>) {
 /// The loader thread: indexes every batch, then completes the load. A listing that fails is
 /// retried with a growing delay; meanwhile requests keep settling the keys they ask for, so
 /// nothing stored is missed, but size eviction waits.
-fn load(inner: &Arc<Inner>, hint: Option<Box<dyn io::Read + Send>>) {
+fn load(inner: &Arc<Inner>, hint: Option<Box<dyn HintReader>>) {
     let loading = &inner.loading;
     if let Some(hint) = hint {
         match load_hint(inner, hint) {
@@ -514,26 +514,79 @@ pub(super) fn encode_hint(inner: &Inner) -> Option<Vec<u8>> {
     Some(out)
 }
 
-/// Indexes the entries of a hint, in batches, checking its hash as it goes; an error (a
-/// damaged hint) leaves what was indexed, and the caller lists the storage to complete it.
-fn load_hint(inner: &Inner, mut hint: Box<dyn io::Read + Send>) -> io::Result<()> {
+/// Indexes the entries of a hint, in batches, after checking its hash (a damaged hint indexes
+/// nothing: its entries could name versions that are not there, and the listing that follows
+/// would then delete the real ones as second versions).
+/// This thread reads and parses; the batches are indexed on as many threads as there are
+/// cores (at most 4), while the next ones are read.
+fn load_hint(inner: &Inner, mut hint: Box<dyn HintReader>) -> io::Result<()> {
+    check_hint(&mut *hint)?;
+    let workers = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .clamp(1, 4);
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<HintEntry>>(workers * 2);
+    let rx = Mutex::new(rx);
+    std::thread::scope(|scope| {
+        for _ in 0..workers {
+            scope.spawn(|| {
+                loop {
+                    let batch = rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
+                    match batch {
+                        Ok(batch) => index_hinted(inner, batch),
+                        Err(_) => return,
+                    }
+                }
+            });
+        }
+        let read = read_hint(inner, &mut *hint, &tx);
+        drop(tx);
+        read
+    })
+}
+
+/// One entry of a hint: key, id, length, finish time, last access, own time to live.
+type HintEntry = (String, u64, u64, u64, u64, u64);
+
+/// Checks a hint's hash (the last 32 bytes: blake3 of all before), and rewinds it.
+fn check_hint(hint: &mut dyn HintReader) -> io::Result<()> {
+    let damaged = || io::Error::new(io::ErrorKind::InvalidData, "index hint: hash mismatch");
+    let len = hint.seek(io::SeekFrom::End(0))?;
+    let body = len.checked_sub(32).ok_or_else(damaged)?;
+    hint.seek(io::SeekFrom::Start(0))?;
+    let mut hasher = blake3::Hasher::new();
+    let mut whole = io::Read::take(&mut *hint, body);
+    io::copy(&mut whole, &mut hasher)?;
+    let mut want = [0u8; 32];
+    hint.read_exact(&mut want)?;
+    if hasher.finalize().as_bytes() != &want {
+        return Err(damaged());
+    }
+    hint.seek(io::SeekFrom::Start(0))?;
+    Ok(())
+}
+
+/// Parses a checked hint, sending its entries in batches to `out`.
+fn read_hint(
+    inner: &Inner,
+    hint: &mut dyn HintReader,
+    out: &std::sync::mpsc::SyncSender<Vec<HintEntry>>,
+) -> io::Result<()> {
     let damaged =
         |what: &str| io::Error::new(io::ErrorKind::InvalidData, format!("index hint: {what}"));
-    let mut hasher = blake3::Hasher::new();
-    let mut read = |n: usize, hasher: &mut blake3::Hasher| -> io::Result<Vec<u8>> {
-        let mut buf = vec![0; n];
-        hint.read_exact(&mut buf)?;
-        hasher.update(&buf);
-        Ok(buf)
+    let num = |hint: &mut dyn HintReader| {
+        let mut b = [0u8; 8];
+        hint.read_exact(&mut b)?;
+        io::Result::Ok(u64::from_le_bytes(b))
     };
-    let u64_of = |b: Vec<u8>| u64::from_le_bytes(b.try_into().expect("8 bytes"));
-    if read(4, &mut hasher)? != HINT_MAGIC {
+    let mut magic = [0u8; 4];
+    hint.read_exact(&mut magic)?;
+    if &magic != HINT_MAGIC {
         return Err(damaged("not a hint"));
     }
     let mut batch = Vec::with_capacity(HINT_BATCH);
     let mut max_id = 0;
     loop {
-        let key_len = u64_of(read(8, &mut hasher)?);
+        let key_len = num(hint)?;
         if key_len == HINT_END {
             break;
         }
@@ -541,11 +594,12 @@ fn load_hint(inner: &Inner, mut hint: Box<dyn io::Read + Send>) -> io::Result<()
             .ok()
             .filter(|&n| n <= 1 << 20)
             .ok_or_else(|| damaged("key too long"))?;
-        let key = String::from_utf8(read(key_len, &mut hasher)?)
-            .map_err(|_| damaged("key is not UTF-8"))?;
+        let mut key = vec![0; key_len];
+        hint.read_exact(&mut key)?;
+        let key = String::from_utf8(key).map_err(|_| damaged("key is not UTF-8"))?;
         let mut n = [0u64; 5];
         for v in &mut n {
-            *v = u64_of(read(8, &mut hasher)?);
+            *v = num(hint)?;
         }
         let [id, len, finished, last_access, ttl_ms] = n;
         if id >= 1 << 63 {
@@ -554,25 +608,22 @@ fn load_hint(inner: &Inner, mut hint: Box<dyn io::Read + Send>) -> io::Result<()
         max_id = max_id.max(id + 1);
         batch.push((key, id, len, finished, last_access, ttl_ms));
         if batch.len() == HINT_BATCH {
+            // Ids first: a key indexed from this batch may get a new version at once.
             inner.next_id.fetch_max(max_id, Ordering::Relaxed);
-            index_hinted(inner, std::mem::take(&mut batch));
-            if inner.loading.stop.load(Ordering::Relaxed) {
+            if inner.loading.stop.load(Ordering::Relaxed)
+                || out.send(std::mem::take(&mut batch)).is_err()
+            {
                 return Ok(());
             }
         }
     }
-    let mut want = [0u8; 32];
-    hint.read_exact(&mut want)?;
-    if hasher.finalize().as_bytes() != &want {
-        return Err(damaged("hash mismatch"));
-    }
     inner.next_id.fetch_max(max_id, Ordering::Relaxed);
-    index_hinted(inner, batch);
+    let _ = out.send(batch);
     Ok(())
 }
 
 /// Indexes hinted entries: those past their time to live are deleted instead.
-fn index_hinted(inner: &Inner, batch: Vec<(String, u64, u64, u64, u64, u64)>) {
+fn index_hinted(inner: &Inner, batch: Vec<HintEntry>) {
     let now = inner.books.clock.now_millis();
     for (key, id, len, finished, last_access, ttl_ms) in batch {
         if expired(inner, finished, ttl_ms, now) {

@@ -215,7 +215,7 @@ impl Storage for FaultyStorage {
         self.inner.put_hint(hint, epoch)
     }
 
-    fn take_hint(&self) -> io::Result<Option<Box<dyn io::Read + Send>>> {
+    fn take_hint(&self) -> io::Result<Option<Box<dyn crate::storage::HintReader>>> {
         self.inner.take_hint()
     }
 

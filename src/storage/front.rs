@@ -379,7 +379,7 @@ impl Storage for FrontStorage {
         self.shared.inner.put_hint(hint, epoch)
     }
 
-    fn take_hint(&self) -> io::Result<Option<Box<dyn io::Read + Send>>> {
+    fn take_hint(&self) -> io::Result<Option<Box<dyn crate::storage::HintReader>>> {
         self.shared.inner.take_hint()
     }
 

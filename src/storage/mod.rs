@@ -174,7 +174,7 @@ pub trait Storage: Send + Sync + fmt::Debug {
     ///
     /// # Errors
     /// Any I/O error of reading it.
-    fn take_hint(&self) -> io::Result<Option<Box<dyn io::Read + Send>>> {
+    fn take_hint(&self) -> io::Result<Option<Box<dyn HintReader>>> {
         Ok(None)
     }
 
@@ -184,6 +184,13 @@ pub trait Storage: Send + Sync + fmt::Debug {
     /// [`io::ErrorKind::NotFound`] if no committed blob has that name, or an I/O error.
     fn set_meta(&self, name: &str, meta: &[u8]) -> io::Result<()>;
 }
+
+/// A saved hint as [`Storage::take_hint`] hands it over: read twice (once to check it, once
+/// to use it), hence `Seek`. Implemented for every `Read + Seek + Send` type (a `File`, a
+/// `Cursor<Vec<u8>>`).
+pub trait HintReader: io::Read + io::Seek + Send {}
+
+impl<T: io::Read + io::Seek + Send> HintReader for T {}
 
 /// Appends to one uncommitted blob. Dropping it without [`commit`](BlobWriter::commit) discards
 /// the blob.
@@ -289,7 +296,7 @@ macro_rules! forward_through {
             fn put_hint(&self, hint: &[u8], epoch: u64) -> io::Result<bool> {
                 (**self).put_hint(hint, epoch)
             }
-            fn take_hint(&self) -> io::Result<Option<Box<dyn io::Read + Send>>> {
+            fn take_hint(&self) -> io::Result<Option<Box<dyn HintReader>>> {
                 (**self).take_hint()
             }
             fn set_meta(&self, name: &str, meta: &[u8]) -> io::Result<()> {

@@ -527,7 +527,7 @@ impl Storage for DiskStorage {
         Ok(true)
     }
 
-    fn take_hint(&self) -> io::Result<Option<Box<dyn io::Read + Send>>> {
+    fn take_hint(&self) -> io::Result<Option<Box<dyn super::HintReader>>> {
         let st = &self.inner;
         let path = st.dir.join(HINT_FILE);
         let file = match open_regular(&path) {
