@@ -8,6 +8,7 @@
 //! * `hashing`: the writer's block-hashing pipeline;
 //! * `writer`: writing and committing a blob;
 //! * `reader`: reading a blob, with the integrity checks of committed ones;
+//! * `ahead`: the helpers that check the blocks ahead of sequential readers;
 //! * `list`: listing, and deleting leftovers of interrupted commits.
 //!
 //! Unix only: it relies on `flock`, `O_NOFOLLOW`/`O_NONBLOCK`, positional reads and the
@@ -25,6 +26,7 @@ use std::time::{Duration, SystemTime};
 use super::{BlobInfo, BlobReader, BlobWriter, Storage, not_found, validate_name};
 use crate::error::{Error, Result};
 
+mod ahead;
 mod file;
 mod hashing;
 mod list;
@@ -158,6 +160,17 @@ pub enum Durability {
 /// [`Storage::open`] (after a restart, say) starts with no block checked; a blob this handle
 /// committed starts with every block checked, since the writer hashed exactly the bytes it
 /// wrote (so reading back what was just written costs no second hash).
+///
+/// A sequential read (one that starts where an earlier read of the blob ended, or at 0) has
+/// the next 4 blocks checked ahead of it, on a small process-wide pool of helper threads (one
+/// per core but one, at least one; started on demand, stopping when idle): the reader then
+/// finds them checked and reads them straight from the file while the hashing runs on
+/// another core. A block is checked by one thread at a time: a reader that reaches a block a
+/// helper is checking checks one further ahead meanwhile, or waits; it never serves a byte of
+/// a block before its hash matched. A block checked ahead is checked under the same rules as
+/// any other (a check racing a change of stamp is withdrawn), and one that fails is left
+/// unchecked, so that the reader's own check of it is the error. Reads at scattered offsets
+/// hand nothing ahead: they hash only the blocks they read.
 ///
 /// The stamp is compared again ([`BlobReader::revalidate`]) whenever a stream reader starts
 /// reading and whenever one of its reads enters a 1 MiB block it has not just read —
@@ -448,14 +461,8 @@ impl DiskStorage {
         // Replaced again and again: as if it were not there yet.
         Err(not_found(name))
     }
-}
-
-impl Storage for DiskStorage {
-    fn create(&self, name: &str) -> io::Result<Box<dyn BlobWriter>> {
-        Ok(Box::new(self.create_writer(name)?))
-    }
-
-    fn open(&self, name: &str) -> io::Result<(Arc<dyn BlobReader>, BlobInfo)> {
+    /// `Storage::open`, with the reader's concrete type (unit tests look into its checks).
+    fn open_reader(&self, name: &str) -> io::Result<(Arc<DiskReader>, BlobInfo)> {
         validate_name(name)?;
         let path = self.blob_path(name);
         let (record, file, md) = self.open_pair(name, &path)?;
@@ -470,6 +477,17 @@ impl Storage for DiskStorage {
         let check = Check::new(record.len, record.hashes, Some(Stamp::from(&md)));
         let reader = DiskReader::new(Arc::new(file), path, Some(check));
         Ok((Arc::new(reader), info))
+    }
+}
+
+impl Storage for DiskStorage {
+    fn create(&self, name: &str) -> io::Result<Box<dyn BlobWriter>> {
+        Ok(Box::new(self.create_writer(name)?))
+    }
+
+    fn open(&self, name: &str) -> io::Result<(Arc<dyn BlobReader>, BlobInfo)> {
+        let (reader, info) = self.open_reader(name)?;
+        Ok((reader, info))
     }
 
     /// Reads the record only: the data file is not opened.

@@ -6,14 +6,22 @@
 //! those bytes); when the stamp changes, every check is forgotten, and a check that raced the
 //! change is withdrawn (`Check::epoch`); a block that fails is an [`Error::Corrupt`](crate::Error::Corrupt) read
 //! error, never data. Bytes of a blob still being written are served unchecked.
+//!
+//! Blocks ahead of a sequential read are checked by the helpers of `ahead` meanwhile; a
+//! block is checked by one thread at a time (`Check::claimed`): a reader that reaches a
+//! block being checked elsewhere checks a block further ahead itself, or waits, and never
+//! serves a byte of the block before its mark is set. A random-access reader (no read
+//! starting where an earlier one ended) hands nothing ahead and checks only what it reads.
 
 use std::fs::{self, File};
 use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::time::Duration;
 
+use super::ahead::{self, AHEAD, Job, PIECE};
 use super::file::read_full_at;
 use super::{BLOCK, corrupt};
 use crate::storage::BlobReader;
@@ -29,11 +37,20 @@ pub(super) struct DiskReader {
     pub(super) file: Arc<File>,
     /// The committed data file (for error messages).
     path: PathBuf,
-    /// Set once: at commit, or at open.
-    pub(super) check: OnceLock<Check>,
+    /// Set once: at commit, or at open. Shared with the verify-ahead jobs (weakly).
+    pub(super) check: OnceLock<Arc<Check>>,
     /// A block-sized scratch buffer for verification, reused to avoid page faults.
     scratch: Mutex<Vec<u8>>,
+    /// Where the last reads ended (`STREAMS` of them, replaced in turn): a read starting at
+    /// one of them, or at 0, continues a sequential read and hands blocks ahead to the
+    /// helpers. Shared by all readers of the blob, so that a few sequential readers at once
+    /// are each recognised.
+    ends: [AtomicU64; STREAMS],
+    next_end: AtomicUsize,
 }
+
+/// How many sequential readers of one blob at once are recognised as such.
+const STREAMS: usize = 4;
 
 /// What `fstat` says about a file: if any of it changes, its content may have.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,6 +93,35 @@ pub(super) struct Check {
     epoch: AtomicU64,
     /// Lock: this mutex. The file's stamp when the bits in `verified` were earned.
     stamp: Mutex<Option<Stamp>>,
+    /// Bit `b` set while a thread checks block `b` (see `Claim`): others wait for it, or
+    /// check another block meanwhile, instead of hashing it twice.
+    claimed: Box<[AtomicU64]>,
+    /// Lock: this mutex, taken by a claim's release before it notifies `released`, and by a
+    /// waiter while it looks at the claim bit before waiting (so no release goes unnoticed).
+    released_lock: Mutex<()>,
+    released: Condvar,
+    /// Blocks below this were handed to the helpers (or found checked) by a sequential read;
+    /// reset with `verified`.
+    ahead: AtomicU64,
+}
+
+/// The right to check one block, given back (and waiters woken) when dropped.
+struct Claim<'a> {
+    check: &'a Check,
+    block: u64,
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        let c = self.check;
+        let (word, bit) = (
+            &c.claimed[(self.block / 64) as usize],
+            1 << (self.block % 64),
+        );
+        word.fetch_and(!bit, Ordering::SeqCst);
+        let _lock = c.released_lock.lock().unwrap_or_else(|e| e.into_inner());
+        c.released.notify_all();
+    }
 }
 
 impl Check {
@@ -88,7 +134,15 @@ impl Check {
             recheck: AtomicBool::new(false),
             epoch: AtomicU64::new(0),
             stamp: Mutex::new(stamp),
+            claimed: (0..words).map(|_| AtomicU64::new(0)).collect(),
+            released_lock: Mutex::new(()),
+            released: Condvar::new(),
+            ahead: AtomicU64::new(0),
         }
+    }
+
+    fn blocks(&self) -> u64 {
+        self.hashes.len() as u64
     }
 
     /// Forgets every checked block if the file changed since they were checked (or if that
@@ -117,6 +171,8 @@ impl Check {
         for word in self.verified.iter() {
             word.store(0, Ordering::SeqCst);
         }
+        // Sequential reads hand the blocks ahead to the helpers again.
+        self.ahead.store(0, Ordering::SeqCst);
     }
 
     /// Marks `block` checked, unless `verified` was cleared since `epoch` (when the check
@@ -141,19 +197,157 @@ impl Check {
     pub(super) fn is_verified(&self, block: u64) -> bool {
         self.verified[(block / 64) as usize].load(Ordering::Acquire) & (1 << (block % 64)) != 0
     }
+
+    fn is_claimed(&self, block: u64) -> bool {
+        self.claimed[(block / 64) as usize].load(Ordering::SeqCst) & (1 << (block % 64)) != 0
+    }
+
+    /// The right to check `block`, unless another thread is checking it.
+    fn claim(&self, block: u64) -> Option<Claim<'_>> {
+        let (word, bit) = (&self.claimed[(block / 64) as usize], 1 << (block % 64));
+        // `then`, not `then_some`: a `Claim` built and dropped on failure would release the
+        // claim of the thread that holds it.
+        (word.fetch_or(bit, Ordering::SeqCst) & bit == 0).then(|| Claim { check: self, block })
+    }
+
+    /// Waits until no thread is checking `block` (rechecking now and then regardless).
+    fn wait_released(&self, block: u64) {
+        let mut lock = self.released_lock.lock().unwrap_or_else(|e| e.into_inner());
+        while self.is_claimed(block) {
+            lock = self
+                .released
+                .wait_timeout(lock, Duration::from_millis(50))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    /// Checks `block` if no thread has or is checking it: reads it piece by piece into
+    /// `buf`, hashes it, and marks it if it matches; a block that fails (or cannot be read)
+    /// is left unmarked, for its reader to find. Serves nothing.
+    pub(super) fn verify_ahead(&self, file: &File, block: u64, buf: &mut Vec<u8>) {
+        if block >= self.blocks() || self.is_verified(block) {
+            return;
+        }
+        let Some(_claim) = self.claim(block) else {
+            return;
+        };
+        // Checked by another thread between the look above and the claim.
+        if self.is_verified(block) {
+            return;
+        }
+        let epoch = self.epoch.load(Ordering::SeqCst);
+        let start = block * BLOCK;
+        let end = (start + BLOCK).min(self.len);
+        buf.resize(PIECE, 0);
+        let mut hasher = blake3::Hasher::new();
+        let mut pos = start;
+        while pos < end {
+            let piece = &mut buf[..PIECE.min((end - pos) as usize)];
+            match read_full_at(file, piece, pos) {
+                Ok(n) if n == piece.len() => {}
+                _ => return,
+            }
+            hasher.update(piece);
+            pos += piece.len() as u64;
+        }
+        if hasher.finalize().as_bytes() == &self.hashes[block as usize] {
+            self.mark(block, epoch);
+        }
+    }
 }
 
 impl DiskReader {
     pub(super) fn new(file: Arc<File>, path: PathBuf, check: Option<Check>) -> DiskReader {
         let cell = OnceLock::new();
         if let Some(c) = check {
-            let _ = cell.set(c);
+            let _ = cell.set(Arc::new(c));
         }
         DiskReader {
             file,
             path,
             check: cell,
             scratch: Mutex::new(Vec::new()),
+            ends: Default::default(),
+            next_end: AtomicUsize::new(0),
+        }
+    }
+
+    /// Whether a read of `[offset, end)` continues a sequential read (or starts at 0); notes
+    /// where it ends either way.
+    fn sequential(&self, offset: u64, end: u64) -> bool {
+        for e in &self.ends {
+            if e.load(Ordering::Relaxed) == offset {
+                e.store(end, Ordering::Relaxed);
+                return true;
+            }
+        }
+        let i = self.next_end.fetch_add(1, Ordering::Relaxed) % STREAMS;
+        self.ends[i].store(end, Ordering::Relaxed);
+        false
+    }
+
+    /// A sequential read ends in block `last`: hands the blocks up to `AHEAD` past it that are
+    /// not handed yet, nor checked, to the helpers.
+    fn request_ahead(&self, c: &Arc<Check>, last: u64) {
+        let want = (last + 1 + AHEAD).min(c.blocks());
+        if c.ahead.load(Ordering::Relaxed) >= want {
+            return;
+        }
+        let from = c.ahead.fetch_max(want, Ordering::Relaxed).max(last + 1);
+        let todo = (from..want).filter(|&b| !c.is_verified(b) && !c.is_claimed(b));
+        ahead::submit(todo.map(|block| Job {
+            file: self.file.clone(),
+            check: Arc::downgrade(c),
+            block,
+        }));
+    }
+
+    /// Copies `out.len()` bytes at `pos` of a checked block straight from the file.
+    fn serve(&self, out: &mut [u8], pos: u64) -> io::Result<()> {
+        if read_full_at(&self.file, out, pos)? != out.len() {
+            return Err(corrupt(&self.path, "file shorter than its length"));
+        }
+        Ok(())
+    }
+
+    /// Serves `[from, from + out.len())` of `block`, which was not checked when the read came
+    /// to it: checks it here, or, if another thread is checking it, waits for that (checking
+    /// a block handed ahead meanwhile if `help`), and checks it here if that failed.
+    fn unchecked_block(
+        &self,
+        c: &Check,
+        block: u64,
+        from: usize,
+        out: &mut [u8],
+        help: bool,
+    ) -> io::Result<()> {
+        let pos = block * BLOCK + from as u64;
+        // Blocks ahead up to here were tried already (each at most once: one that fails its
+        // hash stays unchecked, and is not hashed again and again while this one waits).
+        let mut tried = block;
+        let mut buf = Vec::new();
+        loop {
+            if let Some(_claim) = c.claim(block) {
+                if c.is_verified(block) {
+                    return self.serve(out, pos);
+                }
+                return self.verify_block(c, block, from, out);
+            }
+            if c.is_verified(block) {
+                return self.serve(out, pos);
+            }
+            // Another thread is checking this block: rather than wait idle, check one handed
+            // ahead that no one has taken yet.
+            let spare = (tried + 1..c.ahead.load(Ordering::Relaxed).min(block + 1 + AHEAD))
+                .find(|&b| !c.is_verified(b) && !c.is_claimed(b));
+            match spare {
+                Some(b) if help => {
+                    tried = b;
+                    c.verify_ahead(&self.file, b, &mut buf);
+                }
+                _ => c.wait_released(block),
+            }
         }
     }
 
@@ -187,12 +381,17 @@ impl DiskReader {
         Ok(())
     }
 
-    fn read_checked(&self, c: &Check, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+    fn read_checked(&self, c: &Arc<Check>, buf: &mut [u8], offset: u64) -> io::Result<usize> {
         c.revalidate(&self.file, false);
         if offset >= c.len {
             return Ok(0);
         }
         let total = buf.len().min((c.len - offset) as usize);
+        let end = offset + total as u64;
+        let sequential = self.sequential(offset, end);
+        if sequential {
+            self.request_ahead(c, (end - 1) / BLOCK);
+        }
         let mut done = 0;
         while done < total {
             let pos = offset + done as u64;
@@ -201,11 +400,9 @@ impl DiskReader {
             let n = (total - done).min(BLOCK as usize - from);
             let out = &mut buf[done..done + n];
             if c.is_verified(block) {
-                if read_full_at(&self.file, out, pos)? != n {
-                    return Err(corrupt(&self.path, "file shorter than its length"));
-                }
+                self.serve(out, pos)?;
             } else {
-                self.verify_block(c, block, from, out)?;
+                self.unchecked_block(c, block, from, out, sequential)?;
             }
             done += n;
         }
@@ -336,7 +533,9 @@ pub(super) mod tests {
             .unwrap()
             .set_modified(SystemTime::now() + Duration::from_secs(2))
             .unwrap();
-        r.read_at(&mut buf, 0).unwrap();
+        // (Not at 0, nor where an earlier read ended: a sequential read would have the blocks
+        // ahead checked too.)
+        r.read_at(&mut buf, 100).unwrap();
         assert_eq!(checked(&r), [true, false, false, false]);
     }
 
@@ -373,5 +572,199 @@ pub(super) mod tests {
         c.mark(1, c.epoch.load(Ordering::SeqCst));
         assert!(c.is_verified(1));
         assert!(!c.is_verified(0));
+    }
+
+    /// A blob of `blocks` blocks (and 5 bytes) written and committed by an earlier handle,
+    /// opened afresh (no block checked), with one byte flipped at each of `flips` first.
+    fn reloaded(
+        dir: &std::path::Path,
+        blocks: u64,
+        flips: &[u64],
+    ) -> (DiskStorage, Arc<DiskReader>, Vec<u8>) {
+        let data: Vec<u8> = (0..blocks * BLOCK + 5).map(|i| (i % 253) as u8).collect();
+        {
+            let s = DiskStorage::open(dir).unwrap();
+            let mut w = s.create("blob").unwrap();
+            w.write(&data).unwrap();
+            w.commit(Vec::new()).unwrap();
+            for &at in flips {
+                tamper(&s.blob_path("blob"), at, SystemTime::now());
+            }
+        }
+        let s = DiskStorage::open(dir).unwrap();
+        let (r, _) = s.open_reader("blob").unwrap();
+        (s, r, data)
+    }
+
+    /// Waits (up to 20 s) until `done` holds of the reader's check.
+    fn wait_for(r: &DiskReader, what: &str, done: impl Fn(&Check) -> bool) {
+        let c = r.check.get().unwrap();
+        let t = std::time::Instant::now();
+        while !done(c) {
+            assert!(t.elapsed() < Duration::from_secs(20), "timed out: {what}");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// Reads `[offset, offset + len)` whole.
+    fn read(r: &dyn BlobReader, offset: u64, len: usize) -> io::Result<Vec<u8>> {
+        let mut buf = vec![0; len];
+        let n = r.read_at(&mut buf, offset)?;
+        buf.truncate(n);
+        Ok(buf)
+    }
+
+    /// A sequential read hands the blocks ahead to the helpers, which check them; one of them
+    /// with a flipped byte stays unchecked and is an error when the reader gets there (and
+    /// again after), never data, while the blocks around it read right.
+    #[test]
+    fn a_flipped_byte_ahead_is_an_error_when_reached() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_s, r, data) = reloaded(dir.path(), 6, &[3 * BLOCK + 17]);
+        let d = &*r;
+        let b = BLOCK as usize;
+        assert_eq!(read(&*r, 0, b).unwrap(), &data[..b]);
+        wait_for(d, "blocks 1, 2 and 4 checked ahead", |c| {
+            c.is_verified(1) && c.is_verified(2) && c.is_verified(4)
+        });
+        wait_for(d, "block 3 tried", |c| !c.is_claimed(3));
+        assert!(!d.check.get().unwrap().is_verified(3));
+        assert_eq!(read(&*r, BLOCK, 2 * b).unwrap(), &data[b..3 * b]);
+        for _ in 0..2 {
+            let err = read(&*r, 3 * BLOCK, b).unwrap_err();
+            assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+        }
+        let err = read(&*r, 3 * BLOCK - 10, 20).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+        assert_eq!(read(&*r, 4 * BLOCK, b).unwrap(), &data[4 * b..5 * b]);
+        // Block 5 was handed ahead by the sequential reads since.
+        wait_for(d, "block 5 checked ahead", |c| c.is_verified(5));
+        assert_eq!(checked(d)[..6], [true, true, true, false, true, true]);
+    }
+
+    /// A block checked ahead and then altered on disk (a new stamp) is checked again when the
+    /// reader reaches it after a revalidation (the stream reader revalidates at every block it
+    /// enters): an error, not the bytes the helper vouched for.
+    #[test]
+    fn a_block_checked_ahead_then_altered_fails_when_reached() {
+        let dir = tempfile::tempdir().unwrap();
+        let (s, r, data) = reloaded(dir.path(), 4, &[]);
+        let d = &*r;
+        assert_eq!(read(&*r, 0, 4096).unwrap(), &data[..4096]);
+        wait_for(d, "blocks 1 and 2 checked ahead", |c| {
+            c.is_verified(1) && c.is_verified(2)
+        });
+        tamper(
+            &s.blob_path("blob"),
+            2 * BLOCK + 9,
+            SystemTime::now() + Duration::from_secs(1),
+        );
+        r.revalidate();
+        let b = BLOCK as usize;
+        assert_eq!(read(&*r, 4096, b - 4096).unwrap(), &data[4096..b]);
+        assert_eq!(read(&*r, BLOCK, b).unwrap(), &data[b..2 * b]);
+        let err = read(&*r, 2 * BLOCK, b).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+    }
+
+    /// Reads at scattered offsets (none starting where another ended) hand nothing ahead:
+    /// only the blocks they read get checked.
+    #[test]
+    fn random_reads_check_only_what_they_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_s, r, data) = reloaded(dir.path(), 12, &[]);
+        let d = &*r;
+        for at in [
+            9 * BLOCK + 100,
+            3 * BLOCK + 5,
+            6 * BLOCK + 77,
+            3 * BLOCK + 9000,
+        ] {
+            let got = read(&*r, at, 1000).unwrap();
+            assert_eq!(got, &data[at as usize..at as usize + 1000]);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        let want: Vec<bool> = (0..13).map(|b| [3, 6, 9].contains(&b)).collect();
+        assert_eq!(checked(d), want);
+        assert_eq!(d.check.get().unwrap().ahead.load(Ordering::Relaxed), 0);
+    }
+
+    /// A reader that reaches a block another thread is checking waits for that check, and
+    /// serves nothing of the block until it is done (here the other thread gives up, so the
+    /// reader checks the block itself).
+    #[test]
+    fn a_reader_waits_for_a_check_in_progress() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_s, r, data) = reloaded(dir.path(), 2, &[]);
+        let c = r.check.get().unwrap().clone();
+        let claim = c.claim(1).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let reader = r.clone();
+        let t = std::thread::spawn(move || {
+            let _ = tx.send(read(&*reader, BLOCK + 3, 4000));
+        });
+        if let Ok(got) = rx.recv_timeout(Duration::from_millis(100)) {
+            panic!("served a block being checked: {:?}", got.map(|v| v.len()));
+        }
+        drop(claim);
+        let got = rx.recv_timeout(Duration::from_secs(20)).unwrap().unwrap();
+        assert_eq!(got, &data[BLOCK as usize + 3..BLOCK as usize + 4003]);
+        t.join().unwrap();
+        assert!(c.is_verified(1));
+    }
+
+    /// Several readers of one blob at once, sequential with different read sizes, one of them
+    /// at scattered offsets: all read the right bytes, and all get an error (never data) at
+    /// the block with a flipped byte, whoever checked which block.
+    #[test]
+    fn several_readers_of_one_blob() {
+        for flips in [vec![], vec![5 * BLOCK + 1]] {
+            let dir = tempfile::tempdir().unwrap();
+            let (_s, r, data) = reloaded(dir.path(), 10, &flips);
+            let bad = flips.first().map(|&f| f / BLOCK);
+            std::thread::scope(|scope| {
+                for piece in [64 << 10, 1 << 20, 300_001, (1 << 20) + 7] {
+                    let (r, data) = (&r, &data);
+                    scope.spawn(move || {
+                        let mut at = 0;
+                        while at < data.len() {
+                            let len = piece.min(data.len() - at);
+                            let (first, last) = (at as u64 / BLOCK, (at + len - 1) as u64 / BLOCK);
+                            match read(&**r, at as u64, len) {
+                                Ok(got) => {
+                                    assert!(bad.is_none_or(|b| b < first || b > last));
+                                    assert_eq!(got, &data[at..at + len], "at {at}");
+                                    at += len;
+                                }
+                                Err(e) => {
+                                    assert_eq!(e.kind(), io::ErrorKind::InvalidData);
+                                    let b = bad.expect("an error reading an intact blob");
+                                    assert!(first <= b && b <= last);
+                                    // Go on past the bad block.
+                                    at = ((b + 1) * BLOCK) as usize;
+                                }
+                            }
+                        }
+                    });
+                }
+                let (r, data) = (&r, &data);
+                scope.spawn(move || {
+                    for i in 0..40u64 {
+                        let at = (i * 7_919_993) % (data.len() as u64 - 5000);
+                        let b = at / BLOCK;
+                        match read(&**r, at, 5000) {
+                            Ok(got) => {
+                                assert!(bad.is_none_or(|x| x != b && x != (at + 4999) / BLOCK));
+                                assert_eq!(got, &data[at as usize..at as usize + 5000]);
+                            }
+                            Err(e) => {
+                                assert_eq!(e.kind(), io::ErrorKind::InvalidData);
+                                assert!(bad.is_some());
+                            }
+                        }
+                    }
+                });
+            });
+        }
     }
 }

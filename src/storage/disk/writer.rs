@@ -188,7 +188,7 @@ impl BlobWriter for DiskWriter {
             return Err(e);
         }
         // From now on the file is at rest: its readers check what they read.
-        let _ = reader.check.set(check);
+        let _ = reader.check.set(Arc::new(check));
         Ok(())
     }
 }
