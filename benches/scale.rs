@@ -346,14 +346,16 @@ fn cache_curve_child(kind: &str, n: usize) {
     let (p50, p99) = latency(n, |i| {
         std::hint::black_box(cache.get(&keys[i]).unwrap().expect("hit"));
     });
-    println!(
-        "bytes_per_entry={}",
-        after.saturating_sub(before) as f64 / n as f64
-    );
+    print_curve_point(n, after.saturating_sub(before), rate, p50, p99);
+    drop(cache);
+}
+
+/// The figures of one curve child: memory per entry, insert rate, hit latencies.
+fn print_curve_point(n: usize, grown: u64, rate: f64, p50: f64, p99: f64) {
+    println!("bytes_per_entry={}", grown as f64 / n as f64);
     println!("insert_per_s={rate}");
     println!("p50_ns={p50}");
     println!("p99_ns={p99}");
-    drop(cache);
 }
 
 fn hashmap_curve_child(n: usize) {
@@ -374,13 +376,7 @@ fn hashmap_curve_child(n: usize) {
     let (timer, _) = latency(n, |i| {
         std::hint::black_box(i);
     });
-    println!(
-        "bytes_per_entry={}",
-        after.saturating_sub(before) as f64 / n as f64
-    );
-    println!("insert_per_s={rate}");
-    println!("p50_ns={p50}");
-    println!("p99_ns={p99}");
+    print_curve_point(n, after.saturating_sub(before), rate, p50, p99);
     println!("timer_ns={timer}");
 }
 
