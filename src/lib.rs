@@ -71,6 +71,10 @@
 //! * **Eventual:** eviction (the reaper acts shortly after a limit is crossed or an entry
 //!   expires, though an expired entry is never *served*), [`Cache::len`],
 //!   [`Cache::total_bytes`], [`Cache::stats`], and recency order.
+//! * **While the index loads after a reopen** (see [`CacheBuilder::startup_wait`]): requests
+//!   stay linearizable per key (a stored key not indexed yet is looked up directly, and never
+//!   gets a second producer); `len`, `keys`, `iter` and `total_bytes` miss entries not indexed
+//!   yet, and size eviction waits until the load completes.
 //! * **Never blocking a request:** the index is a sharded map whose locks are held only for
 //!   one map operation (a hit also opens its reader and records itself under the shard's read
 //!   lock), never across I/O; readers read storage without any lock and wait on a
