@@ -28,7 +28,7 @@ use std::collections::hash_map::Entry as HashEntry;
 use std::io;
 use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, RwLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -57,6 +57,11 @@ pub(crate) struct Loading {
     /// only to claim). Keys claimed by requests while loading (see the module invariants).
     /// Emptied when loading completes.
     claimed: DashMap<Arc<str>, Arc<Claim>>,
+    /// Lock: read-held by a request for the whole of settling a key (claim, look-up, insert),
+    /// write-held by `complete` to clear `active`: so no look-up is still under way, or
+    /// starts, once the index is complete (one could find the blob of an entry removed since,
+    /// still on disk until the reaper deletes it, and index it again).
+    gate: RwLock<()>,
     /// Lock: this mutex (a leaf lock). Loaded slots waiting to join the recency list: `Some`
     /// until `complete` takes them; a slot indexed after that joins the list at once.
     pending: Mutex<Option<Vec<Arc<Slot>>>>,
@@ -243,6 +248,10 @@ fn expired(inner: &Inner, finished: u64, ttl_ms: u64, now: u64) -> bool {
 /// the next one looks again).
 pub(crate) fn settle(inner: &Inner, key: &str) -> Result<()> {
     let loading = &inner.loading;
+    if !loading.active.load(Ordering::Acquire) {
+        return Ok(());
+    }
+    let _gate = loading.gate.read().unwrap_or_else(|e| e.into_inner());
     if !loading.active.load(Ordering::Acquire) {
         return Ok(());
     }
@@ -445,7 +454,14 @@ fn complete(inner: &Inner) {
         .take()
         .unwrap_or_default();
     join_recency(inner, loaded);
-    inner.loading.active.store(false, Ordering::SeqCst);
+    {
+        let _gate = inner
+            .loading
+            .gate
+            .write()
+            .unwrap_or_else(|e| e.into_inner());
+        inner.loading.active.store(false, Ordering::SeqCst);
+    }
     inner.loading.claimed.clear();
     if inner.over_limits() {
         inner.request_maintenance();
