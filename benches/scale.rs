@@ -173,55 +173,12 @@ fn child(spec: &str) {
     }
 }
 
-/// A reopen after a clean close: the index is read from the hint the last close left (made
-/// first, untimed, if the fixture has none).
-fn hinted_child(n: usize) {
+/// One timed reopen of the fixture of `n` entries, printed as `name=value` lines: `build()`,
+/// the first request (a random stored key read to its end), the complete index, and the RSS
+/// growth (peak and after the load). Closes the cache cleanly (which leaves a hint).
+fn timed_reopen(n: usize, seed: u64) {
     let dir = fixture_dir(n);
-    if !dir.join("index-hint").exists() {
-        let cache = Cache::builder()
-            .disk(&dir)
-            .startup_wait(Duration::MAX)
-            .build()
-            .unwrap();
-        assert_eq!(cache.len(), n, "fixture {} is not intact", dir.display());
-    }
-    let probe = key(Rng(7 | n as u64).below(n));
-    let (before, _) = rss_and_peak();
-    let t0 = Instant::now();
-    let cache = Cache::builder().disk(&dir).build().unwrap();
-    let build = t0.elapsed();
-    let mut reader = cache.get(&probe).unwrap().expect("stored key served");
-    let mut bytes = Vec::new();
-    reader.read_to_end(&mut bytes).unwrap();
-    drop(reader);
-    assert_eq!(bytes, VALUE);
-    let first = t0.elapsed();
-    while cache.stats().loading {
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    let complete = t0.elapsed();
-    let (after, peak) = rss_and_peak();
-    assert_eq!(cache.len(), n, "fixture {} is not intact", dir.display());
-    // A clean close: leaves the hint for the next run.
-    drop(cache);
-    println!("build_ms={}", build.as_secs_f64() * 1e3);
-    println!("first_ms={}", first.as_secs_f64() * 1e3);
-    println!("complete_s={}", complete.as_secs_f64());
-    println!("peak_mib={}", mib(peak.saturating_sub(before) as f64));
-    println!("final_mib={}", mib(after.saturating_sub(before) as f64));
-}
-
-/// A reopen after a crash: no hint, so the directory is listed (the hint a clean close left
-/// is deleted first).
-fn startup_child(n: usize) {
-    let dir = fixture_dir(n);
-    let _ = std::fs::remove_file(dir.join("index-hint"));
-    let rng_seed = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64
-        | 1;
-    let probe = key(Rng(rng_seed).below(n));
+    let probe = key(Rng(seed | 1).below(n));
     let (before, _) = rss_and_peak();
     let t0 = Instant::now();
     let cache = Cache::builder().disk(&dir).build().unwrap();
@@ -245,8 +202,46 @@ fn startup_child(n: usize) {
     let (after, peak) = rss_and_peak();
     assert_eq!(cache.len(), n, "fixture {} is not intact", dir.display());
     drop(cache);
+    println!("build_ms={}", build.as_secs_f64() * 1e3);
+    println!("loading_at_build={}", u8::from(loading_at_build));
+    println!("first_ms={}", first.as_secs_f64() * 1e3);
+    println!("get_ms={}", get.as_secs_f64() * 1e3);
+    println!("complete_s={}", complete.as_secs_f64());
+    println!("loaded={loaded}");
+    println!("polls={polls}");
+    println!("base_mib={}", mib(before as f64));
+    println!("peak_mib={}", mib(peak.saturating_sub(before) as f64));
+    println!("final_mib={}", mib(after.saturating_sub(before) as f64));
+}
+
+/// A reopen after a clean close: the index is read from the hint the last close left (made
+/// first, untimed, if the fixture has none).
+fn hinted_child(n: usize) {
+    let dir = fixture_dir(n);
+    if !dir.join("index-hint").exists() {
+        let cache = Cache::builder()
+            .disk(&dir)
+            .startup_wait(Duration::MAX)
+            .build()
+            .unwrap();
+        assert_eq!(cache.len(), n, "fixture {} is not intact", dir.display());
+    }
+    timed_reopen(n, 7 ^ n as u64);
+}
+
+/// A reopen after a crash: no hint, so the directory is listed (the hint a clean close left
+/// is deleted first).
+fn startup_child(n: usize) {
+    let dir = fixture_dir(n);
+    let _ = std::fs::remove_file(dir.join("index-hint"));
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    timed_reopen(n, seed);
     // Phases of build() once the metadata is cached: opening the storage alone, and build()
-    // with no wait for the index (the loader is stopped by the drop).
+    // with no wait for the index (the loader is stopped by the drop; it takes the hint the
+    // reopen above left).
     let t = Instant::now();
     drop(streamcache::storage::DiskStorage::open(&dir).unwrap());
     let storage_open = t.elapsed();
@@ -260,16 +255,6 @@ fn startup_child(n: usize) {
     drop(cache);
     println!("storage_open_ms={}", storage_open.as_secs_f64() * 1e3);
     println!("zero_wait_build_ms={}", zero_wait.as_secs_f64() * 1e3);
-    println!("build_ms={}", build.as_secs_f64() * 1e3);
-    println!("loading_at_build={}", u8::from(loading_at_build));
-    println!("first_ms={}", first.as_secs_f64() * 1e3);
-    println!("get_ms={}", get.as_secs_f64() * 1e3);
-    println!("complete_s={}", complete.as_secs_f64());
-    println!("loaded={loaded}");
-    println!("polls={polls}");
-    println!("base_mib={}", mib(before as f64));
-    println!("peak_mib={}", mib(peak.saturating_sub(before) as f64));
-    println!("final_mib={}", mib(after.saturating_sub(before) as f64));
 }
 
 /// Raw baseline: a `readdir` walk of the data directory counting files.

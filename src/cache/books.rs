@@ -20,6 +20,18 @@ pub(crate) struct Limits {
     pub(crate) tti_ms: Option<u64>,
 }
 
+impl Limits {
+    /// When an entry finished at `finished` (milliseconds), with its own time to live `own`,
+    /// stops being served for its age: the earlier of the cache-wide and its own limit.
+    pub(crate) fn expires_at(&self, finished: u64, own: Option<u64>) -> Option<u64> {
+        let ttl = match (self.ttl_ms, own) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        ttl.map(|ttl| finished.saturating_add(ttl))
+    }
+}
+
 /// Counters behind [`super::CacheStats`]. Relaxed atomics: statistics are eventually exact.
 #[derive(Debug, Default)]
 pub(crate) struct Counters {

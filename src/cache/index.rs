@@ -200,11 +200,7 @@ impl Inner {
         if finished == 0 {
             return None;
         }
-        let ttl = match (self.limits.ttl_ms, slot.ttl_ms()) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
-        ttl.map(|ttl| finished.saturating_add(ttl))
+        self.limits.expires_at(finished, slot.ttl_ms())
     }
 
     /// `Cache::entry_info` of `slot` at `now`: `None` unless it is servable.

@@ -231,13 +231,11 @@ fn index_one(inner: &Inner, key: String, id: u64, meta: &EntryMeta, len: u64) {
 /// Whether an entry finished at `finished`, with its own time to live `ttl_ms` (0 = none),
 /// is past its time to live at `now`.
 fn expired(inner: &Inner, finished: u64, ttl_ms: u64, now: u64) -> bool {
-    let ttl = match (inner.limits.ttl_ms, ttl_ms) {
-        (Some(ttl), 0) => Some(ttl),
-        (Some(ttl), own) => Some(ttl.min(own)),
-        (None, 0) => None,
-        (None, own) => Some(own),
-    };
-    ttl.is_some_and(|ttl| now >= finished.saturating_add(ttl))
+    let own = (ttl_ms != 0).then_some(ttl_ms);
+    inner
+        .limits
+        .expires_at(finished, own)
+        .is_some_and(|at| now >= at)
 }
 
 /// Makes `key` settled before a request looks it up in the index while loading: indexes its
