@@ -178,6 +178,29 @@ fn removed_and_replaced(how: &str, dir: &Path) {
     assert_eq!(stored_data_files(dir), N - removed);
 }
 
+/// `clear` during the load does not wait for it, and the entries the load had not indexed
+/// yet do not come back; an entry made after the clear stays.
+#[test]
+fn clear_during_the_load() {
+    for (how, dir) in fill_both(N) {
+        let cache = reopen(dir.path()).build().unwrap();
+        cache.clear();
+        put(&cache, "after", b"made after the clear");
+        wait_loaded(&cache);
+        cache.run_pending_tasks();
+        assert_eq!(cache.len(), 1, "{how}: entries came back after clear");
+        assert_eq!(get_bytes(&cache, "after"), b"made after the clear");
+        for i in (0..N).step_by(37) {
+            assert!(
+                cache.get(&format!("k{i}")).unwrap().is_none(),
+                "{how}: k{i}"
+            );
+        }
+        drop(cache);
+        assert_eq!(stored_data_files(dir.path()), 1, "{how}");
+    }
+}
+
 /// Size limits hold once the load completes, and eviction then follows the recency stored
 /// before the restart: the entries read last survive.
 #[test]

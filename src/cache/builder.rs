@@ -282,8 +282,9 @@ impl CacheBuilder {
     /// [`iter`](crate::Cache::iter) (entries not indexed yet are missing), and size eviction
     /// (it waits for the load, since the recency of the stored entries is not known before).
     /// [`CacheStats::loading`](crate::CacheStats::loading) tells when it is complete;
-    /// [`clear`](crate::Cache::clear) and
-    /// [`run_pending_tasks`](crate::Cache::run_pending_tasks) wait for it.
+    /// [`run_pending_tasks`](crate::Cache::run_pending_tasks) waits for it.
+    /// [`clear`](crate::Cache::clear) does not: the entries not indexed yet are deleted as
+    /// the load finds them.
     pub fn startup_wait(mut self, wait: Duration) -> Self {
         self.startup_wait = wait;
         self

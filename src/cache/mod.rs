@@ -460,8 +460,8 @@ impl Cache {
 
     /// Removes every entry, as [`remove`](Cache::remove) does (safe while streams are open).
     pub fn clear(&self) {
-        // Entries still loading would come back after it.
-        self.inner.loading.wait_ended();
+        // Entries not indexed yet are deleted when the load finds them.
+        reload::clear_stored(&self.inner);
         for slot in self.slots() {
             self.inner.unlink(&slot, RemovalCause::Explicit);
         }

@@ -62,6 +62,10 @@ pub(crate) struct Loading {
     /// starts, once the index is complete (one could find the blob of an entry removed since,
     /// still on disk until the reaper deletes it, and index it again).
     gate: RwLock<()>,
+    /// Set (under `gate`'s write lock) by a `Cache::clear` while loading: every stored entry
+    /// not indexed yet predates the clear, so the loader and look-ups delete what they find
+    /// instead of indexing it. (Keys created since the open are claimed, so never found.)
+    cleared: AtomicBool,
     /// Lock: this mutex (a leaf lock). Loaded slots waiting to join the recency list: `Some`
     /// until `complete` takes them; a slot indexed after that joins the list at once.
     pending: Mutex<Option<Vec<Arc<Slot>>>>,
@@ -202,6 +206,7 @@ fn load(inner: &Arc<Inner>, hint: Option<Box<dyn HintReader>>) {
 
 /// Indexes the newest version of each key of one batch, unless a request settled it.
 fn index_batch(inner: &Inner, batch: Vec<BlobInfo>) {
+    let _gate = inner.loading.gate.read().unwrap_or_else(|e| e.into_inner());
     let now = inner.books.clock.now_millis();
     for (key, (id, meta, len)) in newest_per_key(inner, batch, now) {
         index_one(inner, key, id, &meta, len);
@@ -216,6 +221,10 @@ fn index_one(inner: &Inner, key: String, id: u64, meta: &EntryMeta, len: u64) {
     let MapEntry::Vacant(_unclaimed) = inner.loading.claimed.entry(key.clone()) else {
         return;
     };
+    if inner.loading.cleared.load(Ordering::Acquire) {
+        reaper::delete_at_open(&*inner.storage, &name);
+        return;
+    }
     match insert(inner, key, id, meta, len) {
         // Indexed now, or by an earlier attempt of this load.
         None => {}
@@ -297,6 +306,17 @@ pub(crate) fn settle(inner: &Inner, key: &str) -> Result<()> {
     looked.map_err(|e| Error::from_io_without_path("look up a stored entry", e))
 }
 
+/// `Cache::clear` while loading: from now on, stored entries not indexed yet are deleted when
+/// found (they predate the clear). Returns at once when not loading.
+pub(crate) fn clear_stored(inner: &Inner) {
+    let loading = &inner.loading;
+    if loading.active.load(Ordering::Acquire) {
+        // No batch of the loader and no look-up is under way while it is set.
+        let _gate = loading.gate.write().unwrap_or_else(|e| e.into_inner());
+        loading.cleared.store(true, Ordering::Release);
+    }
+}
+
 /// Marks `key` settled while loading (its entry leaves the index, and its blob, deleted
 /// later, must not be looked up again). Returns at once when not loading.
 pub(crate) fn settled(inner: &Inner, key: &Arc<str>) {
@@ -320,7 +340,9 @@ fn look_up(inner: &Inner, key: &Arc<str>) -> io::Result<()> {
     let found = inner.storage.list_prefix(prefix)?;
     let now = inner.books.clock.now_millis();
     for (_, (id, meta, len)) in newest_per_key(inner, found, now) {
-        if *meta.key == **key {
+        if *meta.key == **key && inner.loading.cleared.load(Ordering::Acquire) {
+            reaper::delete_at_open(&*inner.storage, &blob_name(key, id));
+        } else if *meta.key == **key {
             // Nobody else indexes the key while it is claimed; only the same version can be
             // there already (indexed by an earlier, failed attempt of the loader).
             if insert(inner, key.clone(), id, &meta, len).is_some_and(|other| other != id) {
@@ -638,6 +660,7 @@ fn read_hint(
 
 /// Indexes hinted entries: those past their time to live are deleted instead.
 fn index_hinted(inner: &Inner, batch: Vec<HintEntry>) {
+    let _gate = inner.loading.gate.read().unwrap_or_else(|e| e.into_inner());
     let now = inner.books.clock.now_millis();
     for (key, id, len, finished, last_access, ttl_ms) in batch {
         if expired(inner, finished, ttl_ms, now) {
