@@ -385,10 +385,7 @@ impl Cache {
     /// While the index loads, makes `key` indexed if it is stored (for the calls that cannot
     /// report an error).
     fn settle_quietly(&self, key: &str) {
-        if self.inner.loading.active.load(Ordering::Acquire)
-            && !self.inner.index.contains_key(key)
-            && let Err(e) = reload::settle(&self.inner, key)
-        {
+        if let Err(e) = reload::settle(&self.inner, key) {
             tracing::warn!(key, error = %e, "could not look a key up while loading");
         }
     }
@@ -445,10 +442,7 @@ impl Cache {
     /// whose removal must be confirmed to be honest: with a shared tier (a bucket that other
     /// machines read), `remove` deletes there too and reports when it cannot.
     pub fn remove(&self, key: &str) -> Result<bool> {
-        if self.inner.loading.active.load(Ordering::Acquire) && !self.inner.index.contains_key(key)
-        {
-            reload::settle(&self.inner, key)?;
-        }
+        reload::settle(&self.inner, key)?;
         match self.inner.index.remove(key) {
             Some((Indexed(slot), stream)) => {
                 self.inner.finalize(&slot, stream, RemovalCause::Explicit);

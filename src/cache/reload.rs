@@ -255,7 +255,7 @@ fn expired(inner: &Inner, finished: u64, ttl_ms: u64, now: u64) -> bool {
 /// the next one looks again).
 pub(crate) fn settle(inner: &Inner, key: &str) -> Result<()> {
     let loading = &inner.loading;
-    if !loading.active.load(Ordering::Acquire) {
+    if !loading.active.load(Ordering::Acquire) || inner.index.contains_key(key) {
         return Ok(());
     }
     let _gate = loading.gate.read().unwrap_or_else(|e| e.into_inner());

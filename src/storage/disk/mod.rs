@@ -409,13 +409,19 @@ impl DiskInner {
     }
 
     fn write_meta(&self, name: &str, record: &[u8]) -> io::Result<()> {
-        let (mut file, staged) = staged_file(&self.tmp, name)?;
-        io::Write::write_all(&mut file, record)?;
+        self.write_file(name, &self.meta_path(name), record)
+    }
+
+    /// Writes `bytes` to `dest` atomically: staged in `tmp/` (under a name starting with
+    /// `stage`), synced in sync mode, renamed into place.
+    fn write_file(&self, stage: &str, dest: &Path, bytes: &[u8]) -> io::Result<()> {
+        let (mut file, staged) = staged_file(&self.tmp, stage)?;
+        io::Write::write_all(&mut file, bytes)?;
         if self.syncs() {
             file.sync_data()?;
         }
         drop(file);
-        staged.persist(self.meta_path(name)).map_err(|e| e.error)?;
+        staged.persist(dest).map_err(|e| e.error)?;
         Ok(())
     }
 }
@@ -525,15 +531,7 @@ impl Storage for DiskStorage {
 
     fn put_hint(&self, hint: &[u8], epoch: u64) -> io::Result<bool> {
         let st = &self.inner;
-        let (mut file, staged) = staged_file(&st.tmp, HINT_FILE)?;
-        io::Write::write_all(&mut file, hint)?;
-        if st.syncs() {
-            file.sync_data()?;
-        }
-        drop(file);
-        staged
-            .persist(st.dir.join(HINT_FILE))
-            .map_err(|e| e.error)?;
+        st.write_file(HINT_FILE, &st.dir.join(HINT_FILE), hint)?;
         st.hint_saved.store(true, Ordering::SeqCst);
         if st.epoch.load(Ordering::SeqCst) != epoch {
             // Something was committed or removed since the hint was made.
