@@ -165,11 +165,11 @@ impl Immutable {
             .status()
             .is_ok_and(|s| s.success());
         if !ok {
-            eprintln!(
-                "SKIPPED: `chattr +i {}` is not possible here (needs root and a file system with \
-                 the immutable flag)",
+            skip(&format!(
+                "`chattr +i {}` is not possible here (needs root and a file system with the \
+                 immutable flag)",
                 path.display()
-            );
+            ));
             return None;
         }
         Some(Immutable(path.to_path_buf()))

@@ -16,7 +16,8 @@ use streamcache::{Cache, Entry, Error};
 const BODY: &[u8] = b"the producer's bytes";
 
 /// Runs `requests` against a thread that removes `"k"` in a loop (started together through a
-/// barrier); returns how many times the remover ran.
+/// barrier); returns how many of its removals found an entry, and fails if none did while the
+/// requests ran (the race would not have been exercised).
 fn against_remove_loop(cache: &Arc<Cache>, requests: impl FnOnce()) -> usize {
     let barrier = Arc::new(Barrier::new(2));
     let stop = Arc::new(AtomicBool::new(false));
@@ -26,8 +27,9 @@ fn against_remove_loop(cache: &Arc<Cache>, requests: impl FnOnce()) -> usize {
             barrier.wait();
             let mut n = 0;
             while !stop.load(Ordering::Relaxed) {
-                let _ = cache.remove("k").unwrap();
-                n += 1;
+                if cache.remove("k").unwrap() {
+                    n += 1;
+                }
             }
             n
         })
@@ -35,7 +37,12 @@ fn against_remove_loop(cache: &Arc<Cache>, requests: impl FnOnce()) -> usize {
     barrier.wait();
     requests();
     stop.store(true, Ordering::Relaxed);
-    remover.join().unwrap()
+    let removed = remover.join().unwrap();
+    assert!(
+        removed > 0,
+        "the remover never removed an entry: no race was run"
+    );
+    removed
 }
 
 /// Regression: a `remove` landing between `get_or_create`'s miss and the writer's `reader()`

@@ -131,9 +131,20 @@ pub fn has_prlimit(test: &str) -> bool {
         .status()
         .is_ok_and(|s| s.success());
     if !ok {
-        println!("SKIPPED {test}: prlimit (util-linux) not installed");
+        skip(&format!("{test}: prlimit (util-linux) not installed"));
     }
     ok
+}
+
+/// Reports a fault test skipped for want of a tool or privilege. Under CI (`CI=true`, as
+/// `.ci/run` sets, which also installs the tools) a skip is a failure: the fault must be real
+/// there.
+pub fn skip(why: &str) {
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "fault test cannot run under CI: {why}"
+    );
+    println!("SKIPPED {why}");
 }
 
 /// Runs the child-mode test `name` with `dir` and at most `nofile` open files, and fails
