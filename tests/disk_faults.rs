@@ -1,6 +1,6 @@
 //! Real faults on a disk cache's directory: files altered while an entry is in use, hostile
 //! files where records or data belong (huge sparse files, FIFOs, symbolic links), a deleted
-//! `LOCK` file, and running out of file descriptors.
+//! `LOCK` file, running out of file descriptors, and a full disk (a small `tmpfs`).
 //!
 //! Risky calls run on a thread under a deadline, or in a child process (this test binary
 //! re-executed in "child mode", selected by an environment variable and an exact test-name
@@ -530,4 +530,69 @@ fn emfile_during_open_is_not_a_verdict_on_the_blob() {
     assert!(line.contains("emfile=ok"));
     let status = child.wait();
     assert!(status.success(), "{status:?}");
+}
+
+/// A small `tmpfs` mounted on a temporary directory, unmounted when dropped; `None` (a skip)
+/// where mounting is not allowed.
+struct SmallFs(tempfile::TempDir);
+
+impl SmallFs {
+    fn mount(size: &str) -> Option<SmallFs> {
+        let dir = tempfile::tempdir().unwrap();
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            skip(&format!("mounting a {size} tmpfs needs root"));
+            return None;
+        }
+        Some(SmallFs(dir))
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(self.0.path()).status();
+    }
+}
+
+/// A real full disk (ENOSPC on a 4 MiB `tmpfs`): the writer that runs out of space fails with
+/// a storage-full error, its readers get `Aborted`, nothing of it is committed, entries
+/// finished before stay whole, and the directory reopens with exactly those.
+#[test]
+fn disk_full_aborts_the_writer_and_keeps_what_was_committed() {
+    let Some(fs) = SmallFs::mount("4m") else {
+        return;
+    };
+    let dir = fs.0.path().join("cache");
+    deadline("disk full", move || {
+        let cache = disk_cache(&dir);
+        let small = pattern(MIB, 1);
+        put(&cache, "before", &small);
+        let mut w = miss(&cache, "too-big");
+        let mut early = w.reader().unwrap();
+        let chunk = vec![7u8; 64 << 10];
+        let failed = (0..200).find_map(|_| w.write_all(&chunk).and_then(|()| w.flush()).err());
+        let err = failed.expect("writing 12 MiB to a 4 MiB file system never failed");
+        assert_eq!(err.kind(), io::ErrorKind::StorageFull, "{err}");
+        assert!(
+            w.finish().is_err(),
+            "a writer that ran out of space committed"
+        );
+        let read = read_all(&mut early);
+        assert!(read.as_ref().is_err_and(is_aborted), "reader got {read:?}");
+        // (A reader keeps its blob's file, and so its space, until it is dropped.)
+        drop(early);
+        assert!(cache.get("too-big").unwrap().is_none());
+        assert_eq!(get_bytes(&cache, "before"), small);
+        drop(cache);
+        let cache = disk_cache(&dir);
+        assert_eq!(cache.len(), 1);
+        assert_eq!(get_bytes(&cache, "before"), small);
+        // Space is back once the failed entry is gone: a new entry fits.
+        put(&cache, "after", &small);
+        assert_eq!(get_bytes(&cache, "after"), small);
+    });
 }
