@@ -26,7 +26,7 @@ pub(super) fn help_threshold(max: u64) -> u64 {
 
 /// Where `Inner::refile` puts entries back in the recency list.
 #[derive(Debug, Clone, Copy)]
-enum Refile {
+pub(super) enum Refile {
     /// First out (the reaper's spared entries: they go once released).
     LeastRecent,
     /// Last out (a helping writer's spared entries: see `help_evict`).
@@ -183,7 +183,7 @@ impl Inner {
     /// Puts slots taken out of `lru` but not evicted back, at the end `end` says, in their old
     /// order (the first is the least recent); those no longer live are dropped. Checked under
     /// the LRU lock: `finalize` clears `LIVE` before taking it.
-    fn refile(&self, slots: Vec<Arc<Slot>>, end: Refile) {
+    pub(super) fn refile(&self, slots: Vec<Arc<Slot>>, end: Refile) {
         let mut lru = self.lru.lock().unwrap_or_else(|e| e.into_inner());
         match end {
             Refile::LeastRecent => {
@@ -237,18 +237,7 @@ impl Inner {
     /// What the policy sees of `slot` (with `len`, the bytes it holds): as much as can be
     /// read now (an unreadable record gives no creation time and metadata).
     fn info(&self, slot: &Slot, len: u64) -> EntryInfo {
-        let meta = self.read_meta(slot);
-        let (created, metadata) = meta.map_or((0, bytes::Bytes::new()), |m| (m.created, m.user));
-        let finished = slot.finished.load(Ordering::Relaxed);
-        EntryInfo {
-            key: slot.key.to_string(),
-            len,
-            created,
-            finished: (finished != 0).then_some(finished),
-            last_access: slot.last_access.load(Ordering::Relaxed),
-            expires: self.expires_at(slot),
-            metadata,
-        }
+        self.describe(slot, len, self.read_meta(slot))
     }
 }
 

@@ -208,41 +208,42 @@ impl Inner {
         if self.expiry(slot, now).is_some() || self.failed(slot) {
             return None;
         }
-        let meta = match self.read_meta(slot) {
-            Ok(meta) => meta,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::NotFound | std::io::ErrorKind::InvalidData
-                ) =>
-            {
+        let meta = self.read_meta(slot);
+        if let Err(e) = &meta {
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::InvalidData
+            ) {
                 return None;
             }
-            Err(e) => {
-                tracing::warn!(key = %slot.key, error = %e, "entry record unreadable now; reporting its info without creation time and metadata");
-                EntryMeta {
-                    key: slot.key.to_string(),
-                    created: 0,
-                    finished: slot.finished.load(Ordering::Relaxed),
-                    last_access: slot.last_access.load(Ordering::Relaxed),
-                    ttl_ms: 0,
-                    user: Bytes::new(),
-                }
-            }
-        };
+            tracing::warn!(key = %slot.key, error = %e, "entry record unreadable now; reporting its info without creation time and metadata");
+        }
         let len = match slot.accounted.load(Ordering::Relaxed) {
             GONE => return None,
             len => len,
         };
-        Some(EntryInfo {
-            key: meta.key,
+        Some(self.describe(slot, len, meta))
+    }
+
+    /// `slot`'s info with `len` bytes, from its record as `read_meta` read it (one that could
+    /// not be read gives no creation time and metadata).
+    pub(crate) fn describe(
+        &self,
+        slot: &Slot,
+        len: u64,
+        meta: std::io::Result<EntryMeta>,
+    ) -> EntryInfo {
+        let (created, metadata) = meta.map_or((0, Bytes::new()), |m| (m.created, m.user));
+        let finished = slot.finished.load(Ordering::Relaxed);
+        EntryInfo {
+            key: slot.key.to_string(),
             len,
-            created: meta.created,
-            finished: (meta.finished != 0).then_some(meta.finished),
-            last_access: meta.last_access,
+            created,
+            finished: (finished != 0).then_some(finished),
+            last_access: slot.last_access.load(Ordering::Relaxed),
             expires: self.expires_at(slot),
-            metadata: meta.user,
-        })
+            metadata,
+        }
     }
 
     /// The slot indexed under `key`, if any.

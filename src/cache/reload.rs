@@ -35,6 +35,7 @@ use std::time::Duration;
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry as MapEntry;
 
+use super::evict::Refile;
 use super::index::{Indexed, Inner, Slot};
 use super::meta::EntryMeta;
 use super::reaper;
@@ -153,15 +154,7 @@ fn load(inner: &Arc<Inner>, hint: Option<Box<dyn HintReader>>) {
     let loading = &inner.loading;
     if let Some(hint) = hint {
         match load_hint(inner, hint) {
-            Ok(()) if loading.stop.load(Ordering::Relaxed) => {
-                loading.end(Err("stopped".to_owned()));
-                return;
-            }
-            Ok(()) => {
-                complete(inner);
-                loading.end(Ok(()));
-                return;
-            }
+            Ok(()) => return finish(inner),
             Err(e) => {
                 tracing::warn!(error = %e, "the index hint is unusable; listing the storage instead");
             }
@@ -179,15 +172,8 @@ fn load(inner: &Arc<Inner>, hint: Option<Box<dyn HintReader>>) {
             })
         }));
         let failure = match listed {
-            _ if loading.stop.load(Ordering::Relaxed) => {
-                loading.end(Err("stopped".to_owned()));
-                return;
-            }
-            Ok(Ok(())) => {
-                complete(inner);
-                loading.end(Ok(()));
-                return;
-            }
+            _ if loading.stop.load(Ordering::Relaxed) => return finish(inner),
+            Ok(Ok(())) => return finish(inner),
             Ok(Err(e)) => e.to_string(),
             Err(_) => "the storage panicked while listing".to_owned(),
         };
@@ -201,6 +187,16 @@ fn load(inner: &Arc<Inner>, hint: Option<Box<dyn HintReader>>) {
             std::thread::sleep(Duration::from_millis(20));
         }
         delay = (delay * 2).min(Duration::from_secs(30));
+    }
+}
+
+/// Ends a load that went through (or was stopped): completes it unless stopped.
+fn finish(inner: &Inner) {
+    if inner.loading.stop.load(Ordering::Relaxed) {
+        inner.loading.end(Err("stopped".to_owned()));
+    } else {
+        complete(inner);
+        inner.loading.end(Ok(()));
     }
 }
 
@@ -491,17 +487,8 @@ fn complete(inner: &Inner) {
 /// Puts loaded slots at the least recent end of the recency list, least recently accessed
 /// last.
 fn join_recency(inner: &Inner, mut loaded: Vec<Arc<Slot>>) {
-    // Most recent first: each is demoted behind the ones before it.
-    loaded.sort_unstable_by_key(|s| std::cmp::Reverse(s.last_access.load(Ordering::Relaxed)));
-    let mut lru = inner.lru.lock().unwrap_or_else(|e| e.into_inner());
-    for slot in loaded {
-        // Checked under the recency lock: `finalize` clears `LIVE` before taking it.
-        if slot.is_live() {
-            let id = slot.id;
-            lru.put(id, slot);
-            lru.demote(&id);
-        }
-    }
+    loaded.sort_unstable_by_key(|s| s.last_access.load(Ordering::Relaxed));
+    inner.refile(loaded, Refile::LeastRecent);
 }
 
 /// Format of the hint a cache leaves at a clean close (see `Storage::put_hint`): magic, then
