@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use super::disk::{TMP_DIR, open_regular, staged_file};
 use super::{BlobInfo, BlobReader, BlobWriter, DiskStorage, Durability, Storage, validate_name};
 
 /// The file in each directory that holds its partition identity.
@@ -354,17 +355,17 @@ fn dir_id(dir: &Path) -> io::Result<DirId> {
         other => return other,
     }
     let id = random_id(dir);
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".partition-id.")
-        .tempfile_in(dir)
+    // Staged in the storage's `tmp/` (wiped at open, so a crash leaves nothing behind).
+    let (mut file, staged) = staged_file(&dir.join(TMP_DIR), ID_FILE)
         .map_err(|e| annotate(e, format!("create a temporary file in {}", dir.display())))?;
     let text = format!("{}\n", hex(&id));
-    tmp.write_all(text.as_bytes())
-        .and_then(|()| tmp.as_file().sync_all())
-        .map_err(|e| annotate(e, format!("write {}", tmp.path().display())))?;
+    file.write_all(text.as_bytes())
+        .and_then(|()| file.sync_all())
+        .map_err(|e| annotate(e, format!("write {}", staged.display())))?;
+    drop(file);
     // Linked into place, never over an existing file: if one appeared meanwhile, it wins.
-    match tmp.persist_noclobber(&path) {
-        Ok(_) => {
+    match staged.persist_noclobber(&path) {
+        Ok(()) => {
             fs::File::open(dir)
                 .and_then(|d| d.sync_all())
                 .map_err(|e| annotate(e, format!("fsync {}", dir.display())))?;
@@ -378,7 +379,10 @@ fn dir_id(dir: &Path) -> io::Result<DirId> {
 /// Parses a `partition-id` file: 32 lower-case hex digits and an optional newline.
 fn read_id(path: &Path) -> io::Result<DirId> {
     let mut text = String::new();
-    fs::File::open(path)?
+    // A regular file only: a FIFO or a symbolic link planted there is damage, never waited on
+    // or followed.
+    open_regular(path)?
+        .0
         .take(64)
         .read_to_string(&mut text)
         .map_err(|e| annotate(e, format!("read {}", path.display())))?;
@@ -442,6 +446,37 @@ mod tests {
     use std::io::{Read as _, Write as _};
 
     use super::*;
+
+    /// A FIFO planted as `partition-id` is damage: the open fails at once instead of waiting
+    /// for a writer (it used `File::open`, which blocks on a FIFO), and a symbolic link there
+    /// is not followed.
+    #[test]
+    fn hostile_partition_id_files_are_damage() {
+        let root = tempfile::tempdir().unwrap();
+        let fifo = root.path().join("fifo");
+        fs::create_dir(&fifo).unwrap();
+        let made = std::process::Command::new("mkfifo")
+            .arg(fifo.join(ID_FILE))
+            .status()
+            .unwrap();
+        assert!(made.success());
+        let link = root.path().join("link");
+        fs::create_dir(&link).unwrap();
+        std::os::unix::fs::symlink("/dev/zero", link.join(ID_FILE)).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for dir in [fifo, link] {
+                let e = PartitionedStorage::open([&dir], Durability::Buffered).unwrap_err();
+                tx.send(e.kind()).unwrap();
+            }
+        });
+        for what in ["fifo", "symlink"] {
+            let kind = rx
+                .recv_timeout(std::time::Duration::from_secs(30))
+                .unwrap_or_else(|_| panic!("opening over a {what} partition-id hangs"));
+            assert_eq!(kind, io::ErrorKind::InvalidData, "{what}");
+        }
+    }
     use crate::{Cache, Entry};
 
     /// A name like the cache's: 32 hex digits of a key hash, `-`, 16 hex digits of an id.

@@ -20,7 +20,7 @@ use super::corrupt;
 /// type is checked on the open handle: anything but a regular file is damage
 /// ([`Error::Corrupt`](crate::Error::Corrupt), kind `InvalidData`), since storage creates nothing else. Other errors
 /// are returned as they are (`NotFound` only if the file is missing); `EINTR` is retried.
-pub(super) fn open_regular(path: &Path) -> io::Result<(File, fs::Metadata)> {
+pub(in crate::storage) fn open_regular(path: &Path) -> io::Result<(File, fs::Metadata)> {
     use std::os::unix::fs::OpenOptionsExt;
     let file = loop {
         match File::options()
@@ -91,7 +91,7 @@ pub(super) fn read_full_at(file: &File, buf: &mut [u8], offset: u64) -> io::Resu
 /// their codes: the cache tells EMFILE from damage by them. (`tempfile`'s builders wrap
 /// errors in a type whose `source` hides the code, so a writer that ran out of file
 /// descriptors could not be told apart.)
-pub(super) fn staged_file(tmp: &Path, prefix: &str) -> io::Result<(File, TempPath)> {
+pub(in crate::storage) fn staged_file(tmp: &Path, prefix: &str) -> io::Result<(File, TempPath)> {
     static NEXT: AtomicU64 = AtomicU64::new(0);
     loop {
         let n = NEXT.fetch_add(1, Ordering::Relaxed);

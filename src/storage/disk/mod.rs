@@ -35,7 +35,7 @@ mod reader;
 mod record;
 mod writer;
 
-use file::{open_regular, staged_file};
+pub(in crate::storage) use file::{open_regular, staged_file};
 use lock::DirLock;
 use reader::{Check, DiskReader, Stamp};
 use record::{Record, check_meta_len};
@@ -43,7 +43,7 @@ use record::{Record, check_meta_len};
 /// Size of an integrity block.
 const BLOCK: u64 = 1 << 20;
 const DATA_DIR: &str = "v1";
-const TMP_DIR: &str = "tmp";
+pub(in crate::storage) const TMP_DIR: &str = "tmp";
 const META_EXT: &str = "meta";
 /// The hint a cache saves when it closes (see `Storage::put_hint`).
 const HINT_FILE: &str = "index-hint";
