@@ -6,14 +6,17 @@
 mod support;
 
 use std::collections::BTreeMap;
+use std::io;
 use std::io::Write;
+use std::ops::ControlFlow;
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Barrier};
+use std::sync::{Arc, Barrier, Condvar, Mutex};
 use std::thread;
 use std::time::Duration;
 
 use streamcache::cache::ManualClock;
+use streamcache::storage::{BlobInfo, BlobReader, BlobWriter, DiskStorage, Storage};
 use streamcache::{Cache, CacheBuilder, Entry};
 use support::*;
 
@@ -68,39 +71,125 @@ fn no_second_producer(how: &'static str, dir: &Path) {
     let path = dir.to_path_buf();
     deadline(how, move || {
         let cache = Arc::new(reopen(&path).build().unwrap());
-        let misses = Arc::new(AtomicUsize::new(0));
-        let start = Arc::new(Barrier::new(4));
-        let threads: Vec<_> = (0..4)
-            .map(|t| {
-                let (cache, misses, start) = (cache.clone(), misses.clone(), start.clone());
-                thread::spawn(move || {
-                    start.wait();
-                    // Each thread walks the keys from a different place, and the threads
-                    // overlap, so some keys are asked for by two threads at once.
-                    for j in 0..N / 2 {
-                        let i = (t * N / 4 + j * 7) % N;
-                        match cache.get_or_create(&format!("k{i}")).unwrap() {
-                            Entry::Hit(mut r) => assert_eq!(read_all(&mut r).unwrap(), content(i)),
-                            Entry::Miss(w) => {
-                                misses.fetch_add(1, Ordering::Relaxed);
-                                drop(w);
-                            }
-                        }
-                    }
-                })
-            })
-            .collect();
-        for t in threads {
-            t.join().unwrap();
-        }
         assert_eq!(
-            misses.load(Ordering::Relaxed),
+            request_every_key(&cache),
             0,
             "a stored key was produced again"
         );
         wait_loaded(&cache);
         assert_eq!(cache.len(), N);
         assert_eq!(cache.stats().loaded_entries, N as u64);
+        assert_eq!(stored_data_files(&path), N, "a key was stored twice");
+        assert_eq!(cache.stats().misses, 0);
+    });
+}
+
+/// Four threads ask for every stored key with `get_or_create` (each from a different place,
+/// overlapping, so some keys are asked for by two threads at once); every request must hit
+/// with the right bytes. Returns the misses.
+fn request_every_key(cache: &Arc<Cache>) -> usize {
+    let misses = Arc::new(AtomicUsize::new(0));
+    let start = Arc::new(Barrier::new(4));
+    let threads: Vec<_> = (0..4)
+        .map(|t| {
+            let (cache, misses, start) = (cache.clone(), misses.clone(), start.clone());
+            thread::spawn(move || {
+                start.wait();
+                for j in 0..N / 2 {
+                    let i = (t * N / 4 + j * 7) % N;
+                    match cache.get_or_create(&format!("k{i}")).unwrap() {
+                        Entry::Hit(mut r) => assert_eq!(read_all(&mut r).unwrap(), content(i)),
+                        Entry::Miss(w) => {
+                            misses.fetch_add(1, Ordering::Relaxed);
+                            drop(w);
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    misses.load(Ordering::Relaxed)
+}
+
+/// A disk storage whose listing for the index load waits until `release`: the load is
+/// provably still running while a test acts.
+#[derive(Debug)]
+struct HeldListing {
+    disk: DiskStorage,
+    released: (Mutex<bool>, Condvar),
+}
+
+impl HeldListing {
+    fn release(&self) {
+        *self.released.0.lock().unwrap() = true;
+        self.released.1.notify_all();
+    }
+}
+
+impl Storage for HeldListing {
+    fn create(&self, name: &str) -> io::Result<Box<dyn BlobWriter>> {
+        self.disk.create(name)
+    }
+    fn open(&self, name: &str) -> io::Result<(Arc<dyn BlobReader>, BlobInfo)> {
+        self.disk.open(name)
+    }
+    fn info(&self, name: &str) -> io::Result<BlobInfo> {
+        self.disk.info(name)
+    }
+    fn remove(&self, name: &str) -> io::Result<()> {
+        self.disk.remove(name)
+    }
+    fn list(&self) -> io::Result<Vec<BlobInfo>> {
+        self.disk.list()
+    }
+    fn list_prefix(&self, prefix: &str) -> io::Result<Vec<BlobInfo>> {
+        self.disk.list_prefix(prefix)
+    }
+    fn list_batches(
+        &self,
+        each: &(dyn Fn(Vec<BlobInfo>) -> ControlFlow<()> + Sync),
+    ) -> io::Result<()> {
+        let (lock, cv) = &self.released;
+        drop(cv.wait_while(lock.lock().unwrap(), |r| !*r).unwrap());
+        self.disk.list_batches(each)
+    }
+    fn set_meta(&self, name: &str, meta: &[u8]) -> io::Result<()> {
+        self.disk.set_meta(name, meta)
+    }
+}
+
+/// The same with the loader held before it indexed anything: every request settles its key
+/// itself, racing the other threads for it, and the load that follows leaves them alone.
+#[test]
+fn no_second_producer_while_the_loader_is_held() {
+    let dir = tempfile::tempdir().unwrap();
+    fill(dir.path(), N);
+    let path = dir.path().to_path_buf();
+    deadline("requests while the loader is held", move || {
+        let storage = Arc::new(HeldListing {
+            disk: DiskStorage::open(&path).unwrap(),
+            released: Default::default(),
+        });
+        let cache = Arc::new(
+            Cache::builder()
+                .storage(storage.clone())
+                .startup_wait(Duration::ZERO)
+                .build()
+                .unwrap(),
+        );
+        assert_eq!(
+            request_every_key(&cache),
+            0,
+            "a stored key was produced again"
+        );
+        assert!(cache.stats().loading, "the load ended while held");
+        assert_eq!(cache.stats().loaded_entries, cache.len() as u64);
+        storage.release();
+        wait_loaded(&cache);
+        assert_eq!(cache.len(), N);
         assert_eq!(stored_data_files(&path), N, "a key was stored twice");
         assert_eq!(cache.stats().misses, 0);
     });
