@@ -110,7 +110,15 @@ impl Cached {
     }
 }
 
-type Job = (Box<str>, u64);
+/// A promotion to run: the blob's name, its ticket, and the reader and info `open` already
+/// got (read again through the same reader, so a disk blob is neither reopened nor hashed a
+/// second time).
+struct Job {
+    name: Box<str>,
+    ticket: u64,
+    reader: Arc<dyn BlobReader>,
+    info: BlobInfo,
+}
 
 impl fmt::Debug for FrontStorage {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -166,11 +174,11 @@ impl FrontStorage {
             std::thread::Builder::new()
                 .name("streamcache-front".into())
                 .spawn(move || {
-                    while let Ok((name, ticket)) = rx.recv() {
+                    while let Ok(job) = rx.recv() {
                         if shared.closed.load(Ordering::Acquire) {
                             break;
                         }
-                        shared.promote(&name, ticket);
+                        shared.promote(job);
                     }
                 })?
         };
@@ -209,7 +217,7 @@ impl FrontStorage {
     }
 
     /// Queues a promotion of `name` unless it is in front or already on its way.
-    fn schedule(&self, name: &str) {
+    fn schedule(&self, name: &str, reader: &Arc<dyn BlobReader>, info: &BlobInfo) {
         let Some(jobs) = &self.jobs else { return };
         let ticket = {
             let mut st = self.shared.lock();
@@ -221,7 +229,13 @@ impl FrontStorage {
             st.in_flight.insert(name.into(), ticket);
             ticket
         };
-        match jobs.try_send((name.into(), ticket)) {
+        let job = Job {
+            name: name.into(),
+            ticket,
+            reader: reader.clone(),
+            info: info.clone(),
+        };
+        match jobs.try_send(job) {
             Ok(()) => {
                 self.shared.scheduled.fetch_add(1, Ordering::Relaxed);
             }
@@ -250,8 +264,16 @@ impl Shared {
     }
 
     /// The background thread's work for one promotion.
-    fn promote(&self, name: &str, ticket: u64) {
-        let read = self.read_whole(name);
+    fn promote(&self, job: Job) {
+        let Job {
+            name,
+            ticket,
+            reader,
+            info,
+        } = job;
+        let name = &*name;
+        let read = self.read_whole(name, &*reader, info);
+        drop(reader);
         let mut st = self.lock();
         if st.in_flight.get(name) != Some(&ticket) {
             return; // removed, replaced or changed meanwhile: this copy may be stale
@@ -273,10 +295,14 @@ impl Shared {
         self.promoted.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Reads committed blob `name` through the inner storage into one `Bytes`; `None` if it
-    /// is too large to promote.
-    fn read_whole(&self, name: &str) -> io::Result<Option<Cached>> {
-        let (reader, info) = self.inner.open(name)?;
+    /// Reads committed blob `name`, opened as `reader` with `info`, into one `Bytes`; `None`
+    /// if it is too large to promote.
+    fn read_whole(
+        &self,
+        name: &str,
+        reader: &dyn BlobReader,
+        info: BlobInfo,
+    ) -> io::Result<Option<Cached>> {
         if info.len > self.max_blob {
             return Ok(None);
         }
@@ -335,7 +361,7 @@ impl Storage for FrontStorage {
         }
         let (reader, info) = self.shared.inner.open(name)?;
         if info.len <= self.shared.max_blob {
-            self.schedule(name);
+            self.schedule(name, &reader, &info);
         }
         Ok((reader, info))
     }
@@ -598,17 +624,53 @@ mod tests {
         assert_eq!(front.front_bytes(), 0);
     }
 
-    /// The inner storage's `open` from the promotion thread stops after it has opened the blob,
-    /// until the test lets it go: a promotion holds the old bytes while the test removes or
-    /// replaces the blob.
+    /// A storage whose readers stop the promotion thread at its first read, until the test
+    /// lets it go (when `pause.armed`): a promotion holds the old blob while the test removes
+    /// or replaces it.
     #[derive(Debug)]
     struct Gate {
         inner: MemoryStorage,
-        armed: AtomicBool,
+        pause: Arc<Pause>,
         /// Also stop `remove` before it removes (from any thread).
         armed_remove: AtomicBool,
+    }
+
+    #[derive(Debug)]
+    struct Pause {
+        armed: AtomicBool,
         entered: Mutex<mpsc::Sender<()>>,
         release: Mutex<mpsc::Receiver<()>>,
+    }
+
+    impl Pause {
+        fn here(&self) {
+            self.entered.lock().unwrap().send(()).unwrap();
+            self.release.lock().unwrap().recv().unwrap();
+        }
+
+        fn at_promotion(&self) {
+            let promoting = std::thread::current().name() == Some("streamcache-front");
+            if promoting && self.armed.swap(false, Ordering::SeqCst) {
+                self.here();
+            }
+        }
+    }
+
+    #[derive(Debug)]
+    struct GatedReader {
+        inner: Arc<dyn BlobReader>,
+        pause: Arc<Pause>,
+    }
+
+    impl BlobReader for GatedReader {
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+            self.pause.at_promotion();
+            self.inner.read_at(buf, offset)
+        }
+        fn read_bytes(&self, offset: u64, max: usize) -> Option<io::Result<Bytes>> {
+            self.pause.at_promotion();
+            self.inner.read_bytes(offset, max)
+        }
     }
 
     impl Storage for Gate {
@@ -616,18 +678,16 @@ mod tests {
             self.inner.create(name)
         }
         fn open(&self, name: &str) -> io::Result<(Arc<dyn BlobReader>, BlobInfo)> {
-            let out = self.inner.open(name);
-            let promoting = std::thread::current().name() == Some("streamcache-front");
-            if promoting && self.armed.swap(false, Ordering::SeqCst) {
-                self.entered.lock().unwrap().send(()).unwrap();
-                self.release.lock().unwrap().recv().unwrap();
-            }
-            out
+            let (inner, info) = self.inner.open(name)?;
+            let reader = GatedReader {
+                inner,
+                pause: self.pause.clone(),
+            };
+            Ok((Arc::new(reader), info))
         }
         fn remove(&self, name: &str) -> io::Result<()> {
             if self.armed_remove.swap(false, Ordering::SeqCst) {
-                self.entered.lock().unwrap().send(()).unwrap();
-                self.release.lock().unwrap().recv().unwrap();
+                self.pause.here();
             }
             self.inner.remove(name)
         }
@@ -644,10 +704,12 @@ mod tests {
         let (release, release_rx) = mpsc::channel();
         let gate = Arc::new(Gate {
             inner: MemoryStorage::new(),
-            armed: AtomicBool::new(false),
+            pause: Arc::new(Pause {
+                armed: AtomicBool::new(false),
+                entered: Mutex::new(entered_tx),
+                release: Mutex::new(release_rx),
+            }),
             armed_remove: AtomicBool::new(false),
-            entered: Mutex::new(entered_tx),
-            release: Mutex::new(release_rx),
         });
         (gate, entered, release)
     }
@@ -679,9 +741,9 @@ mod tests {
         let front = FrontStorage::new(gate.clone(), 1 << 20).unwrap();
         for replace in [false, true] {
             commit(&front, "b", b"old", b"");
-            gate.armed.store(true, Ordering::SeqCst);
+            gate.pause.armed.store(true, Ordering::SeqCst);
             front.open("b").unwrap();
-            entered.recv().unwrap(); // the promotion has the old blob open
+            entered.recv().unwrap(); // the promotion has the old blob open, unread
             if replace {
                 commit(&front, "b", b"new", b"");
             } else {
