@@ -315,12 +315,7 @@ impl Storage for MemoryStorage {
     }
 
     fn list(&self) -> io::Result<Vec<BlobInfo>> {
-        Ok(self
-            .inner
-            .committed
-            .iter()
-            .map(|e| blob_info(e.key(), &e.value().0, &e.value().1))
-            .collect())
+        self.list_prefix("")
     }
 
     fn list_prefix(&self, prefix: &str) -> io::Result<Vec<BlobInfo>> {

@@ -250,10 +250,7 @@ impl PartitionedStorage {
 
     /// Forgets the listing taken at open (something changed).
     fn changed(&self) {
-        let mut listing = self.listing.lock().unwrap_or_else(|e| e.into_inner());
-        if listing.is_some() {
-            *listing = None;
-        }
+        *self.listing.lock().unwrap_or_else(|e| e.into_inner()) = None;
     }
 }
 

@@ -107,7 +107,10 @@ impl DiskStorage {
             if !file_name.starts_with(prefix) {
                 continue;
             }
-            match file_name.strip_suffix(".meta") {
+            let record = file_name
+                .strip_suffix(META_EXT)
+                .and_then(|name| name.strip_suffix('.'));
+            match record {
                 Some(name) => metas.push(name.to_owned()),
                 None => {
                     datas.insert(file_name.to_owned());
