@@ -457,10 +457,13 @@ async fn ranges_without_content_length_mid_download() {
         assert!(body.unwrap() == expected[10..20]);
 
         // A suffix needs the total: it waits for the end of the download.
+        let hits = proxy.proxy.cache().stats().hits;
         let tail = {
             let (client, url) = (client.clone(), proxy.url("/gated-chunked/r"));
             tokio::spawn(async move { fetch(&client, url, Some("bytes=-5")).await })
         };
+        // Once it has joined the entry, it must go on waiting (a window: a negative check).
+        until(|| proxy.proxy.cache().stats().hits > hits).await;
         sleep(Duration::from_millis(200)).await;
         assert!(!tail.is_finished());
         origin.open_gate();
@@ -1339,10 +1342,14 @@ async fn downloads_beyond_max_downloads_wait_for_a_slot() {
         assert_eq!(first.status(), StatusCode::OK);
         drop(first);
 
+        let misses = proxy.proxy.cache().stats().misses;
         let second = {
             let (client, url) = (client.clone(), proxy.url("/file/d2"));
             tokio::spawn(async move { fetch(&client, url, None).await })
         };
+        // Once it has reached the cache (a miss), its download must wait for the slot (a
+        // window: a negative check).
+        until(|| proxy.proxy.cache().stats().misses > misses).await;
         sleep(Duration::from_millis(500)).await;
         assert_eq!(
             origin.hits("/file/d2"),
