@@ -1,4 +1,5 @@
-//! A caching reverse proxy for GET requests on hyper, backed by a streamcache disk cache.
+//! A caching reverse proxy on hyper, backed by a streamcache disk cache, following the HTTP
+//! caching rules (RFC 9111) of the `streamcache-http` crate it is made of.
 //!
 //! ```text
 //! cargo run --release --example proxy --features tokio -- \
@@ -6,7 +7,8 @@
 //! ```
 //!
 //! The first request of a path (and query) fetches it upstream once and streams it while it
-//! fills the cache; concurrent and later requests stream from the cache, ranges included.
+//! fills the cache; concurrent and later requests stream from the cache, ranges included,
+//! as long as the origin's caching headers allow; other responses are passed through.
 //! See `examples/proxy/server.rs` for the behaviour and `tests/proxy.rs` for its tests.
 
 #[path = "proxy/server.rs"]
@@ -19,7 +21,7 @@ use std::time::Duration;
 use tracing_subscriber::EnvFilter;
 
 const USAGE: &str = "\
-A caching reverse proxy for GET requests (streamcache example).
+A caching reverse proxy (streamcache example): RFC 9111 caching of GET responses.
 
 USAGE:
     proxy --listen ADDR --upstream URL --dir DIR [OPTIONS]
@@ -39,6 +41,8 @@ OPTIONS:
                                listen backlog until one closes [1024]
     --max-downloads N          run at most N upstream downloads (cache fills) at once; a miss
                                waits up to the upstream timeout for a slot, then gets 503 [1024]
+    --purge WHO                who may remove a URL's entries with the PURGE method:
+                               off, loopback or anyone [off]
     -h, --help                 print this help
 
 Logs go to stderr; set RUST_LOG (e.g. RUST_LOG=debug) to change the level [info].";
@@ -53,6 +57,7 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Option<Args>, St
     let (mut timeout, mut max_bytes) = (Duration::from_secs(30), None);
     let mut limits = server::ConnLimits::default();
     let mut max_downloads = 1024;
+    let mut purge = streamcache_http::Purge::Off;
     while let Some(flag) = args.next() {
         if flag == "-h" || flag == "--help" {
             return Ok(None);
@@ -99,6 +104,14 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Option<Args>, St
                     return Err(bad(&"must be at least 1"));
                 }
             }
+            "--purge" => {
+                purge = match value.as_str() {
+                    "off" => streamcache_http::Purge::Off,
+                    "loopback" => streamcache_http::Purge::Loopback,
+                    "anyone" => streamcache_http::Purge::Anyone,
+                    _ => return Err(bad(&"expected off, loopback or anyone")),
+                }
+            }
             "--max-connections" => {
                 limits.max_connections = value.parse().map_err(|e| bad(&e))?;
                 if limits.max_connections == 0 {
@@ -117,6 +130,7 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Option<Args>, St
     config.max_bytes = max_bytes;
     config.limits = limits;
     config.max_downloads = max_downloads;
+    config.purge = purge;
     Ok(Some(Args {
         listen: listen.ok_or_else(|| missing("--listen"))?,
         config,
