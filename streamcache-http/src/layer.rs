@@ -59,16 +59,16 @@ pub struct ClientAddr(pub SocketAddr);
 #[non_exhaustive]
 pub struct CacheConfig {
     /// How long to wait for the inner service's response head, and for each piece of its
-    /// body: a silent origin fails the entry instead of holding it in progress. [30 s]
+    /// body: a silent origin fails the entry instead of holding it in progress. (Default: 30 s.)
     pub upstream_timeout: Duration,
     /// Most cache fills at once (a fill outlives the client that started it). Past it a miss
-    /// waits up to `upstream_timeout` for a slot, then gets 503. [1024]
+    /// waits up to `upstream_timeout` for a slot, then gets 503. (Default: 1024.)
     pub max_downloads: usize,
     /// How long a response that has a validator (`ETag`, `Last-Modified`) is kept after it
     /// turned stale, to be revalidated (a 304 refreshes it without its body being sent
-    /// again). A response without a validator is dropped when it turns stale. [1 day]
+    /// again). A response without a validator is dropped when it turns stale. (Default: 1 day.)
     pub keep_stale: Duration,
-    /// Who may purge with the `PURGE` method. [off]
+    /// Who may purge with the `PURGE` method. (Default: off.)
     pub purge: Purge,
 }
 

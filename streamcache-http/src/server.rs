@@ -30,14 +30,14 @@ use crate::layer::ClientAddr;
 #[derive(Debug, Clone, Copy)]
 pub struct ConnLimits {
     /// Longest time to receive a whole request head, counted from the accept (a new
-    /// connection owes a request at once) or from the first byte of a later request. [10 s]
+    /// connection owes a request at once) or from the first byte of a later request. (Default: 10 s.)
     pub head_timeout: Duration,
     /// Longest time a keep-alive connection may wait between requests with nothing sent, and
-    /// longest time a response may stay blocked on a client that reads nothing. [60 s]
+    /// longest time a response may stay blocked on a client that reads nothing. (Default: 60 s.)
     pub idle_timeout: Duration,
     /// Most client connections served at once. Past it the server stops accepting: new
     /// connections wait in the listen backlog (in the kernel, costing no descriptor) until
-    /// a served one closes. [1024]
+    /// a served one closes. (Default: 1024.)
     pub max_connections: usize,
 }
 
@@ -58,7 +58,7 @@ impl Default for ConnLimits {
 /// At most [`ConnLimits::max_connections`] connections are served at once: at the cap the
 /// loop stops accepting until one closes, so further clients wait in the kernel's listen
 /// backlog (and are served in turn) instead of costing a descriptor each. Each connection
-/// runs under [`watch_connection`]'s time limits.
+/// runs under the time limits of `limits`.
 ///
 /// # Errors
 /// None today: accept errors are logged and retried.
