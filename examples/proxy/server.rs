@@ -3,17 +3,25 @@
 //! with its connection limits. The HTTP behaviour (what is cached, for how long, ranges,
 //! revalidation, failures) is the layer's; see the `streamcache-http` crate documentation.
 
+use std::convert::Infallible;
 use std::io;
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
+use std::task::{Context, Poll, ready};
+use std::time::{Duration, Instant};
 
-use hyper::Uri;
+use bytes::Bytes;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::{Request, Response, Uri};
 use streamcache::Cache;
 pub(crate) use streamcache_http::ConnLimits;
-use streamcache_http::{CacheConfig, CacheLayer, CacheService, Purge, Upstream};
+use streamcache_http::{
+    BoxError, CacheConfig, CacheLayer, CacheService, CacheStatus, Purge, ResponseBody, Upstream,
+};
 use tokio::net::TcpListener;
 use tower_layer::Layer;
+use tower_service::Service;
 
 /// What the proxy needs to start.
 #[derive(Debug, Clone)]
@@ -54,7 +62,7 @@ impl Config {
 /// The proxy: the cache layer over the upstream service.
 #[derive(Debug)]
 pub(crate) struct Proxy {
-    service: CacheService<Upstream>,
+    service: Logging<CacheService<Upstream>>,
     limits: ConnLimits,
 }
 
@@ -77,14 +85,14 @@ impl Proxy {
         let layer = CacheLayer::with_config(cache, cache_config);
         let upstream = Upstream::new(config.upstream.clone()).map_err(|e| e.to_string())?;
         Ok(Arc::new(Proxy {
-            service: layer.layer(upstream),
+            service: Logging(layer.layer(upstream)),
             limits: config.limits,
         }))
     }
 
     /// The cache (for statistics).
     pub(crate) fn cache(&self) -> &Cache {
-        self.service.cache()
+        self.service.0.cache()
     }
 }
 
@@ -98,4 +106,127 @@ pub(crate) async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<()> {
     streamcache_http::serve(listener, proxy.service.clone(), proxy.limits, shutdown).await
+}
+
+/// Logs one line per request (method, path, cache outcome, status, bytes, duration, time to
+/// first byte, and how it ended) when its response body is done or dropped.
+#[derive(Debug, Clone)]
+pub(crate) struct Logging<S>(S);
+
+impl<S> Service<Request<Incoming>> for Logging<S>
+where
+    S: Service<Request<Incoming>, Response = Response<ResponseBody>, Error = Infallible>,
+    S::Future: Send + 'static,
+{
+    type Response = Response<ResponseBody>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<ResponseBody>, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<Incoming>) -> Self::Future {
+        let method = req.method().clone();
+        let path = req
+            .uri()
+            .path_and_query()
+            .map_or_else(|| req.uri().path().to_owned(), |p| p.as_str().to_owned());
+        let start = Instant::now();
+        let called = self.0.call(req);
+        Box::pin(async move {
+            let resp = called.await?;
+            let log = RequestLog {
+                method,
+                path,
+                cache: resp
+                    .extensions()
+                    .get::<CacheStatus>()
+                    .map_or("none", |s| s.as_str()),
+                status: resp.status().as_u16(),
+                start,
+                first_byte: None,
+                bytes: 0,
+                error: None,
+            };
+            Ok(resp.map(|body| {
+                use http_body_util::BodyExt;
+                Logged { body, log }.boxed_unsync()
+            }))
+        })
+    }
+}
+
+/// What is logged of a request.
+struct RequestLog {
+    method: hyper::Method,
+    path: String,
+    cache: &'static str,
+    status: u16,
+    start: Instant,
+    first_byte: Option<Duration>,
+    bytes: u64,
+    error: Option<String>,
+}
+
+/// A body that counts what it delivers and logs its request when dropped.
+struct Logged {
+    body: ResponseBody,
+    log: RequestLog,
+}
+
+impl Drop for Logged {
+    fn drop(&mut self) {
+        let log = &self.log;
+        let outcome = match &log.error {
+            Some(e) => e.as_str(),
+            None if self.body.is_end_stream() => "complete",
+            None => "client gone",
+        };
+        tracing::info!(
+            method = %log.method,
+            path = %log.path,
+            cache = log.cache,
+            status = log.status,
+            bytes = log.bytes,
+            ms = log.start.elapsed().as_millis() as u64,
+            ttfb_ms = log.first_byte.map(|d| d.as_millis() as u64),
+            outcome,
+            "request"
+        );
+    }
+}
+
+impl Body for Logged {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        let polled = ready!(Pin::new(&mut this.body).poll_frame(cx));
+        match &polled {
+            Some(Err(e)) => this.log.error = Some(format!("error: {e}")),
+            Some(Ok(frame)) => {
+                if let Some(data) = frame.data_ref() {
+                    if this.log.first_byte.is_none() {
+                        this.log.first_byte = Some(this.log.start.elapsed());
+                    }
+                    this.log.bytes += data.len() as u64;
+                }
+            }
+            None => {}
+        }
+        Poll::Ready(polled)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
 }

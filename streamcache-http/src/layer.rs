@@ -36,6 +36,33 @@ use crate::meta::{
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CloseDelimited;
 
+/// How the cache layer answered a request: a response extension set on every response it
+/// serves from an entry or relays (for logs and metrics).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheStatus {
+    /// From a stored entry (finished, or joined while it is being written).
+    Hit,
+    /// This request filled the entry (it asked the inner service).
+    Miss,
+    /// A stale entry, revalidated with the inner service (304), served from the cache.
+    Revalidated,
+    /// Relayed from the inner service, not stored (not storable, other methods, `HEAD`
+    /// misses).
+    Pass,
+}
+
+impl CacheStatus {
+    /// `"hit"`, `"miss"`, `"revalidated"` or `"pass"`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CacheStatus::Hit => "hit",
+            CacheStatus::Miss => "miss",
+            CacheStatus::Revalidated => "revalidated",
+            CacheStatus::Pass => "pass",
+        }
+    }
+}
+
 /// Who may purge entries with the `PURGE` method.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Purge {
@@ -446,12 +473,15 @@ impl Shared {
                     };
                     if !reader.get_ref().size().finished {
                         // Joined a fill in progress: its response is as fresh as can be.
-                        return self.serve(req.headers(), reader, &stored, serve).await;
+                        return self
+                            .serve(req.headers(), reader, &stored, serve, CacheStatus::Hit)
+                            .await;
                     }
                     let policy = stored.policy(&view.uri, self.opts);
                     return match policy.before_request(&view, SystemTime::now()) {
                         BeforeRequest::Fresh(_) => {
-                            self.serve(req.headers(), reader, &stored, serve).await
+                            self.serve(req.headers(), reader, &stored, serve, CacheStatus::Hit)
+                                .await
                         }
                         BeforeRequest::Stale { matches: false, .. } => {
                             self.forward(inner, req).await
@@ -490,7 +520,10 @@ impl Shared {
             let req = Request::from_parts(parts, ());
             return match rx.await {
                 Ok(Head::Stored(mut reader)) => match wait_head(&mut reader).await {
-                    Ok(Some(stored)) => self.serve(req.headers(), reader, &stored, serve).await,
+                    Ok(Some(stored)) => {
+                        self.serve(req.headers(), reader, &stored, serve, CacheStatus::Miss)
+                            .await
+                    }
                     Ok(None) => simple(StatusCode::BAD_GATEWAY, "entry without metadata\n"),
                     Err(e) => failure_response(&e),
                 },
@@ -731,10 +764,19 @@ impl Shared {
             AfterResponse::NotModified(policy, parts) => {
                 let head = StoredHead::new(now, old.stored.status, &old.view, &parts.headers);
                 tracing::debug!(key = %old.key, "revalidated (304)");
-                if !policy.time_to_live(now).is_zero() {
+                // Stored again only if the entry itself had turned stale: a client's
+                // `no-cache` or `max-age=0` on a fresh entry is answered, not re-stored.
+                if old.policy.is_stale(now) && !policy.time_to_live(now).is_zero() {
                     self.restore(&old.key, &head, &policy);
                 }
-                self.serve(req.headers(), old.reader, &head, serve).await
+                self.serve(
+                    req.headers(),
+                    old.reader,
+                    &head,
+                    serve,
+                    CacheStatus::Revalidated,
+                )
+                .await
             }
             AfterResponse::Modified(..) => {
                 tracing::debug!(key = %old.key, "revalidation brought a new response");
@@ -751,7 +793,14 @@ impl Shared {
                         match rx.await {
                             Ok(Head::Stored(mut reader)) => match wait_head(&mut reader).await {
                                 Ok(Some(stored)) => {
-                                    self.serve(req.headers(), reader, &stored, serve).await
+                                    self.serve(
+                                        req.headers(),
+                                        reader,
+                                        &stored,
+                                        serve,
+                                        CacheStatus::Miss,
+                                    )
+                                    .await
                                 }
                                 Ok(None) => simple(StatusCode::BAD_GATEWAY, "no metadata\n"),
                                 Err(e) => failure_response(&e),
@@ -811,6 +860,19 @@ impl Shared {
     /// Answers `req` from an entry with `stored` head: 304 if the client's validators
     /// match, else the whole entity or the requested range (200/206/416).
     async fn serve(
+        &self,
+        req: &HeaderMap,
+        reader: AsyncReader,
+        stored: &StoredHead,
+        opts: ServeOpts,
+        status: CacheStatus,
+    ) -> Response<ResponseBody> {
+        let mut resp = self.serve_inner(req, reader, stored, opts).await;
+        resp.extensions_mut().insert(status);
+        resp
+    }
+
+    async fn serve_inner(
         &self,
         req: &HeaderMap,
         reader: AsyncReader,
@@ -1079,6 +1141,7 @@ fn relay(resp: Response<ResponseBody>) -> Response<ResponseBody> {
     // Not the upstream's version: an HTTP/1.0 response head would make hyper delimit the
     // body by closing for HTTP/1.1 clients too, and a relay that breaks would look complete.
     parts.version = http::Version::HTTP_11;
+    parts.extensions.insert(CacheStatus::Pass);
     Response::from_parts(parts, body)
 }
 

@@ -71,7 +71,7 @@
 //! }
 //!
 //! # #[tokio::main(flavor = "current_thread")]
-//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! # async fn main() -> Result<(), streamcache_http::BoxError> {
 //! let cache = streamcache::Cache::builder().memory().build()?;
 //! let calls = Arc::new(AtomicUsize::new(0));
 //! let mut service = CacheLayer::new(cache).layer(Hello(calls.clone()));
@@ -94,7 +94,9 @@ mod server;
 mod upstream;
 
 pub use body::{BoxError, ResponseBody};
-pub use layer::{CacheConfig, CacheLayer, CacheService, ClientAddr, CloseDelimited, Purge};
+pub use layer::{
+    CacheConfig, CacheLayer, CacheService, CacheStatus, ClientAddr, CloseDelimited, Purge,
+};
 pub use meta::RangeSpec;
 pub use server::{ConnLimits, serve};
 pub use upstream::Upstream;

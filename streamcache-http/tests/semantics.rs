@@ -224,9 +224,9 @@ fn script_by_path(seen: &Seen, n: usize) -> Response<Full<Bytes>> {
             let at = std::time::SystemTime::now() + Duration::from_secs(1);
             reply(&body, &[("expires", &httpdate::fmt_http_date(at))])
         }
-        "/etag" | "/last-modified" => {
+        "/etag" | "/last-modified" | "/etag60" => {
             let lm = "Tue, 01 Dec 2026 10:00:00 GMT";
-            let validator: (&str, &str) = if path == "/etag" {
+            let validator: (&str, &str) = if path != "/last-modified" {
                 ("etag", "\"v1\"")
             } else {
                 ("last-modified", lm)
@@ -239,7 +239,12 @@ fn script_by_path(seen: &Seen, n: usize) -> Response<Full<Bytes>> {
                     .headers
                     .get("if-modified-since")
                     .is_some_and(|v| v == lm);
-            let headers = [("cache-control", "max-age=1"), validator];
+            let max_age = if path == "/etag60" {
+                "max-age=60"
+            } else {
+                "max-age=1"
+            };
+            let headers = [("cache-control", max_age), validator];
             if matches {
                 let mut resp = reply("", &headers);
                 *resp.status_mut() = StatusCode::NOT_MODIFIED;
@@ -451,6 +456,27 @@ async fn stale_entries_are_revalidated_and_refreshed_on_304() {
             assert_eq!(body, format!("{path} body"));
             assert_eq!(origin.hits(path), 2, "{path}: the 304 made it fresh again");
         }
+    })
+    .await;
+}
+
+/// A client's `Cache-Control: no-cache` makes even a fresh entry revalidate (RFC 9111
+/// 5.2.1.4); the 304 lets the stored body answer it.
+#[tokio::test]
+async fn client_no_cache_revalidates_a_fresh_entry() {
+    deadline(async {
+        let (origin, proxy) = setup().await;
+        assert_eq!(get(&proxy, "/etag60", &[]).await.1, "/etag60 body");
+        until_finished(&proxy.layer, "/etag60").await;
+        assert_eq!(get(&proxy, "/etag60", &[]).await.1, "/etag60 body");
+        assert_eq!(origin.hits("/etag60"), 1, "fresh: a hit");
+        let (resp, body) = get(&proxy, "/etag60", &[("cache-control", "no-cache")]).await;
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(body, "/etag60 body");
+        assert_eq!(origin.hits("/etag60"), 2);
+        assert_eq!(origin.last("/etag60").headers["if-none-match"], "\"v1\"");
+        assert_eq!(get(&proxy, "/etag60", &[]).await.1, "/etag60 body");
+        assert_eq!(origin.hits("/etag60"), 2, "still stored");
     })
     .await;
 }
