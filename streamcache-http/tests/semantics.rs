@@ -216,6 +216,8 @@ fn script_by_path(seen: &Seen, n: usize) -> Response<Full<Bytes>> {
             &body,
             &[
                 ("cache-control", "max-age=60"),
+                // A validator: without the Set-Cookie rule it could be kept to revalidate.
+                ("etag", "\"c\""),
                 ("set-cookie", &format!("session={n}")),
             ],
         ),
@@ -360,6 +362,10 @@ async fn set_cookie_is_passed_through_and_not_stored() {
                 Some(format!("session={n}").as_str())
             );
             assert_eq!(body, format!("/cookie #{n}"));
+            assert!(
+                !proxy.layer.cache().contains_key("/cookie"),
+                "not stored (an entry being written counts too)"
+            );
         }
         assert_eq!(origin.hits("/cookie"), 2);
     })
