@@ -1,5 +1,6 @@
 //! The caching layer: [`CacheLayer`] and its [`CacheService`].
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::error::Error as StdError;
 use std::fmt;
@@ -7,7 +8,7 @@ use std::future::{Future, poll_fn};
 use std::io::{self, SeekFrom};
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -20,7 +21,7 @@ use http_cache_semantics::{AfterResponse, BeforeRequest, CacheOptions, CachePoli
 use streamcache::tokio::AsyncReader;
 use streamcache::{Cache, Entry, Writer};
 use tokio::io::AsyncSeekExt;
-use tokio::sync::{Semaphore, oneshot};
+use tokio::sync::{Semaphore, oneshot, watch};
 use tower_service::Service;
 
 use crate::body::{BoxError, CacheBody, ResponseBody, StallTimeout, empty, simple, unavailable};
@@ -141,6 +142,7 @@ impl CacheLayer {
                 config,
                 downloads,
                 opts: CacheOptions::default(),
+                revalidating: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -255,6 +257,23 @@ struct Shared {
     config: CacheConfig,
     downloads: Arc<Semaphore>,
     opts: CacheOptions,
+    /// Keys being revalidated; their requests wait until the sender (held by the request
+    /// that revalidates) is dropped.
+    revalidating: Mutex<HashMap<String, watch::Receiver<()>>>,
+}
+
+/// Held by the request that revalidates a key: unregisters it (waking the requests that
+/// wait for it) when dropped, also if that request is abandoned.
+struct Leader<'a> {
+    shared: &'a Shared,
+    key: String,
+    _done: watch::Sender<()>,
+}
+
+impl Drop for Leader<'_> {
+    fn drop(&mut self) {
+        self.shared.revalidations().remove(&self.key);
+    }
 }
 
 /// What a fill tells the request that started it, once the inner service answered.
@@ -307,6 +326,28 @@ fn abort_cause(e: &io::Error) -> Option<&Abort> {
 }
 
 impl Shared {
+    fn revalidations(&self) -> std::sync::MutexGuard<'_, HashMap<String, watch::Receiver<()>>> {
+        self.revalidating
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Becomes the request that revalidates `key`, or gets a receiver that reports when the
+    /// one that does is done.
+    fn join_revalidation(&self, key: &str) -> Result<Leader<'_>, watch::Receiver<()>> {
+        let mut map = self.revalidations();
+        if let Some(done) = map.get(key) {
+            return Err(done.clone());
+        }
+        let (tx, rx) = watch::channel(());
+        map.insert(key.to_owned(), rx);
+        Ok(Leader {
+            shared: self,
+            key: key.to_owned(),
+            _done: tx,
+        })
+    }
+
     async fn handle<S, ReqB, ResB>(
         self: Arc<Self>,
         inner: Inner<S>,
@@ -487,6 +528,24 @@ impl Shared {
                             self.forward(inner, req).await
                         }
                         BeforeRequest::Stale { request, .. } if !head_only => {
+                            let now = SystemTime::now();
+                            // Stale by age, and a 304 would make it fresh again: one request
+                            // revalidates, the others wait for it and read what it stored.
+                            let coalesce = policy.is_stale(now)
+                                && !policy.time_to_live(stored.response_time).is_zero();
+                            let _leader = if coalesce {
+                                match self.join_revalidation(&key) {
+                                    Ok(leader) => Some(leader),
+                                    Err(mut done) => {
+                                        drop(reader);
+                                        let wait = self.config.upstream_timeout;
+                                        let _ = tokio::time::timeout(wait, done.changed()).await;
+                                        continue;
+                                    }
+                                }
+                            } else {
+                                None
+                            };
                             let revalidation = Revalidation {
                                 key,
                                 view,

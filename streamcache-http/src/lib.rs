@@ -17,7 +17,8 @@
 //!   [`CacheConfig::keep_stale`] for responses with a validator. A stale entry is
 //!   revalidated with `If-None-Match` / `If-Modified-Since`; a `304` refreshes its head (the
 //!   body is copied locally into the refreshed entry, not fetched again); a new response
-//!   replaces it.
+//!   replaces it. Concurrent requests for an entry that turned stale send one conditional
+//!   request: the others wait for its outcome and read what it stored.
 //! * **Vary**: a response that varies is stored under a key made of its URL and the values of
 //!   the request headers it varies on; a small "vary index" entry per URL records the header
 //!   names.

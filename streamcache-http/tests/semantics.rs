@@ -80,7 +80,13 @@ impl Origin {
                                 seen.push(s.clone());
                                 seen.iter().filter(|x| x.path == s.path).count()
                             };
-                            Ok::<_, Infallible>(script(&s, n))
+                            let mut resp = script(&s, n);
+                            // A script delays its answer with this (test-only) header.
+                            if let Some(ms) = resp.headers_mut().remove("x-test-delay-ms") {
+                                let ms: u64 = ms.to_str().unwrap().parse().unwrap();
+                                sleep(Duration::from_millis(ms)).await;
+                            }
+                            Ok::<_, Infallible>(resp)
                         }
                     });
                     let _ = hyper::server::conn::http1::Builder::new()
@@ -226,7 +232,7 @@ fn script_by_path(seen: &Seen, n: usize) -> Response<Full<Bytes>> {
             let at = std::time::SystemTime::now() + Duration::from_secs(1);
             reply(&body, &[("expires", &httpdate::fmt_http_date(at))])
         }
-        "/etag" | "/last-modified" | "/etag60" => {
+        "/etag" | "/last-modified" | "/etag60" | "/etag-slow" => {
             let lm = "Tue, 01 Dec 2026 10:00:00 GMT";
             let validator: (&str, &str) = if path != "/last-modified" {
                 ("etag", "\"v1\"")
@@ -250,6 +256,10 @@ fn script_by_path(seen: &Seen, n: usize) -> Response<Full<Bytes>> {
             if matches {
                 let mut resp = reply("", &headers);
                 *resp.status_mut() = StatusCode::NOT_MODIFIED;
+                if path == "/etag-slow" {
+                    resp.headers_mut()
+                        .insert("x-test-delay-ms", HeaderValue::from_static("300"));
+                }
                 resp
             } else {
                 reply(&format!("{path} body"), &headers)
@@ -462,6 +472,33 @@ async fn stale_entries_are_revalidated_and_refreshed_on_304() {
             assert_eq!(body, format!("{path} body"));
             assert_eq!(origin.hits(path), 2, "{path}: the 304 made it fresh again");
         }
+    })
+    .await;
+}
+
+/// Concurrent requests for a stale entry revalidate it once: one conditional request, the
+/// others wait for its answer (here the origin takes 300 ms to send its 304).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_stale_requests_revalidate_once() {
+    deadline(async {
+        let (origin, proxy) = setup().await;
+        assert_eq!(get(&proxy, "/etag-slow", &[]).await.1, "/etag-slow body");
+        until_finished(&proxy.layer, "/etag-slow").await;
+        sleep(Duration::from_millis(1100)).await;
+        let proxy = Arc::new(proxy);
+        let mut tasks = Vec::new();
+        for _ in 0..8 {
+            let proxy = proxy.clone();
+            tasks.push(tokio::spawn(
+                async move { get(&proxy, "/etag-slow", &[]).await },
+            ));
+        }
+        for t in tasks {
+            let (resp, body) = t.await.unwrap();
+            assert_eq!(resp.status(), StatusCode::OK);
+            assert_eq!(body, "/etag-slow body");
+        }
+        assert_eq!(origin.hits("/etag-slow"), 2, "one fill, one revalidation");
     })
     .await;
 }
