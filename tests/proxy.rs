@@ -22,7 +22,7 @@ use http_body_util::{BodyExt, Empty};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::header::{self, HeaderValue};
 use hyper::service::service_fn;
-use hyper::{Request, Response, StatusCode};
+use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -159,10 +159,15 @@ fn origin_handle(
     let (tx, rx) = mpsc::channel(4);
     let chunked = route.ends_with("-chunked") || route == "chunked";
     let route = route.trim_end_matches("-chunked");
-    if !matches!(route, "file" | "chunked" | "gated" | "flaky") {
+    if !matches!(route, "file" | "chunked" | "gated" | "flaky" | "no-store") {
         let _ = tx.try_send(Ok(Bytes::from_static(b"nope")));
         let mut resp = Response::new(ChanBody { rx, len: Some(4) });
         *resp.status_mut() = StatusCode::NOT_FOUND;
+        return resp;
+    }
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        let mut resp = Response::new(ChanBody { rx, len: Some(0) });
+        *resp.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
         return resp;
     }
     let gated = route == "gated" || route == "flaky";
@@ -197,7 +202,11 @@ fn origin_handle(
     h.insert(header::ETAG, HeaderValue::from_static("\"v1\""));
     h.insert(
         header::CACHE_CONTROL,
-        HeaderValue::from_static("max-age=3600"),
+        HeaderValue::from_static(if route == "no-store" {
+            "no-store"
+        } else {
+            "max-age=3600"
+        }),
     );
     if let Some(len) = len {
         h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
@@ -656,6 +665,80 @@ async fn restart_serves_from_disk_without_origin() {
         proxy.shutdown().await;
     })
     .await;
+}
+
+/// The example follows the HTTP caching rules of the layer it is built on (all of them are
+/// tested in `streamcache-http/tests/semantics.rs`): `no-store` is relayed, not cached;
+/// `HEAD` and a matching `If-None-Match` are answered from the cache; `PURGE` is passed to the
+/// origin unless `--purge` allows it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_follows_the_http_caching_rules() {
+    deadline(async {
+        let (origin, dir, proxy, client, expected) = setup().await;
+        for n in 1..=2 {
+            let (resp, body) = fetch(&client, proxy.url("/no-store/x"), None).await;
+            assert_eq!(resp.status(), StatusCode::OK);
+            assert!(body.unwrap() == expected[..]);
+            assert_eq!(origin.hits("/no-store/x"), n, "not cached");
+        }
+        let (_, body) = fetch(&client, proxy.url("/file/rules"), None).await;
+        assert!(body.unwrap() == expected[..]);
+        let cache = proxy.proxy.cache();
+        until(|| {
+            cache
+                .get("/file/rules")
+                .unwrap()
+                .is_some_and(|r| r.size().finished)
+        })
+        .await;
+        let req = |method: &str, header: Option<(&str, &str)>| {
+            let mut req = Request::builder()
+                .method(method)
+                .uri(proxy.url("/file/rules"));
+            if let Some((name, value)) = header {
+                req = req.header(name, value);
+            }
+            req.body(Empty::new()).unwrap()
+        };
+        let head = client.request(req("HEAD", None)).await.unwrap();
+        assert_eq!(head.status(), StatusCode::OK);
+        assert_eq!(
+            head.headers()[header::CONTENT_LENGTH],
+            SIZE.to_string().as_str()
+        );
+        let inm = client
+            .request(req("GET", Some(("if-none-match", "\"v1\""))))
+            .await
+            .unwrap();
+        assert_eq!(inm.status(), StatusCode::NOT_MODIFIED);
+        assert_eq!(origin.hits("/file/rules"), 1, "HEAD and 304 from the cache");
+        let purge = client.request(req("PURGE", None)).await.unwrap();
+        assert_eq!(
+            purge.status(),
+            StatusCode::METHOD_NOT_ALLOWED,
+            "the origin's answer"
+        );
+        assert_eq!(origin.hits("/file/rules"), 2, "passed through");
+        proxy.shutdown().await;
+
+        let mut config = server::Config::new(origin.url(), dir.path());
+        config.purge = streamcache_http::Purge::Loopback;
+        let proxy = start_proxy_with(&config).await;
+        let purge = client.request(req_to(&proxy, "PURGE")).await.unwrap();
+        assert_eq!(purge.status(), StatusCode::OK, "purged by the proxy");
+        assert_eq!(origin.hits("/file/rules"), 2);
+        assert!(!proxy.proxy.cache().contains_key("/file/rules"));
+        proxy.shutdown().await;
+    })
+    .await;
+}
+
+fn req_to(proxy: &RunningProxy, method: &str) -> Request<Empty<Bytes>> {
+    Request::builder()
+        .method(method)
+        .uri(proxy.url("/file/rules"))
+        .body(Empty::new())
+        .unwrap()
 }
 
 /// 50 async readers of one stream being written, all on one `current_thread` runtime with the
