@@ -378,3 +378,18 @@ done
     row "\`Vary: X-Lang\`" sem_vary
     row "\`PURGE\`" sem_purge
 } | tee "$OUT"
+
+# The numeric rows as a chart: $W/chart.svg.
+{
+    printf 'metric'; for n in "${PROXIES[@]}"; do printf '\t%s' "$n"; done; echo
+    tsv() {
+        printf '%s' "$1"
+        for n in "${PROXIES[@]}"; do printf '\t%s' "${R[$n,$2]:-}"; done
+        echo
+    }
+    tsv "herd: median first byte, ms (lower is better)" herd_ttfb
+    tsv "1 MiB hits: CPU ms per 1000 hits (lower is better)" hit_cpu
+    tsv "1 MiB hits, 32 connections: requests/s" hit_rps
+    tsv "100 MiB object, 4 clients: GB/s" big_gbs
+} >"$W/results.tsv"
+python3 "$HERE/chart.py" "$W/results.tsv" "$W/chart.svg" && say "chart: $W/chart.svg"
