@@ -819,7 +819,41 @@ impl Shared {
             Err(msg) => return simple(StatusCode::BAD_GATEWAY, &format!("{msg}\n")),
         };
         let now = SystemTime::now();
-        match old.policy.after_response(&old.view, &resp, now) {
+        let mut outcome = old.policy.after_response(&old.view, &resp, now);
+        if resp.status() == StatusCode::NOT_MODIFIED
+            && matches!(outcome, AfterResponse::Modified(..))
+        {
+            // A 304 answers the validators this cache sent, taken from the stored response
+            // (RFC 9110 13.1), also when it repeats none of them (Python's http.server sends
+            // no Last-Modified with its 304): the policy is asked again with the stored
+            // validators added, so that its rules merge the 304's headers.
+            let mut parts = Response::new(()).into_parts().0;
+            parts.status = StatusCode::NOT_MODIFIED;
+            parts.headers = resp.headers().clone();
+            for name in [header::ETAG, header::LAST_MODIFIED] {
+                if !parts.headers.contains_key(&name)
+                    && let Some(v) = old.stored.response.get(&name)
+                {
+                    parts.headers.insert(name, v.clone());
+                }
+            }
+            outcome = old.policy.after_response(&old.view, &parts, now);
+        }
+        match outcome {
+            AfterResponse::Modified(..) if resp.status() == StatusCode::NOT_MODIFIED => {
+                // Its validator differs from the stored one: never relay a 304 to a client
+                // that did not ask for one. The stored copy is dropped, this client gets it.
+                tracing::debug!(key = %old.key, "a 304 that does not match the stored response");
+                let _ = self.cache.remove(&old.key);
+                self.serve(
+                    req.headers(),
+                    old.reader,
+                    &old.stored,
+                    serve,
+                    CacheStatus::Hit,
+                )
+                .await
+            }
             AfterResponse::NotModified(policy, parts) => {
                 let head = StoredHead::new(now, old.stored.status, &old.view, &parts.headers);
                 tracing::debug!(key = %old.key, "revalidated (304)");

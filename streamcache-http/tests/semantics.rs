@@ -232,9 +232,9 @@ fn script_by_path(seen: &Seen, n: usize) -> Response<Full<Bytes>> {
             let at = std::time::SystemTime::now() + Duration::from_secs(1);
             reply(&body, &[("expires", &httpdate::fmt_http_date(at))])
         }
-        "/etag" | "/last-modified" | "/etag60" | "/etag-slow" => {
+        "/etag" | "/last-modified" | "/etag60" | "/etag-slow" | "/bare-304" => {
             let lm = "Tue, 01 Dec 2026 10:00:00 GMT";
-            let validator: (&str, &str) = if path != "/last-modified" {
+            let validator: (&str, &str) = if !matches!(path, "/last-modified" | "/bare-304") {
                 ("etag", "\"v1\"")
             } else {
                 ("last-modified", lm)
@@ -253,7 +253,12 @@ fn script_by_path(seen: &Seen, n: usize) -> Response<Full<Bytes>> {
                 "max-age=1"
             };
             let headers = [("cache-control", max_age), validator];
-            if matches {
+            if matches && path == "/bare-304" {
+                // A 304 that repeats no validator (as Python's http.server sends).
+                let mut resp = reply("", &[("cache-control", "max-age=1")]);
+                *resp.status_mut() = StatusCode::NOT_MODIFIED;
+                resp
+            } else if matches {
                 let mut resp = reply("", &headers);
                 *resp.status_mut() = StatusCode::NOT_MODIFIED;
                 if path == "/etag-slow" {
@@ -442,6 +447,7 @@ async fn stale_entries_are_revalidated_and_refreshed_on_304() {
         for (path, validator) in [
             ("/etag", "if-none-match"),
             ("/last-modified", "if-modified-since"),
+            ("/bare-304", "if-modified-since"),
         ] {
             let (resp, body) = get(&proxy, path, &[]).await;
             assert_eq!(resp.status(), StatusCode::OK);
