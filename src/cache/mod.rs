@@ -65,6 +65,9 @@ pub struct Cache {
     loader: Option<JoinHandle<()>>,
     /// Releases the directory locks of the storage this cache opened itself, on drop.
     unlock: Option<builder::Unlock>,
+    /// The shared tier under this cache, if any (its runtime stops when the cache drops).
+    #[cfg(feature = "shared")]
+    shared: Option<Arc<crate::shared::tier::Tier>>,
 }
 
 impl fmt::Debug for Cache {
@@ -147,6 +150,8 @@ impl Cache {
             notifier,
             loader: None,
             unlock,
+            #[cfg(feature = "shared")]
+            shared: None,
         };
         let inner = cache.inner.clone();
         inner.books.now();
@@ -159,6 +164,22 @@ impl Cache {
         } else {
             None
         };
+        #[cfg(feature = "shared")]
+        if let Some(tier) = b.shared.clone() {
+            let weak = Arc::downgrade(&inner);
+            let own_ttl = Box::new(move |key: &str| {
+                let inner = weak.upgrade()?;
+                let slot = inner.slot(key)?;
+                let info = inner.entry_info(&slot, inner.books.clock.now_millis())?;
+                Some(info.expires?.saturating_sub(info.finished?))
+            });
+            cache.shared = Some(Arc::new(crate::shared::tier::Tier::start(
+                tier,
+                inner.books.clock.clone(),
+                inner.limits.ttl_ms,
+                own_ttl,
+            )?));
+        }
         cache.loader = Some(reload::start(&inner, b.startup_wait, hint)?);
         let reaper = reaper::spawn(Arc::downgrade(&inner), inner.deletions.clone(), rx, tick)
             .map_err(|e| Error::io_without_path("spawn reaper thread", e))?;
@@ -196,7 +217,46 @@ impl Cache {
     /// # Errors
     /// [`Error::Io`] if the storage cannot create the new entry's blob, or cannot open an
     /// existing entry's data right now (see [`get`](Cache::get)).
+    ///
+    /// With a [shared tier](crate::shared), a local miss first asks the bucket (one to four
+    /// round trips, never longer than the tier's timeout): it becomes a hit when another node
+    /// has produced or is producing the key, and a miss only for the one node fleet-wide that
+    /// wins the key's lease (or when the bucket does not answer in time).
     pub fn get_or_create(&self, key: &str) -> Result<Entry> {
+        let entry = self.create_local(key)?;
+        #[cfg(feature = "shared")]
+        if let Some(tier) = &self.shared {
+            return Ok(match entry {
+                Entry::Miss(w) => tier.resolve(w),
+                hit => hit,
+            });
+        }
+        Ok(entry)
+    }
+
+    /// The shared tier, if the cache has one.
+    #[cfg(feature = "shared")]
+    pub(crate) fn tier(&self) -> Option<&Arc<crate::shared::tier::Tier>> {
+        self.shared.as_ref()
+    }
+
+    /// What the shared tier did since the cache was built; `None` without a shared tier.
+    #[cfg(feature = "shared")]
+    pub fn shared_stats(&self) -> Option<crate::shared::SharedStats> {
+        let s = self.shared.as_ref()?.stats();
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        Some(crate::shared::SharedStats {
+            gets: get(&s.gets),
+            puts: get(&s.puts),
+            produced: get(&s.produced),
+            downloaded: get(&s.downloaded),
+            tailed: get(&s.tailed),
+            fallbacks: get(&s.fallbacks),
+        })
+    }
+
+    /// `get_or_create` on this node only.
+    pub(crate) fn create_local(&self, key: &str) -> Result<Entry> {
         let inner = &self.inner;
         loop {
             if let Some(reader) = self.lookup(key, inner.exact_now())? {
@@ -322,13 +382,27 @@ impl Cache {
     where
         F: FnOnce(&mut Writer) -> io::Result<()> + Send + 'static,
     {
-        match self.get_or_create(key)? {
+        match self.create_local(key)? {
             Entry::Hit(r) => Ok(r),
             Entry::Miss(w) => {
                 let reader = w.reader()?;
+                // The shared tier decides on the producer thread: this call never waits for
+                // the network.
+                #[cfg(feature = "shared")]
+                let tier = self.shared.clone();
                 std::thread::Builder::new()
                     .name("streamcache-producer".into())
-                    .spawn(move || run_producer(w, producer))
+                    .spawn(move || {
+                        #[cfg(feature = "shared")]
+                        let w = match tier {
+                            Some(t) => match t.resolve(w) {
+                                Entry::Miss(w) => w,
+                                Entry::Hit(_) => return, // the bucket fills it
+                            },
+                            None => w,
+                        };
+                        run_producer(w, producer)
+                    })
                     .map_err(|e| Error::io_without_path("spawn producer thread", e))?;
                 Ok(reader)
             }
@@ -440,16 +514,23 @@ impl Cache {
     /// stored data is deleted later, with failures retried and counted in
     /// [`CacheStats::failed_deletions`] rather than returned. The `Result` is for a tier
     /// whose removal must be confirmed to be honest: with a shared tier (a bucket that other
-    /// machines read), `remove` deletes there too and reports when it cannot.
+    /// machines read), `remove` deletes there too and reports when it cannot
+    /// ([`Error::Shared`]; the key is removed locally all the same, and the returned flag
+    /// says whether it was present locally).
     pub fn remove(&self, key: &str) -> Result<bool> {
         reload::settle(&self.inner, key)?;
-        match self.inner.index.remove(key) {
+        let present = match self.inner.index.remove(key) {
             Some((Indexed(slot), stream)) => {
                 self.inner.finalize(&slot, stream, RemovalCause::Explicit);
-                Ok(true)
+                true
             }
-            None => Ok(false),
+            None => false,
+        };
+        #[cfg(feature = "shared")]
+        if let Some(tier) = &self.shared {
+            tier.remove(key)?;
         }
+        Ok(present)
     }
 
     /// Removes every entry, as [`remove`](Cache::remove) does (safe while streams are open).
