@@ -769,3 +769,167 @@ fn wire_producer_killed_with_sigkill_is_taken_over() {
         );
     });
 }
+
+// ---------------------------------------------------------------------------------------
+// The acceptance scenario: three processes on one moto bucket, 20 requesters each, one key
+// produced slowly.
+
+const FLEET_KEY: &str = "produced-slowly";
+const FLEET_PIECES: usize = 10;
+const FLEET_PIECE: usize = 200_000;
+const FLEET_PAUSE: Duration = Duration::from_millis(150);
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+/// One process of the fleet: 20 requesters start together at the time the parent wrote, and
+/// the process reports its misses, each requester's first-byte and completion times (epoch
+/// ms), the production's end if it produced, and the blake3 of every body it read.
+#[test]
+fn child_fleet_node() {
+    let Some(dir) = child_dir() else { return };
+    let endpoint = std::fs::read_to_string(dir.join("endpoint")).unwrap();
+    let start_at: u64 = std::fs::read_to_string(dir.join("start_at"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let fleet = Fleet {
+        store: Arc::new(moto::store_at(endpoint.trim(), "fleet")),
+        lease: Duration::from_secs(3),
+        poll: Duration::from_millis(50),
+    };
+    let cache = Arc::new(node(&fleet));
+    while now_ms() < start_at {
+        thread::sleep(Duration::from_millis(1));
+    }
+    let threads: String = (0..20)
+        .map(|_| {
+            let cache = cache.clone();
+            thread::spawn(move || match cache.get_or_create(FLEET_KEY).unwrap() {
+                Entry::Miss(mut w) => {
+                    for i in 0..FLEET_PIECES {
+                        w.write_all(&pattern(FLEET_PIECE, i as u64)).unwrap();
+                        w.flush().unwrap();
+                        thread::sleep(FLEET_PAUSE);
+                    }
+                    w.finish().unwrap();
+                    format!("miss end={}", now_ms())
+                }
+                Entry::Hit(mut r) => {
+                    let mut first = [0u8; 1];
+                    r.read_exact(&mut first).unwrap();
+                    let first_at = now_ms();
+                    let mut rest = Vec::new();
+                    r.read_to_end(&mut rest).unwrap();
+                    let mut body = first.to_vec();
+                    body.extend_from_slice(&rest);
+                    format!(
+                        "hit first={first_at} done={} hash={}",
+                        now_ms(),
+                        blake3::hash(&body).to_hex()
+                    )
+                }
+            })
+        })
+        .collect::<Vec<_>>()
+        .into_iter()
+        .map(|t| t.join().unwrap())
+        .collect::<Vec<_>>()
+        .join(";");
+    report(&format!("pid={} {threads}", std::process::id()));
+    loop {
+        thread::park();
+    }
+}
+
+#[test]
+fn wire_three_processes_twenty_requesters_one_production() {
+    let Some((_moto, fleet)) = moto_bucket("wire_three_processes_twenty_requesters_one_production")
+    else {
+        return;
+    };
+    let _ = fleet;
+    let endpoint = _moto.endpoint.clone();
+    deadline_in(Duration::from_secs(120), "three processes", move || {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("endpoint"), &endpoint).unwrap();
+        // Start together, once all three have started up.
+        std::fs::write(dir.path().join("start_at"), (now_ms() + 3000).to_string()).unwrap();
+        let children: Vec<_> = (0..3)
+            .map(|_| ChildRun::spawn("child_fleet_node", dir.path()))
+            .collect();
+        let reports: Vec<String> = children.iter().map(|c| c.line(REPORT)).collect();
+        let mut expected = Vec::new();
+        for i in 0..FLEET_PIECES {
+            expected.extend_from_slice(&pattern(FLEET_PIECE, i as u64));
+        }
+        let expected = blake3::hash(&expected).to_hex().to_string();
+        let mut misses = 0;
+        let mut production_end = None;
+        let mut remote_first = Vec::new();
+        for report in &reports {
+            let requests: Vec<&str> = report.split_once(' ').unwrap().1.split(';').collect();
+            let (mine, local_end) = requests.iter().fold((0, None), |(n, end), r| {
+                match r.strip_prefix("STREAMCACHE-CHILD-REPORT ").unwrap_or(r) {
+                    r if r.contains("miss end=") => (
+                        n + 1,
+                        r.rsplit('=').next().map(|e| e.parse::<u64>().unwrap()),
+                    ),
+                    _ => (n, end),
+                }
+            });
+            misses += mine;
+            if let Some(end) = local_end {
+                production_end = Some(end);
+            }
+            for r in requests.iter().filter(|r| r.contains("hit first=")) {
+                assert!(
+                    r.contains(&format!("hash={expected}")),
+                    "identical, complete bytes: {r}"
+                );
+                if mine == 0 {
+                    let first: u64 = r
+                        .split("first=")
+                        .nth(1)
+                        .unwrap()
+                        .split(' ')
+                        .next()
+                        .unwrap()
+                        .parse()
+                        .unwrap();
+                    remote_first.push(first);
+                }
+            }
+        }
+        assert_eq!(
+            misses, 1,
+            "exactly one production across three processes: {reports:#?}"
+        );
+        let end = production_end.unwrap();
+        let earliest = *remote_first
+            .iter()
+            .min()
+            .expect("two processes read remotely");
+        assert_eq!(
+            remote_first.len(),
+            40,
+            "every requester of the other two processes read"
+        );
+        let production = FLEET_PAUSE * FLEET_PIECES as u32;
+        eprintln!(
+            "production took ~{production:?}; first remote byte {} ms before its end",
+            end.saturating_sub(earliest)
+        );
+        assert!(
+            end > earliest + production.as_millis() as u64 / 2,
+            "a remote requester must get its first byte long before the production ends \
+             (end {end}, first remote byte {earliest})"
+        );
+        drop(children);
+    });
+}

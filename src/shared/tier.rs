@@ -618,6 +618,9 @@ async fn download(ctx: Arc<Ctx>, mut w: Writer, m: Manifest, etag: Option<String
     for i in 0..n {
         while next < n && ahead.len() < DOWNLOAD_AHEAD {
             let (ctx, path) = (ctx.clone(), ctx.chunk_path(&h, m.generation, next as u32));
+            let (generation, index) = (m.generation, next as u32);
+            // Each chunk is fetched and hashed in its own task, so the runtime's threads
+            // verify several chunks at once; bytes are written in order below.
             ahead.push_back(tokio::spawn(async move {
                 let mut tries = 0;
                 loop {
@@ -627,7 +630,11 @@ async fn download(ctx: Arc<Ctx>, mut w: Writer, m: Manifest, etag: Option<String
                             tracing::debug!(error = %e, "chunk download failed; retrying");
                             tokio::time::sleep(Duration::from_millis(100 << tries)).await;
                         }
-                        r => return r,
+                        r => {
+                            return r.map(|found| {
+                                found.map(|(obj, _)| format::decode_chunk(obj, generation, index))
+                            });
+                        }
                     }
                 }
             }));
@@ -635,8 +642,8 @@ async fn download(ctx: Arc<Ctx>, mut w: Writer, m: Manifest, etag: Option<String
         }
         let got = ahead.pop_front().expect("one per chunk").await;
         let chunk_name = format!("{:032x}/{i:08}", m.generation);
-        let obj = match got {
-            Ok(Ok(Some((obj, _)))) => obj,
+        let decoded = match got {
+            Ok(Ok(Some(decoded))) => decoded,
             Ok(Ok(None)) => {
                 ctx.mark_bad(etag);
                 w.abort_with(corrupt(
@@ -651,7 +658,7 @@ async fn download(ctx: Arc<Ctx>, mut w: Writer, m: Manifest, etag: Option<String
             Err(e) => return remote_abort(w, format!("chunk {i}: {e}")),
         };
         let want = &m.chunks[i];
-        let checked = format::decode_chunk(obj, m.generation, i as u32).and_then(|c| {
+        let checked = decoded.and_then(|c| {
             if c.hash != want.hash || c.payload.len() as u64 != want.len {
                 Err(format!("chunk {i} does not match the manifest"))
             } else if c.last != (i + 1 == n) {
