@@ -202,19 +202,22 @@ pub(crate) struct Chunk {
 }
 
 /// The header of chunk `index` of `generation`; the object is this followed by `metadata`
-/// and `payload` (sent as separate parts, so the payload is never copied).
+/// and the `payload` parts (sent as they are, so the payload is never copied).
 pub(crate) fn chunk_header(
     generation: u128,
     index: u32,
     last: bool,
     metadata: &[u8],
-    payload: &[u8],
+    payload: &[Bytes],
 ) -> Result<(Bytes, [u8; 32]), String> {
     let meta_len = u32::try_from(metadata.len()).map_err(|_| "metadata over 4 GiB")?;
-    let len = u32::try_from(payload.len()).map_err(|_| "chunk over 4 GiB")?;
+    let total: usize = payload.iter().map(Bytes::len).sum();
+    let len = u32::try_from(total).map_err(|_| "chunk over 4 GiB")?;
     let mut hasher = blake3::Hasher::new();
     hasher.update(metadata);
-    hasher.update(payload);
+    for part in payload {
+        hasher.update(part);
+    }
     let hash = *hasher.finalize().as_bytes();
     let mut h = Vec::with_capacity(CHUNK_HEADER);
     h.extend_from_slice(CHUNK_MAGIC);
@@ -389,7 +392,8 @@ mod tests {
     }
 
     fn chunk(generation: u128, index: u32, last: bool, meta: &[u8], payload: &[u8]) -> Bytes {
-        let (h, _) = chunk_header(generation, index, last, meta, payload).unwrap();
+        let parts = [Bytes::copy_from_slice(payload)];
+        let (h, _) = chunk_header(generation, index, last, meta, &parts).unwrap();
         [&h[..], meta, payload].concat().into()
     }
 

@@ -1045,15 +1045,15 @@ async fn upload_chunks(
         } else {
             Bytes::new()
         };
-        let payload: Bytes = match parts.len() {
-            1 => parts.pop().unwrap_or_default(),
-            _ => parts.concat().into(),
-        };
-        parts.clear();
         let (header, hash) =
-            format::chunk_header(keeper.generation, index, last, &metadata, &payload)
+            format::chunk_header(keeper.generation, index, last, &metadata, &parts)
                 .map_err(|e| Stop::Local(std::io::Error::other(e)))?;
-        let object = PutPayload::from_iter([header, metadata, payload.clone()]);
+        let len: u64 = parts.iter().map(|p| p.len() as u64).sum();
+        // The parts go out as they are: no copy of the payload.
+        let object: PutPayload = [header, metadata]
+            .into_iter()
+            .chain(parts.drain(..))
+            .collect();
         put_chunk(
             ctx,
             &ctx.chunk_path(h, keeper.generation, index),
@@ -1061,11 +1061,8 @@ async fn upload_chunks(
             keeper,
         )
         .await?;
-        total += payload.len() as u64;
-        refs.push(ChunkRef {
-            len: payload.len() as u64,
-            hash,
-        });
+        total += len;
+        refs.push(ChunkRef { len, hash });
         keeper.chunks.store(refs.len() as u64, Ordering::Relaxed);
         buffered = 0;
         deadline = None;
