@@ -259,8 +259,8 @@ fn herd_has_one_producer_fleet_wide_in_memory() {
 }
 
 /// A producer that stops heartbeating (its process gone): remote readers get an error, never
-/// a clean end; the next request takes over and produces from byte 0 under a new generation,
-/// whose readers never see the dead generation's bytes.
+/// a clean end; the next requests race to take over, exactly one wins and produces from byte
+/// 0 under a new generation, whose readers never see the dead generation's bytes.
 fn dead_producer_is_taken_over(store: Fleet) {
     let a = node(&store);
     let b = node(&store);
@@ -280,21 +280,50 @@ fn dead_producer_is_taken_over(store: Fleet) {
         died.elapsed()
     );
     drop(w);
-    // The next request anywhere takes over.
-    let c = node(&store);
-    let mut w2 = miss(&c, "dead");
-    let fresh = pattern(120_000, 6);
-    w2.write_all(&fresh).unwrap();
-    w2.finish().unwrap();
+    // The next requests anywhere race to take over (a compare-and-swap on the stale lease):
+    // exactly one wins and produces from byte 0; the others tail the new generation.
+    let fresh = Arc::new(pattern(120_000, 6));
+    let racers: Vec<Arc<Cache>> = (0..16).map(|_| Arc::new(node(&store))).collect();
+    let barrier = Arc::new(Barrier::new(racers.len()));
+    let threads: Vec<_> = racers
+        .iter()
+        .map(|c| {
+            let (c, barrier, fresh) = (c.clone(), barrier.clone(), fresh.clone());
+            thread::spawn(move || {
+                barrier.wait();
+                match c.get_or_create("dead").unwrap() {
+                    Entry::Miss(mut w) => {
+                        for piece in fresh.chunks(40_000) {
+                            w.write_all(piece).unwrap();
+                            w.flush().unwrap();
+                            thread::sleep(Duration::from_millis(20));
+                        }
+                        w.finish().unwrap();
+                        1
+                    }
+                    Entry::Hit(mut r) => {
+                        let got = read_to_vec(&mut r).unwrap();
+                        assert!(got == *fresh, "only the new generation's bytes");
+                        0
+                    }
+                }
+            })
+        })
+        .collect();
+    let winners: usize = threads.into_iter().map(|t| t.join().unwrap()).sum();
+    assert_eq!(
+        winners, 1,
+        "exactly one node takes the dead producer's key over"
+    );
     let d = node(&store);
     let mut r2 = hit(&d, "dead");
     assert!(
-        read_to_vec(&mut r2).unwrap() == fresh,
+        read_to_vec(&mut r2).unwrap() == *fresh,
         "only the new generation's bytes"
     );
     // B's failed local entry was dropped: B now downloads the new one.
     let mut r3 = hit(&b, "dead");
-    assert!(read_to_vec(&mut r3).unwrap() == fresh);
+    assert!(read_to_vec(&mut r3).unwrap() == *fresh);
 }
 
 #[test]

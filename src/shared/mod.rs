@@ -94,6 +94,10 @@
 //!   lifecycle rules to bound it). An entry's time to live counts from the manifest's finish
 //!   time on every node: each node serves it for the shorter of the producer's recorded time
 //!   to live and its own cache-wide one, counted from then.
+//! * **Shutdown.** Dropping the cache stops its tier at once, without waiting for the
+//!   network: entries being downloaded here abort, and an upload not yet committed stops (the
+//!   entry stays in the local cache; its lease expires and the next request elsewhere produces
+//!   it again).
 //! * **Clocks.** Heartbeats and finish times are wall-clock times from the cache's
 //!   [clock](crate::CacheBuilder::clock): nodes' clocks must agree to well within the lease
 //!   (NTP does).
