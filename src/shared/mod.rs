@@ -86,7 +86,9 @@
 //!   never touches the bucket. [`Cache::get_or_produce`](crate::Cache::get_or_produce) never
 //!   waits for the network: it returns a reader at once and decides in the background. The
 //!   `tokio` module's [`CacheExt::get_or_create_async`](crate::tokio::CacheExt::get_or_create_async)
-//!   awaits the same decision without blocking a thread.
+//!   awaits the same decision without blocking a thread. [`Cache::get`](crate::Cache::get),
+//!   `contains_key`, `entry_info`, `iter` and `len` look at this node only: they never reach the
+//!   bucket.
 //! * **Removal and expiry.** [`Cache::remove`](crate::Cache::remove) deletes the key's manifest
 //!   and lease in the bucket before it returns (and its chunks in the background); other nodes'
 //!   local copies live until they expire or are removed there. Local eviction, `clear` and
