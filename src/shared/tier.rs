@@ -606,6 +606,17 @@ fn finish_local(ctx: &Ctx, mut w: Writer, m: &Manifest) {
     }
 }
 
+/// The chunk fetches running ahead of a download; cancelled if the download stops early.
+struct Ahead<T>(VecDeque<tokio::task::JoinHandle<T>>);
+
+impl<T> Drop for Ahead<T> {
+    fn drop(&mut self) {
+        for task in &self.0 {
+            task.abort();
+        }
+    }
+}
+
 /// Streams a finished entry into the local writer, a few chunks ahead, each verified against
 /// the manifest before its bytes are written.
 async fn download(ctx: Arc<Ctx>, mut w: Writer, m: Manifest, etag: Option<String>) {
@@ -613,15 +624,15 @@ async fn download(ctx: Arc<Ctx>, mut w: Writer, m: Manifest, etag: Option<String
     w.set_metadata(m.metadata.clone());
     let _ = w.set_expected_len(m.length);
     let n = m.chunks.len();
-    let mut ahead: VecDeque<tokio::task::JoinHandle<_>> = VecDeque::new();
+    let mut ahead = Ahead(VecDeque::new());
     let mut next = 0usize;
     for i in 0..n {
-        while next < n && ahead.len() < DOWNLOAD_AHEAD {
+        while next < n && ahead.0.len() < DOWNLOAD_AHEAD {
             let (ctx, path) = (ctx.clone(), ctx.chunk_path(&h, m.generation, next as u32));
             let (generation, index) = (m.generation, next as u32);
             // Each chunk is fetched and hashed in its own task, so the runtime's threads
             // verify several chunks at once; bytes are written in order below.
-            ahead.push_back(tokio::spawn(async move {
+            ahead.0.push_back(tokio::spawn(async move {
                 let mut tries = 0;
                 loop {
                     match ctx.get(&path).await {
@@ -640,7 +651,7 @@ async fn download(ctx: Arc<Ctx>, mut w: Writer, m: Manifest, etag: Option<String
             }));
             next += 1;
         }
-        let got = ahead.pop_front().expect("one per chunk").await;
+        let got = ahead.0.pop_front().expect("one per chunk").await;
         let chunk_name = format!("{:032x}/{i:08}", m.generation);
         let decoded = match got {
             Ok(Ok(Some(decoded))) => decoded,
