@@ -85,6 +85,13 @@ impl Eq for Indexed {}
 
 pub(crate) type Listener = Arc<dyn Fn(&str, RemovalCause) + Send + Sync>;
 
+/// How the index hashes keys: foldhash (hashbrown's default hasher, as `lru` exports it),
+/// seeded at random per map like `std`'s `RandomState`. About a tenth of SipHash-1-3's
+/// instructions on a 32-byte key, which every hit and insert hashes once. Keys may come from
+/// untrusted clients (a proxy's URLs): the per-map random seed is what keeps collisions from
+/// being chosen ahead of time, as for every `hashbrown` map with its default hasher.
+pub(crate) type KeyHasher = lru::DefaultHasher;
+
 /// Everything the cache shares with its entries' observers and its reaper.
 pub(crate) struct Inner {
     pub(crate) storage: Arc<dyn Storage>,
@@ -94,7 +101,7 @@ pub(crate) struct Inner {
     /// may drop it (`close_if_idle`, closing its file) and reopen it on demand (`stream_of`).
     /// A slot leaves the map exactly once (`unlink`), and `finalize` runs exactly once per slot
     /// that was in the map, with the stream that left with it.
-    pub(crate) index: DashMap<Indexed, Option<Stream>>,
+    pub(crate) index: DashMap<Indexed, Option<Stream>, KeyHasher>,
     /// Number of slots in `index` (the map's own `len` locks every shard). Incremented before
     /// an insertion (and back if it loses), decremented by `finalize`, so it never wraps: it
     /// may count an entry about to appear, never miss one that is gone.
@@ -358,21 +365,60 @@ impl Inner {
         Ok(Some(reader))
     }
 
+    /// `Cache::lookup` past its fast path: serves `key` if it is present and servable,
+    /// unlinking stale slots on the way and, while the index loads, settling a key that is
+    /// not indexed yet (once) before looking again.
+    #[inline(never)]
+    pub(crate) fn lookup_slow(&self, key: &str, now: Option<u64>) -> Result<Option<Reader>> {
+        let mut settled = false;
+        loop {
+            let (slot, refused) = {
+                let Some(entry) = self.index.get(key) else {
+                    if settled || !self.loading.active.load(Ordering::Acquire) {
+                        return Ok(None);
+                    }
+                    super::reload::settle(self, key)?;
+                    settled = true;
+                    continue;
+                };
+                let slot = &entry.key().0;
+                match self.hit_open(slot, entry.value().as_ref(), now) {
+                    Some(reader) if !reader.failed() => {
+                        self.note_hit(slot, now);
+                        return Ok(Some(reader));
+                    }
+                    // A failed stream's reader is dropped below, after the guard: dropping the
+                    // last handle calls back into the index.
+                    refused => (slot.clone(), refused),
+                }
+            };
+            drop(refused);
+            if let Some(reader) = self.try_hit(&slot, now)? {
+                return Ok(Some(reader));
+            }
+        }
+    }
+
     /// The fast path of a hit, for a caller that holds the index's shard guard on `slot` and
     /// its open `stream`: a reader if the entry is not (possibly) expired. Takes no lock of
     /// the index and does no I/O; `None` sends the caller to `try_hit`. The caller must not
-    /// drop a returned reader while it holds the guard (see `Cache::lookup`).
+    /// drop a returned reader while it holds the guard (see `Inner::lookup_slow`).
     pub(crate) fn hit_open(
         &self,
         slot: &Slot,
         stream: Option<&Stream>,
         now: Option<u64>,
     ) -> Option<Reader> {
-        if let Some(now) = now
-            && self.time_expiry(slot, now).is_some()
-        {
+        if !self.fresh(slot, now) {
             return None;
         }
         stream?.reader().ok()
+    }
+
+    /// Whether `slot` may be served at `now` as far as its timestamps tell (`now` is `None`
+    /// when no expiry applies: see `exact_now`). Takes no lock.
+    #[inline(always)]
+    pub(crate) fn fresh(&self, slot: &Slot, now: Option<u64>) -> bool {
+        now.is_none_or(|now| self.time_expiry(slot, now).is_none())
     }
 }

@@ -47,6 +47,7 @@ impl Hasher for IdHasher {
 
 impl Inner {
     /// Books a served hit: recency stamp and promotion, and the "touched" mark.
+    #[inline]
     pub(crate) fn note_hit(&self, slot: &Slot, now: Option<u64>) {
         let stamp = now.unwrap_or_else(|| self.books.access_stamp());
         slot.last_access.store(stamp, Ordering::Relaxed);
@@ -61,15 +62,22 @@ impl Inner {
     /// Notes a hit for recency without taking the LRU lock: the id goes into a ring buffer
     /// that is applied to the LRU list when it fills (if the lock is free) and before every
     /// eviction decision. A hit lost to a full, contended ring only makes recency approximate.
+    #[inline]
     fn record_hit(&self, id: u64) {
         let i = self.hit_head.fetch_add(1, Ordering::Relaxed);
         self.hit_ring[i % HIT_RING].store(id + 1, Ordering::Release);
         if (i + 1).is_multiple_of(HIT_RING) {
-            // Keep the access clock close to the real one.
-            self.books.now();
-            if let Ok(mut lru) = self.lru.try_lock() {
-                self.apply_hits(&mut lru);
-            }
+            self.ring_full();
+        }
+    }
+
+    /// Every `HIT_RING` hits (out of line: the hit path stays small).
+    #[inline(never)]
+    fn ring_full(&self) {
+        // Keep the access clock close to the real one.
+        self.books.now();
+        if let Ok(mut lru) = self.lru.try_lock() {
+            self.apply_hits(&mut lru);
         }
     }
 
