@@ -111,10 +111,13 @@ pub(crate) struct Inner {
     pub(crate) maintain_pending: AtomicBool,
     /// Lock: this mutex (a leaf lock). Finished, live entries by recency (least recent
     /// first out). Inserted only while the slot is `LIVE`, checked under this lock; `finalize`
-    /// clears `LIVE` then removes it under this lock, so no dead entry stays.
+    /// clears `LIVE` then removes it under this lock, so no dead entry stays. Kept only when
+    /// the cache has a size limit (`Limits::by_size`): otherwise it stays empty, and hits
+    /// and finishes skip it (their `last_access` stamps are still kept).
     pub(crate) lru: Mutex<Recency>,
     /// Recent hits (entry id + 1; 0 = empty) not yet applied to `lru`. Lock-free ring written
-    /// at `hit_head`; see `record_hit`. `hit_head` also counts served hits (statistics).
+    /// at `hit_head` (only when `lru` is kept); see `record_hit`. `hit_head` also counts
+    /// served hits (statistics), always.
     pub(crate) hit_ring: Box<[AtomicU64]>,
     pub(crate) hit_head: AtomicUsize,
     /// Bytes of live entries, including those still being written. Lock-free; each entry
