@@ -205,16 +205,14 @@ impl Cache {
             // Create the blob outside any index lock; if another thread inserts first, ours
             // is discarded and we read theirs.
             let id = inner.next_id.fetch_add(1, Ordering::Relaxed);
-            let key_arc: Arc<str> = Arc::from(key);
             let now = inner.books.now();
-            let slot = Arc::new(Slot::new(inner, key_arc.clone(), id, 0, now, 0));
-            let observer: Arc<dyn Observer> = slot.clone();
+            let slot = Arc::new(Slot::new(inner, Arc::from(key), id, 0, now, 0));
             let writer = inner.retry_out_of_handles(|| {
                 Writer::create_observed(
                     inner.storage.clone(),
                     blob_name(key, id),
-                    Some(key_arc.clone()),
-                    Some(observer.clone()),
+                    Some(slot.key.clone()),
+                    Some(slot.clone() as Arc<dyn Observer>),
                 )
             })?;
             slot.set_live();
