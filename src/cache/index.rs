@@ -425,3 +425,49 @@ impl Inner {
         now.is_none_or(|now| self.time_expiry(slot, now).is_none())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+    use std::sync::Barrier;
+
+    use crate::{Cache, Entry};
+
+    /// The hit's fast path checks the stream for failure before it makes the reader: a hit
+    /// racing an abort may hand out a reader of the aborted stream, which must then fail its
+    /// reads (never a clean end of file), and once the abort has returned the key misses.
+    #[test]
+    fn hits_racing_aborts_never_read_a_clean_end() {
+        const THREADS: usize = 3;
+        const ROUNDS: usize = 300;
+        let cache = Cache::builder().memory().build().unwrap();
+        let barrier = Barrier::new(THREADS);
+        std::thread::scope(|s| {
+            for _ in 0..THREADS {
+                s.spawn(|| {
+                    barrier.wait();
+                    for _ in 0..ROUNDS {
+                        match cache.get_or_create("k").unwrap() {
+                            // Every producer aborts: no entry ever finishes.
+                            Entry::Miss(mut w) => {
+                                w.write_all(b"partial").unwrap();
+                                w.flush().unwrap();
+                                std::thread::yield_now();
+                                drop(w);
+                            }
+                            Entry::Hit(mut r) => {
+                                let mut out = Vec::new();
+                                assert!(
+                                    r.read_to_end(&mut out).is_err(),
+                                    "a reader of an aborted entry read a clean end: {out:?}"
+                                );
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        assert!(cache.get("k").unwrap().is_none());
+        assert!(matches!(cache.get_or_create("k").unwrap(), Entry::Miss(_)));
+    }
+}
