@@ -111,7 +111,7 @@ impl Cache {
         });
         let inner = Arc::new(Inner {
             storage: storage.clone(),
-            index: DashMap::new(),
+            index: DashMap::default(),
             entries: AtomicUsize::new(0),
             maintain_pending: AtomicBool::new(false),
             lru: Mutex::new(LruCache::unbounded_with_hasher(Default::default())),
@@ -265,16 +265,14 @@ impl Cache {
             // Create the blob outside any index lock; if another thread inserts first, ours
             // is discarded and we read theirs.
             let id = inner.next_id.fetch_add(1, Ordering::Relaxed);
-            let key_arc: Arc<str> = Arc::from(key);
             let now = inner.books.now();
-            let slot = Arc::new(Slot::new(inner, key_arc.clone(), id, 0, now, 0));
-            let observer: Arc<dyn Observer> = slot.clone();
+            let slot = Arc::new(Slot::new(inner, Arc::from(key), id, 0, now, 0));
             let writer = inner.retry_out_of_handles(|| {
                 Writer::create_observed(
                     inner.storage.clone(),
                     blob_name(key, id),
-                    Some(key_arc.clone()),
-                    Some(observer.clone()),
+                    Some(slot.key.clone()),
+                    Some(slot.clone() as Arc<dyn Observer>),
                 )
             })?;
             slot.set_live();
@@ -304,38 +302,39 @@ impl Cache {
     }
 
     /// Serves `key` if it is present and servable; unlinks stale slots on the way.
+    ///
+    /// The common cases (a servable hit, a plain miss) are inlined into the callers and make
+    /// the reader only once it is known to be returned, so it is built where it is returned
+    /// instead of being copied out through each layer; everything else goes to
+    /// `Inner::lookup_slow`.
+    #[inline(always)]
     fn lookup(&self, key: &str, now: Option<u64>) -> Result<Option<Reader>> {
-        let mut settled = false;
-        loop {
-            // Fast path under the shard's read guard: no lock of its own, no slot refcount
-            // traffic, no I/O.
-            let (slot, refused) = {
-                let Some(entry) = self.inner.index.get(key) else {
-                    // While the index loads, a key not in it yet may be stored: settle it
-                    // (once) and look again.
-                    if settled || !self.inner.loading.active.load(Ordering::Acquire) {
-                        return Ok(None);
-                    }
-                    reload::settle(&self.inner, key)?;
-                    settled = true;
-                    continue;
-                };
-                let slot = &entry.key().0;
-                match self.inner.hit_open(slot, entry.value().as_ref(), now) {
-                    Some(reader) if !reader.failed() => {
-                        self.inner.note_hit(slot, now);
-                        return Ok(Some(reader));
-                    }
-                    // A failed stream's reader is dropped below, after the guard: dropping the
-                    // last handle calls back into the index.
-                    refused => (slot.clone(), refused),
+        let inner = &*self.inner;
+        {
+            // Under the shard's read guard: no lock of its own, no slot refcount traffic, no
+            // I/O. (A stream that fails after the check fails this reader as it would have
+            // failed one handed out just before.)
+            let Some(entry) = inner.index.get(key) else {
+                // While the index loads, a key not in it yet may be stored.
+                if !inner.loading.active.load(Ordering::Acquire) {
+                    return Ok(None);
                 }
+                return inner.lookup_slow(key, now);
             };
-            drop(refused);
-            if let Some(reader) = self.inner.try_hit(&slot, now)? {
-                return Ok(Some(reader));
+            let slot = &entry.key().0;
+            if let Some(stream) = entry.value()
+                && inner.fresh(slot, now)
+                && !stream.failed()
+            {
+                // (Checked and returned as it comes: matching the reader out would copy it.)
+                let found = stream.reader().map(Some);
+                if found.is_ok() {
+                    inner.note_hit(slot, now);
+                    return found;
+                }
             }
         }
+        inner.lookup_slow(key, now)
     }
 
     /// A reader of `key` if it is present (finished or being written), without creating it.
@@ -346,15 +345,16 @@ impl Cache {
     /// only this request fails. An entry whose data is proved lost (missing or failing its
     /// integrity check) is dropped instead and reported as absent.
     pub fn get(&self, key: &str) -> Result<Option<Reader>> {
-        let found = self.lookup(key, self.inner.exact_now())?;
-        if found.is_none() {
+        // (Returned as it comes: `?` would copy the reader into a new `Ok`.)
+        let found = self.lookup(key, self.inner.exact_now());
+        if let Ok(None) = found {
             self.inner
                 .books
                 .stats
                 .misses
                 .fetch_add(1, Ordering::Relaxed);
         }
-        Ok(found)
+        found
     }
 
     /// Gets a reader of `key`; on a miss, runs `producer` on a new thread to write the entry
