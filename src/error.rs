@@ -10,6 +10,8 @@
 //!   ([`Error::Locked`]): fix the environment;
 //! * the entry does not fit the cache's limits ([`Error::TooLarge`]): raise the limit or do
 //!   without caching it;
+//! * the shared tier failed for an operation that had to reach it ([`Error::Shared`]): retry
+//!   later;
 //! * the call itself was wrong ([`Error::InvalidInput`]): fix the caller.
 
 use std::error::Error as StdError;
@@ -95,6 +97,19 @@ pub enum Error {
         max_bytes: u64,
     },
 
+    /// The shared tier (a bucket other machines read; see the `shared` module) failed or did not
+    /// answer in time, for an operation that must reach it: a remote entry whose producer
+    /// stopped or aborted while this node read it, or a `remove` that could not delete in the
+    /// bucket. Requests themselves never fail for this: they produce locally.
+    #[error("shared tier: {op} failed: {cause}")]
+    Shared {
+        /// What was being done (`"remove"`, `"read a remote entry"`).
+        op: &'static str,
+        /// Why.
+        #[source]
+        cause: Cause,
+    },
+
     /// The call's arguments were not acceptable (for example more bytes written than the
     /// declared length, or an invalid blob name).
     #[error("invalid input: {reason}")]
@@ -129,6 +144,7 @@ impl Error {
             Error::Locked { .. } => io::ErrorKind::ResourceBusy,
             Error::TooLarge { .. } => io::ErrorKind::FileTooLarge,
             Error::InvalidInput { .. } => io::ErrorKind::InvalidInput,
+            Error::Shared { .. } => io::ErrorKind::Other,
         }
     }
 

@@ -38,6 +38,9 @@
 //! # Features
 //!
 //! * `tokio`: async adapters (the `tokio` module).
+//! * `shared`: a shared tier on object storage (the `shared` module, on `object_store`; brings
+//!   tokio): one producer per key across a fleet, remote readers stream while it is produced.
+//! * `s3`: `shared` with S3 support (`SharedTier::from_url("s3://bucket/prefix")`).
 //! * `test-util`: test tools — a fault-injecting storage and `Cache::storage`. Not for
 //!   production use.
 //!
@@ -87,6 +90,8 @@
 pub mod cache;
 mod codec;
 pub mod error;
+#[cfg(feature = "shared")]
+pub mod shared;
 pub mod storage;
 pub mod stream;
 mod sync;

@@ -302,6 +302,14 @@ pub trait CacheExt: sealed::Sealed {
     where
         F: FnOnce(AsyncWriter) -> Fut,
         Fut: Future<Output = io::Result<()>> + Send + 'static;
+
+    /// As [`Cache::get_or_create`], without blocking the executor while a
+    /// [shared tier](crate::shared) decides a local miss (the one to four bucket round trips it
+    /// may take, bounded by the tier's timeout). Without a shared tier it completes at once.
+    ///
+    /// # Errors
+    /// As [`Cache::get_or_create`].
+    fn get_or_create_async(&self, key: &str) -> impl Future<Output = Result<Entry>> + Send;
 }
 
 mod sealed {
@@ -315,7 +323,9 @@ impl CacheExt for Cache {
         F: FnOnce(AsyncWriter) -> Fut,
         Fut: Future<Output = io::Result<()>> + Send + 'static,
     {
-        let writer = match self.get_or_create(key)? {
+        // A shared tier decides in the supervisor task below: this call never waits for
+        // the network.
+        let writer = match self.create_local(key)? {
             Entry::Hit(r) => return Ok(r.into()),
             Entry::Miss(w) => w,
         };
@@ -325,8 +335,23 @@ impl CacheExt for Cache {
             slot: owner.slot.clone(),
             owned: false,
         };
-        let task = ::tokio::spawn(producer(lent));
+        // Created now, polled only if this node produces.
+        let produce = producer(lent);
+        #[cfg(feature = "shared")]
+        let tier = self.tier().cloned();
         ::tokio::spawn(async move {
+            #[cfg(feature = "shared")]
+            if let Some(tier) = tier {
+                let Some(w) = owner.take() else { return };
+                match tier.resolve_async(w).await {
+                    // Another node has or makes it: the bucket fills the entry.
+                    Entry::Hit(_) => return,
+                    Entry::Miss(w) => {
+                        *owner.slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(w);
+                    }
+                }
+            }
+            let task = ::tokio::spawn(produce);
             // If this supervisor is dropped (runtime shutdown), `owner` drops and aborts.
             let outcome = task.await;
             let Some(w) = owner.take() else { return };
@@ -344,6 +369,23 @@ impl CacheExt for Cache {
             }
         });
         Ok(reader.into())
+    }
+
+    fn get_or_create_async(&self, key: &str) -> impl Future<Output = Result<Entry>> + Send {
+        let local = self.create_local(key);
+        #[cfg(feature = "shared")]
+        let tier = self.tier().cloned();
+        async move {
+            let entry = local?;
+            #[cfg(feature = "shared")]
+            if let Some(tier) = tier {
+                return Ok(match entry {
+                    Entry::Miss(w) => tier.resolve_async(w).await,
+                    hit => hit,
+                });
+            }
+            Ok(entry)
+        }
     }
 }
 

@@ -21,6 +21,13 @@ pub(crate) struct Limits {
 }
 
 impl Limits {
+    /// Whether anything is ever evicted for size (`max_entries` or `max_bytes`). Without
+    /// either, the cache keeps no recency list: no entry would ever be taken from it.
+    #[inline]
+    pub(crate) fn by_size(&self) -> bool {
+        self.max_entries.is_some() || self.max_bytes.is_some()
+    }
+
     /// When an entry finished at `finished` (milliseconds), with its own time to live `own`,
     /// stops being served for its age: the earlier of the cache-wide and its own limit.
     pub(crate) fn expires_at(&self, finished: u64, own: Option<u64>) -> Option<u64> {

@@ -60,6 +60,9 @@ pub struct CacheBuilder {
     pub(super) tick: Option<Duration>,
     pub(super) max_idle_open: usize,
     pub(super) startup_wait: Duration,
+    /// The shared tier under this cache, if any.
+    #[cfg(feature = "shared")]
+    pub(super) shared: Option<crate::shared::SharedTier>,
 }
 
 impl fmt::Debug for CacheBuilder {
@@ -75,8 +78,10 @@ impl fmt::Debug for CacheBuilder {
             .field("time_to_idle", &self.tti)
             .field("listener", &self.listener.is_some())
             .field("policy", &self.policy)
-            .field("expiry", &self.expiry)
-            .finish()
+            .field("expiry", &self.expiry);
+        #[cfg(feature = "shared")]
+        d.field("shared", &self.shared);
+        d.finish()
     }
 }
 
@@ -98,11 +103,27 @@ impl Default for CacheBuilder {
             tick: None,
             max_idle_open: 128,
             startup_wait: Duration::from_millis(100),
+            #[cfg(feature = "shared")]
+            shared: None,
         }
     }
 }
 
 impl CacheBuilder {
+    /// Puts a shared tier (a bucket that other machines' caches use too) under this cache:
+    /// a local miss is served from the bucket when another node has produced or is producing
+    /// the key, and exactly one node fleet-wide produces it otherwise. See the
+    /// [`shared`](crate::shared) module for the protocol and its guarantees.
+    ///
+    /// [`build`](CacheBuilder::build) checks that the store supports the conditional writes
+    /// the tier needs and refuses it otherwise ([`Error::InvalidInput`]); a store that does
+    /// not answer at build time is not an error (the cache works locally until it does).
+    #[cfg(feature = "shared")]
+    pub fn shared(mut self, tier: crate::shared::SharedTier) -> Self {
+        self.shared = Some(tier);
+        self
+    }
+
     /// Keep entries in memory (the default).
     pub fn memory(mut self) -> Self {
         self.backend = Backend::Memory;

@@ -182,8 +182,12 @@ impl Inner {
 
     /// Puts slots taken out of `lru` but not evicted back, at the end `end` says, in their old
     /// order (the first is the least recent); those no longer live are dropped. Checked under
-    /// the LRU lock: `finalize` clears `LIVE` before taking it.
+    /// the LRU lock: `finalize` clears `LIVE` before taking it. Without a size limit there is
+    /// no list to file them in (see `Inner::lru`).
     pub(super) fn refile(&self, slots: Vec<Arc<Slot>>, end: Refile) {
+        if !self.limits.by_size() {
+            return;
+        }
         let mut lru = self.lru.lock().unwrap_or_else(|e| e.into_inner());
         match end {
             Refile::LeastRecent => {

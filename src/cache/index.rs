@@ -85,6 +85,13 @@ impl Eq for Indexed {}
 
 pub(crate) type Listener = Arc<dyn Fn(&str, RemovalCause) + Send + Sync>;
 
+/// How the index hashes keys: foldhash (hashbrown's default hasher, as `lru` exports it),
+/// seeded at random per map like `std`'s `RandomState`. About a tenth of SipHash-1-3's
+/// instructions on a 32-byte key, which every hit and insert hashes once. Keys may come from
+/// untrusted clients (a proxy's URLs): the per-map random seed is what keeps collisions from
+/// being chosen ahead of time, as for every `hashbrown` map with its default hasher.
+pub(crate) type KeyHasher = lru::DefaultHasher;
+
 /// Everything the cache shares with its entries' observers and its reaper.
 pub(crate) struct Inner {
     pub(crate) storage: Arc<dyn Storage>,
@@ -94,7 +101,7 @@ pub(crate) struct Inner {
     /// may drop it (`close_if_idle`, closing its file) and reopen it on demand (`stream_of`).
     /// A slot leaves the map exactly once (`unlink`), and `finalize` runs exactly once per slot
     /// that was in the map, with the stream that left with it.
-    pub(crate) index: DashMap<Indexed, Option<Stream>>,
+    pub(crate) index: DashMap<Indexed, Option<Stream>, KeyHasher>,
     /// Number of slots in `index` (the map's own `len` locks every shard). Incremented before
     /// an insertion (and back if it loses), decremented by `finalize`, so it never wraps: it
     /// may count an entry about to appear, never miss one that is gone.
@@ -104,10 +111,13 @@ pub(crate) struct Inner {
     pub(crate) maintain_pending: AtomicBool,
     /// Lock: this mutex (a leaf lock). Finished, live entries by recency (least recent
     /// first out). Inserted only while the slot is `LIVE`, checked under this lock; `finalize`
-    /// clears `LIVE` then removes it under this lock, so no dead entry stays.
+    /// clears `LIVE` then removes it under this lock, so no dead entry stays. Kept only when
+    /// the cache has a size limit (`Limits::by_size`): otherwise it stays empty, and hits
+    /// and finishes skip it (their `last_access` stamps are still kept).
     pub(crate) lru: Mutex<Recency>,
     /// Recent hits (entry id + 1; 0 = empty) not yet applied to `lru`. Lock-free ring written
-    /// at `hit_head`; see `record_hit`. `hit_head` also counts served hits (statistics).
+    /// at `hit_head` (only when `lru` is kept); see `record_hit`. `hit_head` also counts
+    /// served hits (statistics), always.
     pub(crate) hit_ring: Box<[AtomicU64]>,
     pub(crate) hit_head: AtomicUsize,
     /// Bytes of live entries, including those still being written. Lock-free; each entry
@@ -358,21 +368,106 @@ impl Inner {
         Ok(Some(reader))
     }
 
+    /// `Cache::lookup` past its fast path: serves `key` if it is present and servable,
+    /// unlinking stale slots on the way and, while the index loads, settling a key that is
+    /// not indexed yet (once) before looking again.
+    #[inline(never)]
+    pub(crate) fn lookup_slow(&self, key: &str, now: Option<u64>) -> Result<Option<Reader>> {
+        let mut settled = false;
+        loop {
+            let (slot, refused) = {
+                let Some(entry) = self.index.get(key) else {
+                    if settled || !self.loading.active.load(Ordering::Acquire) {
+                        return Ok(None);
+                    }
+                    super::reload::settle(self, key)?;
+                    settled = true;
+                    continue;
+                };
+                let slot = &entry.key().0;
+                match self.hit_open(slot, entry.value().as_ref(), now) {
+                    Some(reader) if !reader.failed() => {
+                        self.note_hit(slot, now);
+                        return Ok(Some(reader));
+                    }
+                    // A failed stream's reader is dropped below, after the guard: dropping the
+                    // last handle calls back into the index.
+                    refused => (slot.clone(), refused),
+                }
+            };
+            drop(refused);
+            if let Some(reader) = self.try_hit(&slot, now)? {
+                return Ok(Some(reader));
+            }
+        }
+    }
+
     /// The fast path of a hit, for a caller that holds the index's shard guard on `slot` and
     /// its open `stream`: a reader if the entry is not (possibly) expired. Takes no lock of
     /// the index and does no I/O; `None` sends the caller to `try_hit`. The caller must not
-    /// drop a returned reader while it holds the guard (see `Cache::lookup`).
+    /// drop a returned reader while it holds the guard (see `Inner::lookup_slow`).
     pub(crate) fn hit_open(
         &self,
         slot: &Slot,
         stream: Option<&Stream>,
         now: Option<u64>,
     ) -> Option<Reader> {
-        if let Some(now) = now
-            && self.time_expiry(slot, now).is_some()
-        {
+        if !self.fresh(slot, now) {
             return None;
         }
         stream?.reader().ok()
+    }
+
+    /// Whether `slot` may be served at `now` as far as its timestamps tell (`now` is `None`
+    /// when no expiry applies: see `exact_now`). Takes no lock.
+    #[inline(always)]
+    pub(crate) fn fresh(&self, slot: &Slot, now: Option<u64>) -> bool {
+        now.is_none_or(|now| self.time_expiry(slot, now).is_none())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+    use std::sync::Barrier;
+
+    use crate::{Cache, Entry};
+
+    /// The hit's fast path checks the stream for failure before it makes the reader: a hit
+    /// racing an abort may hand out a reader of the aborted stream, which must then fail its
+    /// reads (never a clean end of file), and once the abort has returned the key misses.
+    #[test]
+    fn hits_racing_aborts_never_read_a_clean_end() {
+        const THREADS: usize = 3;
+        const ROUNDS: usize = 300;
+        let cache = Cache::builder().memory().build().unwrap();
+        let barrier = Barrier::new(THREADS);
+        std::thread::scope(|s| {
+            for _ in 0..THREADS {
+                s.spawn(|| {
+                    barrier.wait();
+                    for _ in 0..ROUNDS {
+                        match cache.get_or_create("k").unwrap() {
+                            // Every producer aborts: no entry ever finishes.
+                            Entry::Miss(mut w) => {
+                                w.write_all(b"partial").unwrap();
+                                w.flush().unwrap();
+                                std::thread::yield_now();
+                                drop(w);
+                            }
+                            Entry::Hit(mut r) => {
+                                let mut out = Vec::new();
+                                assert!(
+                                    r.read_to_end(&mut out).is_err(),
+                                    "a reader of an aborted entry read a clean end: {out:?}"
+                                );
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        assert!(cache.get("k").unwrap().is_none());
+        assert!(matches!(cache.get_or_create("k").unwrap(), Entry::Miss(_)));
     }
 }

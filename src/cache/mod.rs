@@ -65,6 +65,9 @@ pub struct Cache {
     loader: Option<JoinHandle<()>>,
     /// Releases the directory locks of the storage this cache opened itself, on drop.
     unlock: Option<builder::Unlock>,
+    /// The shared tier under this cache, if any (its runtime stops when the cache drops).
+    #[cfg(feature = "shared")]
+    shared: Option<Arc<crate::shared::tier::Tier>>,
 }
 
 impl fmt::Debug for Cache {
@@ -108,7 +111,7 @@ impl Cache {
         });
         let inner = Arc::new(Inner {
             storage: storage.clone(),
-            index: DashMap::new(),
+            index: DashMap::default(),
             entries: AtomicUsize::new(0),
             maintain_pending: AtomicBool::new(false),
             lru: Mutex::new(LruCache::unbounded_with_hasher(Default::default())),
@@ -147,6 +150,8 @@ impl Cache {
             notifier,
             loader: None,
             unlock,
+            #[cfg(feature = "shared")]
+            shared: None,
         };
         let inner = cache.inner.clone();
         inner.books.now();
@@ -159,6 +164,22 @@ impl Cache {
         } else {
             None
         };
+        #[cfg(feature = "shared")]
+        if let Some(tier) = b.shared.clone() {
+            let weak = Arc::downgrade(&inner);
+            let own_ttl = Box::new(move |key: &str| {
+                let inner = weak.upgrade()?;
+                let slot = inner.slot(key)?;
+                let info = inner.entry_info(&slot, inner.books.clock.now_millis())?;
+                Some(info.expires?.saturating_sub(info.finished?))
+            });
+            cache.shared = Some(Arc::new(crate::shared::tier::Tier::start(
+                tier,
+                inner.books.clock.clone(),
+                inner.limits.ttl_ms,
+                own_ttl,
+            )?));
+        }
         cache.loader = Some(reload::start(&inner, b.startup_wait, hint)?);
         let reaper = reaper::spawn(Arc::downgrade(&inner), inner.deletions.clone(), rx, tick)
             .map_err(|e| Error::io_without_path("spawn reaper thread", e))?;
@@ -196,7 +217,46 @@ impl Cache {
     /// # Errors
     /// [`Error::Io`] if the storage cannot create the new entry's blob, or cannot open an
     /// existing entry's data right now (see [`get`](Cache::get)).
+    ///
+    /// With a [shared tier](crate::shared), a local miss first asks the bucket (one to four
+    /// round trips, never longer than the tier's timeout): it becomes a hit when another node
+    /// has produced or is producing the key, and a miss only for the one node fleet-wide that
+    /// wins the key's lease (or when the bucket does not answer in time).
     pub fn get_or_create(&self, key: &str) -> Result<Entry> {
+        let entry = self.create_local(key)?;
+        #[cfg(feature = "shared")]
+        if let Some(tier) = &self.shared {
+            return Ok(match entry {
+                Entry::Miss(w) => tier.resolve(w),
+                hit => hit,
+            });
+        }
+        Ok(entry)
+    }
+
+    /// The shared tier, if the cache has one.
+    #[cfg(feature = "shared")]
+    pub(crate) fn tier(&self) -> Option<&Arc<crate::shared::tier::Tier>> {
+        self.shared.as_ref()
+    }
+
+    /// What the shared tier did since the cache was built; `None` without a shared tier.
+    #[cfg(feature = "shared")]
+    pub fn shared_stats(&self) -> Option<crate::shared::SharedStats> {
+        let s = self.shared.as_ref()?.stats();
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        Some(crate::shared::SharedStats {
+            gets: get(&s.gets),
+            puts: get(&s.puts),
+            produced: get(&s.produced),
+            downloaded: get(&s.downloaded),
+            tailed: get(&s.tailed),
+            fallbacks: get(&s.fallbacks),
+        })
+    }
+
+    /// `get_or_create` on this node only.
+    pub(crate) fn create_local(&self, key: &str) -> Result<Entry> {
         let inner = &self.inner;
         loop {
             if let Some(reader) = self.lookup(key, inner.exact_now())? {
@@ -205,16 +265,14 @@ impl Cache {
             // Create the blob outside any index lock; if another thread inserts first, ours
             // is discarded and we read theirs.
             let id = inner.next_id.fetch_add(1, Ordering::Relaxed);
-            let key_arc: Arc<str> = Arc::from(key);
             let now = inner.books.now();
-            let slot = Arc::new(Slot::new(inner, key_arc.clone(), id, 0, now, 0));
-            let observer: Arc<dyn Observer> = slot.clone();
+            let slot = Arc::new(Slot::new(inner, Arc::from(key), id, 0, now, 0));
             let writer = inner.retry_out_of_handles(|| {
                 Writer::create_observed(
                     inner.storage.clone(),
                     blob_name(key, id),
-                    Some(key_arc.clone()),
-                    Some(observer.clone()),
+                    Some(slot.key.clone()),
+                    Some(slot.clone() as Arc<dyn Observer>),
                 )
             })?;
             slot.set_live();
@@ -244,38 +302,39 @@ impl Cache {
     }
 
     /// Serves `key` if it is present and servable; unlinks stale slots on the way.
+    ///
+    /// The common cases (a servable hit, a plain miss) are inlined into the callers and make
+    /// the reader only once it is known to be returned, so it is built where it is returned
+    /// instead of being copied out through each layer; everything else goes to
+    /// `Inner::lookup_slow`.
+    #[inline(always)]
     fn lookup(&self, key: &str, now: Option<u64>) -> Result<Option<Reader>> {
-        let mut settled = false;
-        loop {
-            // Fast path under the shard's read guard: no lock of its own, no slot refcount
-            // traffic, no I/O.
-            let (slot, refused) = {
-                let Some(entry) = self.inner.index.get(key) else {
-                    // While the index loads, a key not in it yet may be stored: settle it
-                    // (once) and look again.
-                    if settled || !self.inner.loading.active.load(Ordering::Acquire) {
-                        return Ok(None);
-                    }
-                    reload::settle(&self.inner, key)?;
-                    settled = true;
-                    continue;
-                };
-                let slot = &entry.key().0;
-                match self.inner.hit_open(slot, entry.value().as_ref(), now) {
-                    Some(reader) if !reader.failed() => {
-                        self.inner.note_hit(slot, now);
-                        return Ok(Some(reader));
-                    }
-                    // A failed stream's reader is dropped below, after the guard: dropping the
-                    // last handle calls back into the index.
-                    refused => (slot.clone(), refused),
+        let inner = &*self.inner;
+        {
+            // Under the shard's read guard: no lock of its own, no slot refcount traffic, no
+            // I/O. (A stream that fails after the check fails this reader as it would have
+            // failed one handed out just before.)
+            let Some(entry) = inner.index.get(key) else {
+                // While the index loads, a key not in it yet may be stored.
+                if !inner.loading.active.load(Ordering::Acquire) {
+                    return Ok(None);
                 }
+                return inner.lookup_slow(key, now);
             };
-            drop(refused);
-            if let Some(reader) = self.inner.try_hit(&slot, now)? {
-                return Ok(Some(reader));
+            let slot = &entry.key().0;
+            if let Some(stream) = entry.value()
+                && inner.fresh(slot, now)
+                && !stream.failed()
+            {
+                // (Checked and returned as it comes: matching the reader out would copy it.)
+                let found = stream.reader().map(Some);
+                if found.is_ok() {
+                    inner.note_hit(slot, now);
+                    return found;
+                }
             }
         }
+        inner.lookup_slow(key, now)
     }
 
     /// A reader of `key` if it is present (finished or being written), without creating it.
@@ -286,15 +345,16 @@ impl Cache {
     /// only this request fails. An entry whose data is proved lost (missing or failing its
     /// integrity check) is dropped instead and reported as absent.
     pub fn get(&self, key: &str) -> Result<Option<Reader>> {
-        let found = self.lookup(key, self.inner.exact_now())?;
-        if found.is_none() {
+        // (Returned as it comes: `?` would copy the reader into a new `Ok`.)
+        let found = self.lookup(key, self.inner.exact_now());
+        if let Ok(None) = found {
             self.inner
                 .books
                 .stats
                 .misses
                 .fetch_add(1, Ordering::Relaxed);
         }
-        Ok(found)
+        found
     }
 
     /// Gets a reader of `key`; on a miss, runs `producer` on a new thread to write the entry
@@ -322,13 +382,27 @@ impl Cache {
     where
         F: FnOnce(&mut Writer) -> io::Result<()> + Send + 'static,
     {
-        match self.get_or_create(key)? {
+        match self.create_local(key)? {
             Entry::Hit(r) => Ok(r),
             Entry::Miss(w) => {
                 let reader = w.reader()?;
+                // The shared tier decides on the producer thread: this call never waits for
+                // the network.
+                #[cfg(feature = "shared")]
+                let tier = self.shared.clone();
                 std::thread::Builder::new()
                     .name("streamcache-producer".into())
-                    .spawn(move || run_producer(w, producer))
+                    .spawn(move || {
+                        #[cfg(feature = "shared")]
+                        let w = match tier {
+                            Some(t) => match t.resolve(w) {
+                                Entry::Miss(w) => w,
+                                Entry::Hit(_) => return, // the bucket fills it
+                            },
+                            None => w,
+                        };
+                        run_producer(w, producer)
+                    })
                     .map_err(|e| Error::io_without_path("spawn producer thread", e))?;
                 Ok(reader)
             }
@@ -440,16 +514,23 @@ impl Cache {
     /// stored data is deleted later, with failures retried and counted in
     /// [`CacheStats::failed_deletions`] rather than returned. The `Result` is for a tier
     /// whose removal must be confirmed to be honest: with a shared tier (a bucket that other
-    /// machines read), `remove` deletes there too and reports when it cannot.
+    /// machines read), `remove` deletes there too and reports when it cannot
+    /// ([`Error::Shared`]; the key is removed locally all the same, and the returned flag
+    /// says whether it was present locally).
     pub fn remove(&self, key: &str) -> Result<bool> {
         reload::settle(&self.inner, key)?;
-        match self.inner.index.remove(key) {
+        let present = match self.inner.index.remove(key) {
             Some((Indexed(slot), stream)) => {
                 self.inner.finalize(&slot, stream, RemovalCause::Explicit);
-                Ok(true)
+                true
             }
-            None => Ok(false),
+            None => false,
+        };
+        #[cfg(feature = "shared")]
+        if let Some(tier) = &self.shared {
+            tier.remove(key)?;
         }
+        Ok(present)
     }
 
     /// Removes every entry, as [`remove`](Cache::remove) does (safe while streams are open).

@@ -3,7 +3,9 @@
 //!
 //! Invariants: a slot is in `lru` only while `LIVE` (checked under the LRU lock; `finalize`
 //! clears `LIVE` before taking it). The ring may lose hits (a full, contended ring), which
-//! only makes recency approximate; every eviction decision applies the ring first.
+//! only makes recency approximate; every eviction decision applies the ring first. Without a
+//! size limit (`Limits::by_size`) neither the list nor the ring is kept: nothing would ever
+//! be evicted from it.
 
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Arc;
@@ -47,6 +49,7 @@ impl Hasher for IdHasher {
 
 impl Inner {
     /// Books a served hit: recency stamp and promotion, and the "touched" mark.
+    #[inline]
     pub(crate) fn note_hit(&self, slot: &Slot, now: Option<u64>) {
         let stamp = now.unwrap_or_else(|| self.books.access_stamp());
         slot.last_access.store(stamp, Ordering::Relaxed);
@@ -61,15 +64,26 @@ impl Inner {
     /// Notes a hit for recency without taking the LRU lock: the id goes into a ring buffer
     /// that is applied to the LRU list when it fills (if the lock is free) and before every
     /// eviction decision. A hit lost to a full, contended ring only makes recency approximate.
+    #[inline]
     fn record_hit(&self, id: u64) {
         let i = self.hit_head.fetch_add(1, Ordering::Relaxed);
-        self.hit_ring[i % HIT_RING].store(id + 1, Ordering::Release);
+        if self.limits.by_size() {
+            self.hit_ring[i % HIT_RING].store(id + 1, Ordering::Release);
+        }
         if (i + 1).is_multiple_of(HIT_RING) {
-            // Keep the access clock close to the real one.
-            self.books.now();
-            if let Ok(mut lru) = self.lru.try_lock() {
-                self.apply_hits(&mut lru);
-            }
+            self.ring_full();
+        }
+    }
+
+    /// Every `HIT_RING` hits (out of line: the hit path stays small).
+    #[inline(never)]
+    fn ring_full(&self) {
+        // Keep the access clock close to the real one.
+        self.books.now();
+        if self.limits.by_size()
+            && let Ok(mut lru) = self.lru.try_lock()
+        {
+            self.apply_hits(&mut lru);
         }
     }
 
@@ -93,8 +107,57 @@ impl Inner {
 #[cfg(test)]
 mod tests {
     use std::hash::BuildHasher;
+    use std::io::Write;
 
     use super::*;
+    use crate::{Cache, Entry};
+
+    fn put_and_hit(cache: &Cache, keys: usize) {
+        for i in 0..keys {
+            let Entry::Miss(mut w) = cache.get_or_create(&format!("k{i}")).unwrap() else {
+                panic!("fresh key")
+            };
+            w.write_all(b"x").unwrap();
+            w.finish().unwrap();
+        }
+        for _ in 0..3 * HIT_RING {
+            for i in 0..keys {
+                assert!(cache.get(&format!("k{i}")).unwrap().is_some());
+            }
+        }
+    }
+
+    /// Without a size limit nothing is ever evicted for size, so no recency list is kept
+    /// (hits and finishes skip it), while hits are still counted and stamped; with one, every
+    /// finished entry is filed.
+    #[test]
+    fn recency_is_kept_only_with_a_size_limit() {
+        let free = Cache::builder().memory().build().unwrap();
+        put_and_hit(&free, 5);
+        assert_eq!(free.inner.lru.lock().unwrap().len(), 0);
+        assert!(
+            free.inner
+                .hit_ring
+                .iter()
+                .all(|c| c.load(Ordering::Relaxed) == 0)
+        );
+        assert_eq!(free.stats().hits, 5 * 3 * HIT_RING as u64);
+        let slot = free.inner.slot("k0").unwrap();
+        assert!(slot.is_touched());
+        assert!(slot.last_access.load(Ordering::Relaxed) > 0);
+
+        for bounded in [
+            Cache::builder().memory().max_entries(100).build().unwrap(),
+            Cache::builder()
+                .memory()
+                .max_bytes(1 << 20)
+                .build()
+                .unwrap(),
+        ] {
+            put_and_hit(&bounded, 5);
+            assert_eq!(bounded.inner.lru.lock().unwrap().len(), 5);
+        }
+    }
 
     /// Sequential ids (how the cache makes them) must spread over both the low bits, which pick
     /// hashbrown's bucket, and the top 7 bits, its tag; a weak mix here turns promotions into

@@ -269,7 +269,7 @@ impl Observer for Slot {
         }
         // (Its bytes were accounted by `published`, which `finish` calls with the final
         // length before committing.)
-        {
+        if cache.limits.by_size() {
             let mut lru = cache.lru.lock().unwrap_or_else(|e| e.into_inner());
             // Checked under the LRU lock: `finalize` clears `LIVE` before taking it.
             if self.is_live() {

@@ -144,7 +144,9 @@ pub fn skip(why: &str) {
         std::env::var("CI").as_deref() != Ok("true"),
         "fault test cannot run under CI: {why}"
     );
-    println!("SKIPPED {why}");
+    // Straight to the process's stderr, past the test harness's capture, so that a skip
+    // shows in a plain `cargo test` run.
+    let _ = writeln!(io::stderr(), "SKIPPED {why}");
 }
 
 /// Runs the child-mode test `name` with `dir` and at most `nofile` open files, and fails

@@ -1,0 +1,242 @@
+//! The shared tier against a real S3-compatible server (moto, single-threaded, on 127.0.0.1),
+//! as ratios to baselines measured in the same run:
+//!
+//! 1. cold-node read of a finished 64 MiB entry through the tier, against a plain
+//!    `object_store` GET of the same 64 MiB from the same server;
+//! 2. producer throughput (write 64 MiB and finish) with the upload overlapped, against the
+//!    same writes into a cache without the tier (and the time until the manifest is
+//!    committed, for the record);
+//! 3. a remote late joiner's delay: from a producer's `flush` to a reader on another node
+//!    having the bytes, against the configured chunk interval plus poll interval.
+//!
+//! ```text
+//! STREAMCACHE_MOTO_PYTHON=/path/to/venv/bin/python cargo bench --bench shared --features s3
+//! ```
+//! (`.ci/run` leaves such a venv in `target/moto-venv`.) Without moto it prints why and exits.
+
+#[path = "../tests/support/moto.rs"]
+mod moto;
+
+use std::io::{Read, Write};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use streamcache::shared::SharedTier;
+use streamcache::{Cache, Entry};
+
+const MIB: usize = 1 << 20;
+const SIZE: usize = 64 * MIB;
+const ROUNDS: usize = 3;
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn tier(store: &Arc<dyn ObjectStore>, prefix: &str) -> SharedTier {
+    SharedTier::new(store.clone()).prefix(prefix)
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list" || a == "--test") {
+        return; // `cargo test --benches` and harness probes
+    }
+    for niced in [false, true] {
+        let Some(moto) = moto::Moto::start_with("bench shared", niced) else {
+            return;
+        };
+        println!(
+            "--- moto at {} CPU priority",
+            if niced {
+                "the lowest (nice 19: a stand-in for a remote bucket)"
+            } else {
+                "normal"
+            }
+        );
+        run(&moto);
+    }
+}
+
+fn run(moto: &moto::Moto) {
+    moto.create_bucket("bench");
+    let store = moto.store("bench");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let data: Arc<Vec<u8>> = Arc::new((0..SIZE).map(|i| (i * 31 % 251) as u8).collect());
+
+    // The server's own cost of one request, for the record (a chunked download makes one
+    // per chunk, plus one for the manifest).
+    let tiny = Path::from("plain/tiny");
+    rt.block_on(store.put(&tiny, PutPayload::from_static(b"x")))
+        .unwrap();
+    let mut per_request = Vec::new();
+    for _ in 0..20 {
+        let t = Instant::now();
+        rt.block_on(async { store.get(&tiny).await.unwrap().bytes().await.unwrap() });
+        per_request.push(t.elapsed().as_secs_f64());
+    }
+    println!(
+        "one small GET: {:.1} ms (median of 20)",
+        median(per_request) * 1e3
+    );
+
+    // 1. Cold-node read.
+    let plain = Path::from("plain/object");
+    rt.block_on(store.put(&plain, PutPayload::from(data.to_vec())))
+        .unwrap();
+    let producer = Cache::builder()
+        .shared(tier(&store, "cold"))
+        .build()
+        .unwrap();
+    let Entry::Miss(mut w) = producer.get_or_create("big").unwrap() else {
+        panic!("fresh bucket")
+    };
+    w.write_all(&data).unwrap();
+    w.finish().unwrap();
+    wait_committed(&rt, &store, "cold");
+    let (mut get_s, mut tier_s) = (Vec::new(), Vec::new());
+    for _ in 0..ROUNDS {
+        let t = Instant::now();
+        let got = rt.block_on(async { store.get(&plain).await.unwrap().bytes().await.unwrap() });
+        assert_eq!(got.len(), SIZE);
+        get_s.push(t.elapsed().as_secs_f64());
+
+        let node = Cache::builder()
+            .shared(tier(&store, "cold"))
+            .build()
+            .unwrap();
+        let t = Instant::now();
+        let Entry::Hit(mut r) = node.get_or_create("big").unwrap() else {
+            panic!("finished entry must be a hit")
+        };
+        let mut n = 0;
+        loop {
+            let b = r.read_chunk(MIB).unwrap();
+            if b.is_empty() {
+                break;
+            }
+            n += b.len();
+        }
+        assert_eq!(n, SIZE);
+        tier_s.push(t.elapsed().as_secs_f64());
+    }
+    let (g, c) = (median(get_s), median(tier_s));
+    let mbs = |s: f64| SIZE as f64 / s / 1e6;
+    println!(
+        "cold-node read of 64 MiB: plain GET {:.0} MB/s, through the tier {:.0} MB/s: {:.2}x",
+        mbs(g),
+        mbs(c),
+        g / c
+    );
+
+    // 2. Producer throughput with the upload overlapped.
+    let (mut local_s, mut shared_s, mut commit_s) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 0..ROUNDS {
+        let local = Cache::builder().build().unwrap();
+        let t = Instant::now();
+        write_entry(&local, "p", &data);
+        local_s.push(t.elapsed().as_secs_f64());
+
+        let prefix = format!("produce-{round}");
+        let node = Cache::builder()
+            .shared(tier(&store, &prefix))
+            .build()
+            .unwrap();
+        let t = Instant::now();
+        write_entry(&node, "p", &data);
+        shared_s.push(t.elapsed().as_secs_f64());
+        wait_committed(&rt, &store, &prefix);
+        commit_s.push(t.elapsed().as_secs_f64());
+    }
+    let (l, s, m) = (median(local_s), median(shared_s), median(commit_s));
+    println!(
+        "producer writes 64 MiB: without the tier {:.0} MB/s, with the upload overlapped {:.0} MB/s: {:.2}x (manifest committed after {:.2} s)",
+        mbs(l),
+        mbs(s),
+        l / s,
+        m
+    );
+
+    // 3. Remote late joiner.
+    let chunk_interval = Duration::from_millis(250);
+    let poll = Duration::from_millis(100);
+    let mk = || {
+        Cache::builder()
+            .shared(
+                tier(&store, "late")
+                    .chunk_interval(chunk_interval)
+                    .poll_interval(poll),
+            )
+            .build()
+            .unwrap()
+    };
+    let (a, b) = (mk(), mk());
+    let Entry::Miss(mut w) = a.get_or_create("slow").unwrap() else {
+        panic!("fresh key")
+    };
+    w.write_all(&[1; 1000]).unwrap();
+    w.flush().unwrap();
+    let Entry::Hit(mut r) = b.get_or_create("slow").unwrap() else {
+        panic!("a production elsewhere must be a hit")
+    };
+    let mut buf = vec![0; 1000];
+    r.read_exact(&mut buf).unwrap();
+    let mut delays = Vec::new();
+    for _ in 0..8 {
+        let t = Instant::now();
+        w.write_all(&[2; 1000]).unwrap();
+        w.flush().unwrap();
+        r.read_exact(&mut buf).unwrap();
+        delays.push(t.elapsed().as_secs_f64());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    w.finish().unwrap();
+    let d = median(delays.clone());
+    let worst = delays.iter().copied().fold(0.0, f64::max);
+    let bound = (chunk_interval + poll).as_secs_f64();
+    println!(
+        "remote late joiner: flush to remote bytes median {:.0} ms, worst {:.0} ms; chunk interval + poll = {:.0} ms: {:.2}x of the bound",
+        d * 1e3,
+        worst * 1e3,
+        bound * 1e3,
+        d / bound
+    );
+}
+
+fn write_entry(cache: &Cache, key: &str, data: &[u8]) {
+    let Entry::Miss(mut w) = cache.get_or_create(key).unwrap() else {
+        panic!("fresh key")
+    };
+    for piece in data.chunks(MIB) {
+        w.write_all(piece).unwrap();
+    }
+    w.finish().unwrap();
+}
+
+fn wait_committed(rt: &tokio::runtime::Runtime, store: &Arc<dyn ObjectStore>, prefix: &str) {
+    let started = Instant::now();
+    loop {
+        let listed = rt.block_on(async {
+            let mut dirs = vec![Path::from(prefix)];
+            let mut found = false;
+            while let Some(d) = dirs.pop() {
+                let l = store.list_with_delimiter(Some(&d)).await.unwrap();
+                found |= l
+                    .objects
+                    .iter()
+                    .any(|o| o.location.as_ref().ends_with("/manifest"));
+                dirs.extend(l.common_prefixes);
+            }
+            found
+        });
+        if listed {
+            return;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "never committed"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

@@ -1,0 +1,424 @@
+//! The bucket's objects: the lease, the chunks and the manifest, and their strict codecs.
+//!
+//! Everything read from the bucket is untrusted: a decoder returns `Err(reason)` for anything
+//! that does not parse, names another generation or index, or fails its blake3 hash, and the
+//! caller turns that into an error for the read (never wrong bytes).
+
+use bytes::{Buf, Bytes};
+
+/// A chunk object: `magic | generation (16) | index (u32 LE) | flags (u8, 1 = last) |
+/// metadata length (u32 LE) | payload length (u32 LE) | blake3 of metadata and payload (32) |
+/// metadata | payload`. Only chunk 0 carries metadata (what the writer had set when the chunk
+/// was cut), so that remote readers see it before the body.
+const CHUNK_MAGIC: &[u8; 4] = b"SCK1";
+const CHUNK_HEADER: usize = 4 + 16 + 4 + 1 + 4 + 4 + 32;
+const LEASE_MAGIC: &str = "streamcache-lease 1";
+const MANIFEST_MAGIC: &str = "streamcache-manifest 1";
+
+/// Where a producer stands, as its lease says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum LeaseState {
+    /// Writing; alive while `heartbeat` is recent.
+    Producing,
+    /// Finished: its manifest was written before the lease said so.
+    Done,
+    /// Gave up: remote readers must fail, the next request takes over.
+    Aborted,
+}
+
+/// The lease object: who produces the key now, under which generation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Lease {
+    pub(crate) generation: u128,
+    pub(crate) node: u128,
+    pub(crate) state: LeaseState,
+    /// The producer's clock at its last heartbeat, milliseconds since the epoch.
+    pub(crate) heartbeat: u64,
+    /// Chunks uploaded so far (informational).
+    pub(crate) chunks: u64,
+}
+
+impl Lease {
+    pub(crate) fn encode(&self) -> Bytes {
+        let state = match self.state {
+            LeaseState::Producing => "producing",
+            LeaseState::Done => "done",
+            LeaseState::Aborted => "aborted",
+        };
+        Bytes::from(format!(
+            "{LEASE_MAGIC}\ngeneration {:032x}\nnode {:032x}\nstate {state}\nheartbeat {}\nchunks {}\n",
+            self.generation, self.node, self.heartbeat, self.chunks
+        ))
+    }
+
+    pub(crate) fn decode(bytes: &[u8]) -> Result<Lease, String> {
+        let text = std::str::from_utf8(bytes).map_err(|_| "lease is not UTF-8".to_string())?;
+        let mut lines = text.lines();
+        if lines.next() != Some(LEASE_MAGIC) {
+            return Err("not a streamcache lease (bad first line)".into());
+        }
+        let generation = hex_u128(field(lines.next(), "generation")?)?;
+        let node = hex_u128(field(lines.next(), "node")?)?;
+        let state = match field(lines.next(), "state")? {
+            "producing" => LeaseState::Producing,
+            "done" => LeaseState::Done,
+            "aborted" => LeaseState::Aborted,
+            other => return Err(format!("unknown lease state {other:?}")),
+        };
+        let heartbeat = number(field(lines.next(), "heartbeat")?)?;
+        let chunks = number(field(lines.next(), "chunks")?)?;
+        Ok(Lease {
+            generation,
+            node,
+            state,
+            heartbeat,
+            chunks,
+        })
+    }
+}
+
+/// One chunk as the manifest lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ChunkRef {
+    pub(crate) len: u64,
+    /// blake3 of the chunk's metadata and payload, as in its header.
+    pub(crate) hash: [u8; 32],
+}
+
+/// The manifest: the commit point of a finished entry, written after its last chunk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Manifest {
+    pub(crate) key: String,
+    pub(crate) generation: u128,
+    pub(crate) length: u64,
+    /// The producer's clock when it finished, milliseconds since the epoch.
+    pub(crate) finished: u64,
+    /// The entry's own time to live from `finished`, if it has one.
+    pub(crate) ttl_ms: Option<u64>,
+    pub(crate) metadata: Bytes,
+    pub(crate) chunks: Vec<ChunkRef>,
+}
+
+impl Manifest {
+    pub(crate) fn encode(&self) -> Bytes {
+        use std::fmt::Write;
+        let mut s = String::new();
+        let _ = writeln!(s, "{MANIFEST_MAGIC}");
+        let _ = writeln!(s, "key {}", hex(self.key.as_bytes()));
+        let _ = writeln!(s, "generation {:032x}", self.generation);
+        let _ = writeln!(s, "length {}", self.length);
+        let _ = writeln!(s, "finished {}", self.finished);
+        match self.ttl_ms {
+            Some(t) => {
+                let _ = writeln!(s, "ttl {t}");
+            }
+            None => s.push_str("ttl -\n"),
+        }
+        let _ = writeln!(s, "metadata {}", hex(&self.metadata));
+        let _ = writeln!(s, "chunks {}", self.chunks.len());
+        for c in &self.chunks {
+            let _ = writeln!(s, "{} {}", c.len, hex(&c.hash));
+        }
+        let check = blake3::hash(s.as_bytes());
+        let _ = writeln!(s, "check {}", check.to_hex());
+        Bytes::from(s)
+    }
+
+    /// Decodes a manifest and checks it is `key`'s, whole (its own hash) and consistent.
+    pub(crate) fn decode(bytes: &[u8], key: &str) -> Result<Manifest, String> {
+        let text = std::str::from_utf8(bytes).map_err(|_| "manifest is not UTF-8".to_string())?;
+        let body_end = text
+            .rfind("check ")
+            .ok_or_else(|| "manifest has no check line".to_string())?;
+        let (body, check) = text.split_at(body_end);
+        let want = check
+            .strip_prefix("check ")
+            .and_then(|c| c.strip_suffix('\n'))
+            .ok_or_else(|| "malformed check line".to_string())?;
+        if blake3::hash(body.as_bytes()).to_hex().as_str() != want {
+            return Err("manifest fails its own hash (truncated or altered)".into());
+        }
+        let mut lines = body.lines();
+        if lines.next() != Some(MANIFEST_MAGIC) {
+            return Err("not a streamcache manifest (bad first line)".into());
+        }
+        let stored_key = unhex(field(lines.next(), "key")?)?;
+        if stored_key != key.as_bytes() {
+            return Err("manifest belongs to another key".into());
+        }
+        let generation = hex_u128(field(lines.next(), "generation")?)?;
+        let length = number(field(lines.next(), "length")?)?;
+        let finished = number(field(lines.next(), "finished")?)?;
+        let ttl_ms = match field(lines.next(), "ttl")? {
+            "-" => None,
+            t => Some(number(t)?),
+        };
+        let metadata = Bytes::from(unhex(field(lines.next(), "metadata")?)?);
+        let count = number(field(lines.next(), "chunks")?)?;
+        let mut chunks = Vec::new();
+        let mut total = 0u64;
+        for _ in 0..count {
+            let line = lines
+                .next()
+                .ok_or("manifest lists fewer chunks than it says")?;
+            let (len, hash) = line.split_once(' ').ok_or("malformed chunk line")?;
+            let len = number(len)?;
+            let hash: [u8; 32] = unhex(hash)?
+                .try_into()
+                .map_err(|_| "chunk hash is not 32 bytes".to_string())?;
+            total = total.checked_add(len).ok_or("chunk lengths overflow")?;
+            chunks.push(ChunkRef { len, hash });
+        }
+        if lines.next().is_some() {
+            return Err("manifest has trailing lines".into());
+        }
+        if total != length {
+            return Err(format!(
+                "chunks add up to {total} bytes, manifest says {length}"
+            ));
+        }
+        if chunks.is_empty() {
+            return Err("manifest lists no chunk".into());
+        }
+        Ok(Manifest {
+            key: key.to_string(),
+            generation,
+            length,
+            finished,
+            ttl_ms,
+            metadata,
+            chunks,
+        })
+    }
+}
+
+/// A chunk as read back: its payload, whether it is the last, its hash, and chunk 0's metadata.
+#[derive(Debug)]
+pub(crate) struct Chunk {
+    pub(crate) payload: Bytes,
+    pub(crate) metadata: Option<Bytes>,
+    pub(crate) last: bool,
+    pub(crate) hash: [u8; 32],
+}
+
+/// The header of chunk `index` of `generation`; the object is this followed by `metadata`
+/// and the `payload` parts (sent as they are, so the payload is never copied).
+pub(crate) fn chunk_header(
+    generation: u128,
+    index: u32,
+    last: bool,
+    metadata: &[u8],
+    payload: &[Bytes],
+) -> Result<(Bytes, [u8; 32]), String> {
+    let meta_len = u32::try_from(metadata.len()).map_err(|_| "metadata over 4 GiB")?;
+    let total: usize = payload.iter().map(Bytes::len).sum();
+    let len = u32::try_from(total).map_err(|_| "chunk over 4 GiB")?;
+    let mut hasher = blake3::Hasher::new();
+    hasher.update(metadata);
+    for part in payload {
+        hasher.update(part);
+    }
+    let hash = *hasher.finalize().as_bytes();
+    let mut h = Vec::with_capacity(CHUNK_HEADER);
+    h.extend_from_slice(CHUNK_MAGIC);
+    h.extend_from_slice(&generation.to_le_bytes());
+    h.extend_from_slice(&index.to_le_bytes());
+    h.push(u8::from(last));
+    h.extend_from_slice(&meta_len.to_le_bytes());
+    h.extend_from_slice(&len.to_le_bytes());
+    h.extend_from_slice(&hash);
+    Ok((Bytes::from(h), hash))
+}
+
+/// Decodes chunk `index` of `generation` and checks its hash; a chunk of another generation
+/// or index (a dead producer's, a misplaced object) is refused.
+pub(crate) fn decode_chunk(mut obj: Bytes, generation: u128, index: u32) -> Result<Chunk, String> {
+    if obj.len() < CHUNK_HEADER {
+        return Err(format!(
+            "chunk {index} is {} bytes, shorter than its header",
+            obj.len()
+        ));
+    }
+    let mut h = obj.split_to(CHUNK_HEADER);
+    if &h[..4] != CHUNK_MAGIC {
+        return Err(format!("chunk {index} has a bad magic number"));
+    }
+    h.advance(4);
+    if h.get_u128_le() != generation {
+        return Err(format!("chunk {index} belongs to another generation"));
+    }
+    if h.get_u32_le() != index {
+        return Err(format!("chunk {index} says it has another index"));
+    }
+    let last = match h.get_u8() {
+        0 => false,
+        1 => true,
+        f => return Err(format!("chunk {index} has unknown flags {f}")),
+    };
+    let meta_len = h.get_u32_le() as usize;
+    let len = h.get_u32_le() as usize;
+    let mut hash = [0u8; 32];
+    h.copy_to_slice(&mut hash);
+    if obj.len() != meta_len.saturating_add(len) {
+        return Err(format!(
+            "chunk {index} holds {} bytes after its header, header says {}",
+            obj.len(),
+            meta_len.saturating_add(len)
+        ));
+    }
+    if *blake3::hash(&obj).as_bytes() != hash {
+        return Err(format!("chunk {index} fails its blake3 hash"));
+    }
+    let metadata = obj.split_to(meta_len);
+    Ok(Chunk {
+        payload: obj,
+        metadata: (index == 0).then_some(metadata),
+        last,
+        hash,
+    })
+}
+
+fn field<'a>(line: Option<&'a str>, name: &str) -> Result<&'a str, String> {
+    line.and_then(|l| l.strip_prefix(name))
+        .and_then(|l| l.strip_prefix(' '))
+        .ok_or_else(|| format!("expected a {name:?} line"))
+}
+
+fn number(s: &str) -> Result<u64, String> {
+    s.parse().map_err(|_| format!("{s:?} is not a number"))
+}
+
+fn hex_u128(s: &str) -> Result<u128, String> {
+    if s.len() != 32 {
+        return Err(format!("{s:?} is not a 128-bit hex number"));
+    }
+    u128::from_str_radix(s, 16).map_err(|_| format!("{s:?} is not a 128-bit hex number"))
+}
+
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        let _ = write!(s, "{b:02x}");
+    }
+    s
+}
+
+fn unhex(s: &str) -> Result<Vec<u8>, String> {
+    if !s.len().is_multiple_of(2) || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err("malformed hex".into());
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).map_err(|_| "malformed hex".into()))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn manifest() -> Manifest {
+        Manifest {
+            key: "a key\nwith a newline".into(),
+            generation: 0x1234_5678_9abc_def0_1122_3344_5566_7788,
+            length: 7,
+            finished: 1_700_000_000_000,
+            ttl_ms: Some(60_000),
+            metadata: Bytes::from_static(b"content-type: text/plain"),
+            chunks: vec![
+                ChunkRef {
+                    len: 4,
+                    hash: [1; 32],
+                },
+                ChunkRef {
+                    len: 3,
+                    hash: [2; 32],
+                },
+            ],
+        }
+    }
+
+    #[test]
+    fn manifest_round_trips_and_refuses_every_alteration() {
+        let m = manifest();
+        let bytes = m.encode();
+        assert_eq!(Manifest::decode(&bytes, &m.key).unwrap(), m);
+        assert!(Manifest::decode(&bytes, "another key").is_err());
+        // Every truncation and every single-byte change is refused.
+        for cut in 0..bytes.len() {
+            assert!(
+                Manifest::decode(&bytes[..cut], &m.key).is_err(),
+                "cut at {cut}"
+            );
+        }
+        for i in 0..bytes.len() {
+            let mut b = bytes.to_vec();
+            b[i] ^= 0x01;
+            assert!(Manifest::decode(&b, &m.key).is_err(), "flip at {i}");
+        }
+        let none = Manifest { ttl_ms: None, ..m };
+        assert_eq!(Manifest::decode(&none.encode(), &none.key).unwrap(), none);
+    }
+
+    #[test]
+    fn manifest_must_add_up() {
+        let mut m = manifest();
+        m.length = 8;
+        assert!(
+            Manifest::decode(&m.encode(), &m.key)
+                .unwrap_err()
+                .contains("add up")
+        );
+        m.chunks.clear();
+        m.length = 0;
+        assert!(Manifest::decode(&m.encode(), &m.key).is_err());
+    }
+
+    #[test]
+    fn lease_round_trips() {
+        for state in [LeaseState::Producing, LeaseState::Done, LeaseState::Aborted] {
+            let l = Lease {
+                generation: 7,
+                node: u128::MAX,
+                state,
+                heartbeat: 99,
+                chunks: 3,
+            };
+            assert_eq!(Lease::decode(&l.encode()).unwrap(), l);
+        }
+        assert!(Lease::decode(b"streamcache-lease 1\ngeneration 7\n").is_err());
+        assert!(Lease::decode(b"garbage").is_err());
+    }
+
+    fn chunk(generation: u128, index: u32, last: bool, meta: &[u8], payload: &[u8]) -> Bytes {
+        let parts = [Bytes::copy_from_slice(payload)];
+        let (h, _) = chunk_header(generation, index, last, meta, &parts).unwrap();
+        [&h[..], meta, payload].concat().into()
+    }
+
+    #[test]
+    fn chunks_check_generation_index_and_hash() {
+        let c = chunk(5, 0, false, b"meta", b"payload");
+        let d = decode_chunk(c.clone(), 5, 0).unwrap();
+        assert_eq!(&d.payload[..], b"payload");
+        assert_eq!(d.metadata.as_deref(), Some(&b"meta"[..]));
+        assert!(!d.last);
+        let last = decode_chunk(chunk(5, 3, true, b"", b"end"), 5, 3).unwrap();
+        assert!(last.last && last.metadata.is_none());
+        assert!(
+            decode_chunk(c.clone(), 6, 0)
+                .unwrap_err()
+                .contains("generation")
+        );
+        assert!(decode_chunk(c.clone(), 5, 1).unwrap_err().contains("index"));
+        for cut in 0..c.len() {
+            assert!(decode_chunk(c.slice(..cut), 5, 0).is_err(), "cut at {cut}");
+        }
+        for i in 0..c.len() {
+            let mut b = c.to_vec();
+            b[i] ^= 0x80;
+            assert!(decode_chunk(b.into(), 5, 0).is_err(), "flip at {i}");
+        }
+    }
+}

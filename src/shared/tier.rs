@@ -1,0 +1,1160 @@
+//! The running tier: its runtime, the plan a local miss follows, and the background tasks that
+//! download, tail and upload entries.
+
+use std::collections::{HashSet, VecDeque};
+use std::fmt;
+use std::future::Future;
+use std::io::Write as _;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use object_store::path::Path;
+use object_store::{
+    ObjectMeta, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, UpdateVersion,
+};
+use tokio::runtime::Runtime;
+use tokio::sync::Notify;
+
+use super::SharedTier;
+use super::format::{self, ChunkRef, Lease, LeaseState, Manifest};
+use crate::cache::{Clock, Entry};
+use crate::error::{Error, Result};
+use crate::stream::{Reader, Writer};
+use crate::tokio::AsyncReader;
+
+/// How many chunk downloads of one entry run ahead of the one being written.
+const DOWNLOAD_AHEAD: usize = 4;
+/// Entries produced while the bucket was unreachable whose upload is retried in the
+/// background; more are logged and left local (each holds one reader, no bytes).
+const MAX_PENDING_PUBLISH: usize = 256;
+/// Plans that lose this many conditional writes in a row give up (and produce locally).
+const MAX_PLAN_ROUNDS: usize = 6;
+
+type StoreError = object_store::Error;
+
+/// The entry's own time to live (from its finish), as the local cache recorded it.
+pub(crate) type OwnTtl = Box<dyn Fn(&str) -> Option<u64> + Send + Sync>;
+
+/// What a local miss does, decided by the bucket.
+#[derive(Debug)]
+enum Plan {
+    /// A finished entry: download it (its manifest and that manifest's e-tag).
+    Download(Manifest, Option<String>),
+    /// Another node produces it under this generation: tail its chunks.
+    Tail(u128),
+    /// We hold the lease: produce, and upload while producing.
+    Produce(Held),
+}
+
+/// A lease this node won.
+#[derive(Debug)]
+struct Held {
+    generation: u128,
+    version: UpdateVersion,
+    /// The manifest present when the lease was won (expired or unusable), replaced with a
+    /// conditional update; `None` creates the manifest.
+    manifest: Option<UpdateVersion>,
+}
+
+/// The tier's state shared by its tasks.
+pub(crate) struct Ctx {
+    cfg: SharedTier,
+    node: u128,
+    clock: Arc<dyn Clock>,
+    /// The cache-wide time to live of this node, in milliseconds.
+    cache_ttl_ms: Option<u64>,
+    own_ttl: OwnTtl,
+    /// E-tags of manifests whose chunks failed verification here: treated as absent.
+    /// Lock: held for one set operation; bounded (cleared past 1024).
+    bad: Mutex<HashSet<String>>,
+    /// Entries waiting for the bucket to come back (at most `MAX_PENDING_PUBLISH`).
+    pending_publish: AtomicUsize,
+    /// Counters for tests, benchmarks and the fleet example.
+    pub(crate) stats: TierStats,
+}
+
+/// What the tier did, for observability.
+#[derive(Debug, Default)]
+pub(crate) struct TierStats {
+    pub(crate) gets: AtomicU64,
+    pub(crate) puts: AtomicU64,
+    pub(crate) produced: AtomicU64,
+    pub(crate) downloaded: AtomicU64,
+    pub(crate) tailed: AtomicU64,
+    pub(crate) fallbacks: AtomicU64,
+}
+
+/// The running tier of one cache: a small runtime of its own and the shared state.
+pub(crate) struct Tier {
+    ctx: Arc<Ctx>,
+    rt: Option<Runtime>,
+}
+
+impl fmt::Debug for Tier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Tier")
+            .field("config", &self.ctx.cfg)
+            .field("node", &format_args!("{:032x}", self.ctx.node))
+            .finish()
+    }
+}
+
+impl Drop for Tier {
+    fn drop(&mut self) {
+        // Never blocks (the cache may be dropped inside an async runtime): tasks still
+        // running are dropped, so entries being downloaded here abort, uploads stop and
+        // their leases expire.
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+impl Tier {
+    /// Starts the tier's runtime and checks that the store can do what the tier needs.
+    pub(crate) fn start(
+        cfg: SharedTier,
+        clock: Arc<dyn Clock>,
+        cache_ttl_ms: Option<u64>,
+        own_ttl: OwnTtl,
+    ) -> Result<Tier> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("streamcache-shared")
+            .enable_all()
+            .build()
+            .map_err(|e| Error::io_without_path("start the shared tier's runtime", e))?;
+        let ctx = Arc::new(Ctx {
+            cfg,
+            node: random_u128(),
+            clock,
+            cache_ttl_ms,
+            own_ttl,
+            bad: Mutex::default(),
+            pending_publish: AtomicUsize::new(0),
+            stats: TierStats::default(),
+        });
+        let tier = Tier { ctx, rt: Some(rt) };
+        match tier.block_on(probe(tier.ctx.clone())) {
+            Some(Ok(())) => {}
+            Some(Err(Probe::Unsupported(reason))) => {
+                return Err(Error::invalid(format!(
+                    "the shared tier's store ({}) cannot be used: {reason}",
+                    tier.ctx.cfg.store
+                )));
+            }
+            Some(Err(Probe::Unreachable(e))) => tracing::warn!(
+                error = %e,
+                "shared tier unreachable at start; serving locally until it answers"
+            ),
+            None => tracing::warn!(
+                "shared tier did not answer within its timeout at start; serving locally until it answers"
+            ),
+        }
+        Ok(tier)
+    }
+
+    pub(crate) fn stats(&self) -> &TierStats {
+        &self.ctx.stats
+    }
+
+    fn handle(&self) -> &tokio::runtime::Handle {
+        self.rt
+            .as_ref()
+            .expect("runtime lives as long as the tier")
+            .handle()
+    }
+
+    /// Runs `fut` on the tier's runtime and waits for it at most the tier's timeout (plus a
+    /// margin for the runtime itself). Safe to call from any thread, async ones included
+    /// (it blocks that thread; async callers use the `tokio` module's methods).
+    fn block_on<T: Send + 'static>(
+        &self,
+        fut: impl Future<Output = T> + Send + 'static,
+    ) -> Option<T> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let limit = self.ctx.cfg.timeout;
+        self.handle().spawn(async move {
+            if let Ok(v) = tokio::time::timeout(limit, fut).await {
+                let _ = tx.send(v);
+            }
+        });
+        rx.recv_timeout(limit + Duration::from_millis(500)).ok()
+    }
+
+    /// Decides what a local miss of `w`'s key becomes: a hit that streams from the bucket, or
+    /// a miss whose bytes are uploaded as they are written. Never fails: if the bucket does
+    /// not answer within the timeout, the caller produces locally and the upload is retried
+    /// in the background.
+    pub(crate) fn resolve(&self, w: Writer) -> Entry {
+        let ctx = self.ctx.clone();
+        let key = w.key().to_string();
+        let outcome = self.block_on(async move { plan(&ctx, &key).await });
+        self.act(w, outcome)
+    }
+
+    /// [`resolve`](Tier::resolve) without blocking a thread.
+    pub(crate) async fn resolve_async(self: Arc<Self>, w: Writer) -> Entry {
+        let ctx = self.ctx.clone();
+        let key = w.key().to_string();
+        let limit = ctx.cfg.timeout;
+        let task = self
+            .handle()
+            .spawn(async move { tokio::time::timeout(limit, plan(&ctx, &key)).await.ok() });
+        let outcome = task.await.ok().flatten();
+        self.act(w, outcome)
+    }
+
+    fn act(&self, w: Writer, outcome: Option<Result<Plan, StoreError>>) -> Entry {
+        let ctx = self.ctx.clone();
+        let key = w.key().to_string();
+        match outcome {
+            Some(Ok(Plan::Download(m, etag))) => match w.reader() {
+                Ok(r) => {
+                    ctx.stats.downloaded.fetch_add(1, Ordering::Relaxed);
+                    self.handle().spawn(download(ctx, w, m, etag));
+                    Entry::Hit(r)
+                }
+                Err(_) => Entry::Miss(w),
+            },
+            Some(Ok(Plan::Tail(generation))) => match w.reader() {
+                Ok(r) => {
+                    ctx.stats.tailed.fetch_add(1, Ordering::Relaxed);
+                    self.handle().spawn(tail(ctx, w, generation));
+                    Entry::Hit(r)
+                }
+                Err(_) => Entry::Miss(w),
+            },
+            Some(Ok(Plan::Produce(held))) => {
+                ctx.stats.produced.fetch_add(1, Ordering::Relaxed);
+                match w.reader() {
+                    Ok(r) => {
+                        self.handle().spawn(upload(ctx, r, key, held));
+                    }
+                    Err(e) => {
+                        tracing::warn!(%key, error = %e, "cannot read the new entry back to upload it")
+                    }
+                }
+                Entry::Miss(w)
+            }
+            failed => {
+                ctx.stats.fallbacks.fetch_add(1, Ordering::Relaxed);
+                match failed {
+                    Some(Err(e)) => {
+                        tracing::warn!(%key, error = %e, "shared tier failed; producing locally, the upload will be retried")
+                    }
+                    _ => {
+                        tracing::warn!(%key, "shared tier did not answer in time; producing locally, the upload will be retried")
+                    }
+                }
+                if let Ok(r) = w.reader() {
+                    self.handle().spawn(publish_later(ctx, r, key));
+                }
+                Entry::Miss(w)
+            }
+        }
+    }
+
+    /// Deletes `key` in the bucket: its manifest and lease at once (so no node serves or
+    /// tails it any more), its chunks in the background.
+    pub(crate) fn remove(&self, key: &str) -> Result<()> {
+        let ctx = self.ctx.clone();
+        let key = key.to_string();
+        let done = self.block_on(async move {
+            let h = key_hash(&key);
+            let manifest = ctx.get(&ctx.path(&h, "manifest")).await?;
+            ctx.delete(&ctx.path(&h, "manifest")).await?;
+            ctx.delete(&ctx.path(&h, "lease")).await?;
+            let ctx2 = ctx.clone();
+            tokio::spawn(async move {
+                if let Err(e) = ctx2.delete_prefix(&ctx2.path(&h, "")).await {
+                    tracing::warn!(error = %e, "could not delete a removed entry's chunks; the bucket's lifecycle rules will");
+                }
+            });
+            drop(manifest);
+            Ok::<(), StoreError>(())
+        });
+        match done {
+            Some(Ok(())) => Ok(()),
+            Some(Err(e)) => Err(Error::Shared {
+                op: "remove",
+                cause: Arc::new(e),
+            }),
+            None => Err(Error::Shared {
+                op: "remove",
+                cause: Arc::new(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "the bucket did not answer in time",
+                )),
+            }),
+        }
+    }
+}
+
+enum Probe {
+    Unsupported(String),
+    Unreachable(StoreError),
+}
+
+/// Checks that the store does both conditional writes the protocol rests on.
+async fn probe(ctx: Arc<Ctx>) -> Result<(), Probe> {
+    let path = ctx.path(".streamcache-probe", &format!("{:032x}", ctx.node));
+    let unsupported = |what: &str, e: StoreError| match e {
+        StoreError::NotImplemented { .. } | StoreError::NotSupported { .. } => {
+            Probe::Unsupported(format!("it does not support {what}: {e}"))
+        }
+        e => Probe::Unreachable(e),
+    };
+    let put = |mode| ctx.put(&path, PutPayload::from_static(b"probe"), mode);
+    let first = put(PutMode::Create)
+        .await
+        .map_err(|e| unsupported("conditional create (If-None-Match: *)", e))?;
+    let result = async {
+        match put(PutMode::Create).await {
+            Err(StoreError::AlreadyExists { .. }) => {}
+            Ok(_) => {
+                return Err(Probe::Unsupported(
+                    "it ignores conditional create (If-None-Match: *): two nodes could both produce a key".into(),
+                ));
+            }
+            Err(e) => return Err(unsupported("conditional create (If-None-Match: *)", e)),
+        }
+        let wrong = UpdateVersion {
+            e_tag: Some("\"streamcache-probe-mismatch\"".into()),
+            version: None,
+        };
+        match put(PutMode::Update(wrong)).await {
+            Err(StoreError::Precondition { .. }) => {}
+            Ok(_) => {
+                return Err(Probe::Unsupported(
+                    "it ignores conditional update (If-Match): two nodes could both take over a lease".into(),
+                ));
+            }
+            Err(e) => return Err(unsupported("conditional update (If-Match)", e)),
+        }
+        put(PutMode::Update(first))
+            .await
+            .map_err(|e| unsupported("conditional update (If-Match)", e))?;
+        Ok(())
+    }
+    .await;
+    let _ = ctx.delete(&path).await;
+    result
+}
+
+impl Ctx {
+    fn path(&self, key_hash: &str, rest: &str) -> Path {
+        let prefix = self.cfg.prefix.as_str();
+        let full = match (prefix.is_empty(), rest.is_empty()) {
+            (true, true) => key_hash.to_string(),
+            (true, false) => format!("{key_hash}/{rest}"),
+            (false, true) => format!("{prefix}/{key_hash}"),
+            (false, false) => format!("{prefix}/{key_hash}/{rest}"),
+        };
+        Path::from(full)
+    }
+
+    fn chunk_path(&self, key_hash: &str, generation: u128, index: u32) -> Path {
+        self.path(key_hash, &format!("{generation:032x}/{index:08}"))
+    }
+
+    async fn timed<T>(
+        &self,
+        op: &'static str,
+        fut: impl Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        match tokio::time::timeout(self.cfg.timeout, fut).await {
+            Ok(r) => r,
+            Err(_) => Err(StoreError::Generic {
+                store: "streamcache shared tier",
+                source: format!("{op} did not answer within {:?}", self.cfg.timeout).into(),
+            }),
+        }
+    }
+
+    async fn get(&self, path: &Path) -> Result<Option<(Bytes, ObjectMeta)>, StoreError> {
+        self.stats.gets.fetch_add(1, Ordering::Relaxed);
+        let got = self
+            .timed("GET", async {
+                let r = self.cfg.store.get(path).await?;
+                let meta = r.meta.clone();
+                Ok((r.bytes().await?, meta))
+            })
+            .await;
+        match got {
+            Ok(v) => Ok(Some(v)),
+            Err(StoreError::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn put(
+        &self,
+        path: &Path,
+        payload: PutPayload,
+        mode: PutMode,
+    ) -> Result<UpdateVersion, StoreError> {
+        self.stats.puts.fetch_add(1, Ordering::Relaxed);
+        let opts = PutOptions {
+            mode,
+            ..Default::default()
+        };
+        self.timed("PUT", self.cfg.store.put_opts(path, payload, opts))
+            .await
+            .map(UpdateVersion::from)
+    }
+
+    async fn delete(&self, path: &Path) -> Result<(), StoreError> {
+        match self.timed("DELETE", self.cfg.store.delete(path)).await {
+            Err(StoreError::NotFound { .. }) => Ok(()),
+            r => r,
+        }
+    }
+
+    /// Deletes every object under `prefix` (a key's directory: two levels at most).
+    async fn delete_prefix(&self, prefix: &Path) -> Result<(), StoreError> {
+        let mut dirs = vec![prefix.clone()];
+        while let Some(dir) = dirs.pop() {
+            let listing = self
+                .timed("LIST", self.cfg.store.list_with_delimiter(Some(&dir)))
+                .await?;
+            dirs.extend(listing.common_prefixes);
+            for meta in listing.objects {
+                self.delete(&meta.location).await?;
+            }
+        }
+        Ok(())
+    }
+
+    fn lease_ms(&self) -> u64 {
+        self.cfg.lease.as_millis() as u64
+    }
+
+    fn stale(&self, lease: &Lease) -> bool {
+        self.clock.now_millis().saturating_sub(lease.heartbeat) > self.lease_ms()
+    }
+
+    /// The time to live left to a manifest's entry on this node: `None` if it has expired,
+    /// `Some(None)` if no time to live applies.
+    fn remaining(&self, m: &Manifest) -> Option<Option<Duration>> {
+        let ttl = match (m.ttl_ms, self.cache_ttl_ms) {
+            (Some(a), Some(b)) => a.min(b),
+            (Some(t), None) | (None, Some(t)) => t,
+            (None, None) => return Some(None),
+        };
+        let left = m
+            .finished
+            .saturating_add(ttl)
+            .checked_sub(self.clock.now_millis())?;
+        (left > 0).then(|| Some(Duration::from_millis(left)))
+    }
+
+    fn is_bad(&self, etag: Option<&String>) -> bool {
+        etag.is_some_and(|e| self.bad.lock().unwrap().contains(e))
+    }
+
+    fn mark_bad(&self, etag: Option<String>) {
+        if let Some(e) = etag {
+            let mut bad = self.bad.lock().unwrap();
+            if bad.len() >= 1024 {
+                bad.clear();
+            }
+            bad.insert(e);
+        }
+    }
+
+    fn new_lease(&self, generation: u128) -> Lease {
+        Lease {
+            generation,
+            node: self.node,
+            state: LeaseState::Producing,
+            heartbeat: self.clock.now_millis(),
+            chunks: 0,
+        }
+    }
+}
+
+fn version_of(meta: &ObjectMeta) -> UpdateVersion {
+    UpdateVersion {
+        e_tag: meta.e_tag.clone(),
+        version: meta.version.clone(),
+    }
+}
+
+/// The protocol of a local miss (see the module docs): a finished manifest is downloaded; a
+/// live lease is tailed; otherwise one node wins the lease with a conditional write.
+async fn plan(ctx: &Ctx, key: &str) -> Result<Plan, StoreError> {
+    let h = key_hash(key);
+    let manifest_path = ctx.path(&h, "manifest");
+    let lease_path = ctx.path(&h, "lease");
+    let mut rechecked = false;
+    for _ in 0..MAX_PLAN_ROUNDS {
+        let mut manifest_version = None;
+        if let Some((bytes, meta)) = ctx.get(&manifest_path).await? {
+            manifest_version = Some(version_of(&meta));
+            if ctx.is_bad(meta.e_tag.as_ref()) {
+                tracing::debug!(key, "manifest known bad here; treating the entry as absent");
+            } else {
+                match Manifest::decode(&bytes, key) {
+                    Ok(m) if ctx.remaining(&m).is_some() => {
+                        return Ok(Plan::Download(m, meta.e_tag));
+                    }
+                    Ok(_) => tracing::debug!(key, "shared entry expired; producing it again"),
+                    Err(reason) => {
+                        tracing::warn!(key, %reason, "unusable manifest in the bucket; treating the entry as absent")
+                    }
+                }
+            }
+        }
+        let generation = random_u128();
+        let lease = ctx.new_lease(generation);
+        match ctx
+            .put(
+                &lease_path,
+                PutPayload::from(lease.encode()),
+                PutMode::Create,
+            )
+            .await
+        {
+            Ok(version) => {
+                return Ok(Plan::Produce(Held {
+                    generation,
+                    version,
+                    manifest: manifest_version,
+                }));
+            }
+            Err(StoreError::AlreadyExists { .. } | StoreError::Precondition { .. }) => {}
+            Err(e) => return Err(e),
+        }
+        let Some((bytes, meta)) = ctx.get(&lease_path).await? else {
+            continue; // removed meanwhile: try to create it again
+        };
+        match Lease::decode(&bytes) {
+            Ok(l) if l.state == LeaseState::Producing && !ctx.stale(&l) => {
+                return Ok(Plan::Tail(l.generation));
+            }
+            // The producer finished after we looked for its manifest: look again, once.
+            Ok(l) if l.state == LeaseState::Done && !rechecked => {
+                rechecked = true;
+                continue;
+            }
+            Ok(_) => {}
+            Err(reason) => {
+                tracing::warn!(key, %reason, "unreadable lease in the bucket; taking it over")
+            }
+        }
+        // Dead, aborted, finished without a usable manifest, or unreadable: take it over.
+        // Exactly one node's conditional update wins.
+        match ctx
+            .put(
+                &lease_path,
+                PutPayload::from(lease.encode()),
+                PutMode::Update(version_of(&meta)),
+            )
+            .await
+        {
+            Ok(version) => {
+                return Ok(Plan::Produce(Held {
+                    generation,
+                    version,
+                    manifest: manifest_version,
+                }));
+            }
+            Err(StoreError::Precondition { .. } | StoreError::NotFound { .. }) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Err(StoreError::Generic {
+        store: "streamcache shared tier",
+        source: format!("lost {MAX_PLAN_ROUNDS} conditional writes in a row on one key").into(),
+    })
+}
+
+fn corrupt(ctx: &Ctx, key_hash: &str, what: &str, reason: String) -> Error {
+    Error::Corrupt {
+        path: PathBuf::from(ctx.path(key_hash, what).as_ref()),
+        reason,
+    }
+}
+
+fn remote_abort(w: Writer, why: String) {
+    w.abort_with(Error::Shared {
+        op: "read a remote entry",
+        cause: Arc::new(std::io::Error::other(why)),
+    });
+}
+
+fn write_chunk(w: &mut Writer, payload: &[u8]) -> std::io::Result<()> {
+    w.write_all(payload)?;
+    // Publish now: local readers (and this node's clients) see each chunk as it lands.
+    w.flush()
+}
+
+fn finish_local(ctx: &Ctx, mut w: Writer, m: &Manifest) {
+    w.set_metadata(m.metadata.clone());
+    match ctx.remaining(m) {
+        Some(Some(left)) => w.set_time_to_live(left),
+        Some(None) => {}
+        // Expired while it was read: served to the readers already reading, then gone.
+        None => w.set_time_to_live(Duration::from_millis(1)),
+    }
+    if let Err(e) = w.finish() {
+        tracing::warn!(key = %m.key, error = %e, "could not commit a downloaded entry locally");
+    }
+}
+
+/// The chunk fetches running ahead of a download; cancelled if the download stops early.
+struct Ahead<T>(VecDeque<tokio::task::JoinHandle<T>>);
+
+impl<T> Drop for Ahead<T> {
+    fn drop(&mut self) {
+        for task in &self.0 {
+            task.abort();
+        }
+    }
+}
+
+/// Streams a finished entry into the local writer, a few chunks ahead, each verified against
+/// the manifest before its bytes are written.
+async fn download(ctx: Arc<Ctx>, mut w: Writer, m: Manifest, etag: Option<String>) {
+    let h = key_hash(&m.key);
+    w.set_metadata(m.metadata.clone());
+    let _ = w.set_expected_len(m.length);
+    let n = m.chunks.len();
+    let mut ahead = Ahead(VecDeque::new());
+    let mut next = 0usize;
+    for i in 0..n {
+        while next < n && ahead.0.len() < DOWNLOAD_AHEAD {
+            let (ctx, path) = (ctx.clone(), ctx.chunk_path(&h, m.generation, next as u32));
+            let (generation, index) = (m.generation, next as u32);
+            // Each chunk is fetched and hashed in its own task, so the runtime's threads
+            // verify several chunks at once; bytes are written in order below.
+            ahead.0.push_back(tokio::spawn(async move {
+                let mut tries = 0;
+                loop {
+                    match ctx.get(&path).await {
+                        Err(e) if tries < 3 => {
+                            tries += 1;
+                            tracing::debug!(error = %e, "chunk download failed; retrying");
+                            tokio::time::sleep(Duration::from_millis(100 << tries)).await;
+                        }
+                        r => {
+                            return r.map(|found| {
+                                found.map(|(obj, _)| format::decode_chunk(obj, generation, index))
+                            });
+                        }
+                    }
+                }
+            }));
+            next += 1;
+        }
+        let got = ahead.0.pop_front().expect("one per chunk").await;
+        let chunk_name = format!("{:032x}/{i:08}", m.generation);
+        let decoded = match got {
+            Ok(Ok(Some(decoded))) => decoded,
+            Ok(Ok(None)) => {
+                ctx.mark_bad(etag);
+                w.abort_with(corrupt(
+                    &ctx,
+                    &h,
+                    &chunk_name,
+                    "chunk listed by the manifest is missing".into(),
+                ));
+                return;
+            }
+            Ok(Err(e)) => return remote_abort(w, format!("chunk {i}: {e}")),
+            Err(e) => return remote_abort(w, format!("chunk {i}: {e}")),
+        };
+        let want = &m.chunks[i];
+        let checked = decoded.and_then(|c| {
+            if c.hash != want.hash || c.payload.len() as u64 != want.len {
+                Err(format!("chunk {i} does not match the manifest"))
+            } else if c.last != (i + 1 == n) {
+                Err(format!("chunk {i} has the wrong end marker"))
+            } else {
+                Ok(c)
+            }
+        });
+        match checked {
+            Ok(c) => {
+                if let Err(e) = write_chunk(&mut w, &c.payload) {
+                    tracing::warn!(key = %m.key, error = %e, "local write of a downloaded chunk failed");
+                    return; // the writer aborted itself
+                }
+            }
+            Err(reason) => {
+                ctx.mark_bad(etag);
+                w.abort_with(corrupt(&ctx, &h, &chunk_name, reason));
+                return;
+            }
+        }
+    }
+    finish_local(&ctx, w, &m);
+}
+
+/// Why a tail stops.
+enum Gone {
+    Aborted(String),
+}
+
+/// Checks the lease of a tailed generation: `Err` if its producer is gone.
+async fn check_lease(ctx: &Ctx, h: &str, generation: u128) -> Result<(), Gone> {
+    match ctx.get(&ctx.path(h, "lease")).await {
+        Ok(None) => Err(Gone::Aborted(
+            "the entry was removed from the bucket".into(),
+        )),
+        Ok(Some((bytes, _))) => match Lease::decode(&bytes) {
+            Ok(l) if l.generation != generation => Err(Gone::Aborted(
+                "the producer lost its lease (another node took over)".into(),
+            )),
+            Ok(l) if l.state == LeaseState::Aborted => {
+                Err(Gone::Aborted("the remote producer aborted".into()))
+            }
+            Ok(l) if l.state == LeaseState::Producing && ctx.stale(&l) => {
+                Err(Gone::Aborted(format!(
+                    "the remote producer stopped (no heartbeat for {:?})",
+                    ctx.cfg.lease
+                )))
+            }
+            Ok(_) => Ok(()),
+            Err(reason) => Err(Gone::Aborted(format!("unreadable lease: {reason}"))),
+        },
+        // A failing bucket is judged by how long it fails (below), not by one error.
+        Err(_) => Ok(()),
+    }
+}
+
+/// Tails another node's production: polls for each next chunk, checks its producer's lease
+/// while waiting, and commits locally only when the manifest agrees with every chunk read.
+async fn tail(ctx: Arc<Ctx>, mut w: Writer, generation: u128) {
+    let key = w.key().to_string();
+    let h = key_hash(&key);
+    let mut index = 0u32;
+    let mut read: Vec<ChunkRef> = Vec::new();
+    let check_every = (ctx.cfg.lease / 4).max(ctx.cfg.poll_interval);
+    let mut last_check = Instant::now();
+    let mut failing_since: Option<Instant> = None;
+    let mut ended = false;
+    loop {
+        let found = if ended {
+            ctx.get(&ctx.path(&h, "manifest")).await
+        } else {
+            ctx.get(&ctx.chunk_path(&h, generation, index)).await
+        };
+        match found {
+            Ok(Some((obj, _))) if !ended => {
+                failing_since = None;
+                match format::decode_chunk(obj, generation, index) {
+                    Ok(c) => {
+                        if let Some(meta) = c.metadata.filter(|m| !m.is_empty()) {
+                            w.set_metadata(meta);
+                        }
+                        if write_chunk(&mut w, &c.payload).is_err() {
+                            return;
+                        }
+                        read.push(ChunkRef {
+                            len: c.payload.len() as u64,
+                            hash: c.hash,
+                        });
+                        ended = c.last;
+                        index += 1;
+                        continue;
+                    }
+                    Err(reason) => {
+                        let name = format!("{generation:032x}/{index:08}");
+                        return w.abort_with(corrupt(&ctx, &h, &name, reason));
+                    }
+                }
+            }
+            Ok(Some((obj, _))) => match Manifest::decode(&obj, &key) {
+                Ok(m) if m.generation == generation && m.chunks == read => {
+                    return finish_local(&ctx, w, &m);
+                }
+                Ok(m) if m.generation != generation => {
+                    // An older manifest still there (being replaced): wait for ours.
+                    tracing::trace!(key, "manifest of another generation; waiting");
+                }
+                Ok(_) => {
+                    return w.abort_with(corrupt(
+                        &ctx,
+                        &h,
+                        "manifest",
+                        "manifest disagrees with the chunks read".into(),
+                    ));
+                }
+                Err(reason) => return w.abort_with(corrupt(&ctx, &h, "manifest", reason)),
+            },
+            Ok(None) => failing_since = None,
+            Err(e) => {
+                let since = *failing_since.get_or_insert_with(Instant::now);
+                if since.elapsed() > ctx.cfg.lease {
+                    return remote_abort(w, format!("the bucket kept failing: {e}"));
+                }
+            }
+        }
+        if last_check.elapsed() >= check_every {
+            last_check = Instant::now();
+            if let Err(Gone::Aborted(why)) = check_lease(&ctx, &h, generation).await {
+                return remote_abort(w, why);
+            }
+        }
+        tokio::time::sleep(ctx.cfg.poll_interval).await;
+    }
+}
+
+/// Why an upload stopped.
+enum Stop {
+    /// The local writer failed or aborted.
+    Local(std::io::Error),
+    /// Another node holds the lease now.
+    Lost,
+    /// The bucket kept failing.
+    Remote(StoreError),
+}
+
+/// The lease this node holds, kept fresh by a heartbeat task.
+struct LeaseKeeper {
+    path: Path,
+    generation: u128,
+    version: tokio::sync::Mutex<UpdateVersion>,
+    lost: AtomicBool,
+    chunks: AtomicU64,
+    stop: Notify,
+}
+
+impl LeaseKeeper {
+    /// Writes the lease with `state` if this node still holds it. A conditional write whose
+    /// answer was lost (a timeout) is recovered by reading the lease back: it is still ours
+    /// while it names our generation.
+    async fn update(&self, ctx: &Ctx, state: LeaseState) -> Result<(), Stop> {
+        let mut version = self.version.lock().await;
+        let lease = Lease {
+            state,
+            chunks: self.chunks.load(Ordering::Relaxed),
+            ..ctx.new_lease(self.generation)
+        };
+        let mode = PutMode::Update(version.clone());
+        match ctx
+            .put(&self.path, PutPayload::from(lease.encode()), mode)
+            .await
+        {
+            Ok(v) => {
+                *version = v;
+                Ok(())
+            }
+            Err(StoreError::Precondition { .. } | StoreError::NotFound { .. }) => {
+                match ctx.get(&self.path).await {
+                    Ok(Some((bytes, meta)))
+                        if Lease::decode(&bytes).is_ok_and(|l| {
+                            l.generation == self.generation && l.state == LeaseState::Producing
+                        }) =>
+                    {
+                        *version = version_of(&meta);
+                        self.update_once(ctx, lease, &mut version).await
+                    }
+                    Ok(_) => {
+                        self.lost.store(true, Ordering::Release);
+                        Err(Stop::Lost)
+                    }
+                    Err(e) => Err(Stop::Remote(e)),
+                }
+            }
+            Err(e) => Err(Stop::Remote(e)),
+        }
+    }
+
+    async fn update_once(
+        &self,
+        ctx: &Ctx,
+        lease: Lease,
+        version: &mut UpdateVersion,
+    ) -> Result<(), Stop> {
+        let mode = PutMode::Update(version.clone());
+        match ctx
+            .put(&self.path, PutPayload::from(lease.encode()), mode)
+            .await
+        {
+            Ok(v) => {
+                *version = v;
+                Ok(())
+            }
+            Err(StoreError::Precondition { .. } | StoreError::NotFound { .. }) => {
+                self.lost.store(true, Ordering::Release);
+                Err(Stop::Lost)
+            }
+            Err(e) => Err(Stop::Remote(e)),
+        }
+    }
+}
+
+async fn heartbeat(ctx: Arc<Ctx>, keeper: Arc<LeaseKeeper>) {
+    let every = ctx.cfg.lease / 4;
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(every) => {}
+            () = keeper.stop.notified() => return,
+        }
+        match keeper.update(&ctx, LeaseState::Producing).await {
+            Ok(()) => {}
+            Err(Stop::Lost) => return,
+            Err(Stop::Remote(e)) => tracing::warn!(error = %e, "lease heartbeat failed; retrying"),
+            Err(Stop::Local(_)) => return,
+        }
+    }
+}
+
+/// Uploads a local entry as it is written: reads it through a local reader, cuts a chunk
+/// every `chunk_size` bytes or `chunk_interval` after its first byte, and commits the
+/// manifest after the last chunk. The memory it holds is one chunk.
+async fn upload(ctx: Arc<Ctx>, reader: Reader, key: String, held: Held) {
+    let h = key_hash(&key);
+    let keeper = Arc::new(LeaseKeeper {
+        path: ctx.path(&h, "lease"),
+        generation: held.generation,
+        version: tokio::sync::Mutex::new(held.version),
+        lost: AtomicBool::new(false),
+        chunks: AtomicU64::new(0),
+        stop: Notify::new(),
+    });
+    let beat = tokio::spawn(heartbeat(ctx.clone(), keeper.clone()));
+    let body = upload_chunks(&ctx, reader, &h, &keeper).await;
+    keeper.stop.notify_one();
+    let _ = beat.await;
+    match body {
+        Ok((chunks, length, metadata)) => {
+            let m = Manifest {
+                key: key.clone(),
+                generation: held.generation,
+                length,
+                finished: ctx.clock.now_millis(),
+                ttl_ms: (ctx.own_ttl)(&key),
+                metadata,
+                chunks,
+            };
+            commit(&ctx, &h, m, held.manifest, &keeper).await;
+        }
+        Err(Stop::Local(e)) => {
+            tracing::debug!(%key, error = %e, "local entry aborted; marking its lease aborted");
+            let _ = keeper.update(&ctx, LeaseState::Aborted).await;
+        }
+        Err(Stop::Lost) => {
+            tracing::warn!(%key, "another node took the lease over; this node's upload stops (its local entry is kept)");
+        }
+        Err(Stop::Remote(e)) => {
+            tracing::warn!(%key, error = %e, "upload abandoned: the bucket kept failing (the local entry is kept)");
+            let _ = keeper.update(&ctx, LeaseState::Aborted).await;
+        }
+    }
+}
+
+/// Writes the manifest (the commit point), then marks the lease done.
+async fn commit(
+    ctx: &Arc<Ctx>,
+    h: &str,
+    m: Manifest,
+    previous: Option<UpdateVersion>,
+    keeper: &LeaseKeeper,
+) {
+    // Still ours? (A node that lost the lease must not commit over its successor.)
+    if keeper.update(ctx, LeaseState::Producing).await.is_err() {
+        return;
+    }
+    let old_generation = match &previous {
+        Some(_) => ctx
+            .get(&ctx.path(h, "manifest"))
+            .await
+            .ok()
+            .flatten()
+            .and_then(|(b, _)| Manifest::decode(&b, &m.key).ok())
+            .map(|old| old.generation),
+        None => None,
+    };
+    let mode = previous.map_or(PutMode::Create, PutMode::Update);
+    let path = ctx.path(h, "manifest");
+    let mut tries = 0;
+    loop {
+        match ctx
+            .put(&path, PutPayload::from(m.encode()), mode.clone())
+            .await
+        {
+            Ok(_) => break,
+            Err(StoreError::AlreadyExists { .. } | StoreError::Precondition { .. }) => {
+                tracing::debug!(key = %m.key, "another node committed this key first");
+                let _ = keeper.update(ctx, LeaseState::Aborted).await;
+                return;
+            }
+            Err(e) if tries < 5 => {
+                tries += 1;
+                tracing::warn!(key = %m.key, error = %e, "manifest upload failed; retrying");
+                tokio::time::sleep(Duration::from_millis(200 << tries)).await;
+            }
+            Err(e) => {
+                tracing::warn!(key = %m.key, error = %e, "manifest upload failed; giving the entry up");
+                let _ = keeper.update(ctx, LeaseState::Aborted).await;
+                return;
+            }
+        }
+    }
+    let _ = keeper.update(ctx, LeaseState::Done).await;
+    if let Some(old) = old_generation.filter(|g| *g != m.generation) {
+        // Readers still downloading the replaced version get a grace period.
+        let (ctx, prefix) = (ctx.clone(), ctx.path(h, &format!("{old:032x}")));
+        tokio::spawn(async move {
+            tokio::time::sleep(ctx.cfg.lease).await;
+            let _ = ctx.delete_prefix(&prefix).await;
+        });
+    }
+}
+
+type Uploaded = (Vec<ChunkRef>, u64, Bytes);
+
+async fn upload_chunks(
+    ctx: &Ctx,
+    reader: Reader,
+    h: &str,
+    keeper: &LeaseKeeper,
+) -> Result<Uploaded, Stop> {
+    let mut r = AsyncReader::from(reader);
+    let size = ctx.cfg.chunk_size;
+    let mut parts: Vec<Bytes> = Vec::new();
+    let mut buffered = 0usize;
+    let mut deadline: Option<tokio::time::Instant> = None;
+    let mut refs = Vec::new();
+    let mut total = 0u64;
+    loop {
+        if keeper.lost.load(Ordering::Acquire) {
+            return Err(Stop::Lost);
+        }
+        let want = size - buffered;
+        let read = match deadline {
+            Some(d) => tokio::time::timeout_at(d, r.read_chunk(want)).await.ok(),
+            None => Some(r.read_chunk(want).await),
+        };
+        let last = match read {
+            Some(Ok(b)) if b.is_empty() => true,
+            Some(Ok(b)) => {
+                if buffered == 0 {
+                    deadline = Some(tokio::time::Instant::now() + ctx.cfg.chunk_interval);
+                }
+                buffered += b.len();
+                parts.push(b);
+                if buffered < size {
+                    continue;
+                }
+                false
+            }
+            Some(Err(e)) => return Err(Stop::Local(e)),
+            None => false, // the interval passed with bytes waiting
+        };
+        let index = u32::try_from(refs.len())
+            .map_err(|_| Stop::Local(std::io::Error::other("entry has over 2^32 chunks")))?;
+        let metadata = if index == 0 {
+            r.get_ref().metadata()
+        } else {
+            Bytes::new()
+        };
+        let (header, hash) =
+            format::chunk_header(keeper.generation, index, last, &metadata, &parts)
+                .map_err(|e| Stop::Local(std::io::Error::other(e)))?;
+        let len: u64 = parts.iter().map(|p| p.len() as u64).sum();
+        // The parts go out as they are: no copy of the payload.
+        let object: PutPayload = [header, metadata]
+            .into_iter()
+            .chain(parts.drain(..))
+            .collect();
+        put_chunk(
+            ctx,
+            &ctx.chunk_path(h, keeper.generation, index),
+            object,
+            keeper,
+        )
+        .await?;
+        total += len;
+        refs.push(ChunkRef { len, hash });
+        keeper.chunks.store(refs.len() as u64, Ordering::Relaxed);
+        buffered = 0;
+        deadline = None;
+        if last {
+            let metadata = r.get_ref().metadata();
+            return Ok((refs, total, metadata));
+        }
+    }
+}
+
+/// Puts one chunk, retrying while the bucket fails (up to twice the lease) and the lease is
+/// still ours.
+async fn put_chunk(
+    ctx: &Ctx,
+    path: &Path,
+    object: PutPayload,
+    keeper: &LeaseKeeper,
+) -> Result<(), Stop> {
+    let started = Instant::now();
+    let mut delay = Duration::from_millis(50);
+    loop {
+        match ctx.put(path, object.clone(), PutMode::Overwrite).await {
+            Ok(_) => return Ok(()),
+            Err(e) if started.elapsed() > ctx.cfg.lease * 2 => return Err(Stop::Remote(e)),
+            Err(e) => {
+                tracing::debug!(error = %e, "chunk upload failed; retrying");
+                if keeper.lost.load(Ordering::Acquire) {
+                    return Err(Stop::Lost);
+                }
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
+}
+
+/// An entry produced while the bucket did not answer: try to publish it until the bucket
+/// answers (with a growing delay), unless another node has it by then.
+async fn publish_later(ctx: Arc<Ctx>, reader: Reader, key: String) {
+    if ctx.pending_publish.fetch_add(1, Ordering::AcqRel) >= MAX_PENDING_PUBLISH {
+        ctx.pending_publish.fetch_sub(1, Ordering::AcqRel);
+        tracing::warn!(%key, "too many entries wait for the shared tier; this one stays local");
+        return;
+    }
+    let mut delay = Duration::from_secs(1);
+    loop {
+        tokio::time::sleep(delay).await;
+        if reader.failed() {
+            break;
+        }
+        match tokio::time::timeout(ctx.cfg.timeout, plan(&ctx, &key)).await {
+            Ok(Ok(Plan::Produce(held))) => {
+                upload(ctx.clone(), reader, key, held).await;
+                break;
+            }
+            Ok(Ok(_)) => break, // another node has it or makes it
+            _ => delay = (delay * 2).min(Duration::from_secs(60)),
+        }
+    }
+    ctx.pending_publish.fetch_sub(1, Ordering::AcqRel);
+}
+
+/// The key's directory in the bucket: blake3 of the key, in hex.
+pub(crate) fn key_hash(key: &str) -> String {
+    blake3::hash(key.as_bytes()).to_hex().to_string()
+}
+
+/// A random 128-bit number (node identities and generations), from blake3 over the time,
+/// the process, the thread and a counter: unique, not secret.
+pub(crate) fn random_u128() -> u128 {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let mut h = blake3::Hasher::new();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    h.update(&now.as_nanos().to_le_bytes());
+    h.update(&std::process::id().to_le_bytes());
+    h.update(&COUNTER.fetch_add(1, Ordering::Relaxed).to_le_bytes());
+    h.update(format!("{:?}", std::thread::current().id()).as_bytes());
+    let local = 0u8;
+    h.update(&(std::ptr::addr_of!(local) as usize).to_le_bytes());
+    let out = h.finalize();
+    u128::from_le_bytes(out.as_bytes()[..16].try_into().unwrap_or([0; 16]))
+}

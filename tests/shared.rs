@@ -1,0 +1,964 @@
+//! The shared tier: several caches ("nodes") on one bucket.
+//!
+//! Each behaviour runs against one shared `InMemory` store (many nodes in one process) and,
+//! where it concerns the wire (conditional writes, a bucket that is down or slow, a producer
+//! process killed with SIGKILL), against a real S3-compatible server: moto, started by the
+//! test (see `support/moto.rs`; the test says SKIPPED when moto is not installed, and fails
+//! instead under `CI=true`).
+
+#[path = "support/moto.rs"]
+mod moto;
+mod support;
+
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Barrier};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use object_store::memory::InMemory;
+use object_store::path::Path as ObjPath;
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use streamcache::cache::ManualClock;
+use streamcache::shared::SharedTier;
+use streamcache::{Cache, Entry, Error, Reader};
+use support::*;
+
+use moto::Moto;
+
+/// One bucket and the timings its nodes use: fast ones for the in-memory bucket, so that
+/// takeovers and failures show within a test's patience; slower ones for moto, a
+/// single-threaded Python server that 64 polling nodes would otherwise outrun.
+#[derive(Clone)]
+struct Fleet {
+    store: Arc<dyn ObjectStore>,
+    lease: Duration,
+    poll: Duration,
+}
+
+fn tier(f: &Fleet) -> SharedTier {
+    SharedTier::new(f.store.clone())
+        .prefix("test")
+        .lease(f.lease)
+        .chunk_size(64 << 10)
+        .chunk_interval(Duration::from_millis(20))
+        .poll_interval(f.poll)
+        .timeout(Duration::from_secs(5))
+}
+
+fn node(f: &Fleet) -> Cache {
+    Cache::builder().shared(tier(f)).build().unwrap()
+}
+
+fn bucket() -> Fleet {
+    Fleet {
+        store: Arc::new(InMemory::new()),
+        lease: Duration::from_millis(800),
+        poll: Duration::from_millis(10),
+    }
+}
+
+fn read_to_vec(r: &mut Reader) -> std::io::Result<Vec<u8>> {
+    let mut v = Vec::new();
+    r.read_to_end(&mut v)?;
+    Ok(v)
+}
+
+/// Every object path under the bucket, sorted.
+fn objects(f: &Fleet) -> Vec<String> {
+    let store = &f.store;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut out = Vec::new();
+    rt.block_on(async {
+        let mut dirs = vec![None::<ObjPath>];
+        while let Some(dir) = dirs.pop() {
+            let l = store.list_with_delimiter(dir.as_ref()).await.unwrap();
+            dirs.extend(l.common_prefixes.into_iter().map(Some));
+            out.extend(l.objects.into_iter().map(|m| m.location.to_string()));
+        }
+    });
+    out.sort();
+    out
+}
+
+fn put_object(f: &Fleet, path: &str, bytes: Vec<u8>) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(f.store.put(&ObjPath::from(path), PutPayload::from(bytes)))
+        .unwrap();
+}
+
+fn get_object(f: &Fleet, path: &str) -> Vec<u8> {
+    let store = &f.store;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        store
+            .get(&ObjPath::from(path))
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap()
+            .to_vec()
+    })
+}
+
+/// A new request's bytes on `c`, if it is a hit that reads to a clean end.
+fn hit_bytes(c: &Cache, key: &str) -> Option<Vec<u8>> {
+    match c.get_or_create(key).ok()? {
+        Entry::Hit(mut r) => read_to_vec(&mut r).ok(),
+        Entry::Miss(_) => None,
+    }
+}
+
+fn is_chunk(path: &str) -> bool {
+    path.rsplit('/')
+        .next()
+        .is_some_and(|last| last.len() == 8 && last.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// A finished entry in the bucket is a hit on another node, downloaded once there however
+/// many local readers ask at the same time.
+fn finished_entry_is_downloaded_once_per_node(store: Fleet) {
+    let a = node(&store);
+    let data = pattern(1 << 20, 1);
+    put(&a, "k", &data);
+    wait_until("manifest committed", DEADLINE, || {
+        objects(&store).iter().any(|p| p.ends_with("/manifest"))
+    });
+    let b = Arc::new(node(&store));
+    let barrier = Arc::new(Barrier::new(8));
+    let readers: Vec<_> = (0..8)
+        .map(|_| {
+            let (b, barrier) = (b.clone(), barrier.clone());
+            thread::spawn(move || {
+                barrier.wait();
+                match b.get_or_create("k").unwrap() {
+                    Entry::Hit(mut r) => read_to_vec(&mut r).unwrap(),
+                    Entry::Miss(_) => panic!("a finished shared entry must be a hit"),
+                }
+            })
+        })
+        .collect();
+    for r in readers {
+        assert!(r.join().unwrap() == data);
+    }
+    let stats = b.shared_stats().unwrap();
+    assert_eq!(stats.downloaded, 1, "{stats:?}");
+    assert_eq!(stats.produced, 0);
+    // It is in B's local cache now: served without the bucket.
+    assert!(get_bytes(&b, "k") == data);
+}
+
+#[test]
+fn finished_entry_is_downloaded_once_per_node_in_memory() {
+    deadline("download", || {
+        finished_entry_is_downloaded_once_per_node(bucket())
+    });
+}
+
+/// Another node's production is tailed: the remote reader gets bytes long before the end.
+fn remote_reader_tails_a_production(store: Fleet) {
+    let a = node(&store);
+    let b = node(&store);
+    let mut w = miss(&a, "slow");
+    w.set_metadata(&b"type: test"[..]);
+    let first = pattern(100_000, 2);
+    w.write_all(&first).unwrap();
+    w.flush().unwrap();
+    let started = Instant::now();
+    let mut r = hit(&b, "slow");
+    let mut got = vec![0; first.len()];
+    r.read_exact(&mut got).unwrap();
+    let first_bytes = started.elapsed();
+    assert!(got == first);
+    assert_eq!(
+        &r.metadata()[..],
+        b"type: test",
+        "chunk 0 carries the metadata"
+    );
+    // The producer has not finished: B read while A produced.
+    let rest = pattern(200_000, 3);
+    w.write_all(&rest).unwrap();
+    w.finish().unwrap();
+    let mut tail = Vec::new();
+    r.read_to_end(&mut tail).unwrap();
+    assert!(tail == rest);
+    eprintln!("remote first bytes after {first_bytes:?}");
+    assert_eq!(b.shared_stats().unwrap().tailed, 1);
+    // B now has it locally and finished, with the producer's metadata.
+    let info = b.entry_info("slow").unwrap();
+    assert!(info.is_finished());
+    assert_eq!(info.len, 300_000);
+}
+
+#[test]
+fn remote_reader_tails_a_production_in_memory() {
+    deadline("tail", || remote_reader_tails_a_production(bucket()));
+}
+
+/// 8 nodes × 8 threads race on one key: exactly one `Miss` fleet-wide; everyone else reads
+/// the same bytes while they are produced.
+fn herd_has_one_producer_fleet_wide(store: Fleet, nodes: usize, per_node: usize) {
+    let caches: Vec<Arc<Cache>> = (0..nodes).map(|_| Arc::new(node(&store))).collect();
+    let data = Arc::new(pattern(600_000, 4));
+    let misses = Arc::new(AtomicUsize::new(0));
+    let barrier = Arc::new(Barrier::new(nodes * per_node));
+    let mut threads = Vec::new();
+    for c in &caches {
+        for _ in 0..per_node {
+            let (c, data, misses, barrier) =
+                (c.clone(), data.clone(), misses.clone(), barrier.clone());
+            threads.push(thread::spawn(move || {
+                barrier.wait();
+                match c.get_or_create("herd").unwrap() {
+                    Entry::Miss(mut w) => {
+                        misses.fetch_add(1, Ordering::SeqCst);
+                        for piece in data.chunks(100_000) {
+                            w.write_all(piece).unwrap();
+                            w.flush().unwrap();
+                            thread::sleep(Duration::from_millis(30));
+                        }
+                        w.finish().unwrap();
+                        None
+                    }
+                    Entry::Hit(mut r) => Some(read_to_vec(&mut r).unwrap()),
+                }
+            }));
+        }
+    }
+    for t in threads {
+        if let Some(got) = t.join().unwrap() {
+            assert!(got == *data, "a reader got different bytes");
+        }
+    }
+    assert_eq!(
+        misses.load(Ordering::SeqCst),
+        1,
+        "exactly one producer fleet-wide"
+    );
+    let produced: u64 = caches
+        .iter()
+        .map(|c| c.shared_stats().unwrap().produced)
+        .sum();
+    assert_eq!(produced, 1);
+}
+
+#[test]
+fn herd_has_one_producer_fleet_wide_in_memory() {
+    deadline("herd", || herd_has_one_producer_fleet_wide(bucket(), 8, 8));
+}
+
+/// A producer that stops heartbeating (its process gone): remote readers get an error, never
+/// a clean end; the next requests race to take over, exactly one wins and produces from byte
+/// 0 under a new generation, whose readers never see the dead generation's bytes.
+fn dead_producer_is_taken_over(store: Fleet) {
+    let a = node(&store);
+    let b = node(&store);
+    let mut w = miss(&a, "dead");
+    w.write_all(&pattern(150_000, 5)).unwrap();
+    w.flush().unwrap();
+    let mut r = hit(&b, "dead");
+    let mut head = vec![0; 1000];
+    r.read_exact(&mut head).unwrap();
+    // A's node dies: its tier stops (no heartbeat, no upload); its writer never finishes.
+    drop(a);
+    let died = Instant::now();
+    let err = read_to_vec(&mut r).expect_err("a dead producer's remote reader must fail");
+    assert!(is_aborted(&err), "{err}");
+    eprintln!(
+        "remote reader failed {:?} after the producer died",
+        died.elapsed()
+    );
+    drop(w);
+    // The next requests anywhere race to take over (a compare-and-swap on the stale lease):
+    // exactly one wins and produces from byte 0; the others tail the new generation.
+    let fresh = Arc::new(pattern(120_000, 6));
+    let racers: Vec<Arc<Cache>> = (0..16).map(|_| Arc::new(node(&store))).collect();
+    let barrier = Arc::new(Barrier::new(racers.len()));
+    let threads: Vec<_> = racers
+        .iter()
+        .map(|c| {
+            let (c, barrier, fresh) = (c.clone(), barrier.clone(), fresh.clone());
+            thread::spawn(move || {
+                barrier.wait();
+                match c.get_or_create("dead").unwrap() {
+                    Entry::Miss(mut w) => {
+                        for piece in fresh.chunks(40_000) {
+                            w.write_all(piece).unwrap();
+                            w.flush().unwrap();
+                            thread::sleep(Duration::from_millis(20));
+                        }
+                        w.finish().unwrap();
+                        1
+                    }
+                    Entry::Hit(mut r) => {
+                        let got = read_to_vec(&mut r).unwrap();
+                        assert!(got == *fresh, "only the new generation's bytes");
+                        0
+                    }
+                }
+            })
+        })
+        .collect();
+    let winners: usize = threads.into_iter().map(|t| t.join().unwrap()).sum();
+    assert_eq!(
+        winners, 1,
+        "exactly one node takes the dead producer's key over"
+    );
+    let d = node(&store);
+    let mut r2 = hit(&d, "dead");
+    assert!(
+        read_to_vec(&mut r2).unwrap() == *fresh,
+        "only the new generation's bytes"
+    );
+    // B's failed local entry was dropped: B now downloads the new one.
+    let mut r3 = hit(&b, "dead");
+    assert!(read_to_vec(&mut r3).unwrap() == *fresh);
+}
+
+#[test]
+fn dead_producer_is_taken_over_in_memory() {
+    deadline("takeover", || dead_producer_is_taken_over(bucket()));
+}
+
+/// A writer that aborts: remote readers get an error; the next request produces again.
+#[test]
+fn writer_abort_fails_remote_readers_and_the_next_request_retries() {
+    deadline("abort", || {
+        let store = bucket();
+        let a = node(&store);
+        let b = node(&store);
+        let mut w = miss(&a, "k");
+        w.write_all(&pattern(100_000, 7)).unwrap();
+        w.flush().unwrap();
+        let mut r = hit(&b, "k");
+        let mut head = vec![0; 100];
+        r.read_exact(&mut head).unwrap();
+        w.abort();
+        let err = read_to_vec(&mut r).expect_err("an aborted remote entry must fail");
+        assert!(is_aborted(&err), "{err}");
+        let mut w = miss(&b, "k");
+        w.write_all(b"second try").unwrap();
+        w.finish().unwrap();
+        let c = node(&store);
+        assert_eq!(read_to_vec(&mut hit(&c, "k")).unwrap(), b"second try");
+    });
+}
+
+/// A chunk that fails its hash, or a manifest that does not parse, is an error for that read
+/// (never wrong bytes); the entry is then treated as absent and produced again.
+#[test]
+fn corrupt_chunk_or_manifest_is_an_error_never_wrong_bytes() {
+    deadline("corrupt", || {
+        let store = bucket();
+        let a = node(&store);
+        put(&a, "k", &pattern(200_000, 8));
+        wait_until("committed", DEADLINE, || {
+            objects(&store).iter().any(|p| p.ends_with("/manifest"))
+        });
+        let chunk = objects(&store).into_iter().find(|p| is_chunk(p)).unwrap();
+        let mut bytes = get_object(&store, &chunk);
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0x55;
+        put_object(&store, &chunk, bytes);
+
+        let b = node(&store);
+        let mut r = hit(&b, "k");
+        let err = read_to_vec(&mut r).expect_err("a corrupt chunk must fail the read");
+        assert!(is_aborted(&err), "{err}");
+        assert!(format!("{err:?}").contains("Corrupt"), "{err:?}");
+        // Treated as absent here: B produces it again and replaces the manifest.
+        let fresh = pattern(50_000, 9);
+        let mut w = miss(&b, "k");
+        w.write_all(&fresh).unwrap();
+        w.finish().unwrap();
+        wait_until("replaced", DEADLINE, || {
+            hit_bytes(&node(&store), "k").is_some_and(|v| v == fresh)
+        });
+
+        // A manifest that does not parse: absent, so the next request is a miss.
+        let manifest = objects(&store)
+            .into_iter()
+            .find(|p| p.ends_with("/manifest"))
+            .unwrap();
+        put_object(
+            &store,
+            &manifest,
+            b"streamcache-manifest 1\ngarbage\n".to_vec(),
+        );
+        let d = node(&store);
+        let mut w = miss(&d, "k");
+        w.write_all(b"third").unwrap();
+        w.finish().unwrap();
+        wait_until("third version", DEADLINE, || {
+            hit_bytes(&node(&store), "k").is_some_and(|v| v == b"third")
+        });
+    });
+}
+
+/// `remove` deletes in the bucket (other nodes' local copies live on); local eviction never
+/// deletes from the bucket.
+#[test]
+fn remove_deletes_in_the_bucket_and_eviction_does_not() {
+    deadline("remove", || {
+        let store = bucket();
+        let a = Cache::builder()
+            .max_entries(1)
+            .shared(tier(&store))
+            .build()
+            .unwrap();
+        put(&a, "one", b"first");
+        put(&a, "two", b"second");
+        a.run_pending_tasks();
+        wait_until("local eviction", DEADLINE, || {
+            a.run_pending_tasks();
+            a.len() == 1
+        });
+        let b = node(&store);
+        wait_until("both committed", DEADLINE, || {
+            objects(&store)
+                .iter()
+                .filter(|p| p.ends_with("/manifest"))
+                .count()
+                == 2
+        });
+        assert_eq!(
+            read_to_vec(&mut hit(&b, "one")).unwrap(),
+            b"first",
+            "evicted on A, still shared"
+        );
+        assert_eq!(read_to_vec(&mut hit(&b, "two")).unwrap(), b"second");
+
+        assert!(a.remove("two").unwrap());
+        let left = objects(&store);
+        assert_eq!(
+            left.iter().filter(|p| p.ends_with("/manifest")).count(),
+            1,
+            "{left:?}"
+        );
+        wait_until("chunks deleted", DEADLINE, || {
+            objects(&store).iter().filter(|p| is_chunk(p)).count() == 1
+        });
+        // B's local copy lives on; a new node misses.
+        assert_eq!(get_bytes(&b, "two"), b"second");
+        let c = node(&store);
+        drop(miss(&c, "two"));
+        // Removing a key only in the bucket (not local) deletes it there too.
+        assert!(!c.remove("one").unwrap());
+        assert!(!objects(&store).iter().any(|p| p.ends_with("/manifest")));
+    });
+}
+
+/// The time to live counts from the manifest's finish time on every node.
+#[test]
+fn ttl_counts_from_the_manifests_finish_time() {
+    deadline("ttl", || {
+        let store = bucket();
+        let clock = Arc::new(ManualClock::new());
+        let build = || {
+            Cache::builder()
+                .clock(clock.clone())
+                .time_to_live(Duration::from_secs(3600))
+                .shared(tier(&store))
+                .build()
+                .unwrap()
+        };
+        let a = build();
+        let mut w = miss(&a, "k");
+        w.set_time_to_live(Duration::from_secs(60));
+        w.write_all(b"fresh for a minute").unwrap();
+        w.finish().unwrap();
+        let finished = a.entry_info("k").unwrap().finished.unwrap();
+        wait_until("committed", DEADLINE, || {
+            objects(&store).iter().any(|p| p.ends_with("/manifest"))
+        });
+        clock.advance(Duration::from_secs(40));
+        let b = build();
+        assert_eq!(
+            read_to_vec(&mut hit(&b, "k")).unwrap(),
+            b"fresh for a minute"
+        );
+        let info = b.entry_info("k").unwrap();
+        let expires = info.expires.unwrap();
+        // 60 s from A's finish (give or take the download's milliseconds), not from B's.
+        assert!(
+            expires >= finished + 59_000 && expires <= finished + 61_000,
+            "expires {expires}, finished {finished}"
+        );
+        clock.advance(Duration::from_secs(21));
+        assert!(b.get("k").unwrap().is_none(), "expired on B");
+        // And in the bucket: a new node produces it again.
+        let c = build();
+        drop(miss(&c, "k"));
+    });
+}
+
+/// `get_or_produce` on two nodes: one production, both get the bytes.
+#[test]
+fn get_or_produce_uses_the_tier() {
+    deadline("produce", || {
+        let store = bucket();
+        let a = node(&store);
+        let b = node(&store);
+        let runs = Arc::new(AtomicUsize::new(0));
+        let produce = |c: &Cache| {
+            let runs = runs.clone();
+            c.get_or_produce("p", move |w| {
+                runs.fetch_add(1, Ordering::SeqCst);
+                thread::sleep(Duration::from_millis(300));
+                w.write_all(b"produced once")
+            })
+            .unwrap()
+        };
+        let mut ra = produce(&a);
+        thread::sleep(Duration::from_millis(100));
+        let mut rb = produce(&b);
+        assert_eq!(read_to_vec(&mut ra).unwrap(), b"produced once");
+        assert_eq!(read_to_vec(&mut rb).unwrap(), b"produced once");
+        assert_eq!(runs.load(Ordering::SeqCst), 1);
+    });
+}
+
+/// The async way: `get_or_create_async` awaits the bucket without blocking the executor.
+#[test]
+fn get_or_create_async_uses_the_tier() {
+    use streamcache::tokio::CacheExt;
+    deadline("async", || {
+        let store = bucket();
+        let a = node(&store);
+        let b = node(&store);
+        put(&a, "k", b"async bytes");
+        wait_until("committed", DEADLINE, || {
+            objects(&store).iter().any(|p| p.ends_with("/manifest"))
+        });
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let entry = rt.block_on(b.get_or_create_async("k")).unwrap();
+        let Entry::Hit(mut r) = entry else {
+            panic!("expected a hit")
+        };
+        assert_eq!(read_to_vec(&mut r).unwrap(), b"async bytes");
+        let Entry::Miss(w) = rt.block_on(b.get_or_create_async("new")).unwrap() else {
+            panic!("expected a miss")
+        };
+        drop(w);
+    });
+}
+
+/// A store without conditional update (`LocalFileSystem`) is refused by `build()`.
+#[test]
+fn a_store_without_conditional_update_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let fs = Arc::new(object_store::local::LocalFileSystem::new_with_prefix(dir.path()).unwrap());
+    let err = Cache::builder()
+        .shared(SharedTier::new(fs))
+        .build()
+        .unwrap_err();
+    assert!(matches!(err, Error::InvalidInput { .. }), "{err}");
+    assert!(err.to_string().contains("conditional update"), "{err}");
+}
+
+/// Bad URLs are clear errors.
+#[test]
+fn from_url_refuses_bad_urls() {
+    for bad in ["", "http://bucket", "s3://", "s3:///prefix"] {
+        let err = SharedTier::from_url(bad).unwrap_err();
+        assert!(matches!(err, Error::InvalidInput { .. }), "{bad:?}: {err}");
+    }
+    SharedTier::from_url("s3://bucket/some/prefix").unwrap();
+}
+
+// ---------------------------------------------------------------------------------------
+// Against a real S3-compatible server (moto).
+
+fn moto_bucket(test: &str) -> Option<(Moto, Fleet)> {
+    let moto = Moto::start(test)?;
+    moto.create_bucket("fleet");
+    let store = Fleet {
+        store: moto.store("fleet"),
+        lease: Duration::from_secs(3),
+        poll: Duration::from_millis(50),
+    };
+    Some((moto, store))
+}
+
+#[test]
+fn wire_download_tail_and_takeover_on_moto() {
+    let Some((_moto, store)) = moto_bucket("wire_download_tail_and_takeover_on_moto") else {
+        return;
+    };
+    deadline_in(Duration::from_secs(120), "moto", move || {
+        finished_entry_is_downloaded_once_per_node(store.clone());
+        remote_reader_tails_a_production(store.clone());
+        dead_producer_is_taken_over(store);
+    });
+}
+
+#[test]
+fn wire_herd_has_one_producer_on_moto() {
+    let Some((_moto, store)) = moto_bucket("wire_herd_has_one_producer_on_moto") else {
+        return;
+    };
+    deadline_in(Duration::from_secs(180), "moto herd", move || {
+        herd_has_one_producer_fleet_wide(store, 8, 8);
+    });
+}
+
+/// The conditional writes themselves, 16 racers per round: exactly one lease create wins.
+#[test]
+fn wire_conditional_create_has_one_winner_on_moto() {
+    let Some((_moto, store)) = moto_bucket("wire_conditional_create_has_one_winner_on_moto") else {
+        return;
+    };
+    deadline_in(Duration::from_secs(180), "moto races", move || {
+        for round in 0..20 {
+            let barrier = Arc::new(Barrier::new(16));
+            let caches: Vec<Arc<Cache>> = (0..16).map(|_| Arc::new(node(&store))).collect();
+            let key = format!("race-{round}");
+            let threads: Vec<_> = caches
+                .iter()
+                .map(|c| {
+                    let (c, barrier, key) = (c.clone(), barrier.clone(), key.clone());
+                    thread::spawn(move || {
+                        barrier.wait();
+                        match c.get_or_create(&key).unwrap() {
+                            Entry::Miss(w) => {
+                                w.finish().unwrap();
+                                1
+                            }
+                            Entry::Hit(mut r) => {
+                                read_to_vec(&mut r).unwrap();
+                                0
+                            }
+                        }
+                    })
+                })
+                .collect();
+            let winners: usize = threads.into_iter().map(|t| t.join().unwrap()).sum();
+            assert_eq!(winners, 1, "round {round}");
+        }
+    });
+}
+
+/// A bucket that does not answer (moto frozen with SIGSTOP) or refuses connections: requests
+/// produce locally within the timeout, never fail; `get_or_produce` does not wait at all; when
+/// the bucket comes back, the entry is published in the background.
+#[test]
+fn wire_bucket_down_or_slow_keeps_serving_locally() {
+    let Some((moto, store)) = moto_bucket("wire_bucket_down_or_slow_keeps_serving_locally") else {
+        return;
+    };
+    deadline_in(Duration::from_secs(120), "bucket down", move || {
+        let timeout = Duration::from_secs(1);
+        let a = Cache::builder()
+            .shared(tier(&store).timeout(timeout))
+            .build()
+            .unwrap();
+        moto.freeze();
+        let t = Instant::now();
+        let mut w = miss(&a, "k");
+        let waited = t.elapsed();
+        assert!(waited < timeout * 3, "get_or_create waited {waited:?}");
+        w.write_all(b"made while the bucket slept").unwrap();
+        w.finish().unwrap();
+        assert_eq!(get_bytes(&a, "k"), b"made while the bucket slept");
+        let t = Instant::now();
+        let mut r = a.get_or_produce("p", |w| w.write_all(b"produced")).unwrap();
+        assert!(
+            t.elapsed() < timeout / 2,
+            "get_or_produce waited {:?}",
+            t.elapsed()
+        );
+        assert_eq!(read_to_vec(&mut r).unwrap(), b"produced");
+        assert!(a.shared_stats().unwrap().fallbacks >= 1);
+        moto.thaw();
+        // Published in the background once the bucket answers.
+        let b = node(&store);
+        wait_until(
+            "published after the outage",
+            Duration::from_secs(60),
+            || {
+                match b.get_or_create("k").unwrap() {
+                    Entry::Hit(mut r) => {
+                        read_to_vec(&mut r).is_ok_and(|v| v == b"made while the bucket slept")
+                    }
+                    Entry::Miss(_) => {
+                        // Not yet: give the key back (the miss aborts) and look again.
+                        thread::sleep(Duration::from_millis(200));
+                        false
+                    }
+                }
+            },
+        );
+
+        // Connection refused from the start: build() works, requests produce locally.
+        let dead_port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let refused = Fleet {
+            store: Arc::new(moto::store_at(
+                &format!("http://127.0.0.1:{dead_port}"),
+                "fleet",
+            )),
+            ..store.clone()
+        };
+        let c = Cache::builder()
+            .shared(tier(&refused).timeout(timeout))
+            .build()
+            .unwrap();
+        put(&c, "x", b"local only");
+        assert_eq!(get_bytes(&c, "x"), b"local only");
+    });
+}
+
+// ---------------------------------------------------------------------------------------
+// A producer process killed with SIGKILL mid-entry, on moto.
+
+const CRASH_KEY: &str = "killed-mid-entry";
+
+/// The child: produces `CRASH_KEY` slowly on the bucket named in its directory, says when
+/// half is written, and waits to be killed.
+#[test]
+fn child_produces_until_killed() {
+    let Some(dir) = child_dir() else { return };
+    let endpoint = std::fs::read_to_string(dir.join("endpoint")).unwrap();
+    let store = Fleet {
+        store: Arc::new(moto::store_at(endpoint.trim(), "fleet")),
+        lease: Duration::from_secs(3),
+        poll: Duration::from_millis(50),
+    };
+    let cache = node(&store);
+    let mut w = miss(&cache, CRASH_KEY);
+    w.write_all(&pattern(300_000, 10)).unwrap();
+    w.flush().unwrap();
+    thread::sleep(Duration::from_millis(300)); // the chunks reach the bucket
+    report("half");
+    loop {
+        thread::park();
+    }
+}
+
+#[test]
+fn wire_producer_killed_with_sigkill_is_taken_over() {
+    let Some((moto, store)) = moto_bucket("wire_producer_killed_with_sigkill_is_taken_over") else {
+        return;
+    };
+    deadline_in(Duration::from_secs(120), "sigkill", move || {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("endpoint"), &moto.endpoint).unwrap();
+        let child = ChildRun::spawn("child_produces_until_killed", dir.path());
+        child.line(REPORT);
+        let b = node(&store);
+        let mut r = hit(&b, CRASH_KEY);
+        let mut head = vec![0; 1000];
+        r.read_exact(&mut head).unwrap();
+        assert!(head[..] == pattern(300_000, 10)[..1000]);
+        drop(child); // SIGKILL
+        let killed = Instant::now();
+        let err = read_to_vec(&mut r).expect_err("never a short body as complete");
+        assert!(is_aborted(&err), "{err}");
+        // Taken over within the lease plus a few seconds.
+        let c = node(&store);
+        let mut w = loop {
+            match c.get_or_create(CRASH_KEY).unwrap() {
+                Entry::Miss(w) => break w,
+                Entry::Hit(mut r) => {
+                    assert!(
+                        read_to_vec(&mut r).is_err(),
+                        "the dead generation must not complete"
+                    );
+                }
+            }
+        };
+        let took = killed.elapsed();
+        assert!(
+            took < Duration::from_millis(800) + Duration::from_secs(5),
+            "takeover after {took:?}"
+        );
+        w.write_all(b"new generation").unwrap();
+        w.finish().unwrap();
+        let d = node(&store);
+        assert_eq!(
+            read_to_vec(&mut hit(&d, CRASH_KEY)).unwrap(),
+            b"new generation"
+        );
+    });
+}
+
+// ---------------------------------------------------------------------------------------
+// The acceptance scenario: three processes on one moto bucket, 20 requesters each, one key
+// produced slowly.
+
+const FLEET_KEY: &str = "produced-slowly";
+const FLEET_PIECES: usize = 10;
+const FLEET_PIECE: usize = 200_000;
+const FLEET_PAUSE: Duration = Duration::from_millis(150);
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+/// One process of the fleet: 20 requesters start together at the time the parent wrote, and
+/// the process reports its misses, each requester's first-byte and completion times (epoch
+/// ms), the production's end if it produced, and the blake3 of every body it read.
+#[test]
+fn child_fleet_node() {
+    let Some(dir) = child_dir() else { return };
+    let endpoint = std::fs::read_to_string(dir.join("endpoint")).unwrap();
+    let start_at: u64 = std::fs::read_to_string(dir.join("start_at"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let fleet = Fleet {
+        store: Arc::new(moto::store_at(endpoint.trim(), "fleet")),
+        lease: Duration::from_secs(3),
+        poll: Duration::from_millis(50),
+    };
+    let cache = Arc::new(node(&fleet));
+    while now_ms() < start_at {
+        thread::sleep(Duration::from_millis(1));
+    }
+    let threads: String = (0..20)
+        .map(|_| {
+            let cache = cache.clone();
+            thread::spawn(move || match cache.get_or_create(FLEET_KEY).unwrap() {
+                Entry::Miss(mut w) => {
+                    for i in 0..FLEET_PIECES {
+                        w.write_all(&pattern(FLEET_PIECE, i as u64)).unwrap();
+                        w.flush().unwrap();
+                        thread::sleep(FLEET_PAUSE);
+                    }
+                    w.finish().unwrap();
+                    format!("miss end={}", now_ms())
+                }
+                Entry::Hit(mut r) => {
+                    let mut first = [0u8; 1];
+                    r.read_exact(&mut first).unwrap();
+                    let first_at = now_ms();
+                    let mut rest = Vec::new();
+                    r.read_to_end(&mut rest).unwrap();
+                    let mut body = first.to_vec();
+                    body.extend_from_slice(&rest);
+                    format!(
+                        "hit first={first_at} done={} hash={}",
+                        now_ms(),
+                        blake3::hash(&body).to_hex()
+                    )
+                }
+            })
+        })
+        .collect::<Vec<_>>()
+        .into_iter()
+        .map(|t| t.join().unwrap())
+        .collect::<Vec<_>>()
+        .join(";");
+    report(&format!("pid={} {threads}", std::process::id()));
+    loop {
+        thread::park();
+    }
+}
+
+#[test]
+fn wire_three_processes_twenty_requesters_one_production() {
+    let Some((_moto, fleet)) = moto_bucket("wire_three_processes_twenty_requesters_one_production")
+    else {
+        return;
+    };
+    let _ = fleet;
+    let endpoint = _moto.endpoint.clone();
+    deadline_in(Duration::from_secs(120), "three processes", move || {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("endpoint"), &endpoint).unwrap();
+        // Start together, once all three have started up.
+        std::fs::write(dir.path().join("start_at"), (now_ms() + 3000).to_string()).unwrap();
+        let children: Vec<_> = (0..3)
+            .map(|_| ChildRun::spawn("child_fleet_node", dir.path()))
+            .collect();
+        let reports: Vec<String> = children.iter().map(|c| c.line(REPORT)).collect();
+        let mut expected = Vec::new();
+        for i in 0..FLEET_PIECES {
+            expected.extend_from_slice(&pattern(FLEET_PIECE, i as u64));
+        }
+        let expected = blake3::hash(&expected).to_hex().to_string();
+        let mut misses = 0;
+        let mut production_end = None;
+        let mut remote_first = Vec::new();
+        for report in &reports {
+            let requests: Vec<&str> = report.split_once(' ').unwrap().1.split(';').collect();
+            let (mine, local_end) = requests.iter().fold((0, None), |(n, end), r| {
+                match r.strip_prefix("STREAMCACHE-CHILD-REPORT ").unwrap_or(r) {
+                    r if r.contains("miss end=") => (
+                        n + 1,
+                        r.rsplit('=').next().map(|e| e.parse::<u64>().unwrap()),
+                    ),
+                    _ => (n, end),
+                }
+            });
+            misses += mine;
+            if let Some(end) = local_end {
+                production_end = Some(end);
+            }
+            for r in requests.iter().filter(|r| r.contains("hit first=")) {
+                assert!(
+                    r.contains(&format!("hash={expected}")),
+                    "identical, complete bytes: {r}"
+                );
+                if mine == 0 {
+                    let first: u64 = r
+                        .split("first=")
+                        .nth(1)
+                        .unwrap()
+                        .split(' ')
+                        .next()
+                        .unwrap()
+                        .parse()
+                        .unwrap();
+                    remote_first.push(first);
+                }
+            }
+        }
+        assert_eq!(
+            misses, 1,
+            "exactly one production across three processes: {reports:#?}"
+        );
+        let end = production_end.unwrap();
+        let earliest = *remote_first
+            .iter()
+            .min()
+            .expect("two processes read remotely");
+        assert_eq!(
+            remote_first.len(),
+            40,
+            "every requester of the other two processes read"
+        );
+        let production = FLEET_PAUSE * FLEET_PIECES as u32;
+        eprintln!(
+            "production took ~{production:?}; first remote byte {} ms before its end",
+            end.saturating_sub(earliest)
+        );
+        assert!(
+            end > earliest + production.as_millis() as u64 / 2,
+            "a remote requester must get its first byte long before the production ends \
+             (end {end}, first remote byte {earliest})"
+        );
+        drop(children);
+    });
+}
