@@ -43,6 +43,10 @@ OPTIONS:
                                waits up to the upstream timeout for a slot, then gets 503 [1024]
     --purge WHO                who may remove a URL's entries with the PURGE method:
                                off, loopback or anyone [off]
+    --shared URL               share one bucket with a fleet of proxies (s3://bucket/prefix;
+                               AWS_* variables configure it; needs --features s3): a path is
+                               fetched from the origin by one proxy of the fleet, the others
+                               stream it from the bucket, even while it is fetched [none]
     -h, --help                 print this help
 
 Logs go to stderr; set RUST_LOG (e.g. RUST_LOG=debug) to change the level [info].";
@@ -58,6 +62,7 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Option<Args>, St
     let mut limits = server::ConnLimits::default();
     let mut max_downloads = 1024;
     let mut purge = streamcache_http::Purge::Off;
+    let mut shared = None;
     while let Some(flag) = args.next() {
         if flag == "-h" || flag == "--help" {
             return Ok(None);
@@ -112,6 +117,7 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Option<Args>, St
                     _ => return Err(bad(&"expected off, loopback or anyone")),
                 }
             }
+            "--shared" => shared = Some(shared_tier(&value)?),
             "--max-connections" => {
                 limits.max_connections = value.parse().map_err(|e| bad(&e))?;
                 if limits.max_connections == 0 {
@@ -131,10 +137,36 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Option<Args>, St
     config.limits = limits;
     config.max_downloads = max_downloads;
     config.purge = purge;
+    #[cfg(feature = "shared")]
+    {
+        config.shared = shared;
+    }
+    #[cfg(not(feature = "shared"))]
+    let _: Option<()> = shared;
     Ok(Some(Args {
         listen: listen.ok_or_else(|| missing("--listen"))?,
         config,
     }))
+}
+
+/// The shared tier at `url` (`s3://bucket/prefix`).
+#[cfg(feature = "s3")]
+fn shared_tier(url: &str) -> Result<streamcache::shared::SharedTier, String> {
+    streamcache::shared::SharedTier::from_url(url).map_err(|e| format!("--shared: {e}"))
+}
+
+#[cfg(all(feature = "shared", not(feature = "s3")))]
+fn shared_tier(url: &str) -> Result<streamcache::shared::SharedTier, String> {
+    Err(format!(
+        "--shared {url}: this proxy was built without the `s3` feature (add --features s3)"
+    ))
+}
+
+#[cfg(not(feature = "shared"))]
+fn shared_tier(url: &str) -> Result<(), String> {
+    Err(format!(
+        "--shared {url}: this proxy was built without the `s3` feature (add --features s3)"
+    ))
 }
 
 /// The soft limit on open files (Linux; `None` elsewhere or if unlimited).

@@ -4,6 +4,9 @@
 //!
 //! Every test runs under a deadline, so a hang fails instead of stalling the suite.
 
+#[cfg(feature = "s3")]
+#[path = "support/moto.rs"]
+mod moto;
 #[path = "../examples/proxy/server.rs"]
 mod server;
 
@@ -1412,6 +1415,68 @@ async fn downloads_beyond_max_downloads_wait_for_a_slot() {
         })
         .await;
         proxy.shutdown().await;
+    })
+    .await;
+}
+
+/// A fleet of proxies on one bucket (`--shared`; here moto, a real S3-compatible server):
+/// clients of two proxies ask for one path at once, and the origin sees one request; a third
+/// proxy with an empty cache serves it from the bucket.
+#[cfg(feature = "s3")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleet_of_proxies_shares_one_bucket() {
+    let Some(moto) = moto::Moto::start("a_fleet_of_proxies_shares_one_bucket") else {
+        return;
+    };
+    moto.create_bucket("proxies");
+    deadline(async {
+        let origin = Origin::start().await;
+        let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+        let config = |dir: &tempfile::TempDir| {
+            let mut c = server::Config::new(origin.url(), dir.path());
+            c.shared = Some(
+                streamcache::shared::SharedTier::new(moto.store("proxies"))
+                    .chunk_interval(Duration::from_millis(20))
+                    .poll_interval(Duration::from_millis(20)),
+            );
+            c
+        };
+        let a = start_proxy_with(&config(&dirs[0])).await;
+        let b = start_proxy_with(&config(&dirs[1])).await;
+        let client = client();
+        let expected = content();
+        let mut clients = JoinSet::new();
+        for i in 0..10 {
+            let proxy = if i % 2 == 0 { &a } else { &b };
+            let (client, url) = (client.clone(), proxy.url("/file/fleet"));
+            clients.spawn(async move { fetch(&client, url, None).await });
+        }
+        while let Some(done) = clients.join_next().await {
+            let (resp, body) = done.unwrap();
+            assert_eq!(resp.status(), StatusCode::OK);
+            assert_eq!(
+                header_str(&resp, header::CONTENT_TYPE),
+                Some("application/x-test")
+            );
+            assert!(body.expect("complete body") == expected[..]);
+        }
+        assert_eq!(
+            origin.hits("/file/fleet"),
+            1,
+            "one origin request for the fleet"
+        );
+        let c = start_proxy_with(&config(&dirs[2])).await;
+        let (resp, body) = fetch(&client, c.url("/file/fleet"), None).await;
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert!(body.unwrap() == expected[..]);
+        assert_eq!(
+            origin.hits("/file/fleet"),
+            1,
+            "the third proxy read the bucket"
+        );
+        for p in [a, b, c] {
+            p.shutdown().await;
+        }
     })
     .await;
 }

@@ -41,6 +41,9 @@ pub(crate) struct Config {
     pub(crate) max_downloads: usize,
     /// Who may `PURGE`.
     pub(crate) purge: Purge,
+    /// A shared tier (a bucket) that a fleet of proxies shares.
+    #[cfg(feature = "shared")]
+    pub(crate) shared: Option<streamcache::shared::SharedTier>,
 }
 
 impl Config {
@@ -55,6 +58,8 @@ impl Config {
             limits: ConnLimits::default(),
             max_downloads: defaults.max_downloads,
             purge: Purge::Off,
+            #[cfg(feature = "shared")]
+            shared: None,
         }
     }
 }
@@ -76,6 +81,10 @@ impl Proxy {
         let mut builder = Cache::builder().disk(&config.dir);
         if let Some(n) = config.max_bytes {
             builder = builder.max_bytes(n);
+        }
+        #[cfg(feature = "shared")]
+        if let Some(tier) = &config.shared {
+            builder = builder.shared(tier.clone());
         }
         let cache = builder.build()?;
         let mut cache_config = CacheConfig::default();

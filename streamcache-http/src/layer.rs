@@ -18,7 +18,7 @@ use http::{Method, Request, Response, StatusCode};
 use http_body::Body;
 use http_body_util::BodyExt;
 use http_cache_semantics::{AfterResponse, BeforeRequest, CacheOptions, CachePolicy};
-use streamcache::tokio::AsyncReader;
+use streamcache::tokio::{AsyncReader, CacheExt};
 use streamcache::{Cache, Entry, Writer};
 use tokio::io::AsyncSeekExt;
 use tokio::sync::{Semaphore, oneshot, watch};
@@ -483,7 +483,9 @@ impl Shared {
                     Err(e) => return cache_failure(&e),
                 }
             } else {
-                match self.cache.get_or_create(&key) {
+                // Async: with a shared tier, a local miss asks the bucket without blocking
+                // the executor.
+                match self.cache.get_or_create_async(&key).await {
                     Ok(e) => e,
                     Err(e) => {
                         // Never a miss: with the cache failing, a fetch could not be stored.
