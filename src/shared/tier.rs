@@ -511,23 +511,15 @@ async fn plan(ctx: &Ctx, key: &str) -> Result<Plan, StoreError> {
         }
         let generation = random_u128();
         let lease = ctx.new_lease(generation);
-        match ctx
-            .put(
-                &lease_path,
-                PutPayload::from(lease.encode()),
-                PutMode::Create,
-            )
-            .await
-        {
-            Ok(version) => {
-                return Ok(Plan::Produce(Held {
-                    generation,
-                    version,
-                    manifest: manifest_version,
-                }));
-            }
-            Err(StoreError::AlreadyExists { .. } | StoreError::Precondition { .. }) => {}
-            Err(e) => return Err(e),
+        let held = |version| {
+            Plan::Produce(Held {
+                generation,
+                version,
+                manifest: manifest_version.clone(),
+            })
+        };
+        if let Some(version) = take_lease(ctx, &lease_path, &lease, PutMode::Create).await? {
+            return Ok(held(version));
         }
         let Some((bytes, meta)) = ctx.get(&lease_path).await? else {
             continue; // removed meanwhile: try to create it again
@@ -548,29 +540,34 @@ async fn plan(ctx: &Ctx, key: &str) -> Result<Plan, StoreError> {
         }
         // Dead, aborted, finished without a usable manifest, or unreadable: take it over.
         // Exactly one node's conditional update wins.
-        match ctx
-            .put(
-                &lease_path,
-                PutPayload::from(lease.encode()),
-                PutMode::Update(version_of(&meta)),
-            )
-            .await
-        {
-            Ok(version) => {
-                return Ok(Plan::Produce(Held {
-                    generation,
-                    version,
-                    manifest: manifest_version,
-                }));
-            }
-            Err(StoreError::Precondition { .. } | StoreError::NotFound { .. }) => {}
-            Err(e) => return Err(e),
+        let mode = PutMode::Update(version_of(&meta));
+        if let Some(version) = take_lease(ctx, &lease_path, &lease, mode).await? {
+            return Ok(held(version));
         }
     }
     Err(StoreError::Generic {
         store: "streamcache shared tier",
         source: format!("lost {MAX_PLAN_ROUNDS} conditional writes in a row on one key").into(),
     })
+}
+
+/// Writes `lease` with the conditional `mode`: its new version if this node won, `None` if
+/// another node's write came first (the object exists, or changed since it was read).
+async fn take_lease(
+    ctx: &Ctx,
+    path: &Path,
+    lease: &Lease,
+    mode: PutMode,
+) -> Result<Option<UpdateVersion>, StoreError> {
+    match ctx.put(path, PutPayload::from(lease.encode()), mode).await {
+        Ok(version) => Ok(Some(version)),
+        Err(
+            StoreError::AlreadyExists { .. }
+            | StoreError::Precondition { .. }
+            | StoreError::NotFound { .. },
+        ) => Ok(None),
+        Err(e) => Err(e),
+    }
 }
 
 fn corrupt(ctx: &Ctx, key_hash: &str, what: &str, reason: String) -> Error {
