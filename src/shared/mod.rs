@@ -71,8 +71,8 @@
 //!   tails an entry once, into its local cache; its local readers read that.
 //! * **Failures are errors, never short or wrong bytes.** A remote producer that stops
 //!   heartbeating, aborts, or loses its lease makes its tailing readers fail
-//!   ([`Error::Shared`](crate::Error::Shared)); a chunk or manifest that fails its hash or does
-//!   not parse fails the read ([`Error::Corrupt`](crate::Error::Corrupt)) and the entry is then
+//!   ([`Error::Shared`]); a chunk or manifest that fails its hash or does
+//!   not parse fails the read ([`Error::Corrupt`]) and the entry is then
 //!   treated as absent here (the next request produces it again and replaces the manifest).
 //!   The next request after a failure asks the bucket again.
 //! * **A down bucket never fails a request.** Every bucket operation is bounded by
@@ -109,7 +109,7 @@
 //! The store must support conditional create and conditional update
 //! (`PutMode::Create` and `PutMode::Update`): AWS S3, MinIO, Cloudflare R2 and `object_store`'s
 //! `InMemory` do; `LocalFileSystem` has no conditional update and is refused by
-//! [`CacheBuilder::build`](crate::CacheBuilder::build) with [`Error::InvalidInput`](crate::Error::InvalidInput),
+//! [`CacheBuilder::build`](crate::CacheBuilder::build) with [`Error::InvalidInput`],
 //! as is a store that accepts a conditional write it should refuse. A store unreachable at
 //! build time is not an error: the cache serves locally until it answers.
 
