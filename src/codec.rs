@@ -1,5 +1,6 @@
 //! Reading the crate's little-endian binary records: one [`Cursor`] for every decoder (the
-//! disk storage's metadata record, the cache's entry record).
+//! disk storage's metadata record, the cache's entry record); and the small text helpers the
+//! crate's text files share (hex, random ids).
 //!
 //! Invariants: a read never panics and never reads past the input; every error is a
 //! `&'static str` naming what is wrong (the record being decoded supplies the messages), so
@@ -87,5 +88,64 @@ mod tests {
         let mut c = Cursor::new(b"ab", "truncated");
         c.take(1).unwrap();
         assert_eq!(c.finish("trailing bytes"), Err("trailing bytes"));
+    }
+}
+
+/// Lower-case hex of `bytes` (ids in files, keys and hashes in the shared tier's text objects).
+#[cfg_attr(not(any(unix, feature = "shared")), allow(dead_code))]
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        let _ = write!(s, "{b:02x}");
+    }
+    s
+}
+
+/// The bytes of hex digits (either case); `None` for an odd length or a non-digit.
+#[cfg_attr(not(any(unix, feature = "shared")), allow(dead_code))]
+pub(crate) fn unhex(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).ok())
+        .collect()
+}
+
+/// 128 bits no other caller gets: blake3 of OS-seeded hasher output (std's `RandomState`
+/// keys come from the OS), the time, the process and `salt`. Unique, not secret.
+#[cfg_attr(not(any(unix, feature = "shared")), allow(dead_code))]
+pub(crate) fn random_id(salt: &[u8]) -> [u8; 16] {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = blake3::Hasher::new();
+    for _ in 0..4 {
+        let mut s = std::hash::RandomState::new().build_hasher();
+        s.write(salt);
+        h.update(&s.finish().to_le_bytes());
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    h.update(&now.to_le_bytes());
+    h.update(&std::process::id().to_le_bytes());
+    h.update(salt);
+    let mut id = [0; 16];
+    id.copy_from_slice(&h.finalize().as_bytes()[..16]);
+    id
+}
+
+#[cfg(test)]
+mod text_tests {
+    #[test]
+    fn hex_round_trips_and_refuses_bad_digits() {
+        let bytes = [0u8, 1, 0xab, 0xff];
+        assert_eq!(super::hex(&bytes), "0001abff");
+        assert_eq!(super::unhex("0001ABff").unwrap(), bytes);
+        for bad in ["0", "zz", "0g", "\u{e9}0"] {
+            assert!(super::unhex(bad).is_none(), "{bad:?}");
+        }
+        assert_ne!(super::random_id(b"x"), super::random_id(b"x"));
     }
 }

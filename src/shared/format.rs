@@ -6,6 +6,8 @@
 
 use bytes::{Buf, Bytes};
 
+use crate::codec::hex;
+
 /// A chunk object: `magic | generation (16) | index (u32 LE) | flags (u8, 1 = last) |
 /// metadata length (u32 LE) | payload length (u32 LE) | blake3 of metadata and payload (32) |
 /// metadata | payload`. Only chunk 0 carries metadata (what the writer had set when the chunk
@@ -295,23 +297,8 @@ fn hex_u128(s: &str) -> Result<u128, String> {
     u128::from_str_radix(s, 16).map_err(|_| format!("{s:?} is not a 128-bit hex number"))
 }
 
-pub(crate) fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write;
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        let _ = write!(s, "{b:02x}");
-    }
-    s
-}
-
 fn unhex(s: &str) -> Result<Vec<u8>, String> {
-    if !s.len().is_multiple_of(2) || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return Err("malformed hex".into());
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).map_err(|_| "malformed hex".into()))
-        .collect()
+    crate::codec::unhex(s).ok_or_else(|| "malformed hex".to_string())
 }
 
 #[cfg(test)]

@@ -56,7 +56,15 @@ struct Held {
     version: UpdateVersion,
     /// The manifest present when the lease was won (expired or unusable), replaced with a
     /// conditional update; `None` creates the manifest.
-    manifest: Option<UpdateVersion>,
+    manifest: Option<Previous>,
+}
+
+/// A manifest the producer replaces.
+#[derive(Debug, Clone)]
+struct Previous {
+    version: UpdateVersion,
+    /// Its generation, if it parsed: those chunks are deleted once it is replaced.
+    generation: Option<u128>,
 }
 
 /// The tier's state shared by its tasks.
@@ -265,7 +273,6 @@ impl Tier {
         let key = key.to_string();
         let done = self.block_on(async move {
             let h = key_hash(&key);
-            let manifest = ctx.get(&ctx.path(&h, "manifest")).await?;
             ctx.delete(&ctx.path(&h, "manifest")).await?;
             ctx.delete(&ctx.path(&h, "lease")).await?;
             let ctx2 = ctx.clone();
@@ -274,7 +281,6 @@ impl Tier {
                     tracing::warn!(error = %e, "could not delete a removed entry's chunks; the bucket's lifecycle rules will");
                 }
             });
-            drop(manifest);
             Ok::<(), StoreError>(())
         });
         match done {
@@ -492,20 +498,23 @@ async fn plan(ctx: &Ctx, key: &str) -> Result<Plan, StoreError> {
     let lease_path = ctx.path(&h, "lease");
     let mut rechecked = false;
     for _ in 0..MAX_PLAN_ROUNDS {
-        let mut manifest_version = None;
+        let mut previous = None;
         if let Some((bytes, meta)) = ctx.get(&manifest_path).await? {
-            manifest_version = Some(version_of(&meta));
-            if ctx.is_bad(meta.e_tag.as_ref()) {
-                tracing::debug!(key, "manifest known bad here; treating the entry as absent");
-            } else {
-                match Manifest::decode(&bytes, key) {
-                    Ok(m) if ctx.remaining(&m).is_some() => {
-                        return Ok(Plan::Download(m, meta.e_tag));
-                    }
-                    Ok(_) => tracing::debug!(key, "shared entry expired; producing it again"),
-                    Err(reason) => {
-                        tracing::warn!(key, %reason, "unusable manifest in the bucket; treating the entry as absent")
-                    }
+            let decoded = Manifest::decode(&bytes, key);
+            previous = Some(Previous {
+                version: version_of(&meta),
+                generation: decoded.as_ref().ok().map(|m| m.generation),
+            });
+            match decoded {
+                _ if ctx.is_bad(meta.e_tag.as_ref()) => {
+                    tracing::debug!(key, "manifest known bad here; treating the entry as absent")
+                }
+                Ok(m) if ctx.remaining(&m).is_some() => {
+                    return Ok(Plan::Download(m, meta.e_tag));
+                }
+                Ok(_) => tracing::debug!(key, "shared entry expired; producing it again"),
+                Err(reason) => {
+                    tracing::warn!(key, %reason, "unusable manifest in the bucket; treating the entry as absent")
                 }
             }
         }
@@ -515,7 +524,7 @@ async fn plan(ctx: &Ctx, key: &str) -> Result<Plan, StoreError> {
             Plan::Produce(Held {
                 generation,
                 version,
-                manifest: manifest_version.clone(),
+                manifest: previous.clone(),
             })
         };
         if let Some(version) = take_lease(ctx, &lease_path, &lease, PutMode::Create).await? {
@@ -833,57 +842,32 @@ impl LeaseKeeper {
             chunks: self.chunks.load(Ordering::Relaxed),
             ..ctx.new_lease(self.generation)
         };
-        let mode = PutMode::Update(version.clone());
-        match ctx
-            .put(&self.path, PutPayload::from(lease.encode()), mode)
-            .await
-        {
-            Ok(v) => {
-                *version = v;
-                Ok(())
-            }
-            Err(StoreError::Precondition { .. } | StoreError::NotFound { .. }) => {
-                match ctx.get(&self.path).await {
+        for second_try in [false, true] {
+            let mode = PutMode::Update(version.clone());
+            match take_lease(ctx, &self.path, &lease, mode).await {
+                Ok(Some(v)) => {
+                    *version = v;
+                    return Ok(());
+                }
+                Err(e) => return Err(Stop::Remote(e)),
+                Ok(None) if second_try => break,
+                // Refused: either another node took it, or our last write landed without
+                // its answer reaching us. Still ours while it names our generation.
+                Ok(None) => match ctx.get(&self.path).await {
                     Ok(Some((bytes, meta)))
                         if Lease::decode(&bytes).is_ok_and(|l| {
                             l.generation == self.generation && l.state == LeaseState::Producing
                         }) =>
                     {
                         *version = version_of(&meta);
-                        self.update_once(ctx, lease, &mut version).await
                     }
-                    Ok(_) => {
-                        self.lost.store(true, Ordering::Release);
-                        Err(Stop::Lost)
-                    }
-                    Err(e) => Err(Stop::Remote(e)),
-                }
+                    Ok(_) => break,
+                    Err(e) => return Err(Stop::Remote(e)),
+                },
             }
-            Err(e) => Err(Stop::Remote(e)),
         }
-    }
-
-    async fn update_once(
-        &self,
-        ctx: &Ctx,
-        lease: Lease,
-        version: &mut UpdateVersion,
-    ) -> Result<(), Stop> {
-        let mode = PutMode::Update(version.clone());
-        match ctx
-            .put(&self.path, PutPayload::from(lease.encode()), mode)
-            .await
-        {
-            Ok(v) => {
-                *version = v;
-                Ok(())
-            }
-            Err(StoreError::Precondition { .. } | StoreError::NotFound { .. }) => {
-                self.lost.store(true, Ordering::Release);
-                Err(Stop::Lost)
-            }
-            Err(e) => Err(Stop::Remote(e)),
-        }
+        self.lost.store(true, Ordering::Release);
+        Err(Stop::Lost)
     }
 }
 
@@ -952,24 +936,15 @@ async fn commit(
     ctx: &Arc<Ctx>,
     h: &str,
     m: Manifest,
-    previous: Option<UpdateVersion>,
+    previous: Option<Previous>,
     keeper: &LeaseKeeper,
 ) {
     // Still ours? (A node that lost the lease must not commit over its successor.)
     if keeper.update(ctx, LeaseState::Producing).await.is_err() {
         return;
     }
-    let old_generation = match &previous {
-        Some(_) => ctx
-            .get(&ctx.path(h, "manifest"))
-            .await
-            .ok()
-            .flatten()
-            .and_then(|(b, _)| Manifest::decode(&b, &m.key).ok())
-            .map(|old| old.generation),
-        None => None,
-    };
-    let mode = previous.map_or(PutMode::Create, PutMode::Update);
+    let old_generation = previous.as_ref().and_then(|p| p.generation);
+    let mode = previous.map_or(PutMode::Create, |p| PutMode::Update(p.version));
     let path = ctx.path(h, "manifest");
     let mut tries = 0;
     loop {
@@ -1138,20 +1113,7 @@ pub(crate) fn key_hash(key: &str) -> String {
     blake3::hash(key.as_bytes()).to_hex().to_string()
 }
 
-/// A random 128-bit number (node identities and generations), from blake3 over the time,
-/// the process, the thread and a counter: unique, not secret.
+/// A random 128-bit number (node identities and generations): unique, not secret.
 pub(crate) fn random_u128() -> u128 {
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let mut h = blake3::Hasher::new();
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    h.update(&now.as_nanos().to_le_bytes());
-    h.update(&std::process::id().to_le_bytes());
-    h.update(&COUNTER.fetch_add(1, Ordering::Relaxed).to_le_bytes());
-    h.update(format!("{:?}", std::thread::current().id()).as_bytes());
-    let local = 0u8;
-    h.update(&(std::ptr::addr_of!(local) as usize).to_le_bytes());
-    let out = h.finalize();
-    u128::from_le_bytes(out.as_bytes()[..16].try_into().unwrap_or([0; 16]))
+    u128::from_le_bytes(crate::codec::random_id(b"streamcache shared tier"))
 }

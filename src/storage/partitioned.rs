@@ -4,12 +4,10 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::fs;
-use std::hash::{BuildHasher, Hasher};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::disk::{TMP_DIR, open_regular, staged_file};
 use super::{BlobInfo, BlobReader, BlobWriter, DiskStorage, Durability, Storage, validate_name};
@@ -355,7 +353,7 @@ fn dir_id(dir: &Path) -> io::Result<DirId> {
     // Staged in the storage's `tmp/` (wiped at open, so a crash leaves nothing behind).
     let (mut file, staged) = staged_file(&dir.join(TMP_DIR), ID_FILE)
         .map_err(|e| annotate(e, format!("create a temporary file in {}", dir.display())))?;
-    let text = format!("{}\n", hex(&id));
+    let text = format!("{}\n", crate::codec::hex(&id));
     file.write_all(text.as_bytes())
         .and_then(|()| file.sync_all())
         .map_err(|e| annotate(e, format!("write {}", staged.display())))?;
@@ -393,38 +391,14 @@ fn read_id(path: &Path) -> io::Result<DirId> {
             ),
         )
     };
-    if digits.len() != 32 {
-        return Err(bad());
-    }
-    let mut id = [0u8; 16];
-    for (i, b) in id.iter_mut().enumerate() {
-        *b = u8::from_str_radix(&digits[2 * i..2 * i + 2], 16).map_err(|_| bad())?;
-    }
-    Ok(id)
+    crate::codec::unhex(digits)
+        .and_then(|v| DirId::try_from(v).ok())
+        .ok_or_else(bad)
 }
 
-/// 128 bits that no other directory has: blake3 of OS-seeded hasher output (std's
-/// `RandomState` keys come from the OS), the time, the process and the path.
+/// 128 bits that no other directory has.
 fn random_id(dir: &Path) -> DirId {
-    let mut h = blake3::Hasher::new();
-    for _ in 0..4 {
-        let mut s = std::hash::RandomState::new().build_hasher();
-        s.write(dir.as_os_str().as_encoded_bytes());
-        h.update(&s.finish().to_le_bytes());
-    }
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos());
-    h.update(&now.to_le_bytes());
-    h.update(&std::process::id().to_le_bytes());
-    h.update(dir.as_os_str().as_encoded_bytes());
-    let mut id = [0; 16];
-    id.copy_from_slice(&h.finalize().as_bytes()[..16]);
-    id
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    crate::codec::random_id(dir.as_os_str().as_encoded_bytes())
 }
 
 /// A refused set of directories: an `io::Error` of kind `InvalidInput` that carries
