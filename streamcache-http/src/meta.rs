@@ -153,11 +153,15 @@ impl StoredHead {
         CachePolicy::new_options(&view, &res, self.response_time, opts)
     }
 
-    /// The response's age at `now` (its `Age` plus the time since it was received), as the
-    /// caching policy computes it.
+    /// The response's age at `now`: its `Age` header plus the time since it was received, as
+    /// `CachePolicy::age` computes it, without building a policy (this runs on every hit).
     pub(crate) fn age(&self, now: SystemTime) -> Duration {
-        self.policy(&Uri::from_static("/"), CacheOptions::default())
-            .age(now)
+        let header = self
+            .response
+            .get(http::header::AGE)
+            .and_then(|v| v.to_str().ok()?.parse().ok())
+            .unwrap_or(0);
+        Duration::from_secs(header) + now.duration_since(self.response_time).unwrap_or_default()
     }
 
     /// The metadata bytes: a version line, the response time in milliseconds since the Unix
@@ -399,6 +403,39 @@ impl RangeSpec {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `StoredHead::age` computes what the caching policy's `age` does, without a policy.
+    #[test]
+    fn age_is_the_policys_age() {
+        let received = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        for age in [None, Some("30"), Some("junk")] {
+            let mut response = HeaderMap::new();
+            response.insert(
+                http::header::CACHE_CONTROL,
+                HeaderValue::from_static("max-age=600"),
+            );
+            if let Some(a) = age {
+                response.insert(http::header::AGE, HeaderValue::from_static(a));
+            }
+            let head = StoredHead {
+                response_time: received,
+                status: StatusCode::OK,
+                request: HeaderMap::new(),
+                response,
+            };
+            let policy = head.policy(&Uri::from_static("/"), CacheOptions::default());
+            for later in [0, 7, 3600] {
+                let now = received + Duration::from_secs(later);
+                assert_eq!(
+                    head.age(now),
+                    policy.age(now),
+                    "Age {age:?}, {later} s later"
+                );
+            }
+            let before = received - Duration::from_secs(5);
+            assert_eq!(head.age(before), policy.age(before));
+        }
+    }
 
     #[test]
     fn range_header_parsing() {
