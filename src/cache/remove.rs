@@ -107,7 +107,8 @@ impl Inner {
         // (its deletion is queued) and index it again.
         super::reload::settled(self, &slot.key);
         self.entries.fetch_sub(1, Ordering::Relaxed);
-        if deletion.filed() {
+        // Without a size limit the recency list is never filled (see `Limits::by_size`).
+        if deletion.filed() && self.limits.by_size() {
             self.lru
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
