@@ -9,38 +9,60 @@ use std::io::{Read, Write};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Barrier};
 use std::thread;
+use std::time::{Duration, Instant};
 
 use common::deadline;
 use streamcache::{Cache, Entry, Error};
 
 const BODY: &[u8] = b"the producer's bytes";
 
-/// Runs `requests` against a thread that removes `"k"` in a loop (started together through a
-/// barrier); returns how many of its removals found an entry, and fails if none did while the
-/// requests ran (the race would not have been exercised).
-fn against_remove_loop(cache: &Arc<Cache>, requests: impl FnOnce()) -> usize {
+/// Removals that must land while the requests run, for a run to count as a race.
+const MIN_REMOVED: usize = 100;
+
+/// Runs `batch` (a batch of requests) at least `min_batches` times against a thread that
+/// removes `"k"` in a loop (started together through a barrier), and goes on with more batches
+/// until the remover has removed at least [`MIN_REMOVED`] entries; fails if that takes longer
+/// than 20 s (the race would not have been exercised). Returns how many removals found an
+/// entry.
+///
+/// Regression (test harness): a fixed request count finished in 0.14 s on a loaded CI machine
+/// while the remover thread was barely scheduled, so the run failed with no race at all; how
+/// long the requests go on now follows the remover, not a guess at the scheduler.
+fn against_remove_loop(cache: &Arc<Cache>, min_batches: usize, mut batch: impl FnMut()) -> usize {
     let barrier = Arc::new(Barrier::new(2));
     let stop = Arc::new(AtomicBool::new(false));
+    let removed = Arc::new(AtomicUsize::new(0));
     let remover = {
-        let (cache, barrier, stop) = (cache.clone(), barrier.clone(), stop.clone());
+        let (cache, barrier, stop, removed) = (
+            cache.clone(),
+            barrier.clone(),
+            stop.clone(),
+            removed.clone(),
+        );
         thread::spawn(move || {
             barrier.wait();
-            let mut n = 0;
             while !stop.load(Ordering::Relaxed) {
                 if cache.remove("k").unwrap() {
-                    n += 1;
+                    removed.fetch_add(1, Ordering::Relaxed);
                 }
             }
-            n
         })
     };
     barrier.wait();
-    requests();
+    let give_up = Instant::now() + Duration::from_secs(20);
+    let mut batches = 0;
+    while batches < min_batches
+        || (removed.load(Ordering::Relaxed) < MIN_REMOVED && Instant::now() < give_up)
+    {
+        batch();
+        batches += 1;
+    }
     stop.store(true, Ordering::Relaxed);
-    let removed = remover.join().unwrap();
+    remover.join().unwrap();
+    let removed = removed.load(Ordering::Relaxed);
     assert!(
-        removed > 0,
-        "the remover never removed an entry: no race was run"
+        removed >= MIN_REMOVED,
+        "the remover removed {removed} entries in {batches} batches: the race was not run"
     );
     removed
 }
@@ -55,8 +77,8 @@ fn writer_reader_races_remove_loop() {
     deadline("get_or_create + Writer::reader vs remove loop", || {
         let cache = Arc::new(Cache::builder().memory().build().unwrap());
         let misses = AtomicUsize::new(0);
-        against_remove_loop(&cache, || {
-            for _ in 0..100_000 {
+        against_remove_loop(&cache, 100, || {
+            for _ in 0..1_000 {
                 match cache.get_or_create("k").unwrap() {
                     Entry::Miss(mut w) => {
                         misses.fetch_add(1, Ordering::Relaxed);
@@ -94,8 +116,8 @@ fn get_or_produce_races_remove_loop() {
     deadline("get_or_produce vs remove loop", || {
         let cache = Arc::new(Cache::builder().memory().build().unwrap());
         let closed = AtomicUsize::new(0);
-        against_remove_loop(&cache, || {
-            for _ in 0..5_000 {
+        against_remove_loop(&cache, 50, || {
+            for _ in 0..100 {
                 match cache.get_or_produce("k", |w| w.write_all(BODY)) {
                     Ok(mut r) => {
                         let mut got = Vec::new();
@@ -155,9 +177,9 @@ mod tokio_adapter {
             let rt = runtime();
             let cache = Arc::new(Cache::builder().memory().build().unwrap());
             let closed = AtomicUsize::new(0);
-            against_remove_loop(&cache, || {
+            against_remove_loop(&cache, 100, || {
                 rt.block_on(async {
-                    for _ in 0..20_000 {
+                    for _ in 0..200 {
                         let got = cache.get_or_produce_async("k", |mut w| async move {
                             w.write_all(BODY).await
                         });
