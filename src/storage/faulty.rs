@@ -154,6 +154,10 @@ impl BlobReader for FaultyReader {
         self.inner.read_bytes(offset, max)
     }
 
+    fn known_hash(&self, offset: u64, len: u64) -> Option<[u8; 32]> {
+        self.inner.known_hash(offset, len)
+    }
+
     fn idle(&self) {
         self.inner.idle()
     }

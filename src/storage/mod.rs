@@ -242,6 +242,18 @@ pub trait BlobReader: Send + Sync + fmt::Debug {
         None
     }
 
+    /// The blake3 hash of the bytes `[offset, offset + len)`, if the implementation already
+    /// has it at hand; `None` otherwise, and the caller hashes the bytes itself. It must never
+    /// compute a hash for the call (callers ask to save that work) and must only answer with
+    /// the hash of exactly the bytes its reads return for that range. [`DiskStorage`] knows
+    /// the hash of each whole 1 MiB block (`offset` a multiple of 1 MiB) as soon as its
+    /// writer has hashed it, and of the last, partial one once the blob is committed. The
+    /// default returns `None`.
+    fn known_hash(&self, offset: u64, len: u64) -> Option<[u8; 32]> {
+        let _ = (offset, len);
+        None
+    }
+
     /// Called when the last reader of the blob has gone away (it may get new ones later).
     /// Implementations may drop caches; [`DiskStorage`] re-examines the file at the next use
     /// and forgets which blocks it has checked if the file changed. The default does nothing.
@@ -310,6 +322,9 @@ macro_rules! forward_through {
             }
             fn read_bytes(&self, offset: u64, max: usize) -> Option<io::Result<Bytes>> {
                 (**self).read_bytes(offset, max)
+            }
+            fn known_hash(&self, offset: u64, len: u64) -> Option<[u8; 32]> {
+                (**self).known_hash(offset, len)
             }
             fn idle(&self) {
                 (**self).idle()

@@ -9,10 +9,41 @@
 use std::fmt;
 use std::io;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc;
+use std::sync::{Arc, Mutex, mpsc};
 use std::thread::JoinHandle;
 
 use super::BLOCK;
+
+/// The hashes of a blob's blocks as they are computed, in block order: by the writer (the
+/// first block, or every block when it hashes inline) or by its helper. The blob's readers
+/// share them, so that a reader that must hash the same bytes again (the shared tier's
+/// upload) can take them instead (`BlobReader::known_hash`).
+#[derive(Debug, Default)]
+pub(super) struct BlockHashes {
+    /// Lock: this mutex (held only to push or copy one hash). Invariant: entry `i` is the
+    /// hash of block `i` of the bytes written, pushed once and never changed.
+    hashes: Mutex<Vec<[u8; 32]>>,
+}
+
+impl BlockHashes {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<[u8; 32]>> {
+        self.hashes.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(super) fn push(&self, hash: [u8; 32]) {
+        self.lock().push(hash);
+    }
+
+    /// The hash of block `index`, once computed.
+    pub(super) fn get(&self, index: u64) -> Option<[u8; 32]> {
+        self.lock().get(usize::try_from(index).ok()?).copied()
+    }
+
+    /// Every hash computed so far.
+    pub(super) fn to_vec(&self) -> Vec<[u8; 32]> {
+        self.lock().clone()
+    }
+}
 
 /// The blocks of a blob past its first: the writer copies them into `fill`, and once a whole
 /// one is there a helper thread hashes them while the writer goes on writing, so that the
@@ -41,8 +72,8 @@ impl fmt::Debug for Tail {
 struct Helper {
     blocks: Option<mpsc::SyncSender<Vec<u8>>>,
     spare: mpsc::Receiver<Vec<u8>>,
-    /// Returns the hashes of every block it was sent, in order.
-    thread: Option<JoinHandle<Vec<[u8; 32]>>>,
+    /// Pushes the hash of every block it is sent, in order, to the blob's `BlockHashes`.
+    thread: Option<JoinHandle<()>>,
 }
 
 /// Hashing helpers running, process-wide; `DiskStorage` allows one per core (more would only
@@ -71,7 +102,7 @@ impl Drop for HelperPlace {
 
 impl Helper {
     /// A helper, unless `max` are running already or no thread can be started.
-    fn start(max: usize) -> Option<Helper> {
+    fn start(max: usize, hashes: Arc<BlockHashes>) -> Option<Helper> {
         let place = HelperPlace::take(max)?;
         let (blocks, todo) = mpsc::sync_channel::<Vec<u8>>(2);
         let (done, spare) = mpsc::channel();
@@ -79,12 +110,10 @@ impl Helper {
             .name("streamcache-hash".into())
             .spawn(move || {
                 let _place = place;
-                let mut hashes = Vec::new();
                 for block in todo {
                     hashes.push(*blake3::hash(&block).as_bytes());
                     let _ = done.send(block);
                 }
-                hashes
             })
             .ok()?;
         Some(Helper {
@@ -123,8 +152,8 @@ impl Helper {
         Err(io::Error::other("the block hashing thread stopped"))
     }
 
-    /// Waits for the helper to hash everything sent; its hashes, in order.
-    fn join(&mut self) -> io::Result<Vec<[u8; 32]>> {
+    /// Waits for the helper to hash everything sent.
+    fn join(&mut self) -> io::Result<()> {
         drop(self.blocks.take());
         let thread = self
             .thread
@@ -145,15 +174,15 @@ impl Tail {
         }
     }
 
-    /// `fill` holds a whole block: hashes it (on the helper, started now if need be, or into
-    /// `hashes` here) and starts the next.
+    /// `fill` holds a whole block: hashes it (on the helper, started now if need be, or here)
+    /// into `hashes`, and starts the next.
     pub(super) fn block_full(
         &mut self,
-        hashes: &mut Vec<[u8; 32]>,
+        hashes: &Arc<BlockHashes>,
         max_helpers: usize,
     ) -> io::Result<()> {
         if self.helper.is_none() && !self.inline {
-            self.helper = Helper::start(max_helpers);
+            self.helper = Helper::start(max_helpers, hashes.clone());
             self.inline = self.helper.is_none();
         }
         match &mut self.helper {
@@ -170,14 +199,14 @@ impl Tail {
     }
 
     /// Appends the hashes of the blocks not in `hashes` yet, the partial last one included.
-    pub(super) fn finish(mut self, hashes: &mut Vec<[u8; 32]>) -> io::Result<()> {
+    pub(super) fn finish(mut self, hashes: &BlockHashes) -> io::Result<()> {
         let last = std::mem::take(&mut self.fill);
         match &mut self.helper {
             Some(h) => {
                 if !last.is_empty() {
                     h.send(last)?;
                 }
-                hashes.extend(h.join()?);
+                h.join()?;
             }
             None if !last.is_empty() => hashes.push(*blake3::hash(&last).as_bytes()),
             None => {}

@@ -23,6 +23,7 @@ use std::time::Duration;
 
 use super::ahead::{self, AHEAD, Job, PIECE};
 use super::file::read_full_at;
+use super::hashing::BlockHashes;
 use super::{BLOCK, corrupt};
 use crate::storage::BlobReader;
 
@@ -39,6 +40,9 @@ pub(super) struct DiskReader {
     path: PathBuf,
     /// Set once: at commit, or at open. Shared with the verify-ahead jobs (weakly).
     pub(super) check: OnceLock<Arc<Check>>,
+    /// While the blob is written in this process: its block hashes as the writer computes
+    /// them (set at creation, before the reader is shared).
+    pub(super) written: Option<Arc<BlockHashes>>,
     /// A block-sized scratch buffer for verification, reused to avoid page faults.
     scratch: Mutex<Vec<u8>>,
     /// Where the last reads ended (`STREAMS` of them, replaced in turn): a read starting at
@@ -80,7 +84,7 @@ impl From<&fs::Metadata> for Stamp {
 
 #[derive(Debug)]
 pub(super) struct Check {
-    len: u64,
+    pub(super) len: u64,
     pub(super) hashes: Vec<[u8; 32]>,
     /// Bit `b` set once block `b` matched its hash (and the file's stamp has not changed
     /// since). Lock-free; a race only verifies twice.
@@ -267,6 +271,7 @@ impl DiskReader {
             file,
             path,
             check: cell,
+            written: None,
             scratch: Mutex::new(Vec::new()),
             ends: Default::default(),
             next_end: AtomicUsize::new(0),
@@ -421,6 +426,23 @@ impl BlobReader for DiskReader {
     fn idle(&self) {
         if let Some(c) = self.check.get() {
             c.recheck.store(true, Ordering::Release);
+        }
+    }
+
+    /// A block's hash, whole blocks only (and the partial last one of a committed blob): the
+    /// record's, or the writer's as it computes them.
+    fn known_hash(&self, offset: u64, len: u64) -> Option<[u8; 32]> {
+        if !offset.is_multiple_of(BLOCK) || len == 0 {
+            return None;
+        }
+        let block = offset / BLOCK;
+        match self.check.get() {
+            Some(c) if len == BLOCK.min(c.len.saturating_sub(offset)) => {
+                c.hashes.get(usize::try_from(block).ok()?).copied()
+            }
+            Some(_) => None,
+            None if len == BLOCK => self.written.as_ref()?.get(block),
+            None => None,
         }
     }
 
@@ -766,6 +788,60 @@ pub(super) mod tests {
                     }
                 });
             });
+        }
+    }
+
+    /// `known_hash` hands out a block's hash as soon as the writer has it (whole blocks only
+    /// while writing, helper thread or not), the partial last one once committed, the same
+    /// after reopening, and never a hash of anything but a whole block.
+    #[test]
+    fn known_hashes_are_the_blocks_hashes() {
+        for helpers in [0, usize::MAX] {
+            let dir = tempfile::tempdir().unwrap();
+            let s = DiskStorage::open(dir.path())
+                .unwrap()
+                .with_hash_helpers(helpers);
+            let b = BLOCK as usize;
+            let data: Vec<u8> = (0..3 * b + 10).map(|i| (i * 7 % 251) as u8).collect();
+            let want = |i: usize| {
+                let block = &data[i * b..((i + 1) * b).min(data.len())];
+                Some(*blake3::hash(block).as_bytes())
+            };
+            let mut w = s.create("blob").unwrap();
+            let r = w.reader();
+            assert_eq!(r.known_hash(0, BLOCK), None, "nothing written yet");
+            w.write(&data[..2 * b + 1]).unwrap();
+            assert_eq!(r.known_hash(0, BLOCK), want(0), "helpers {helpers}");
+            // The second block may still be with the helper; once there, it is right.
+            let deadline = std::time::Instant::now() + Duration::from_secs(30);
+            while r.known_hash(BLOCK, BLOCK).is_none() {
+                assert!(std::time::Instant::now() < deadline, "block 1 never hashed");
+                std::thread::yield_now();
+            }
+            assert_eq!(r.known_hash(BLOCK, BLOCK), want(1));
+            assert_eq!(
+                r.known_hash(2 * BLOCK, 1),
+                None,
+                "a partial block while writing"
+            );
+            assert_eq!(r.known_hash(1, BLOCK), None, "not a block's start");
+            assert_eq!(r.known_hash(0, 2 * BLOCK), None, "not one block");
+            assert_eq!(r.known_hash(0, 0), None);
+            w.write(&data[2 * b + 1..]).unwrap();
+            w.commit(Vec::new()).unwrap();
+            let (reopened, _) = s.open("blob").unwrap();
+            for r in [&r, &reopened] {
+                for i in 0..3 {
+                    assert_eq!(r.known_hash((i * b) as u64, BLOCK), want(i));
+                }
+                assert_eq!(
+                    r.known_hash(3 * BLOCK, 10),
+                    want(3),
+                    "the last, partial block"
+                );
+                assert_eq!(r.known_hash(3 * BLOCK, 9), None);
+                assert_eq!(r.known_hash(4 * BLOCK, BLOCK), None, "past the end");
+            }
         }
     }
 }

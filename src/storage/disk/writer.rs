@@ -19,7 +19,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use tempfile::TempPath;
 
 use super::file::staged_file;
-use super::hashing::Tail;
+use super::hashing::{BlockHashes, Tail};
 use super::reader::{Check, DiskReader, Stamp};
 use super::record::{Record, check_meta_len};
 use super::{BLOCK, DiskInner, DiskStorage};
@@ -37,8 +37,8 @@ pub(super) struct DiskWriter {
     pub(super) len: u64,
     /// Hash of the first block, as it is written.
     block: blake3::Hasher,
-    /// Hashes of the blocks hashed so far on this thread or collected from the helper.
-    hashes: Vec<[u8; 32]>,
+    /// Hashes of the blocks hashed so far, here or by the helper; shared with `reader`.
+    hashes: Arc<BlockHashes>,
     /// Once the blob grows past its first block: the rest, and who hashes it.
     tail: Option<Tail>,
     /// Wall-clock time (seconds, nanoseconds since the epoch) just after the last write: a
@@ -61,7 +61,10 @@ impl DiskStorage {
         validate_name(name)?;
         let (file, staged) = staged_file(&self.inner.tmp, name)?;
         let file = Arc::new(file);
-        let reader = Arc::new(DiskReader::new(file.clone(), self.blob_path(name), None));
+        let hashes = Arc::new(BlockHashes::default());
+        let mut reader = DiskReader::new(file.clone(), self.blob_path(name), None);
+        reader.written = Some(hashes.clone());
+        let reader = Arc::new(reader);
         Ok(DiskWriter {
             storage: self.inner.clone(),
             name: name.to_owned(),
@@ -70,7 +73,7 @@ impl DiskStorage {
             staged,
             len: 0,
             block: blake3::Hasher::new(),
-            hashes: Vec::new(),
+            hashes,
             tail: None,
             last_write: None,
         })
@@ -106,7 +109,7 @@ impl BlobWriter for DiskWriter {
                 tail.fill.extend_from_slice(piece);
                 self.len += piece.len() as u64;
                 if self.len.is_multiple_of(BLOCK) {
-                    tail.block_full(&mut self.hashes, self.storage.hash_helpers)?;
+                    tail.block_full(&self.hashes, self.storage.hash_helpers)?;
                 }
             }
         }
@@ -125,7 +128,7 @@ impl BlobWriter for DiskWriter {
     fn commit(mut self: Box<Self>, meta: Vec<u8>) -> io::Result<()> {
         check_meta_len(&meta)?;
         match self.tail.take() {
-            Some(tail) => tail.finish(&mut self.hashes)?,
+            Some(tail) => tail.finish(&self.hashes)?,
             // Shorter than one block (a blob of exactly one was hashed as it filled).
             None if self.len < BLOCK && self.len > 0 => {
                 self.hashes.push(*self.block.finalize().as_bytes());
@@ -138,7 +141,7 @@ impl BlobWriter for DiskWriter {
         if st.syncs() {
             self.file.sync_data()?;
         }
-        let hashes = std::mem::take(&mut self.hashes);
+        let hashes = self.hashes.to_vec();
         let (len, block_hashes) = (self.len, hashes.clone());
         let record = Record {
             len: self.len,
