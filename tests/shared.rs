@@ -126,6 +126,49 @@ fn is_chunk(path: &str) -> bool {
         .is_some_and(|last| last.len() == 8 && last.bytes().all(|b| b.is_ascii_digit()))
 }
 
+/// A disk node's upload takes the 1 MiB block hashes its storage computed while writing, and
+/// hashes only the pieces that are not whole blocks: chunks cut by size and by time at
+/// offsets that are not block boundaries, read on a node that tails the production and on a
+/// disk node that downloads it afterwards, arrive whole and verified.
+#[test]
+fn disk_node_uploads_with_its_block_hashes_across_unaligned_chunks() {
+    let f = bucket();
+    let tier = |f: &Fleet| tier(f).chunk_size(2 << 20);
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let producer = Cache::builder()
+        .disk(dirs[0].path())
+        .shared(tier(&f))
+        .build()
+        .unwrap();
+    let tailer = Cache::builder().shared(tier(&f)).build().unwrap();
+    let data = pattern((5 << 20) + 17, 9);
+    let mut w = miss(&producer, "big");
+    let mut r = hit(&tailer, "big");
+    // 1.5 MiB and a few bytes, cut into a chunk by time: the next chunk starts mid-block.
+    let first = (3 << 19) + 3;
+    w.write_all(&data[..first]).unwrap();
+    w.flush().unwrap();
+    wait_until("first chunk uploaded", DEADLINE, || {
+        objects(&f).iter().any(|p| p.ends_with("/00000000"))
+    });
+    for piece in data[first..].chunks(300 << 10) {
+        w.write_all(piece).unwrap();
+    }
+    w.finish().unwrap();
+    assert_eq!(read_to_vec(&mut r).unwrap(), data);
+    wait_until("manifest committed", DEADLINE, || {
+        objects(&f).iter().any(|p| p.ends_with("/manifest"))
+    });
+    let chunks = objects(&f).iter().filter(|p| is_chunk(p)).count();
+    assert!(chunks >= 3, "{chunks} chunks");
+    let downloader = Cache::builder()
+        .disk(dirs[1].path())
+        .shared(tier(&f))
+        .build()
+        .unwrap();
+    assert_eq!(hit_bytes(&downloader, "big").as_deref(), Some(&data[..]));
+}
+
 /// A finished entry in the bucket is a hit on another node, downloaded once there however
 /// many local readers ask at the same time.
 fn finished_entry_is_downloaded_once_per_node(store: Fleet) {

@@ -32,8 +32,11 @@
 //! <prefix>/<blake3(key) hex>/
 //!     lease                    who produces now: generation, node, state
 //!                              (producing | done | aborted), heartbeat time
-//!     <generation>/00000000    chunk 0: header (generation, index, last?, blake3) +
-//!     <generation>/00000001      the writer's metadata (chunk 0 only) + bytes
+//!     <generation>/00000000    chunk 0: header (generation, index, last?, offset, hash) +
+//!     <generation>/00000001      the writer's metadata (chunk 0 only) + bytes; the hash
+//!                                is blake3 over the blake3 of each 1 MiB piece, so a node
+//!                                uploading a disk entry reuses the block hashes its disk
+//!                                storage computed while writing
 //!     …
 //!     manifest                 the commit point, written last: key, generation, length,
 //!                              finish time, own time to live, metadata, each chunk's

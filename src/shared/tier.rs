@@ -10,11 +10,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use object_store::path::Path;
 use object_store::{
     ObjectMeta, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, UpdateVersion,
 };
+use tokio::io::AsyncRead as _;
 use tokio::runtime::Runtime;
 use tokio::sync::Notify;
 
@@ -632,10 +633,13 @@ async fn download(ctx: Arc<Ctx>, mut w: Writer, m: Manifest, etag: Option<String
     let n = m.chunks.len();
     let mut ahead = Ahead(VecDeque::new());
     let mut next = 0usize;
+    let mut next_offset = 0u64;
     for i in 0..n {
         while next < n && ahead.0.len() < DOWNLOAD_AHEAD {
             let (ctx, path) = (ctx.clone(), ctx.chunk_path(&h, m.generation, next as u32));
             let (generation, index) = (m.generation, next as u32);
+            let offset = next_offset;
+            next_offset += m.chunks[next].len;
             // Each chunk is fetched and hashed in its own task, so the runtime's threads
             // verify several chunks at once; bytes are written in order below.
             ahead.0.push_back(tokio::spawn(async move {
@@ -649,7 +653,9 @@ async fn download(ctx: Arc<Ctx>, mut w: Writer, m: Manifest, etag: Option<String
                         }
                         r => {
                             return r.map(|found| {
-                                found.map(|(obj, _)| format::decode_chunk(obj, generation, index))
+                                found.map(|(obj, _)| {
+                                    format::decode_chunk(obj, generation, index, offset)
+                                })
                             });
                         }
                     }
@@ -753,7 +759,8 @@ async fn tail(ctx: Arc<Ctx>, mut w: Writer, generation: u128) {
         match found {
             Ok(Some((obj, _))) if !ended => {
                 failing_since = None;
-                match format::decode_chunk(obj, generation, index) {
+                let offset = read.iter().map(|c| c.len).sum();
+                match format::decode_chunk(obj, generation, index, offset) {
                     Ok(c) => {
                         if let Some(meta) = c.metadata.filter(|m| !m.is_empty()) {
                             w.set_metadata(meta);
@@ -991,7 +998,12 @@ async fn upload_chunks(
 ) -> Result<Uploaded, Stop> {
     let mut r = AsyncReader::from(reader);
     let size = ctx.cfg.chunk_size;
+    // From a memory cache the chunk is made of the stored bytes themselves; from a disk cache
+    // the bytes are copied into one chunk-sized buffer, reused from chunk to chunk once the
+    // store has let go of it (fresh 8 MiB buffers per chunk cost the producer's page faults
+    // as much as the copy itself).
     let mut parts: Vec<Bytes> = Vec::new();
+    let mut copy: Option<BytesMut> = (!r.get_ref().shares_bytes()).then(|| BytesMut::zeroed(size));
     let mut buffered = 0usize;
     let mut deadline: Option<tokio::time::Instant> = None;
     let mut refs = Vec::new();
@@ -1000,19 +1012,44 @@ async fn upload_chunks(
         if keeper.lost.load(Ordering::Acquire) {
             return Err(Stop::Lost);
         }
-        let want = size - buffered;
-        let read = match deadline {
-            Some(d) => tokio::time::timeout_at(d, r.read_chunk(want)).await.ok(),
-            None => Some(r.read_chunk(want).await),
+        let read = match (&mut copy, deadline) {
+            (Some(buf), d) => {
+                let into = &mut buf[buffered..];
+                let read = std::future::poll_fn(|cx| {
+                    let mut rb = tokio::io::ReadBuf::new(into);
+                    std::pin::Pin::new(&mut r)
+                        .poll_read(cx, &mut rb)
+                        .map_ok(|()| rb.filled().len())
+                });
+                match d {
+                    Some(d) => tokio::time::timeout_at(d, read).await.ok(),
+                    None => Some(read.await),
+                }
+            }
+            (None, d) => {
+                let read = r.read_chunk(size - buffered);
+                let got = match d {
+                    Some(d) => tokio::time::timeout_at(d, read).await.ok(),
+                    None => Some(read.await),
+                };
+                got.map(|got| {
+                    got.map(|b| {
+                        let n = b.len();
+                        if n > 0 {
+                            parts.push(b);
+                        }
+                        n
+                    })
+                })
+            }
         };
         let last = match read {
-            Some(Ok(b)) if b.is_empty() => true,
-            Some(Ok(b)) => {
+            Some(Ok(0)) => true,
+            Some(Ok(n)) => {
                 if buffered == 0 {
                     deadline = Some(tokio::time::Instant::now() + ctx.cfg.chunk_interval);
                 }
-                buffered += b.len();
-                parts.push(b);
+                buffered += n;
                 if buffered < size {
                     continue;
                 }
@@ -1028,9 +1065,20 @@ async fn upload_chunks(
         } else {
             Bytes::new()
         };
-        let (header, hash) =
-            format::chunk_header(keeper.generation, index, last, &metadata, &parts)
-                .map_err(|e| Stop::Local(std::io::Error::other(e)))?;
+        let filled = copy.take().map(|b| b.freeze());
+        if let Some(b) = &filled {
+            parts.push(b.slice(..buffered));
+        }
+        let (header, hash) = format::chunk_header(
+            keeper.generation,
+            index,
+            last,
+            total,
+            &metadata,
+            &parts,
+            |offset, len| r.get_ref().known_hash(offset, len),
+        )
+        .map_err(|e| Stop::Local(std::io::Error::other(e)))?;
         let len: u64 = parts.iter().map(|p| p.len() as u64).sum();
         // The parts go out as they are: no copy of the payload.
         let object: PutPayload = [header, metadata]
@@ -1044,6 +1092,9 @@ async fn upload_chunks(
             keeper,
         )
         .await?;
+        // The buffer again, unless the store still holds the bytes (an in-memory store keeps
+        // them): then a new one.
+        copy = filled.map(|b| b.try_into_mut().unwrap_or_else(|_| BytesMut::zeroed(size)));
         total += len;
         refs.push(ChunkRef { len, hash });
         keeper.chunks.store(refs.len() as u64, Ordering::Relaxed);
