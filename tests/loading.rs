@@ -161,6 +161,22 @@ impl Storage for HeldListing {
     }
 }
 
+/// A cache reopened on `dir` whose load is held before it indexes anything (the listing
+/// path: a custom storage leaves no hint), until the returned storage is released.
+fn held(dir: &Path) -> (Arc<HeldListing>, Cache) {
+    let storage = Arc::new(HeldListing {
+        disk: DiskStorage::open(dir).unwrap(),
+        released: Default::default(),
+    });
+    let cache = Cache::builder()
+        .storage(storage.clone())
+        .startup_wait(Duration::ZERO)
+        .maintenance_interval(Duration::from_secs(3600))
+        .build()
+        .unwrap();
+    (storage, cache)
+}
+
 /// The same with the loader held before it indexed anything: every request settles its key
 /// itself, racing the other threads for it, and the load that follows leaves them alone.
 #[test]
@@ -169,17 +185,8 @@ fn no_second_producer_while_the_loader_is_held() {
     fill(dir.path(), N);
     let path = dir.path().to_path_buf();
     deadline("requests while the loader is held", move || {
-        let storage = Arc::new(HeldListing {
-            disk: DiskStorage::open(&path).unwrap(),
-            released: Default::default(),
-        });
-        let cache = Arc::new(
-            Cache::builder()
-                .storage(storage.clone())
-                .startup_wait(Duration::ZERO)
-                .build()
-                .unwrap(),
-        );
+        let (storage, cache) = held(&path);
+        let cache = Arc::new(cache);
         assert_eq!(
             request_every_key(&cache),
             0,
@@ -196,31 +203,47 @@ fn no_second_producer_while_the_loader_is_held() {
 }
 
 /// `get`, `contains_key` and `entry_info` find stored keys before the loader reaches them;
-/// absent keys stay absent; a key created during the load is a new entry that survives.
+/// absent keys stay absent; a key created during the load is a new entry that survives. Run
+/// with the load held (so every look-up provably happens during it) and with a plain reopen
+/// from the hint (which may finish before the look-ups).
 #[test]
 fn lookups_during_the_load() {
     let dir = tempfile::tempdir().unwrap();
     fill(dir.path(), N);
+    let (storage, cache) = held(dir.path());
+    lookups(&cache, "new while held");
+    assert!(cache.stats().loading, "the load ended while held");
+    storage.release();
+    drop(storage); // its directory lock goes with the cache
+    after_lookups(dir.path(), cache, 1);
+
     let cache = reopen(dir.path()).build().unwrap();
+    lookups(&cache, "new");
+    after_lookups(dir.path(), cache, 2);
+}
+
+fn lookups(cache: &Cache, new: &str) {
     for i in (0..N).rev().step_by(97) {
         let key = format!("k{i}");
         assert!(cache.contains_key(&key), "{key}");
         assert_eq!(cache.entry_info(&key).unwrap().len, content(i).len() as u64);
-        assert_eq!(get_bytes(&cache, &key), content(i));
+        assert_eq!(get_bytes(cache, &key), content(i));
     }
     assert!(!cache.contains_key("absent"));
     assert!(cache.get("absent").unwrap().is_none());
-    put(&cache, "new", b"made while loading");
+    put(cache, new, b"made while loading");
+}
+
+/// After `lookups` on `cache`: the load completes with every stored entry and the `made` new
+/// ones, which a full reopen finds too.
+fn after_lookups(dir: &Path, cache: Cache, made: usize) {
     wait_loaded(&cache);
-    assert_eq!(cache.len(), N + 1);
-    assert_eq!(get_bytes(&cache, "new"), b"made while loading");
+    assert_eq!(cache.len(), N + made);
+    assert_eq!(get_bytes(&cache, "new while held"), b"made while loading");
     drop(cache);
-    let cache = reopen(dir.path())
-        .startup_wait(Duration::MAX)
-        .build()
-        .unwrap();
+    let cache = reopen(dir).startup_wait(Duration::MAX).build().unwrap();
     assert!(!cache.stats().loading);
-    assert_eq!(cache.len(), N + 1);
+    assert_eq!(cache.len(), N + made);
 }
 
 /// Keys removed or replaced while loading stay removed or replaced: the loader, which
@@ -228,12 +251,18 @@ fn lookups_during_the_load() {
 #[test]
 fn removed_and_replaced_keys_do_not_come_back() {
     for (how, dir) in fill_both(N) {
-        removed_and_replaced(how, dir.path());
+        let cache = reopen(dir.path()).build().unwrap();
+        removed_and_replaced(how, dir.path(), cache, None);
     }
+    let dir = tempfile::tempdir().unwrap();
+    fill(dir.path(), N);
+    let (storage, cache) = held(dir.path());
+    removed_and_replaced("held", dir.path(), cache, Some(storage));
 }
 
-fn removed_and_replaced(how: &str, dir: &Path) {
-    let cache = reopen(dir).build().unwrap();
+/// Removes and replaces keys on `cache` (releasing `held` after that, once sure the load is
+/// still in progress), then checks the outcome after the load and after another reopen.
+fn removed_and_replaced(how: &str, dir: &Path, cache: Cache, held: Option<Arc<HeldListing>>) {
     let mut want: BTreeMap<String, Option<Vec<u8>>> = BTreeMap::new();
     for i in (0..N).step_by(13) {
         let key = format!("k{i}");
@@ -245,6 +274,11 @@ fn removed_and_replaced(how: &str, dir: &Path) {
             put(&cache, &key, b"replaced");
             want.insert(key, Some(b"replaced".to_vec()));
         }
+    }
+    if let Some(held) = held {
+        assert!(cache.stats().loading, "the load ended while held");
+        held.release();
+        // (Dropped here: its directory lock goes with the cache, for the reopen below.)
     }
     wait_loaded(&cache);
     cache.run_pending_tasks();
@@ -268,26 +302,39 @@ fn removed_and_replaced(how: &str, dir: &Path) {
 }
 
 /// `clear` during the load does not wait for it, and the entries the load had not indexed
-/// yet do not come back; an entry made after the clear stays.
+/// yet do not come back; an entry made after the clear stays. Run from the hint, listing, and
+/// with the listing held (the clear provably before the load indexed anything).
 #[test]
 fn clear_during_the_load() {
     for (how, dir) in fill_both(N) {
         let cache = reopen(dir.path()).build().unwrap();
-        cache.clear();
-        put(&cache, "after", b"made after the clear");
-        wait_loaded(&cache);
-        cache.run_pending_tasks();
-        assert_eq!(cache.len(), 1, "{how}: entries came back after clear");
-        assert_eq!(get_bytes(&cache, "after"), b"made after the clear");
-        for i in (0..N).step_by(37) {
-            assert!(
-                cache.get(&format!("k{i}")).unwrap().is_none(),
-                "{how}: k{i}"
-            );
-        }
-        drop(cache);
-        assert_eq!(stored_data_files(dir.path()), 1, "{how}");
+        clear_and_check(how, dir.path(), cache, None);
     }
+    let dir = tempfile::tempdir().unwrap();
+    fill(dir.path(), N);
+    let (storage, cache) = held(dir.path());
+    clear_and_check("held", dir.path(), cache, Some(&storage));
+}
+
+fn clear_and_check(how: &str, dir: &Path, cache: Cache, held: Option<&HeldListing>) {
+    cache.clear();
+    put(&cache, "after", b"made after the clear");
+    if let Some(held) = held {
+        assert!(cache.stats().loading, "the load ended while held");
+        held.release();
+    }
+    wait_loaded(&cache);
+    cache.run_pending_tasks();
+    assert_eq!(cache.len(), 1, "{how}: entries came back after clear");
+    assert_eq!(get_bytes(&cache, "after"), b"made after the clear");
+    for i in (0..N).step_by(37) {
+        assert!(
+            cache.get(&format!("k{i}")).unwrap().is_none(),
+            "{how}: k{i}"
+        );
+    }
+    drop(cache);
+    assert_eq!(stored_data_files(dir), 1, "{how}");
 }
 
 /// Size limits hold once the load completes, and eviction then follows the recency stored
