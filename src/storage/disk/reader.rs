@@ -226,8 +226,8 @@ impl Check {
         }
     }
 
-    /// Checks `block` if no thread has or is checking it: reads it piece by piece into
-    /// `buf`, hashes it, and marks it if it matches; a block that fails (or cannot be read)
+    /// Checks `block` if no thread has or is checking it: reads and hashes it into `buf`
+    /// (`read_and_hash`), and marks it if it matches; a block that fails (or cannot be read)
     /// is left unmarked, for its reader to find. Serves nothing.
     pub(super) fn verify_ahead(&self, file: &File, block: u64, buf: &mut Vec<u8>) {
         if block >= self.blocks() || self.is_verified(block) {
@@ -240,24 +240,30 @@ impl Check {
         if self.is_verified(block) {
             return;
         }
-        let epoch = self.epoch.load(Ordering::SeqCst);
-        let start = block * BLOCK;
-        let end = (start + BLOCK).min(self.len);
-        buf.resize(PIECE, 0);
-        let mut hasher = blake3::Hasher::new();
-        let mut pos = start;
-        while pos < end {
-            let piece = &mut buf[..PIECE.min((end - pos) as usize)];
-            match read_full_at(file, piece, pos) {
-                Ok(n) if n == piece.len() => {}
-                _ => return,
-            }
-            hasher.update(piece);
-            pos += piece.len() as u64;
-        }
-        if hasher.finalize().as_bytes() == &self.hashes[block as usize] {
+        if let Ok(Some(epoch)) = self.read_and_hash(file, block, buf) {
             self.mark(block, epoch);
         }
+    }
+
+    /// Reads all of `block` into `buf` (resized to it), hashing each `PIECE` right after
+    /// reading it, while it is still in the core's cache. `Some(epoch)` if the block matches
+    /// its hash (the epoch read before the read, for `mark`), `None` if it does not; an
+    /// [`io::ErrorKind::UnexpectedEof`] error if the file ends before the block does.
+    /// The one block check, shared by readers and the verify-ahead helpers.
+    fn read_and_hash(&self, file: &File, block: u64, buf: &mut Vec<u8>) -> io::Result<Option<u64>> {
+        let epoch = self.epoch.load(Ordering::SeqCst);
+        let start = block * BLOCK;
+        let size = (self.len - start).min(BLOCK) as usize;
+        buf.resize(size, 0);
+        let mut hasher = blake3::Hasher::new();
+        for (i, piece) in buf.chunks_mut(PIECE).enumerate() {
+            let n = read_full_at(file, piece, start + (i * PIECE) as u64)?;
+            if n != piece.len() {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+            hasher.update(piece);
+        }
+        Ok((hasher.finalize().as_bytes() == &self.hashes[block as usize]).then_some(epoch))
     }
 }
 
@@ -358,30 +364,28 @@ impl DiskReader {
 
     /// Reads block `block` whole, checks it, and copies `[from, from + out.len())` of it out.
     fn verify_block(&self, c: &Check, block: u64, from: usize, out: &mut [u8]) -> io::Result<()> {
-        let start = block * BLOCK;
-        let size = (c.len - start).min(BLOCK) as usize;
-        let epoch = c.epoch.load(Ordering::SeqCst);
         let mut guard = self.scratch.try_lock().ok();
         let mut own = Vec::new();
         let scratch = match guard.as_deref_mut() {
             Some(s) => s,
             None => &mut own,
         };
-        scratch.resize(size, 0);
-        let got = read_full_at(&self.file, scratch, start)?;
-        if got != size {
-            return Err(corrupt(
-                &self.path,
-                format!("file shorter than its length {}", c.len),
-            ));
+        match c.read_and_hash(&self.file, block, scratch) {
+            Ok(Some(epoch)) => c.mark(block, epoch),
+            Ok(None) => {
+                return Err(corrupt(
+                    &self.path,
+                    format!("block {block} fails its blake3 check"),
+                ));
+            }
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                return Err(corrupt(
+                    &self.path,
+                    format!("file shorter than its length {}", c.len),
+                ));
+            }
+            Err(e) => return Err(e),
         }
-        if blake3::hash(scratch).as_bytes() != &c.hashes[block as usize] {
-            return Err(corrupt(
-                &self.path,
-                format!("block {block} fails its blake3 check"),
-            ));
-        }
-        c.mark(block, epoch);
         out.copy_from_slice(&scratch[from..from + out.len()]);
         Ok(())
     }
