@@ -226,11 +226,7 @@ mod tests {
     /// the blob ends relative to a block.
     #[test]
     fn block_hashes_are_right_on_both_threads() {
-        for helpers in [0, usize::MAX] {
-            let dir = tempfile::tempdir().unwrap();
-            let s = DiskStorage::open(dir.path())
-                .unwrap()
-                .with_hash_helpers(helpers);
+        for (_dir, s) in super::super::test_support::inline_and_helped() {
             check_block_hashes(&s);
         }
     }

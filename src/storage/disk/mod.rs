@@ -642,6 +642,18 @@ mod test_support {
     use super::{BLOCK, DiskReader, DiskStorage};
     use crate::storage::{BlobWriter, Storage};
 
+    /// A storage in a fresh directory whose writers hash every block inline, and one whose
+    /// writers hand blocks past the first to a helper thread.
+    pub(super) fn inline_and_helped() -> [(tempfile::TempDir, DiskStorage); 2] {
+        [0, usize::MAX].map(|helpers| {
+            let dir = tempfile::tempdir().unwrap();
+            let s = DiskStorage::open(dir.path())
+                .unwrap()
+                .with_hash_helpers(helpers);
+            (dir, s)
+        })
+    }
+
     pub(super) fn commit_bytes(s: &DiskStorage, name: &str, bytes: &[u8]) {
         let mut w = s.create(name).unwrap();
         w.write(bytes).unwrap();

@@ -800,11 +800,8 @@ pub(super) mod tests {
     /// after reopening, and never a hash of anything but a whole block.
     #[test]
     fn known_hashes_are_the_blocks_hashes() {
-        for helpers in [0, usize::MAX] {
-            let dir = tempfile::tempdir().unwrap();
-            let s = DiskStorage::open(dir.path())
-                .unwrap()
-                .with_hash_helpers(helpers);
+        for (_dir, s) in super::super::test_support::inline_and_helped() {
+            let helpers = s.inner.hash_helpers;
             let b = BLOCK as usize;
             let data: Vec<u8> = (0..3 * b + 10).map(|i| (i * 7 % 251) as u8).collect();
             let want = |i: usize| {
