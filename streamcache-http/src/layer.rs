@@ -578,23 +578,33 @@ impl Shared {
                     .download(inner, fill_req, url, key, writer, view, tx)
                     .await;
             });
-            let req = Request::from_parts(parts, ());
-            return match rx.await {
-                Ok(Head::Stored(mut reader)) => match wait_head(&mut reader).await {
-                    Ok(Some(stored)) => {
-                        self.serve(req.headers(), reader, &stored, serve, CacheStatus::Miss)
-                            .await
-                    }
-                    Ok(None) => simple(StatusCode::BAD_GATEWAY, "entry without metadata\n"),
-                    Err(e) => failure_response(&e),
-                },
-                Ok(Head::Pass(resp)) => resp,
-                Ok(Head::Failed(msg)) => simple(StatusCode::BAD_GATEWAY, &format!("{msg}\n")),
-                Ok(Head::Busy) => unavailable(&format!("{}\n", Abort::Busy)),
-                Err(_) => simple(StatusCode::BAD_GATEWAY, "upstream task failed\n"),
-            };
+            return self.fill_response(rx, &parts.headers, serve).await;
         }
         self.forward(inner, req).await
+    }
+
+    /// Answers the request that started a fill (with `req` headers), from what the fill
+    /// tells it through `head` once the inner service answered.
+    async fn fill_response(
+        &self,
+        head: oneshot::Receiver<Head>,
+        req: &HeaderMap,
+        serve: ServeOpts,
+    ) -> Response<ResponseBody> {
+        match head.await {
+            Ok(Head::Stored(mut reader)) => match wait_head(&mut reader).await {
+                Ok(Some(stored)) => {
+                    self.serve(req, reader, &stored, serve, CacheStatus::Miss)
+                        .await
+                }
+                Ok(None) => simple(StatusCode::BAD_GATEWAY, "entry without metadata\n"),
+                Err(e) => failure_response(&e),
+            },
+            Ok(Head::Pass(resp)) => resp,
+            Ok(Head::Failed(msg)) => simple(StatusCode::BAD_GATEWAY, &format!("{msg}\n")),
+            Ok(Head::Busy) => unavailable(&format!("{}\n", Abort::Busy)),
+            Err(_) => simple(StatusCode::BAD_GATEWAY, "upstream task failed\n"),
+        }
     }
 
     /// Fetches the response to `req` once and stores it in `writer`'s entry (or under its
@@ -885,29 +895,7 @@ impl Shared {
                         tokio::spawn(async move {
                             shared.store(resp, &url, key, w, &view, tx).await;
                         });
-                        match rx.await {
-                            Ok(Head::Stored(mut reader)) => match wait_head(&mut reader).await {
-                                Ok(Some(stored)) => {
-                                    self.serve(
-                                        req.headers(),
-                                        reader,
-                                        &stored,
-                                        serve,
-                                        CacheStatus::Miss,
-                                    )
-                                    .await
-                                }
-                                Ok(None) => simple(StatusCode::BAD_GATEWAY, "no metadata\n"),
-                                Err(e) => failure_response(&e),
-                            },
-                            Ok(Head::Pass(resp)) => resp,
-                            Ok(Head::Failed(msg)) => {
-                                simple(StatusCode::BAD_GATEWAY, &format!("{msg}\n"))
-                            }
-                            Ok(Head::Busy) | Err(_) => {
-                                simple(StatusCode::BAD_GATEWAY, "upstream task failed\n")
-                            }
-                        }
+                        self.fill_response(rx, req.headers(), serve).await
                     }
                     Ok(Entry::Hit(_)) | Err(_) => relay(resp),
                 }
