@@ -278,8 +278,9 @@ impl Drop for Leader<'_> {
 
 /// What a fill tells the request that started it, once the inner service answered.
 enum Head {
-    /// Stored (or being stored): serve this reader.
-    Stored(AsyncReader),
+    /// Stored (or being stored): serve this reader, whose entry has this head (the one
+    /// encoded in its metadata, handed over as is rather than decoded again).
+    Stored(AsyncReader, StoredHead),
     /// Not stored: relay this response as it is.
     Pass(Response<ResponseBody>),
     /// No response (connection error, timeout).
@@ -592,14 +593,10 @@ impl Shared {
         serve: ServeOpts,
     ) -> Response<ResponseBody> {
         match head.await {
-            Ok(Head::Stored(mut reader)) => match wait_head(&mut reader).await {
-                Ok(Some(stored)) => {
-                    self.serve(req, reader, &stored, serve, CacheStatus::Miss)
-                        .await
-                }
-                Ok(None) => simple(StatusCode::BAD_GATEWAY, "entry without metadata\n"),
-                Err(e) => failure_response(&e),
-            },
+            Ok(Head::Stored(reader, stored)) => {
+                self.serve(req, reader, &stored, serve, CacheStatus::Miss)
+                    .await
+            }
             Ok(Head::Pass(resp)) => resp,
             Ok(Head::Failed(msg)) => simple(StatusCode::BAD_GATEWAY, &format!("{msg}\n")),
             Ok(Head::Busy) => unavailable(&format!("{}\n", Abort::Busy)),
@@ -711,9 +708,10 @@ impl Shared {
         }
         // Set before the first byte: readers that see a byte see the metadata.
         writer.set_metadata(head.encode());
+        let validator = has_validator(&head.response);
         match writer.reader() {
             Ok(r) => {
-                let _ = head_tx.send(Head::Stored(r.into()));
+                let _ = head_tx.send(Head::Stored(r.into(), head));
             }
             Err(e) => {
                 let msg = format!("cache error: {e}");
@@ -722,7 +720,6 @@ impl Shared {
                 return;
             }
         }
-        let validator = has_validator(&head.response);
         let outcome = copy_body(body, &mut writer).await;
         let bytes = writer.written();
         let ms = start.elapsed().as_millis() as u64;
