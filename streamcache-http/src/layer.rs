@@ -565,11 +565,7 @@ impl Shared {
                 Entry::Miss(w) => w,
             };
             let (tx, rx) = oneshot::channel();
-            let fill_req = fill_request(req_clone_head(&req), &url);
-            let Some(fill_req) = fill_req else {
-                writer.abort_with(Abort::NotStorable("bad request target"));
-                return simple(StatusCode::BAD_REQUEST, "bad request target\n");
-            };
+            let fill_req = fill_request(req_clone_head(&req));
             // The fill runs on in its own task if this client goes away.
             let (parts, body) = req.into_parts();
             let fill_req = Request::from_parts(fill_req, body);
@@ -1015,9 +1011,9 @@ fn req_clone_head<B>(req: &Request<B>) -> http::request::Parts {
 }
 
 /// The request a fill sends: the client's GET without its own validators and range (the
-/// whole entity is fetched and stored; the cache answers those itself).
-fn fill_request(mut parts: http::request::Parts, url: &str) -> Option<http::request::Parts> {
-    http::Uri::try_from(url).ok()?;
+/// whole entity is fetched and stored; the cache answers those itself). Nothing here can
+/// fail: the request target was checked before the fill (`View::new`, or a 400).
+fn fill_request(mut parts: http::request::Parts) -> http::request::Parts {
     parts.method = Method::GET;
     for name in [
         header::IF_NONE_MATCH,
@@ -1029,7 +1025,7 @@ fn fill_request(mut parts: http::request::Parts, url: &str) -> Option<http::requ
     ] {
         parts.headers.remove(name);
     }
-    Some(parts)
+    parts
 }
 
 fn has_validator(headers: &HeaderMap) -> bool {
