@@ -26,8 +26,9 @@ use tower_service::Service;
 
 use crate::body::{BoxError, CacheBody, ResponseBody, StallTimeout, empty, simple, unavailable};
 use crate::meta::{
-    NOT_MODIFIED_HEADERS, RangeSpec, StoredHead, View, decode_vary_index, encode_vary_index,
-    if_range_holds, not_modified, variant_key, varies_on_everything, vary_index_key, vary_names,
+    CLIENT_CONDITIONALS, NOT_MODIFIED_HEADERS, RangeSpec, StoredHead, View, decode_vary_index,
+    encode_vary_index, if_range_holds, not_modified, variant_key, varies_on_everything,
+    vary_index_key, vary_names,
 };
 
 /// A response extension that marks a body delimited by the closing of its connection (an
@@ -1015,14 +1016,7 @@ fn req_clone_head<B>(req: &Request<B>) -> http::request::Parts {
 /// fail: the request target was checked before the fill (`View::new`, or a 400).
 fn fill_request(mut parts: http::request::Parts) -> http::request::Parts {
     parts.method = Method::GET;
-    for name in [
-        header::IF_NONE_MATCH,
-        header::IF_MODIFIED_SINCE,
-        header::IF_MATCH,
-        header::IF_UNMODIFIED_SINCE,
-        header::IF_RANGE,
-        header::RANGE,
-    ] {
+    for name in CLIENT_CONDITIONALS {
         parts.headers.remove(name);
     }
     parts
