@@ -1179,12 +1179,7 @@ impl Framing {
     fn of<B>(resp: &Response<B>) -> Framing {
         let h = resp.headers();
         if h.contains_key(header::TRANSFER_ENCODING) {
-            let last = h.get_all(header::TRANSFER_ENCODING).iter().next_back();
-            let chunked = last
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.rsplit(',').next())
-                .is_some_and(|coding| coding.trim().eq_ignore_ascii_case("chunked"));
-            if chunked && resp.version() >= http::Version::HTTP_11 {
+            if chunked_last(resp) {
                 Framing::Chunked
             } else {
                 Framing::Close
@@ -1202,6 +1197,23 @@ impl Framing {
             Framing::Chunked
         }
     }
+}
+
+/// Whether `chunked` is the last transfer coding of an HTTP/1.1 (or later) response. Of a
+/// response with `Transfer-Encoding`, hyper's client reads the body to its last chunk if so
+/// (and fails it without one), else to the close of the connection (RFC 9112 6.3). Shared by
+/// [`Framing::of`] and [`Upstream`](crate::Upstream), which must agree on it.
+pub(crate) fn chunked_last<B>(resp: &Response<B>) -> bool {
+    let last = resp
+        .headers()
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .next_back();
+    let chunked = last
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.rsplit(',').next())
+        .is_some_and(|coding| coding.trim().eq_ignore_ascii_case("chunked"));
+    chunked && resp.version() >= http::Version::HTTP_11
 }
 
 /// Relays an uncached response (minus hop-by-hop headers).
