@@ -58,10 +58,10 @@ struct Args {
 
 fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Option<Args>, String> {
     let (mut listen, mut upstream, mut dir) = (None, None, None);
-    let (mut timeout, mut max_bytes) = (Duration::from_secs(30), None);
+    let mut max_bytes = None;
+    // The layer's and the server's own settings types, with their defaults (USAGE's).
+    let mut layer = streamcache_http::CacheConfig::default();
     let mut limits = server::ConnLimits::default();
-    let mut max_downloads = 1024;
-    let mut purge = streamcache_http::Purge::Off;
     let mut shared = None;
     while let Some(flag) = args.next() {
         if flag == "-h" || flag == "--help" {
@@ -88,7 +88,7 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Option<Args>, St
             "--dir" => dir = Some(value),
             "--upstream-timeout" => {
                 let secs: f64 = value.parse().map_err(|e| bad(&e))?;
-                timeout = Duration::try_from_secs_f64(secs).map_err(|e| bad(&e))?;
+                layer.upstream_timeout = Duration::try_from_secs_f64(secs).map_err(|e| bad(&e))?;
             }
             "--max-bytes" => max_bytes = Some(value.parse().map_err(|e| bad(&e))?),
             "--head-timeout" | "--idle-timeout" => {
@@ -104,13 +104,13 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Option<Args>, St
                 }
             }
             "--max-downloads" => {
-                max_downloads = value.parse().map_err(|e| bad(&e))?;
-                if max_downloads == 0 {
+                layer.max_downloads = value.parse().map_err(|e| bad(&e))?;
+                if layer.max_downloads == 0 {
                     return Err(bad(&"must be at least 1"));
                 }
             }
             "--purge" => {
-                purge = match value.as_str() {
+                layer.purge = match value.as_str() {
                     "off" => streamcache_http::Purge::Off,
                     "loopback" => streamcache_http::Purge::Loopback,
                     "anyone" => streamcache_http::Purge::Anyone,
@@ -132,11 +132,11 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Option<Args>, St
         upstream.ok_or_else(|| missing("--upstream"))?,
         dir.ok_or_else(|| missing("--dir"))?,
     );
-    config.upstream_timeout = timeout;
+    config.upstream_timeout = layer.upstream_timeout;
+    config.max_downloads = layer.max_downloads;
+    config.purge = layer.purge;
     config.max_bytes = max_bytes;
     config.limits = limits;
-    config.max_downloads = max_downloads;
-    config.purge = purge;
     #[cfg(feature = "shared")]
     {
         config.shared = shared;

@@ -26,8 +26,9 @@ use tower_service::Service;
 
 use crate::body::{BoxError, CacheBody, ResponseBody, StallTimeout, empty, simple, unavailable};
 use crate::meta::{
-    NOT_MODIFIED_HEADERS, RangeSpec, StoredHead, View, decode_vary_index, encode_vary_index,
-    if_range_holds, not_modified, variant_key, varies_on_everything, vary_index_key, vary_names,
+    CLIENT_CONDITIONALS, NOT_MODIFIED_HEADERS, RangeSpec, StoredHead, View, decode_vary_index,
+    encode_vary_index, if_range_holds, not_modified, variant_key, varies_on_everything,
+    vary_index_key, vary_names,
 };
 
 /// A response extension that marks a body delimited by the closing of its connection (an
@@ -278,8 +279,9 @@ impl Drop for Leader<'_> {
 
 /// What a fill tells the request that started it, once the inner service answered.
 enum Head {
-    /// Stored (or being stored): serve this reader.
-    Stored(AsyncReader),
+    /// Stored (or being stored): serve this reader, whose entry has this head (the one
+    /// encoded in its metadata, handed over as is rather than decoded again).
+    Stored(AsyncReader, StoredHead),
     /// Not stored: relay this response as it is.
     Pass(Response<ResponseBody>),
     /// No response (connection error, timeout).
@@ -564,11 +566,7 @@ impl Shared {
                 Entry::Miss(w) => w,
             };
             let (tx, rx) = oneshot::channel();
-            let fill_req = fill_request(req_clone_head(&req), &url);
-            let Some(fill_req) = fill_req else {
-                writer.abort_with(Abort::NotStorable("bad request target"));
-                return simple(StatusCode::BAD_REQUEST, "bad request target\n");
-            };
+            let fill_req = fill_request(req_clone_head(&req));
             // The fill runs on in its own task if this client goes away.
             let (parts, body) = req.into_parts();
             let fill_req = Request::from_parts(fill_req, body);
@@ -578,23 +576,29 @@ impl Shared {
                     .download(inner, fill_req, url, key, writer, view, tx)
                     .await;
             });
-            let req = Request::from_parts(parts, ());
-            return match rx.await {
-                Ok(Head::Stored(mut reader)) => match wait_head(&mut reader).await {
-                    Ok(Some(stored)) => {
-                        self.serve(req.headers(), reader, &stored, serve, CacheStatus::Miss)
-                            .await
-                    }
-                    Ok(None) => simple(StatusCode::BAD_GATEWAY, "entry without metadata\n"),
-                    Err(e) => failure_response(&e),
-                },
-                Ok(Head::Pass(resp)) => resp,
-                Ok(Head::Failed(msg)) => simple(StatusCode::BAD_GATEWAY, &format!("{msg}\n")),
-                Ok(Head::Busy) => unavailable(&format!("{}\n", Abort::Busy)),
-                Err(_) => simple(StatusCode::BAD_GATEWAY, "upstream task failed\n"),
-            };
+            return self.fill_response(rx, &parts.headers, serve).await;
         }
         self.forward(inner, req).await
+    }
+
+    /// Answers the request that started a fill (with `req` headers), from what the fill
+    /// tells it through `head` once the inner service answered.
+    async fn fill_response(
+        &self,
+        head: oneshot::Receiver<Head>,
+        req: &HeaderMap,
+        serve: ServeOpts,
+    ) -> Response<ResponseBody> {
+        match head.await {
+            Ok(Head::Stored(reader, stored)) => {
+                self.serve(req, reader, &stored, serve, CacheStatus::Miss)
+                    .await
+            }
+            Ok(Head::Pass(resp)) => resp,
+            Ok(Head::Failed(msg)) => simple(StatusCode::BAD_GATEWAY, &format!("{msg}\n")),
+            Ok(Head::Busy) => unavailable(&format!("{}\n", Abort::Busy)),
+            Err(_) => simple(StatusCode::BAD_GATEWAY, "upstream task failed\n"),
+        }
     }
 
     /// Fetches the response to `req` once and stores it in `writer`'s entry (or under its
@@ -701,9 +705,10 @@ impl Shared {
         }
         // Set before the first byte: readers that see a byte see the metadata.
         writer.set_metadata(head.encode());
+        let validator = has_validator(&head.response);
         match writer.reader() {
             Ok(r) => {
-                let _ = head_tx.send(Head::Stored(r.into()));
+                let _ = head_tx.send(Head::Stored(r.into(), head));
             }
             Err(e) => {
                 let msg = format!("cache error: {e}");
@@ -712,7 +717,6 @@ impl Shared {
                 return;
             }
         }
-        let validator = has_validator(&head.response);
         let outcome = copy_body(body, &mut writer).await;
         let bytes = writer.written();
         let ms = start.elapsed().as_millis() as u64;
@@ -885,29 +889,7 @@ impl Shared {
                         tokio::spawn(async move {
                             shared.store(resp, &url, key, w, &view, tx).await;
                         });
-                        match rx.await {
-                            Ok(Head::Stored(mut reader)) => match wait_head(&mut reader).await {
-                                Ok(Some(stored)) => {
-                                    self.serve(
-                                        req.headers(),
-                                        reader,
-                                        &stored,
-                                        serve,
-                                        CacheStatus::Miss,
-                                    )
-                                    .await
-                                }
-                                Ok(None) => simple(StatusCode::BAD_GATEWAY, "no metadata\n"),
-                                Err(e) => failure_response(&e),
-                            },
-                            Ok(Head::Pass(resp)) => resp,
-                            Ok(Head::Failed(msg)) => {
-                                simple(StatusCode::BAD_GATEWAY, &format!("{msg}\n"))
-                            }
-                            Ok(Head::Busy) | Err(_) => {
-                                simple(StatusCode::BAD_GATEWAY, "upstream task failed\n")
-                            }
-                        }
+                        self.fill_response(rx, req.headers(), serve).await
                     }
                     Ok(Entry::Hit(_)) | Err(_) => relay(resp),
                 }
@@ -1030,21 +1012,14 @@ fn req_clone_head<B>(req: &Request<B>) -> http::request::Parts {
 }
 
 /// The request a fill sends: the client's GET without its own validators and range (the
-/// whole entity is fetched and stored; the cache answers those itself).
-fn fill_request(mut parts: http::request::Parts, url: &str) -> Option<http::request::Parts> {
-    http::Uri::try_from(url).ok()?;
+/// whole entity is fetched and stored; the cache answers those itself). Nothing here can
+/// fail: the request target was checked before the fill (`View::new`, or a 400).
+fn fill_request(mut parts: http::request::Parts) -> http::request::Parts {
     parts.method = Method::GET;
-    for name in [
-        header::IF_NONE_MATCH,
-        header::IF_MODIFIED_SINCE,
-        header::IF_MATCH,
-        header::IF_UNMODIFIED_SINCE,
-        header::IF_RANGE,
-        header::RANGE,
-    ] {
+    for name in CLIENT_CONDITIONALS {
         parts.headers.remove(name);
     }
-    Some(parts)
+    parts
 }
 
 fn has_validator(headers: &HeaderMap) -> bool {
@@ -1204,12 +1179,7 @@ impl Framing {
     fn of<B>(resp: &Response<B>) -> Framing {
         let h = resp.headers();
         if h.contains_key(header::TRANSFER_ENCODING) {
-            let last = h.get_all(header::TRANSFER_ENCODING).iter().next_back();
-            let chunked = last
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.rsplit(',').next())
-                .is_some_and(|coding| coding.trim().eq_ignore_ascii_case("chunked"));
-            if chunked && resp.version() >= http::Version::HTTP_11 {
+            if chunked_last(resp) {
                 Framing::Chunked
             } else {
                 Framing::Close
@@ -1227,6 +1197,23 @@ impl Framing {
             Framing::Chunked
         }
     }
+}
+
+/// Whether `chunked` is the last transfer coding of an HTTP/1.1 (or later) response. Of a
+/// response with `Transfer-Encoding`, hyper's client reads the body to its last chunk if so
+/// (and fails it without one), else to the close of the connection (RFC 9112 6.3). Shared by
+/// [`Framing::of`] and [`Upstream`](crate::Upstream), which must agree on it.
+pub(crate) fn chunked_last<B>(resp: &Response<B>) -> bool {
+    let last = resp
+        .headers()
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .next_back();
+    let chunked = last
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.rsplit(',').next())
+        .is_some_and(|coding| coding.trim().eq_ignore_ascii_case("chunked"));
+    chunked && resp.version() >= http::Version::HTTP_11
 }
 
 /// Relays an uncached response (minus hop-by-hop headers).

@@ -43,6 +43,18 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// The client's own validators and range: the cache answers them itself from its entry, so
+/// they are neither sent on a fill (the whole entity is fetched) nor part of the request a
+/// stored response is evaluated against.
+pub(crate) const CLIENT_CONDITIONALS: [HeaderName; 6] = [
+    header::IF_NONE_MATCH,
+    header::IF_MODIFIED_SINCE,
+    header::IF_MATCH,
+    header::IF_UNMODIFIED_SINCE,
+    header::IF_RANGE,
+    header::RANGE,
+];
+
 /// The request a cached response is evaluated against: a GET of the path and query, with the
 /// client's end-to-end headers minus `Host` (one cache serves one origin) and minus the
 /// client's own validators and ranges (the cache answers those itself, from its entry).
@@ -58,15 +70,8 @@ impl View {
         let uri = Uri::try_from(url).ok()?;
         let mut headers = headers.clone();
         strip_hop_by_hop(&mut headers);
-        for name in [
-            header::HOST,
-            header::IF_NONE_MATCH,
-            header::IF_MODIFIED_SINCE,
-            header::IF_MATCH,
-            header::IF_UNMODIFIED_SINCE,
-            header::IF_RANGE,
-            header::RANGE,
-        ] {
+        headers.remove(header::HOST);
+        for name in CLIENT_CONDITIONALS {
             headers.remove(name);
         }
         Some(View { uri, headers })

@@ -18,7 +18,7 @@ use hyper_util::rt::TokioExecutor;
 use tower_service::Service;
 
 use crate::body::BoxError;
-use crate::layer::CloseDelimited;
+use crate::layer::{CloseDelimited, chunked_last};
 use crate::meta::strip_hop_by_hop;
 
 /// A reverse proxy's inner service: sends each request to the origin at `base` (its path
@@ -114,12 +114,7 @@ where
 fn close_delimited<B>(resp: &Response<B>) -> bool {
     let h = resp.headers();
     if h.contains_key(header::TRANSFER_ENCODING) {
-        let last = h.get_all(header::TRANSFER_ENCODING).iter().next_back();
-        let chunked = last
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.rsplit(',').next())
-            .is_some_and(|coding| coding.trim().eq_ignore_ascii_case("chunked"));
-        !(chunked && resp.version() >= http::Version::HTTP_11)
+        !chunked_last(resp)
     } else {
         // Bodiless statuses (1xx, 204, 304) have no body to delimit.
         let bodiless = resp.status().is_informational()
