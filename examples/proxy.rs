@@ -132,9 +132,7 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Option<Args>, St
         upstream.ok_or_else(|| missing("--upstream"))?,
         dir.ok_or_else(|| missing("--dir"))?,
     );
-    config.upstream_timeout = layer.upstream_timeout;
-    config.max_downloads = layer.max_downloads;
-    config.purge = layer.purge;
+    config.cache = layer;
     config.max_bytes = max_bytes;
     config.limits = limits;
     #[cfg(feature = "shared")]
@@ -186,7 +184,7 @@ fn check_descriptor_budget(config: &server::Config) {
     // A connection: its socket and maybe an entry's file. A download: the upstream socket
     // and the staged file. Plus the cache's own and the runtime's.
     let conns = config.limits.max_connections as u64;
-    let need = 2 * conns + 2 * config.max_downloads as u64 + 64;
+    let need = 2 * conns + 2 * config.cache.max_downloads as u64 + 64;
     if let Some(limit) = open_files_limit()
         && limit < need
     {

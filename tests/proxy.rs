@@ -725,7 +725,7 @@ async fn proxy_follows_the_http_caching_rules() {
         proxy.shutdown().await;
 
         let mut config = server::Config::new(origin.url(), dir.path());
-        config.purge = streamcache_http::Purge::Loopback;
+        config.cache.purge = streamcache_http::Purge::Loopback;
         let proxy = start_proxy_with(&config).await;
         let purge = client.request(req_to(&proxy, "PURGE")).await.unwrap();
         assert_eq!(purge.status(), StatusCode::OK, "purged by the proxy");
@@ -1302,7 +1302,7 @@ async fn silent_origin_mid_body_fails_instead_of_hanging() {
         let origin = RawOrigin::start().await;
         let dir = tempfile::tempdir().unwrap();
         let mut config = server::Config::new(origin.url(), dir.path());
-        config.upstream_timeout = Duration::from_millis(300);
+        config.cache.upstream_timeout = Duration::from_millis(300);
         let proxy = start_proxy_with(&config).await;
         let client = client();
 
@@ -1375,7 +1375,7 @@ async fn downloads_beyond_max_downloads_wait_for_a_slot() {
         let origin = Origin::start().await;
         let dir = tempfile::tempdir().unwrap();
         let mut config = server::Config::new(origin.url(), dir.path());
-        config.max_downloads = 1;
+        config.cache.max_downloads = 1;
         let proxy = start_proxy_with(&config).await;
         let client = client();
 

@@ -17,7 +17,7 @@ use hyper::{Request, Response, Uri};
 use streamcache::Cache;
 pub(crate) use streamcache_http::ConnLimits;
 use streamcache_http::{
-    BoxError, CacheConfig, CacheLayer, CacheService, CacheStatus, Purge, ResponseBody, Upstream,
+    BoxError, CacheConfig, CacheLayer, CacheService, CacheStatus, ResponseBody, Upstream,
 };
 use tokio::net::TcpListener;
 use tower_layer::Layer;
@@ -30,17 +30,12 @@ pub(crate) struct Config {
     pub(crate) upstream: Uri,
     /// Cache directory.
     pub(crate) dir: PathBuf,
-    /// How long to wait for the upstream's response head, and for each piece of its body.
-    pub(crate) upstream_timeout: Duration,
+    /// The caching layer's settings (upstream timeout, most downloads at once, purge).
+    pub(crate) cache: CacheConfig,
     /// Optional cache size limit in bytes (least recently used entries are evicted).
     pub(crate) max_bytes: Option<u64>,
     /// Client connection limits.
     pub(crate) limits: ConnLimits,
-    /// Most upstream downloads (cache fills) at once; past this, a miss waits up to
-    /// `upstream_timeout` for one to end, then gets 503.
-    pub(crate) max_downloads: usize,
-    /// Who may `PURGE`.
-    pub(crate) purge: Purge,
     /// A shared tier (a bucket) that a fleet of proxies shares.
     #[cfg(feature = "shared")]
     pub(crate) shared: Option<streamcache::shared::SharedTier>,
@@ -49,15 +44,12 @@ pub(crate) struct Config {
 impl Config {
     /// A configuration with the default timeouts and limits, and no size limit.
     pub(crate) fn new(upstream: Uri, dir: impl Into<PathBuf>) -> Config {
-        let defaults = CacheConfig::default();
         Config {
             upstream,
             dir: dir.into(),
-            upstream_timeout: defaults.upstream_timeout,
+            cache: CacheConfig::default(),
             max_bytes: None,
             limits: ConnLimits::default(),
-            max_downloads: defaults.max_downloads,
-            purge: Purge::Off,
             #[cfg(feature = "shared")]
             shared: None,
         }
@@ -87,11 +79,7 @@ impl Proxy {
             builder = builder.shared(tier.clone());
         }
         let cache = builder.build()?;
-        let mut cache_config = CacheConfig::default();
-        cache_config.upstream_timeout = config.upstream_timeout;
-        cache_config.max_downloads = config.max_downloads;
-        cache_config.purge = config.purge;
-        let layer = CacheLayer::with_config(cache, cache_config);
+        let layer = CacheLayer::with_config(cache, config.cache.clone());
         let upstream = Upstream::new(config.upstream.clone()).map_err(|e| e.to_string())?;
         Ok(Arc::new(Proxy {
             service: Logging(layer.layer(upstream)),
