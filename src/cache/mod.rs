@@ -37,7 +37,7 @@ pub use report::{CacheStats, EntryInfo, Expiry, Iter, Policy, RemovalCause};
 use books::{Books, Counters, Limits};
 use index::{Indexed, Inner};
 use reaper::{Deletions, Job, Note};
-use slot::{Slot, blob_name};
+use slot::Slot;
 
 /// What [`Cache::get_or_create`] hands out.
 #[derive(Debug)]
@@ -271,7 +271,7 @@ impl Cache {
             let writer = inner.retry_out_of_handles(|| {
                 Writer::create_observed(
                     inner.storage.clone(),
-                    blob_name(key, id),
+                    slot.name(),
                     Some(slot.key.clone()),
                     Some(slot.clone() as Arc<dyn Observer>),
                 )
@@ -692,12 +692,13 @@ mod tests {
     use super::*;
 
     /// The per-entry budget (issue: at most 256 bytes of index overhead per entry at 1M
-    /// entries; `benches/eviction.rs` measures the whole). The slot must stay one 88-byte
-    /// allocation (72 bytes of fields plus the `Arc` header), and an index entry two pointers.
+    /// entries; `benches/eviction.rs` measures the whole). The slot must stay one 104-byte
+    /// allocation (88 bytes of fields, 16 of them the key's hash that names its blob, plus the
+    /// `Arc` header), and an index entry two pointers.
     #[test]
     fn slot_stays_small() {
         assert!(
-            std::mem::size_of::<index::Slot>() <= 72,
+            std::mem::size_of::<index::Slot>() <= 88,
             "{}",
             std::mem::size_of::<index::Slot>()
         );
@@ -707,9 +708,12 @@ mod tests {
         );
     }
 
-    /// Blob names are persistent: they must keep the format `<32 hex of blake3(key)>-<16 hex id>`.
+    /// Blob names are persistent: they must keep the format `<32 hex of blake3(key)>-<16 hex id>`,
+    /// derived from the key or from the slot's kept hash alike.
     #[test]
     fn blob_names_keep_their_format() {
+        use super::slot::blob_name;
+        let cache = Cache::builder().memory().build().unwrap();
         for (key, id) in [
             ("", 0),
             ("key", 1),
@@ -720,6 +724,8 @@ mod tests {
             let want = format!("{}-{id:016x}", &hash.to_hex()[..32]);
             assert_eq!(blob_name(key, id), want);
             assert_eq!(blob_name(key, id).capacity(), 49);
+            let slot = Slot::new(&cache.inner, Arc::from(key), id, 0, 0, 0);
+            assert_eq!(slot.name(), want);
         }
     }
 
