@@ -308,12 +308,14 @@ impl Reader {
     /// Whether [`read_chunk`](Reader::read_chunk) shares the stored bytes (memory storage)
     /// rather than copying them into a new buffer; a caller that reads a lot from a copying
     /// storage does better reading into a buffer it reuses.
+    #[cfg(feature = "shared")]
     pub(crate) fn shares_bytes(&self) -> bool {
         self.shared.blob.read_bytes(self.pos, 0).is_some()
     }
 
     /// The blake3 hash of `[offset, offset + len)` if the storage has it at hand
     /// ([`BlobReader::known_hash`](crate::storage::BlobReader::known_hash)).
+    #[cfg(feature = "shared")]
     pub(crate) fn known_hash(&self, offset: u64, len: u64) -> Option<[u8; 32]> {
         self.shared.blob.known_hash(offset, len)
     }
