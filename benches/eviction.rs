@@ -94,6 +94,35 @@ fn insert_throughput(rows: &mut Table) {
     );
 }
 
+/// A single-threaded insert loop for instruction counts (`docs/benchmarks.md`, "Cache
+/// insert, third pass"): `EVICTION_INSERT_DRIVER=<ours|moka>:<n>` inserts `n` keys into a
+/// cache of 10 000 entries, under `valgrind --tool=callgrind`.
+fn insert_driver(spec: &str) {
+    let (which, n) = spec.split_once(':').expect("<ours|moka>:<n>");
+    let n: usize = n.parse().expect("a number of inserts");
+    let value = [7u8; 64];
+    if which == "moka" {
+        let moka: moka::sync::Cache<String, Arc<[u8]>> = moka::sync::Cache::new(10_000);
+        for i in 0..n {
+            moka.insert(format!("key-0-{i}"), Arc::from(&value[..]));
+        }
+        moka.run_pending_tasks();
+    } else {
+        let cache = Cache::builder()
+            .memory()
+            .max_entries(10_000)
+            .build()
+            .unwrap();
+        for i in 0..n {
+            if let Entry::Miss(mut w) = cache.get_or_create(&format!("key-0-{i}")).unwrap() {
+                w.write_all(&value).unwrap();
+                w.finish().unwrap();
+            }
+        }
+        cache.run_pending_tasks();
+    }
+}
+
 fn rss_bytes() -> u64 {
     let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
     let pages: u64 = statm
@@ -208,6 +237,10 @@ fn main() {
     }
     if let Ok(mode) = std::env::var("EVICTION_MEMORY_CHILD") {
         memory_child(&mode);
+        return;
+    }
+    if let Ok(n) = std::env::var("EVICTION_INSERT_DRIVER") {
+        insert_driver(&n);
         return;
     }
     support::run_sections(&[

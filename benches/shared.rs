@@ -6,7 +6,8 @@
 //! 2. producer throughput (from the `Miss` writer in hand: write 64 MiB and finish) with the
 //!    upload overlapped, against the same writes into a cache without the tier; for the
 //!    record also the miss itself (`get_or_create` until the writer is in hand: the lease
-//!    round trips) and the time until the manifest is committed;
+//!    round trips), the time until the manifest is committed, and the process's CPU time for
+//!    the entry (writes alone; writes and the whole upload, up to the manifest);
 //! 3. a remote late joiner's delay: from a producer's `flush` to a reader on another node
 //!    having the bytes, against the configured chunk interval plus poll interval.
 //!
@@ -146,12 +147,15 @@ fn run(moto: &moto::Moto) {
             }
         };
         let mut miss_s = Vec::new();
-        let local_run = |measure: bool, local_s: &mut Vec<f64>| {
+        let (mut local_cpu, mut shared_cpu) = (Vec::new(), Vec::new());
+        let mut local_run = |measure: bool, local_s: &mut Vec<f64>| {
             let dir = tempfile::tempdir().unwrap();
             let local = builder(dir.path()).build().unwrap();
+            let cpu = cpu_ms();
             let (_, wrote) = write_entry(&local, "p", &data);
             if measure {
                 local_s.push(wrote);
+                local_cpu.push(cpu_ms() - cpu);
             }
         };
         let mut shared_run = |measure: bool,
@@ -166,9 +170,11 @@ fn run(moto: &moto::Moto) {
                 .build()
                 .unwrap();
             let t = Instant::now();
+            let cpu = cpu_ms();
             let (miss, wrote) = write_entry(&node, "p", &data);
             wait_committed(&rt, &store, &prefix);
             if measure {
+                shared_cpu.push(cpu_ms() - cpu);
                 shared_s.push(wrote);
                 miss_s.push(miss);
                 commit_s.push(t.elapsed().as_secs_f64());
@@ -194,6 +200,11 @@ fn run(moto: &moto::Moto) {
             l / s,
             median(miss_s) * 1e3,
             m
+        );
+        println!(
+            "  process CPU per entry: the writes alone {:.0} ms; the writes and the upload {:.0} ms",
+            median(local_cpu),
+            median(shared_cpu)
         );
     }
 
@@ -241,6 +252,26 @@ fn run(moto: &moto::Moto) {
         bound * 1e3,
         d / bound
     );
+}
+
+/// This process's CPU time so far (user + system, all threads), in milliseconds, at the
+/// kernel's tick resolution (10 ms here).
+fn cpu_ms() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name (which may hold spaces): utime and stime are the 12th
+    // and 13th.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or("", |(_, rest)| rest)
+        .split_whitespace()
+        .collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (ticks(11) + ticks(12)) * 10.0
 }
 
 /// Writes `data` as a new entry; returns the seconds the miss took (`get_or_create` until the
