@@ -48,7 +48,8 @@ impl Status {
 /// What a waiter learns when it wakes.
 #[derive(Debug, Clone)]
 pub(crate) struct Snapshot {
-    #[cfg_attr(not(streamcache_loom), allow(dead_code))]
+    // Read by the unit tests and the loom models only.
+    #[cfg_attr(not(test), allow(dead_code))]
     pub(crate) len: u64,
     pub(crate) status: Status,
 }
