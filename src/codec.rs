@@ -91,15 +91,33 @@ mod tests {
     }
 }
 
+/// Each byte's two lowercase hex digits.
+const HEX_PAIRS: [[u8; 2]; 256] = {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut pairs = [[0u8; 2]; 256];
+    let mut i = 0;
+    while i < 256 {
+        pairs[i] = [HEX[i >> 4], HEX[i & 15]];
+        i += 1;
+    }
+    pairs
+};
+
+/// Writes the lower-case hex of `bytes` into `out`, which must be twice as long: a table
+/// look-up per byte (blob names are formatted twice per entry, on the insert path).
+pub(crate) fn hex_into(bytes: &[u8], out: &mut [u8]) {
+    debug_assert_eq!(out.len(), 2 * bytes.len());
+    for (pair, b) in out.chunks_exact_mut(2).zip(bytes) {
+        pair.copy_from_slice(&HEX_PAIRS[usize::from(*b)]);
+    }
+}
+
 /// Lower-case hex of `bytes` (ids in files, keys and hashes in the shared tier's text objects).
 #[cfg_attr(not(any(unix, feature = "shared")), allow(dead_code))]
 pub(crate) fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write;
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        let _ = write!(s, "{b:02x}");
-    }
-    s
+    let mut out = vec![0; 2 * bytes.len()];
+    hex_into(bytes, &mut out);
+    String::from_utf8(out).expect("hex digits are ASCII")
 }
 
 /// The bytes of hex digits (either case); `None` for an odd length or a non-digit.

@@ -171,32 +171,15 @@ fn key_hash(key: &str) -> [u8; 16] {
     h
 }
 
-/// Each byte's two lowercase hex digits.
-const HEX_PAIRS: [[u8; 2]; 256] = {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut pairs = [[0u8; 2]; 256];
-    let mut i = 0;
-    while i < 256 {
-        pairs[i] = [HEX[i >> 4], HEX[i & 15]];
-        i += 1;
-    }
-    pairs
-};
-
 /// A blob name from its key's hash and its id, in hex.
 fn format_name(key_hash: &[u8; 16], id: u64) -> String {
-    // Digit pairs written into a fixed buffer, then one exactly sized copy: pushing digits one
-    // `char` at a time cost about as much as the hash itself (its capacity and UTF-8 checks),
-    // and one digit per loop step about a third of that.
+    // Written into a fixed buffer, then one exactly sized copy: pushing digits one `char` at a
+    // time cost about as much as the hash itself (its capacity and UTF-8 checks).
     let mut name = [0u8; 32 + 1 + 16];
     let (hash, rest) = name.split_at_mut(32);
-    for (out, b) in hash.chunks_exact_mut(2).zip(key_hash) {
-        out.copy_from_slice(&HEX_PAIRS[usize::from(*b)]);
-    }
+    crate::codec::hex_into(key_hash, hash);
     rest[0] = b'-';
-    for (out, b) in rest[1..].chunks_exact_mut(2).zip(id.to_be_bytes()) {
-        out.copy_from_slice(&HEX_PAIRS[usize::from(b)]);
-    }
+    crate::codec::hex_into(&id.to_be_bytes(), &mut rest[1..]);
     String::from_utf8(name.to_vec()).expect("hex digits and '-' are ASCII")
 }
 
