@@ -125,10 +125,8 @@ impl Inner {
             stream.doom_keep();
         }
         if was & COMMITTED != 0 {
-            // The open stream knows the blob's name: no need to derive it again.
-            let name = stream
-                .as_ref()
-                .map_or_else(|| slot.name(), |s| s.blob_name().to_owned());
+            // (The slot keeps its key's hash: the name costs no hashing.)
+            let name = slot.name();
             let inline = matches!(deletion, Deletion::Inline | Deletion::InlineUnfiled);
             self.delete_blob(name, counted, inline);
         }

@@ -386,11 +386,6 @@ impl Stream {
         &self.shared.key
     }
 
-    /// The blob's name in storage.
-    pub(crate) fn blob_name(&self) -> &str {
-        &self.shared.name
-    }
-
     /// Hands the removal to the stream's cache, if it has one that takes it.
     fn cache_removes(&self) -> bool {
         self.shared
