@@ -746,6 +746,8 @@ async fn tail(ctx: Arc<Ctx>, mut w: Writer, generation: u128) {
     let h = key_hash(&key);
     let mut index = 0u32;
     let mut read: Vec<ChunkRef> = Vec::new();
+    // Bytes of the chunks in `read`: where the next chunk starts.
+    let mut offset = 0u64;
     let check_every = (ctx.cfg.lease / 4).max(ctx.cfg.poll_interval);
     let mut last_check = Instant::now();
     let mut failing_since: Option<Instant> = None;
@@ -759,7 +761,6 @@ async fn tail(ctx: Arc<Ctx>, mut w: Writer, generation: u128) {
         match found {
             Ok(Some((obj, _))) if !ended => {
                 failing_since = None;
-                let offset = read.iter().map(|c| c.len).sum();
                 match format::decode_chunk(obj, generation, index, offset) {
                     Ok(c) => {
                         if let Some(meta) = c.metadata.filter(|m| !m.is_empty()) {
@@ -768,6 +769,7 @@ async fn tail(ctx: Arc<Ctx>, mut w: Writer, generation: u128) {
                         if write_chunk(&mut w, &c.payload).is_err() {
                             return;
                         }
+                        offset += c.payload.len() as u64;
                         read.push(ChunkRef {
                             len: c.payload.len() as u64,
                             hash: c.hash,
@@ -1012,27 +1014,23 @@ async fn upload_chunks(
         if keeper.lost.load(Ordering::Acquire) {
             return Err(Stop::Lost);
         }
-        let read = match (&mut copy, deadline) {
-            (Some(buf), d) => {
+        let read = match &mut copy {
+            Some(buf) => {
                 let into = &mut buf[buffered..];
-                let read = std::future::poll_fn(|cx| {
-                    let mut rb = tokio::io::ReadBuf::new(into);
-                    std::pin::Pin::new(&mut r)
-                        .poll_read(cx, &mut rb)
-                        .map_ok(|()| rb.filled().len())
-                });
-                match d {
-                    Some(d) => tokio::time::timeout_at(d, read).await.ok(),
-                    None => Some(read.await),
-                }
+                until(
+                    deadline,
+                    std::future::poll_fn(|cx| {
+                        let mut rb = tokio::io::ReadBuf::new(into);
+                        std::pin::Pin::new(&mut r)
+                            .poll_read(cx, &mut rb)
+                            .map_ok(|()| rb.filled().len())
+                    }),
+                )
+                .await
             }
-            (None, d) => {
-                let read = r.read_chunk(size - buffered);
-                let got = match d {
-                    Some(d) => tokio::time::timeout_at(d, read).await.ok(),
-                    None => Some(read.await),
-                };
-                got.map(|got| {
+            None => until(deadline, r.read_chunk(size - buffered))
+                .await
+                .map(|got| {
                     got.map(|b| {
                         let n = b.len();
                         if n > 0 {
@@ -1040,8 +1038,7 @@ async fn upload_chunks(
                         }
                         n
                     })
-                })
-            }
+                }),
         };
         let last = match read {
             Some(Ok(0)) => true,
@@ -1104,6 +1101,17 @@ async fn upload_chunks(
             let metadata = r.get_ref().metadata();
             return Ok((refs, total, metadata));
         }
+    }
+}
+
+/// `fut`'s output, or `None` if `deadline` passes first.
+async fn until<T>(
+    deadline: Option<tokio::time::Instant>,
+    fut: impl Future<Output = T>,
+) -> Option<T> {
+    match deadline {
+        Some(d) => tokio::time::timeout_at(d, fut).await.ok(),
+        None => Some(fut.await),
     }
 }
 
