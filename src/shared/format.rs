@@ -22,9 +22,9 @@ use crate::codec::hex;
 const CHUNK_MAGIC: &[u8; 4] = b"SCK2";
 const CHUNK_HEADER: usize = 4 + 16 + 4 + 1 + 8 + 4 + 4 + 32;
 
-/// The pieces a chunk's payload is hashed in end at the multiples of this, in entry offsets
-/// (the same as the disk storage's blocks).
-pub(crate) const PIECE: u64 = 1 << 20;
+/// The pieces a chunk's payload is hashed in end at the multiples of this, in entry offsets:
+/// the storage's hash blocks.
+pub(crate) const PIECE: u64 = crate::storage::HASH_BLOCK;
 const LEASE_MAGIC: &str = "streamcache-lease 1";
 const MANIFEST_MAGIC: &str = "streamcache-manifest 1";
 

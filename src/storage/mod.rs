@@ -225,6 +225,12 @@ pub trait BlobWriter: Send + fmt::Debug {
     fn commit(self: Box<Self>, meta: Vec<u8>) -> io::Result<()>;
 }
 
+/// The blocks blobs are hashed in, in blob offsets: [`DiskStorage`]'s integrity blocks, whose
+/// hashes [`BlobReader::known_hash`] hands out, and the pieces the shared tier hashes its
+/// chunks in so that it can take those hashes.
+#[cfg_attr(not(any(unix, feature = "shared")), allow(dead_code))]
+pub(crate) const HASH_BLOCK: u64 = 1 << 20;
+
 /// Positional reads of one blob, shared by every reader of it.
 pub trait BlobReader: Send + Sync + fmt::Debug {
     /// Reads up to `buf.len()` bytes at `offset`; returns how many were read (0 only at the end

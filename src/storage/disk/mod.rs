@@ -41,7 +41,7 @@ use reader::{Check, DiskReader, Stamp};
 use record::{Record, check_meta_len};
 
 /// Size of an integrity block.
-const BLOCK: u64 = 1 << 20;
+const BLOCK: u64 = super::HASH_BLOCK;
 const DATA_DIR: &str = "v1";
 pub(in crate::storage) const TMP_DIR: &str = "tmp";
 const META_EXT: &str = "meta";
