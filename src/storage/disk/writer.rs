@@ -141,14 +141,18 @@ impl BlobWriter for DiskWriter {
         if st.syncs() {
             self.file.sync_data()?;
         }
-        let hashes = self.hashes.to_vec();
-        let (len, block_hashes) = (self.len, hashes.clone());
-        let record = Record {
+        let rec = Record {
             len: self.len,
-            hashes,
+            hashes: self.hashes.to_vec(),
             meta,
-        }
-        .encode();
+        };
+        let record = rec.encode();
+        // The hashes go on to the blob's check (one copy of them, not two).
+        let Record {
+            len,
+            hashes: block_hashes,
+            ..
+        } = rec;
         let shard = st.shard(&self.name);
         st.ensure_shard(&shard)?;
         let DiskWriter {
