@@ -882,12 +882,17 @@ fn child_fleet_node() {
         .trim()
         .parse()
         .unwrap();
-    let fleet = Fleet {
-        store: Arc::new(moto::store_at(endpoint.trim(), "fleet")),
-        lease: Duration::from_secs(3),
-        poll: Duration::from_millis(50),
-    };
-    let cache = Arc::new(node(&fleet));
+    // The tier as users make it: from the URL and the `AWS_*` environment the parent set
+    // (moto's endpoint and dummy credentials), with `from_url`'s defaults (unsigned bodies).
+    assert_eq!(std::env::var("AWS_ENDPOINT").unwrap(), endpoint.trim());
+    let tier = SharedTier::from_url("s3://fleet/test")
+        .unwrap()
+        .lease(Duration::from_secs(3))
+        .chunk_size(64 << 10)
+        .chunk_interval(Duration::from_millis(20))
+        .poll_interval(Duration::from_millis(50))
+        .timeout(Duration::from_secs(5));
+    let cache = Arc::new(Cache::builder().shared(tier).build().unwrap());
     while now_ms() < start_at {
         thread::sleep(Duration::from_millis(1));
     }
@@ -944,8 +949,15 @@ fn wire_three_processes_twenty_requesters_one_production() {
         std::fs::write(dir.path().join("endpoint"), &endpoint).unwrap();
         // Start together, once all three have started up.
         std::fs::write(dir.path().join("start_at"), (now_ms() + 3000).to_string()).unwrap();
+        let env = [
+            ("AWS_ENDPOINT", endpoint.as_str()),
+            ("AWS_ALLOW_HTTP", "true"),
+            ("AWS_ACCESS_KEY_ID", "test"),
+            ("AWS_SECRET_ACCESS_KEY", "test"),
+            ("AWS_REGION", "us-east-1"),
+        ];
         let children: Vec<_> = (0..3)
-            .map(|_| ChildRun::spawn("child_fleet_node", dir.path()))
+            .map(|_| ChildRun::spawn_env("child_fleet_node", dir.path(), &env))
             .collect();
         let reports: Vec<String> = children.iter().map(|c| c.line(REPORT)).collect();
         let mut expected = Vec::new();

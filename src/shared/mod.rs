@@ -155,6 +155,17 @@ impl fmt::Debug for SharedTier {
     }
 }
 
+/// The S3 store `from_url` builds: the `AWS_*` environment, and unsigned bodies unless
+/// `AWS_UNSIGNED_PAYLOAD` says otherwise (see `SharedTier::from_url`).
+#[cfg(feature = "s3")]
+fn s3_builder(bucket: &str) -> object_store::aws::AmazonS3Builder {
+    let builder = object_store::aws::AmazonS3Builder::from_env().with_bucket_name(bucket);
+    if std::env::var_os("AWS_UNSIGNED_PAYLOAD").is_some() {
+        return builder;
+    }
+    builder.with_unsigned_payload(true)
+}
+
 impl SharedTier {
     /// A tier on `store`, at the root of the bucket, with the default timings: lease 5 s,
     /// chunks of 8 MiB or 250 ms, polls every 100 ms, bucket operations bounded by 3 s.
@@ -175,6 +186,13 @@ impl SharedTier {
     /// (`AWS_ENDPOINT`, `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_REGION`…, as
     /// `object_store`'s `AmazonS3Builder::from_env` reads them); set `AWS_ALLOW_HTTP=true` for a
     /// local server over plain HTTP.
+    ///
+    /// Uploads are sent with `UNSIGNED-PAYLOAD` (as AWS's own SDKs send them over HTTPS):
+    /// the request is signed, its body is not hashed with SHA-256 for the signature, which
+    /// was about a third of the tier's CPU per upload. The body's integrity is the
+    /// transport's (TLS) and the tier's own: every chunk and the manifest carry blake3 hashes
+    /// that readers check. Set `AWS_UNSIGNED_PAYLOAD=false` to sign bodies too (e.g. plain
+    /// HTTP across a network you do not trust).
     ///
     /// ```
     /// # #[cfg(feature = "s3")] {
@@ -204,8 +222,7 @@ impl SharedTier {
 
     #[cfg(feature = "s3")]
     fn s3(url: &str, bucket: &str) -> Result<SharedTier> {
-        let store = object_store::aws::AmazonS3Builder::from_env()
-            .with_bucket_name(bucket)
+        let store = s3_builder(bucket)
             .build()
             .map_err(|e| Error::invalid(format!("shared tier {url:?}: {e}")))?;
         Ok(SharedTier::new(Arc::new(store)))
@@ -279,4 +296,22 @@ pub struct SharedStats {
     pub tailed: u64,
     /// Local misses produced locally because the bucket failed or did not answer in time.
     pub fallbacks: u64,
+}
+
+#[cfg(all(test, feature = "s3"))]
+mod tests {
+    use object_store::aws::AmazonS3ConfigKey;
+
+    /// `from_url`'s store sends unsigned bodies unless the environment asks otherwise.
+    #[test]
+    fn from_url_sends_unsigned_payloads_by_default() {
+        let got = super::s3_builder("bucket").get_config_value(&AmazonS3ConfigKey::UnsignedPayload);
+        match std::env::var("AWS_UNSIGNED_PAYLOAD") {
+            Ok(set) => {
+                eprintln!("AWS_UNSIGNED_PAYLOAD={set} is set here: checking it is kept as set");
+                assert_eq!(got.as_deref(), Some(set.as_str()));
+            }
+            Err(_) => assert_eq!(got.as_deref(), Some("true")),
+        }
+    }
 }

@@ -30,9 +30,18 @@ impl ChildRun {
         Self::spawn_with(name, dir, None)
     }
 
+    /// As `spawn`, with these environment variables set in the child.
+    pub fn spawn_env(name: &str, dir: &Path, envs: &[(&str, &str)]) -> ChildRun {
+        Self::spawn_full(name, dir, None, envs)
+    }
+
     /// `nofile`: the child's open-file limit, set with `prlimit` (util-linux); `None` if it
     /// is not installed.
     pub fn spawn_with(name: &str, dir: &Path, nofile: Option<u32>) -> ChildRun {
+        Self::spawn_full(name, dir, nofile, &[])
+    }
+
+    fn spawn_full(name: &str, dir: &Path, nofile: Option<u32>, envs: &[(&str, &str)]) -> ChildRun {
         let exe = std::env::current_exe().unwrap();
         let mut cmd = match nofile {
             Some(n) => {
@@ -45,6 +54,7 @@ impl ChildRun {
         let mut child = cmd
             .args(["--exact", name, "--nocapture", "--test-threads=1"])
             .env(CHILD_ENV, dir)
+            .envs(envs.iter().copied())
             .stdout(Stdio::piped())
             .spawn()
             .unwrap();

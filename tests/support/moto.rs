@@ -157,9 +157,11 @@ fn signal(pid: u32, sig: &str) {
     assert!(ok, "kill -{sig} {pid}");
 }
 
-/// An S3 store at `endpoint` (plain HTTP, moto's dummy credentials).
+/// An S3 store at `endpoint` (plain HTTP, moto's dummy credentials), with unsigned payloads
+/// as `SharedTier::from_url` builds it by default.
 pub fn store_at(endpoint: &str, bucket: &str) -> object_store::aws::AmazonS3 {
     AmazonS3Builder::new()
+        .with_unsigned_payload(true)
         .with_endpoint(endpoint)
         .with_bucket_name(bucket)
         .with_allow_http(true)
