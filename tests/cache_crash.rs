@@ -148,6 +148,113 @@ fn sigkill_mid_write_keeps_finished_entries_only() {
     assert_eq!(get_bytes(&cache, "B"), b"whole");
 }
 
+const JOURNAL_ENV: &str = "STREAMCACHE_JOURNAL_CHILD_DIR";
+
+/// Child side of the journal test: 200 entries, a hint saved by the reaper, then changes the
+/// hint does not show (50 new entries, 10 removed, one replaced); reports readiness and
+/// waits to be killed.
+#[test]
+fn journal_child_mode() {
+    let Some(dir) = std::env::var_os(JOURNAL_ENV) else {
+        return;
+    };
+    let dir = Path::new(&dir);
+    let cache = Cache::builder()
+        .disk(dir)
+        .startup_wait(std::time::Duration::MAX)
+        .build()
+        .unwrap();
+    for i in 0..200 {
+        put(&cache, &format!("k{i}"), &pattern(1000 + i, i as u64));
+    }
+    // A new directory has no hint: the reaper's next pass saves one.
+    cache.run_pending_tasks();
+    assert!(
+        dir.join("index-hint").exists(),
+        "no hint saved by the reaper"
+    );
+    for i in 0..50 {
+        put(&cache, &format!("j{i}"), &pattern(500 + i, 7));
+    }
+    for i in 0..10 {
+        cache.remove(&format!("k{i}")).unwrap();
+    }
+    cache.remove("k10").unwrap();
+    put(&cache, "k10", b"replaced");
+    cache.run_pending_tasks();
+    ready_then_wait();
+}
+
+/// After a crash, the hint the reaper saved and the storage's journal of the changes since
+/// give back exactly the committed entries, without listing the directory: a decoy (a copy
+/// of an entry's files under a newer version of its key) that a listing would pick instead
+/// is left alone.
+#[test]
+fn sigkill_after_changes_reopens_from_the_hint_and_journal() {
+    let dir = tempfile::tempdir().unwrap();
+    let child = ReadyChild::spawn("journal_child_mode", JOURNAL_ENV, dir.path());
+    assert!(!child.kill().success());
+    assert!(dir.path().join("index-hint").exists());
+    assert!(dir.path().join("index-journal").exists());
+    // The decoy: k100's record and data under the same key hash with a much higher id (a
+    // blob is named <key hash>-<id, 16 hex digits>; its record holds the key after its u64
+    // length).
+    let mut key_in_record = 4u64.to_le_bytes().to_vec();
+    key_in_record.extend_from_slice(b"k100");
+    let meta = files_under(&dir.path().join("v1"))
+        .into_iter()
+        .find(|p| {
+            p.extension().is_some_and(|e| e == "meta")
+                && std::fs::read(p)
+                    .unwrap()
+                    .windows(key_in_record.len())
+                    .any(|w| w == key_in_record)
+        })
+        .expect("k100's record");
+    let name = meta.file_stem().unwrap().to_str().unwrap().to_owned();
+    let (hash, id) = name.rsplit_once('-').unwrap();
+    let decoy = format!(
+        "{hash}-{:016x}",
+        u64::from_str_radix(id, 16).unwrap() + 1000
+    );
+    let shard = meta.parent().unwrap();
+    std::fs::copy(shard.join(&name), shard.join(&decoy)).unwrap();
+    std::fs::copy(&meta, shard.join(format!("{decoy}.meta"))).unwrap();
+    let cache = deadline("reopen after crash", {
+        let dir = dir.path().to_path_buf();
+        move || {
+            Cache::builder()
+                .disk(dir)
+                .startup_wait(std::time::Duration::MAX)
+                .build()
+                .unwrap()
+        }
+    });
+    for i in 0..10 {
+        assert!(
+            cache.get(&format!("k{i}")).unwrap().is_none(),
+            "k{i} came back"
+        );
+    }
+    assert_eq!(get_bytes(&cache, "k10"), b"replaced");
+    for i in 11..200 {
+        assert_eq!(
+            get_bytes(&cache, &format!("k{i}")),
+            pattern(1000 + i, i as u64)
+        );
+    }
+    for i in 0..50 {
+        assert_eq!(get_bytes(&cache, &format!("j{i}")), pattern(500 + i, 7));
+    }
+    assert_eq!(cache.len(), 240);
+    // A listing would have kept the decoy, the newer version, and deleted the original.
+    assert!(
+        shard.join(&name).exists() && shard.join(&decoy).exists(),
+        "the directory was listed"
+    );
+    assert_eq!(data_files(dir.path()).len(), 241);
+}
+
 const LOCK_ENV: &str = "STREAMCACHE_LOCK_CHILD_DIR";
 
 /// Child body for the cross-process lock test: holds the cache open until killed.

@@ -182,6 +182,65 @@ impl Drop for Immutable {
     }
 }
 
+/// A journal that refuses appends (made immutable while the cache runs, so every write to
+/// it fails with EPERM): commits still succeed, the hint it would have completed is deleted
+/// at once, and the next open lists the directory and finds every entry, the ones committed
+/// after the failure included. It then saves a new hint and journals again.
+#[test]
+fn a_journal_that_cannot_be_written_falls_back_to_listing() {
+    deadline("journal refused", || {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::builder().disk(dir.path()).build().unwrap();
+        put(&cache, "before", b"1");
+        // The reaper saves the first hint (a new directory has none); the journal starts.
+        cache.run_pending_tasks();
+        let (hint, journal) = (
+            dir.path().join("index-hint"),
+            dir.path().join("index-journal"),
+        );
+        assert!(hint.exists() && journal.exists());
+        let Some(lock) = Immutable::set(&journal) else {
+            return;
+        };
+        put(&cache, "after", b"2");
+        assert!(!hint.exists(), "the hint outlived its journal");
+        put(&cache, "later", b"3");
+        drop(lock);
+        // What a crash here would leave: a copy of the directory while the cache runs (its
+        // drop saves a new hint).
+        let copy = tempfile::tempdir().unwrap();
+        copy_tree(dir.path(), copy.path());
+        drop(cache);
+        assert!(!copy.path().join("index-hint").exists());
+        let cache = Cache::builder()
+            .disk(copy.path())
+            .startup_wait(std::time::Duration::MAX)
+            .build()
+            .unwrap();
+        for (k, v) in [("before", b"1"), ("after", b"2"), ("later", b"3")] {
+            assert_eq!(get_bytes(&cache, k), v);
+        }
+        cache.run_pending_tasks();
+        assert!(
+            copy.path().join("index-hint").exists(),
+            "no hint after the listing"
+        );
+    });
+}
+
+fn copy_tree(from: &Path, to: &Path) {
+    for entry in fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let dest = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            fs::create_dir_all(&dest).unwrap();
+            copy_tree(&entry.path(), &dest);
+        } else {
+            fs::copy(entry.path(), &dest).unwrap();
+        }
+    }
+}
+
 /// Regression: with the directory refusing deletions, `remove` returned `Ok(true)`, the reaper
 /// only logged a warning and forgot the blob, and after a restart the key was served again.
 /// Now the deletion is retried until it succeeds, counted in `stats()` meanwhile, and its

@@ -291,8 +291,9 @@ impl CacheBuilder {
 
     /// How long [`build`](CacheBuilder::build) waits for the index of the entries already
     /// stored (a directory reopened) before it returns and lets the rest load in the
-    /// background; default 100 ms. After a clean close the load reads one hint file the cache
-    /// left, in one pass; after a crash it lists the directory (one record file per entry).
+    /// background; default 100 ms. The load reads the index hint the cache saved last and the
+    /// storage's journal of changes since, one pass each (after a clean close or a crash
+    /// alike); without a usable hint it lists the directory (one record file per entry).
     /// `docs/benchmarks.md` has the figures. `Duration::ZERO` always loads in the background; `Duration::MAX`
     /// always waits for the whole index.
     ///

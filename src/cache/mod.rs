@@ -138,6 +138,7 @@ impl Cache {
             loading: reload::Loading::default(),
             idle_open: Mutex::default(),
             max_idle_open: b.max_idle_open,
+            saves_hints: AtomicBool::new(false),
         });
         let _ = inner.books.cache.set(Arc::downgrade(&inner));
         if let Some(n) = &notifier {
@@ -155,7 +156,10 @@ impl Cache {
         };
         let inner = cache.inner.clone();
         inner.books.now();
-        // A hint left by the last clean close stands in for listing the storage.
+        // A hint (with the changes journaled since) stands in for listing the storage.
+        inner
+            .saves_hints
+            .store(cache.unlock.is_some(), Ordering::Relaxed);
         let hint = if cache.unlock.is_some() {
             inner.storage.take_hint().unwrap_or_else(|e| {
                 tracing::warn!(error = %e, "could not read the index hint; listing the storage");
@@ -668,15 +672,10 @@ impl Drop for Cache {
             }
         }
         // For a storage it opened itself, the cache leaves a description of its entries, so
-        // that the next open need not list them one by one. (The epoch is read first: a
-        // writer that outlives the cache and commits meanwhile makes the storage refuse it.)
+        // that the next open need not list them one by one (a writer that outlives the cache
+        // and commits later is in the storage's journal).
         if self.unlock.is_some() {
-            let epoch = self.inner.storage.hint_epoch();
-            if let Some(hint) = reload::encode_hint(&self.inner)
-                && let Err(e) = self.inner.storage.put_hint(&hint, epoch)
-            {
-                tracing::warn!(error = %e, "could not save the index hint");
-            }
+            reload::save_hint(&self.inner);
         }
         // Readers and writers may outlive the cache, but the directory is free for a new one.
         if let Some(unlock) = self.unlock.take() {

@@ -336,6 +336,7 @@ fn run(inner: &Weak<Inner>, deletions: &Deletions, jobs: &Receiver<Job>, tick: D
         let pass = AssertUnwindSafe(|| {
             inner.evict_expired();
             inner.evict_for_size();
+            super::reload::checkpoint_if_due(&inner);
         });
         if catch_unwind(pass).is_err() {
             tracing::error!("eviction pass panicked; the reaper carries on");

@@ -1,8 +1,11 @@
 //! Loading a storage's committed entries into the index when the cache opens: in the
 //! background, while the cache already serves requests.
 //!
-//! A loader thread lists the storage in batches ([`Storage::list_batches`]; every version of
-//! a key is in one batch) and indexes the newest version of each key. Meanwhile a request
+//! A loader thread reads the index hint the cache saved last ([`Storage::take_hint`]) and
+//! applies the changes the storage journaled since; without a usable hint it lists the
+//! storage in batches ([`Storage::list_batches`]; every version of a key is in one batch)
+//! and indexes the newest version of each key. The reaper saves a new hint when the journal
+//! has grown past `CHECKPOINT_BACKLOG`, and after a load that listed (`checkpoint_if_due`). Meanwhile a request
 //! for a key that is not indexed yet **settles** it first: it looks the key's blobs up
 //! directly ([`Storage::list_prefix`] with the key's blob-name prefix) and indexes the newest.
 //!
@@ -23,8 +26,8 @@
 //!   loaded entries enter the recency list, oldest last-access at the least recent end, when
 //!   loading completes, and a maintenance pass follows. Expiry applies throughout.
 
-use std::collections::HashMap;
 use std::collections::hash_map::Entry as HashEntry;
+use std::collections::{HashMap, HashSet};
 use std::io;
 use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -41,7 +44,7 @@ use super::meta::EntryMeta;
 use super::reaper;
 use super::slot::blob_name;
 use crate::error::{Error, Result};
-use crate::storage::{BlobInfo, HintReader};
+use crate::storage::{BlobInfo, Change, HintReader, SavedHint};
 
 /// A request's claim on a key while loading: set when its look-up ended (the error kind if
 /// it failed).
@@ -74,6 +77,9 @@ pub(crate) struct Loading {
     pub(crate) entries: AtomicU64,
     /// Asks the loader to stop (the cache is being dropped).
     stop: AtomicBool,
+    /// Set when a load listed the storage (no usable hint): the reaper then saves a hint
+    /// once it completes, so that the next open, after a crash too, need not list again.
+    listed: AtomicBool,
     /// Lock: this mutex, with `done_cv`. `Some` once an attempt of the loader ended: `Ok` if
     /// it indexed everything, else why not (a failed attempt is retried, and may be followed
     /// by `Ok`).
@@ -115,7 +121,7 @@ impl Loading {
 pub(super) fn start(
     inner: &Arc<Inner>,
     wait: Duration,
-    hint: Option<Box<dyn HintReader>>,
+    hint: Option<SavedHint>,
 ) -> Result<JoinHandle<()>> {
     *inner
         .loading
@@ -150,7 +156,7 @@ pub(super) fn stop(inner: &Inner, loader: JoinHandle<()>) {
 /// The loader thread: indexes every batch, then completes the load. A listing that fails is
 /// retried with a growing delay; meanwhile requests keep settling the keys they ask for, so
 /// nothing stored is missed, but size eviction waits.
-fn load(inner: &Arc<Inner>, hint: Option<Box<dyn HintReader>>) {
+fn load(inner: &Arc<Inner>, hint: Option<SavedHint>) {
     let loading = &inner.loading;
     if let Some(hint) = hint {
         match load_hint(inner, hint) {
@@ -160,6 +166,7 @@ fn load(inner: &Arc<Inner>, hint: Option<Box<dyn HintReader>>) {
             }
         }
     }
+    loading.listed.store(true, Ordering::Relaxed);
     let mut delay = Duration::from_millis(100);
     loop {
         let listed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -491,6 +498,38 @@ fn join_recency(inner: &Inner, mut loaded: Vec<Arc<Slot>>) {
     inner.refile(loaded, Refile::LeastRecent);
 }
 
+/// How far the storage's journal may run past its hint before the reaper saves a new one:
+/// what an open after a crash replays (and holds in memory) stays about this small.
+const CHECKPOINT_BACKLOG: u64 = 16 << 20;
+
+/// Saves a new hint if the storage journaled much since the one in place, or has none (after
+/// a load that listed the storage): so that an open after a crash reads a hint and a short
+/// journal, not every record file. Called by the reaper; only for a storage the cache opened
+/// itself, and not while loading.
+pub(crate) fn checkpoint_if_due(inner: &Inner) {
+    if !inner.saves_hints.load(Ordering::Relaxed) || inner.loading.active.load(Ordering::Acquire) {
+        return;
+    }
+    let Some(backlog) = inner.storage.hint_backlog() else {
+        return;
+    };
+    let listed = inner.loading.listed.swap(false, Ordering::Relaxed);
+    if listed || backlog > CHECKPOINT_BACKLOG {
+        save_hint(inner);
+    }
+}
+
+/// Describes the index to the storage (see `Storage::put_hint`): the mark first, so that
+/// every change the scan may miss comes after it.
+pub(crate) fn save_hint(inner: &Inner) {
+    let epoch = inner.storage.hint_epoch();
+    if let Some(hint) = encode_hint(inner)
+        && let Err(e) = inner.storage.put_hint(&hint, epoch)
+    {
+        tracing::warn!(error = %e, "could not save the index hint");
+    }
+}
+
 /// Format of the hint a cache leaves at a clean close (see `Storage::put_hint`): magic, then
 /// per entry its key (u64 length and bytes), id, length, finish time, last access and own
 /// time to live (u64 little endian each), then `END` where a key length would be, and the
@@ -500,14 +539,12 @@ const HINT_END: u64 = u64::MAX;
 /// Entries indexed from the hint per batch.
 const HINT_BATCH: usize = 4096;
 
-/// The hint describing every finished entry of the index, or `None` when it would not be
-/// complete (the load has not completed, or deletions are still pending, whose blobs the next
-/// open must find).
+/// The hint describing every finished entry of the index, or `None` while the load has not
+/// completed. Blobs whose deletion is still pending are in none: should the process end
+/// before they are deleted, they stay on disk, unindexed, until an open lists the storage.
 pub(super) fn encode_hint(inner: &Inner) -> Option<Vec<u8>> {
     use bytes::BufMut;
-    if inner.loading.active.load(Ordering::SeqCst)
-        || inner.deletions.pending.load(Ordering::SeqCst) > 0
-    {
+    if inner.loading.active.load(Ordering::SeqCst) {
         return None;
     }
     let mut out = Vec::with_capacity(64 * inner.entries.load(Ordering::Relaxed) + 40);
@@ -516,7 +553,11 @@ pub(super) fn encode_hint(inner: &Inner) -> Option<Vec<u8>> {
         let slot = &e.key().0;
         let finished = slot.finished.load(Ordering::Relaxed);
         let len = slot.accounted.load(Ordering::Relaxed);
-        if !slot.is_live() || !slot.is_committed() || finished == 0 || len == super::slot::GONE {
+        // Committed, or being committed (stamped by `commit_meta`, then journaled by the
+        // storage before its rename): a commit journaled before the mark this hint goes
+        // with must be in it. One that then fails is a blob the next open does not find,
+        // which it handles as a lost entry.
+        if !slot.is_live() || finished == 0 || len == super::slot::GONE {
             continue;
         }
         out.put_u64_le(slot.key.len() as u64);
@@ -542,8 +583,11 @@ pub(super) fn encode_hint(inner: &Inner) -> Option<Vec<u8>> {
 /// would then delete the real ones as second versions).
 /// This thread reads and parses; the batches are indexed on as many threads as there are
 /// cores (at most 4), while the next ones are read.
-fn load_hint(inner: &Inner, mut hint: Box<dyn HintReader>) -> io::Result<()> {
+fn load_hint(inner: &Inner, saved: SavedHint) -> io::Result<()> {
+    let SavedHint { mut hint, changes } = saved;
     check_hint(&mut *hint)?;
+    let replay = Replay::new(inner, changes);
+    let replay = &replay;
     let workers = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
         .clamp(1, 4);
@@ -555,7 +599,7 @@ fn load_hint(inner: &Inner, mut hint: Box<dyn HintReader>) -> io::Result<()> {
                 loop {
                     let batch = rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
                     match batch {
-                        Ok(batch) => index_hinted(inner, batch),
+                        Ok(batch) => index_hinted(inner, batch, replay),
                         Err(_) => return,
                     }
                 }
@@ -564,7 +608,66 @@ fn load_hint(inner: &Inner, mut hint: Box<dyn HintReader>) -> io::Result<()> {
         let read = read_hint(inner, &mut *hint, &tx);
         drop(tx);
         read
-    })
+    })?;
+    // The changes since the hint, over it: the newest version of each key they committed.
+    let _gate = inner.loading.gate.read().unwrap_or_else(|e| e.into_inner());
+    for (key, (id, meta, len)) in replay.newest.iter() {
+        index_one(inner, key.clone(), *id, meta, *len);
+    }
+    Ok(())
+}
+
+/// The changes a storage journaled since its hint, ready to apply over it.
+struct Replay {
+    /// Every blob name the changes touched: a hinted entry of one of them is out of date
+    /// (removed since, or described again by `newest`).
+    touched: HashSet<String>,
+    /// The newest version of each key committed by the changes and not removed since (as
+    /// `newest_per_key` picks and checks them; it deletes the older and the expired).
+    newest: HashMap<String, (u64, EntryMeta, u64)>,
+}
+
+impl Replay {
+    fn new(inner: &Inner, changes: Vec<Change>) -> Replay {
+        let mut last: HashMap<String, Option<BlobInfo>> = HashMap::new();
+        for change in changes {
+            match change {
+                Change::Committed(blob) => {
+                    last.insert(blob.name.clone(), Some(blob));
+                }
+                Change::Removed(name) => {
+                    last.insert(name, None);
+                }
+            }
+        }
+        let touched = last.keys().cloned().collect();
+        let committed = last.into_values().flatten().collect();
+        let now = inner.books.clock.now_millis();
+        Replay {
+            touched,
+            newest: newest_per_key(inner, committed, now),
+        }
+    }
+
+    /// Whether the hinted version `id` of `key` is to be indexed: not if the changes touched
+    /// it, nor if they committed a newer version of the key (then it was superseded, and its
+    /// removal is what a crash cut short: it is deleted here).
+    fn keeps(&self, inner: &Inner, key: &str, id: u64) -> bool {
+        if self.touched.is_empty() {
+            return true;
+        }
+        let name = blob_name(key, id);
+        if self.touched.contains(&name) {
+            return false;
+        }
+        match self.newest.get(key) {
+            Some((newer, ..)) if *newer > id => {
+                reaper::delete_at_open(&*inner.storage, &name);
+                false
+            }
+            _ => true,
+        }
+    }
 }
 
 /// One entry of a hint: key, id, length, finish time, last access, own time to live.
@@ -646,10 +749,13 @@ fn read_hint(
 }
 
 /// Indexes hinted entries: those past their time to live are deleted instead.
-fn index_hinted(inner: &Inner, batch: Vec<HintEntry>) {
+fn index_hinted(inner: &Inner, batch: Vec<HintEntry>, replay: &Replay) {
     let _gate = inner.loading.gate.read().unwrap_or_else(|e| e.into_inner());
     let now = inner.books.clock.now_millis();
     for (key, id, len, finished, last_access, ttl_ms) in batch {
+        if !replay.keeps(inner, &key, id) {
+            continue;
+        }
         if expired(inner, finished, ttl_ms, now) {
             reaper::delete_at_open(&*inner.storage, &blob_name(&key, id));
             continue;

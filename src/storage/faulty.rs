@@ -219,8 +219,12 @@ impl Storage for FaultyStorage {
         self.inner.put_hint(hint, epoch)
     }
 
-    fn take_hint(&self) -> io::Result<Option<Box<dyn crate::storage::HintReader>>> {
+    fn take_hint(&self) -> io::Result<Option<crate::storage::SavedHint>> {
         self.inner.take_hint()
+    }
+
+    fn hint_backlog(&self) -> Option<u64> {
+        self.inner.hint_backlog()
     }
 
     fn set_meta(&self, name: &str, meta: &[u8]) -> io::Result<()> {

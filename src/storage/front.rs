@@ -405,8 +405,12 @@ impl Storage for FrontStorage {
         self.shared.inner.put_hint(hint, epoch)
     }
 
-    fn take_hint(&self) -> io::Result<Option<Box<dyn crate::storage::HintReader>>> {
+    fn take_hint(&self) -> io::Result<Option<crate::storage::SavedHint>> {
         self.shared.inner.take_hint()
+    }
+
+    fn hint_backlog(&self) -> Option<u64> {
+        self.shared.inner.hint_backlog()
     }
 
     fn set_meta(&self, name: &str, meta: &[u8]) -> io::Result<()> {

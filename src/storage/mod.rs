@@ -144,22 +144,27 @@ pub trait Storage: Send + Sync + fmt::Debug {
         Ok(())
     }
 
-    /// A number that changes whenever the set of committed blobs changes (a commit or a
-    /// removal through any handle of this storage): read it before describing the storage
-    /// for [`put_hint`](Storage::put_hint). The default is always 0, with no hints.
+    /// A mark of the storage's state, read before describing it for
+    /// [`put_hint`](Storage::put_hint): every commit or removal after it is one the hint may
+    /// not show. The default is always 0, with no hints.
     fn hint_epoch(&self) -> u64 {
         0
     }
 
     /// Saves `hint`, an opaque description of the committed blobs written by their owner (a
-    /// cache, when it closes), so that the next [`take_hint`](Storage::take_hint) can stand
-    /// in for a full listing. `epoch` is the [`hint_epoch`](Storage::hint_epoch) read before
-    /// the hint was made. Returns whether it was saved.
+    /// cache), so that the next [`take_hint`](Storage::take_hint) can stand in for a full
+    /// listing. `epoch` is the [`hint_epoch`](Storage::hint_epoch) read before the hint was
+    /// made. Returns whether it was saved.
     ///
-    /// **The implementation must** never let a hint be taken that does not describe the
-    /// storage as it is: it refuses the hint if the epoch has moved, forgets a saved hint as
-    /// soon as a blob is committed or removed, and saves it atomically (whole or not at all).
-    /// The default saves nothing.
+    /// **The caller guarantees** that the hint shows every blob committed, and no blob
+    /// removed, before `epoch` was read (it may show some later changes, or a blob whose
+    /// commit is under way and then fails).
+    ///
+    /// **The implementation must** never let a hint be taken without every change since its
+    /// `epoch`: either it records those changes and hands them over with the hint
+    /// ([`SavedHint::changes`]; [`DiskStorage`] journals them, so a hint stays usable after
+    /// a crash), or it forgets the hint at the first change. It saves the hint atomically
+    /// (whole or not at all). The default saves nothing.
     ///
     /// # Errors
     /// Any I/O error of saving it (nothing is saved then).
@@ -168,14 +173,21 @@ pub trait Storage: Send + Sync + fmt::Debug {
         Ok(false)
     }
 
-    /// Takes the saved hint, if there is one (see [`put_hint`](Storage::put_hint)): it is
-    /// forgotten as it is taken, so a crash while it is used leads to a full listing next
-    /// time. The default has none.
+    /// Takes the saved hint, if there is one (see [`put_hint`](Storage::put_hint)), with the
+    /// changes made since it was made, oldest first. The default has none.
     ///
     /// # Errors
     /// Any I/O error of reading it.
-    fn take_hint(&self) -> io::Result<Option<Box<dyn HintReader>>> {
+    fn take_hint(&self) -> io::Result<Option<SavedHint>> {
         Ok(None)
+    }
+
+    /// How many bytes of changes the storage has recorded since the hint in place was made
+    /// (see [`put_hint`](Storage::put_hint)): `Some(u64::MAX)` if no hint is in place, `None`
+    /// (the default) if the storage keeps no hints. A cache saves a new hint when this grows
+    /// large, so that what an open after a crash replays stays small.
+    fn hint_backlog(&self) -> Option<u64> {
+        None
     }
 
     /// Replaces the metadata of a committed blob, atomically.
@@ -183,6 +195,34 @@ pub trait Storage: Send + Sync + fmt::Debug {
     /// # Errors
     /// [`io::ErrorKind::NotFound`] if no committed blob has that name, or an I/O error.
     fn set_meta(&self, name: &str, meta: &[u8]) -> io::Result<()>;
+}
+
+/// A saved hint and the changes since, as [`Storage::take_hint`] hands them over.
+pub struct SavedHint {
+    /// The owner's description, as it was saved.
+    pub hint: Box<dyn HintReader>,
+    /// Every commit and removal since the hint's epoch, oldest first (and perhaps some older
+    /// ones, and commits that never completed: a crash between recording a commit and
+    /// making it). Applying them in order to what the hint describes gives the storage's
+    /// blobs.
+    pub changes: Vec<Change>,
+}
+
+impl fmt::Debug for SavedHint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SavedHint")
+            .field("changes", &self.changes.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A change to the set of committed blobs, as [`SavedHint::changes`] lists them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// A blob was committed (or its metadata replaced).
+    Committed(BlobInfo),
+    /// The blob of this name was removed.
+    Removed(String),
 }
 
 /// A saved hint as [`Storage::take_hint`] hands it over: read twice (once to check it, once
@@ -314,8 +354,11 @@ macro_rules! forward_through {
             fn put_hint(&self, hint: &[u8], epoch: u64) -> io::Result<bool> {
                 (**self).put_hint(hint, epoch)
             }
-            fn take_hint(&self) -> io::Result<Option<Box<dyn HintReader>>> {
+            fn take_hint(&self) -> io::Result<Option<SavedHint>> {
                 (**self).take_hint()
+            }
+            fn hint_backlog(&self) -> Option<u64> {
+                (**self).hint_backlog()
             }
             fn set_meta(&self, name: &str, meta: &[u8]) -> io::Result<()> {
                 (**self).set_meta(name, meta)

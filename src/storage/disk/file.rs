@@ -119,6 +119,38 @@ pub(in crate::storage) fn staged_file(tmp: &Path, prefix: &str) -> io::Result<(F
     }
 }
 
+/// A reader of `inner` from byte `skip` on, as if it began there (seeks included): a hint
+/// handed over without the storage's header.
+pub(super) struct Skipped<R> {
+    inner: R,
+    skip: u64,
+}
+
+impl<R: io::Read + io::Seek> Skipped<R> {
+    pub(super) fn new(mut inner: R, skip: u64) -> io::Result<Self> {
+        inner.seek(io::SeekFrom::Start(skip))?;
+        Ok(Skipped { inner, skip })
+    }
+}
+
+impl<R: io::Read> io::Read for Skipped<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.inner.read(buf)
+    }
+}
+
+impl<R: io::Seek> io::Seek for Skipped<R> {
+    fn seek(&mut self, pos: io::SeekFrom) -> io::Result<u64> {
+        let pos = match pos {
+            io::SeekFrom::Start(n) => io::SeekFrom::Start(n.saturating_add(self.skip)),
+            other => other,
+        };
+        let at = self.inner.seek(pos)?;
+        at.checked_sub(self.skip)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "seek before the start"))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::fs;

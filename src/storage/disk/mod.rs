@@ -9,7 +9,8 @@
 //! * `writer`: writing and committing a blob;
 //! * `reader`: reading a blob, with the integrity checks of committed ones;
 //! * `ahead`: the helpers that check the blocks ahead of sequential readers;
-//! * `list`: listing, and deleting leftovers of interrupted commits.
+//! * `list`: listing, and deleting leftovers of interrupted commits;
+//! * `journal`: the change journal that keeps a saved hint usable after a crash.
 //!
 //! Unix only: it relies on `flock`, `O_NOFOLLOW`/`O_NONBLOCK`, positional reads and the
 //! `fstat` fields of Unix file systems.
@@ -19,7 +20,6 @@ use std::fs::{self, File};
 use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -29,6 +29,7 @@ use crate::error::{Error, Result};
 mod ahead;
 mod file;
 mod hashing;
+mod journal;
 mod list;
 mod lock;
 mod reader;
@@ -45,8 +46,6 @@ const BLOCK: u64 = super::HASH_BLOCK;
 const DATA_DIR: &str = "v1";
 pub(in crate::storage) const TMP_DIR: &str = "tmp";
 const META_EXT: &str = "meta";
-/// The hint a cache saves when it closes (see `Storage::put_hint`).
-const HINT_FILE: &str = "index-hint";
 /// How much older than the storage's opening a leftover must be for `list` to delete it.
 const LEFTOVER_MARGIN: Duration = Duration::from_secs(2);
 
@@ -94,9 +93,10 @@ pub enum Durability {
 ///   tmp/                     blobs being written and metadata being replaced (wiped at open)
 ///   v1/<ab>/<name>           committed data; <ab> is the first two characters of the name
 ///   v1/<ab>/<name>.meta      its metadata record (below)
-///   index-hint               what the owner (a cache) left at its last clean close, taken
-///                            (deleted) at the next open and deleted by any commit or removal
-///                            in between (see `Storage::put_hint`)
+///   index-hint               the description of the blobs its owner (a cache) saved last
+///                            (see `Storage::put_hint`), with a header naming the journal
+///   index-journal            every commit and removal since that hint was made, so that
+///                            the hint stays usable after a crash (format: `journal` module)
 /// ```
 ///
 /// # Metadata record (`.meta`, little endian)
@@ -217,12 +217,11 @@ struct DiskInner {
     /// only). Shard directories known to be durable; a commit into any other makes it so
     /// first, also when another writer created it a moment ago.
     durable_shards: Mutex<HashSet<PathBuf>>,
-    /// Counts commits and removals (see `Storage::hint_epoch`); bumped before and after each.
-    epoch: AtomicU64,
-    /// Whether a hint file may be in place (saved by `put_hint`, or left by an earlier run):
-    /// the next commit or removal deletes it. Set before `put_hint` checks the epoch, so that
-    /// either that check or the change's own look at this flag sees the other (SeqCst).
-    hint_saved: AtomicBool,
+    /// Lock: this mutex (a leaf lock: held for one append, or to install a hint). The change
+    /// journal: every commit and removal since the owner first took a mark
+    /// (`Storage::hint_epoch`), appended before the commit's rename and after the removal's
+    /// unlink (see `journal`).
+    journal: Mutex<journal::Journal>,
 }
 
 impl DiskStorage {
@@ -270,6 +269,8 @@ impl DiskStorage {
                 .and_then(|d| d.sync_all())
                 .map_err(|e| Error::io("fsync", dir, e))?;
         }
+        let journal = journal::Journal::open(dir, &tmp, durability == Durability::SyncOnCommit)
+            .map_err(|e| Error::io("open index journal", dir.join(journal::JOURNAL_FILE), e))?;
         Ok(DiskStorage {
             inner: Arc::new(DiskInner {
                 dir: dir.to_path_buf(),
@@ -280,8 +281,7 @@ impl DiskStorage {
                 lock: Mutex::new(Some(lock)),
                 opened: SystemTime::now(),
                 durable_shards: Mutex::default(),
-                epoch: AtomicU64::new(0),
-                hint_saved: AtomicBool::new(dir.join(HINT_FILE).exists()),
+                journal: Mutex::new(journal),
             }),
         })
     }
@@ -325,37 +325,9 @@ impl DiskStorage {
     }
 }
 
-/// Marks a change of the set of committed blobs while it lives (see `DiskInner::epoch`).
-struct Changing<'a>(&'a DiskInner);
-
-impl<'a> Changing<'a> {
-    fn new(st: &'a DiskInner) -> Self {
-        st.changed();
-        Changing(st)
-    }
-}
-
-impl Drop for Changing<'_> {
-    fn drop(&mut self) {
-        self.0.changed();
-    }
-}
-
 impl DiskInner {
-    /// Records a change of the committed set: a new epoch, and no hint any more.
-    fn changed(&self) {
-        self.epoch.fetch_add(1, Ordering::SeqCst);
-        if self.hint_saved.swap(false, Ordering::SeqCst) {
-            self.forget_hint();
-        }
-    }
-
-    fn forget_hint(&self) {
-        match fs::remove_file(self.dir.join(HINT_FILE)) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => tracing::error!(error = %e, "could not delete the stale index hint"),
-        }
+    fn journal(&self) -> std::sync::MutexGuard<'_, journal::Journal> {
+        self.journal.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn shard(&self, name: &str) -> PathBuf {
@@ -509,12 +481,13 @@ impl Storage for DiskStorage {
 
     fn remove(&self, name: &str) -> io::Result<()> {
         validate_name(name)?;
-        let _changing = Changing::new(&self.inner);
         match fs::remove_file(self.inner.meta_path(name)) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(not_found(name)),
             Err(e) => return Err(e),
         }
+        // Without its record the blob is gone (a data file left behind is a leftover).
+        self.inner.journal().removed(name);
         match fs::remove_file(self.blob_path(name)) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
             _ => Ok(()),
@@ -525,37 +498,61 @@ impl Storage for DiskStorage {
         self.list_all()
     }
 
+    /// The end of the change journal (started here, if the owner never took a mark before).
     fn hint_epoch(&self) -> u64 {
-        self.inner.epoch.load(Ordering::SeqCst)
+        let st = &self.inner;
+        st.journal().mark(&st.tmp).unwrap_or_else(|e| {
+            tracing::error!(error = %e, "could not start the index journal; no hint will be saved");
+            u64::MAX
+        })
     }
 
+    /// Saves the hint with a header naming the journal generation and `epoch`; the journal
+    /// then keeps only the changes from `epoch` on.
     fn put_hint(&self, hint: &[u8], epoch: u64) -> io::Result<bool> {
         let st = &self.inner;
-        st.write_file(HINT_FILE, &st.dir.join(HINT_FILE), hint)?;
-        st.hint_saved.store(true, Ordering::SeqCst);
-        if st.epoch.load(Ordering::SeqCst) != epoch {
-            // Something was committed or removed since the hint was made.
-            st.hint_saved.store(false, Ordering::SeqCst);
-            st.forget_hint();
-            return Ok(false);
+        let generation = st.journal().generation();
+        // Written and synced without the journal's lock: commits go on meanwhile.
+        let (mut file, staged) = staged_file(&st.tmp, journal::HINT_FILE)?;
+        io::Write::write_all(&mut file, &journal::hint_header(generation, epoch))?;
+        io::Write::write_all(&mut file, hint)?;
+        if st.syncs() {
+            file.sync_data()?;
         }
-        st.fsync_dir(&st.dir)?;
-        Ok(true)
+        drop(file);
+        let saved = st
+            .journal()
+            .install_hint(&st.tmp, staged, generation, epoch)?;
+        if saved {
+            st.fsync_dir(&st.dir)?;
+        }
+        Ok(saved)
     }
 
-    fn take_hint(&self) -> io::Result<Option<Box<dyn super::HintReader>>> {
+    /// The hint in place with the journaled changes since it was made. It stays in place:
+    /// with the journal, it describes the storage until the next hint replaces it.
+    fn take_hint(&self) -> io::Result<Option<super::SavedHint>> {
         let st = &self.inner;
-        let path = st.dir.join(HINT_FILE);
-        let file = match open_regular(&path) {
+        let Some(changes) = st.journal().take_loaded() else {
+            return Ok(None);
+        };
+        let file = match open_regular(&st.dir.join(journal::HINT_FILE)) {
             Ok((file, _)) => file,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(e),
         };
-        // Forgotten as it is taken: a crash while it is used leads to a full listing.
-        st.hint_saved.store(false, Ordering::SeqCst);
-        fs::remove_file(&path)?;
-        st.fsync_dir(&st.dir)?;
-        Ok(Some(Box::new(io::BufReader::with_capacity(1 << 20, file))))
+        let hint = file::Skipped::new(
+            io::BufReader::with_capacity(1 << 20, file),
+            journal::HINT_HEADER,
+        )?;
+        Ok(Some(super::SavedHint {
+            hint: Box::new(hint),
+            changes,
+        }))
+    }
+
+    fn hint_backlog(&self) -> Option<u64> {
+        Some(self.inner.journal().backlog())
     }
 
     fn list_prefix(&self, prefix: &str) -> io::Result<Vec<BlobInfo>> {
@@ -574,7 +571,9 @@ impl Storage for DiskStorage {
         check_meta_len(meta)?;
         let mut record = self.read_record(name)?;
         record.meta = meta.to_vec();
-        self.inner.write_meta(name, &record.encode())
+        self.inner.write_meta(name, &record.encode())?;
+        self.inner.journal().committed(name, record.len, meta);
+        Ok(())
     }
 }
 

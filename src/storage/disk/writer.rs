@@ -137,7 +137,6 @@ impl BlobWriter for DiskWriter {
         }
         let last_write = self.last_write;
         let st = self.storage.clone();
-        let _changing = super::Changing::new(&st);
         if st.syncs() {
             self.file.sync_data()?;
         }
@@ -147,6 +146,9 @@ impl BlobWriter for DiskWriter {
             meta,
         };
         let record = rec.encode();
+        // Journaled before the rename: the journal names every committed blob (and, after a
+        // crash right here, one that never was).
+        st.journal().committed(&self.name, rec.len, &rec.meta);
         // The hashes go on to the blob's check (one copy of them, not two).
         let Record {
             len,

@@ -1,0 +1,572 @@
+//! The change journal: every commit and removal, appended as it happens, so that the hint a
+//! cache saved (`Storage::put_hint`) plus the changes journaled since describe the storage
+//! after a crash as well as after a clean close, and the next open needs no listing.
+//!
+//! Files (in the storage directory):
+//!
+//! ```text
+//! index-journal   header: magic b"SCJRNL01", generation (u64), start (u64: the journal
+//!                 offset of its first record), then records, each: body length (u32),
+//!                 body, the first 16 bytes of blake3(body). Body: kind (1 = committed,
+//!                 2 = removed), name length (u16), name; for a commit also the data length
+//!                 (u64), the metadata length (u32) and the metadata. Little endian.
+//! index-hint      header: magic b"SCHINT02", the journal generation and the journal offset
+//!                 (the mark) the hint was made at, then the owner's bytes.
+//! ```
+//!
+//! Invariants:
+//! * A commit is journaled before its rename and a removal after its unlink, so the journal
+//!   from the hint's mark on names every blob committed since (and maybe a few that never
+//!   were: a crash between the append and the rename), and every blob removed since.
+//! * A hint is used only with the journal of its generation, and only if that journal
+//!   still holds every record from the hint's mark on (`start <= mark`); records before the
+//!   mark may remain (replaying them is harmless: names are never reused for other bytes).
+//! * A journal that cannot be appended to (a full disk, EIO) is abandoned: the hint is
+//!   deleted at once, so the next open lists the storage; journaling resumes with a new
+//!   generation when the next hint is saved.
+//! * Opening keeps a journal only if a hint of its generation is in place; a torn last
+//!   record (a crash during an append) is cut off; any other damage discards the journal
+//!   and the hint (the open then lists the storage).
+
+use std::fs::{self, File};
+use std::hash::{BuildHasher, Hasher};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+use super::file::{open_regular, staged_file};
+use crate::storage::{BlobInfo, Change};
+
+pub(super) const JOURNAL_FILE: &str = "index-journal";
+pub(super) const HINT_FILE: &str = "index-hint";
+const JOURNAL_MAGIC: &[u8; 8] = b"SCJRNL01";
+const HINT_MAGIC: &[u8; 8] = b"SCHINT02";
+/// Magic, generation, start.
+const JOURNAL_HEADER: u64 = 24;
+/// Magic, generation, mark.
+pub(super) const HINT_HEADER: u64 = 24;
+const COMMITTED: u8 = 1;
+const REMOVED: u8 = 2;
+const TAG: usize = 16;
+/// The longest record body: a name, the lengths, and the most metadata a blob can have.
+const MAX_BODY: usize =
+    1 + 2 + crate::storage::MAX_NAME_LEN + 8 + 4 + super::DiskStorage::MAX_META_LEN;
+
+/// The journal's state. Lock: the `Mutex` in `DiskInner` around it; appends, hint saves and
+/// the backlog all take it.
+#[derive(Debug)]
+pub(super) struct Journal {
+    dir: PathBuf,
+    /// `None` once abandoned (see the module invariants): nothing is appended.
+    file: Option<File>,
+    generation: u64,
+    /// Journal offset of the file's first record.
+    start: u64,
+    /// Journal offset of the end of the last record: the mark `hint_epoch` hands out.
+    end: u64,
+    /// The mark of the hint in place, if one is (of this generation).
+    hint_mark: Option<u64>,
+    /// The changes since the hint's mark, read at open, until `take` hands them over.
+    loaded: Option<Vec<Change>>,
+    /// Sync each append before the change it announces (`Durability::SyncOnCommit`).
+    sync: bool,
+}
+
+fn random_generation() -> u64 {
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    h.write_u32(std::process::id());
+    h.finish()
+}
+
+fn damaged(what: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, format!("index journal: {what}"))
+}
+
+fn remove_if_there(path: &Path) -> io::Result<()> {
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+impl Journal {
+    /// Opens the journal of `dir`: keeps it (with the changes since the hint's mark) if the
+    /// hint in place belongs to it, else deletes both and starts a new generation.
+    pub(super) fn open(dir: &Path, tmp: &Path, sync: bool) -> io::Result<Journal> {
+        match Self::resume(dir, sync) {
+            Ok(Some(j)) => return Ok(j),
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "the index journal or hint is unusable; the storage will be listed");
+            }
+        }
+        let _ = tmp;
+        remove_if_there(&dir.join(HINT_FILE))?;
+        remove_if_there(&dir.join(JOURNAL_FILE))?;
+        // Nothing is journaled until an owner takes a mark (`mark`): a storage whose owner
+        // keeps no hints never grows a journal.
+        Ok(Journal {
+            dir: dir.to_path_buf(),
+            file: None,
+            generation: 0,
+            start: 0,
+            end: 0,
+            hint_mark: None,
+            loaded: None,
+            sync,
+        })
+    }
+
+    /// The journal of the hint in place, if both are there and belong together.
+    fn resume(dir: &Path, sync: bool) -> io::Result<Option<Journal>> {
+        let hint = match open_regular(&dir.join(HINT_FILE)) {
+            Ok((f, _)) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let mut head = [0u8; HINT_HEADER as usize];
+        (&hint)
+            .read_exact(&mut head)
+            .map_err(|_| damaged("hint header"))?;
+        if &head[..8] != HINT_MAGIC {
+            // A hint of an earlier version, without a journal: it describes nothing now.
+            return Ok(None);
+        }
+        let generation = u64::from_le_bytes(head[8..16].try_into().expect("8 bytes"));
+        let mark = u64::from_le_bytes(head[16..24].try_into().expect("8 bytes"));
+        let path = dir.join(JOURNAL_FILE);
+        let (file, _) = match open_regular(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let mut bytes = Vec::new();
+        (&file).read_to_end(&mut bytes)?;
+        let parsed = parse(&bytes)?;
+        if parsed.generation != generation || parsed.start > mark || mark > parsed.end {
+            return Ok(None);
+        }
+        // Cut a torn last record off, so that appends continue after the last whole one.
+        let file = fs::OpenOptions::new().write(true).open(&path)?;
+        file.set_len(parsed.end - parsed.start + JOURNAL_HEADER)?;
+        let mut file = file;
+        file.seek(SeekFrom::End(0))?;
+        let loaded = parsed
+            .records
+            .into_iter()
+            .filter(|(at, _)| *at >= mark)
+            .map(|(_, c)| c)
+            .collect();
+        Ok(Some(Journal {
+            dir: dir.to_path_buf(),
+            file: Some(file),
+            generation,
+            start: parsed.start,
+            end: parsed.end,
+            hint_mark: Some(mark),
+            loaded: Some(loaded),
+            sync,
+        }))
+    }
+
+    /// Starts a new generation: an empty journal at offset `end` (kept, so marks only grow).
+    fn restart(&mut self, tmp: &Path) -> io::Result<()> {
+        self.file = None;
+        self.hint_mark = None;
+        self.generation = random_generation();
+        self.start = self.end;
+        let (mut f, staged) = staged_file(tmp, "journal")?;
+        f.write_all(&self.header())?;
+        if self.sync {
+            f.sync_data()?;
+        }
+        staged
+            .persist(self.dir.join(JOURNAL_FILE))
+            .map_err(|e| e.error)?;
+        f.seek(SeekFrom::End(0))?;
+        self.file = Some(f);
+        Ok(())
+    }
+
+    fn header(&self) -> Vec<u8> {
+        let mut h = Vec::with_capacity(JOURNAL_HEADER as usize);
+        h.extend_from_slice(JOURNAL_MAGIC);
+        h.extend_from_slice(&self.generation.to_le_bytes());
+        h.extend_from_slice(&self.start.to_le_bytes());
+        h
+    }
+
+    /// Journals a commit of `name` (before its rename).
+    pub(super) fn committed(&mut self, name: &str, len: u64, meta: &[u8]) {
+        let mut body = Vec::with_capacity(1 + 2 + name.len() + 12 + meta.len());
+        body.push(COMMITTED);
+        body.extend_from_slice(&(name.len() as u16).to_le_bytes());
+        body.extend_from_slice(name.as_bytes());
+        body.extend_from_slice(&len.to_le_bytes());
+        body.extend_from_slice(&(meta.len() as u32).to_le_bytes());
+        body.extend_from_slice(meta);
+        self.append(&body);
+    }
+
+    /// Journals a removal of `name` (after its unlink).
+    pub(super) fn removed(&mut self, name: &str) {
+        let mut body = Vec::with_capacity(3 + name.len());
+        body.push(REMOVED);
+        body.extend_from_slice(&(name.len() as u16).to_le_bytes());
+        body.extend_from_slice(name.as_bytes());
+        self.append(&body);
+    }
+
+    fn append(&mut self, body: &[u8]) {
+        let Some(file) = self.file.as_mut() else {
+            return;
+        };
+        let mut rec = Vec::with_capacity(4 + body.len() + TAG);
+        rec.extend_from_slice(&(body.len() as u32).to_le_bytes());
+        rec.extend_from_slice(body);
+        rec.extend_from_slice(&blake3::hash(body).as_bytes()[..TAG]);
+        let written = file
+            .write_all(&rec)
+            .and_then(|()| if self.sync { file.sync_data() } else { Ok(()) });
+        match written {
+            Ok(()) => self.end += rec.len() as u64,
+            Err(e) => self.abandon(&e),
+        }
+    }
+
+    /// Stops journaling after a failed append, deleting the hint it would have completed.
+    /// The offsets skip one, so that no mark taken before can go with a later generation.
+    fn abandon(&mut self, e: &io::Error) {
+        tracing::error!(error = %e, "could not append to the index journal; the next open will list the storage");
+        self.file = None;
+        self.hint_mark = None;
+        self.end += 1;
+        if let Err(e) = remove_if_there(&self.dir.join(HINT_FILE)) {
+            tracing::error!(error = %e, "could not delete the index hint either: the next open may miss the latest changes");
+        }
+    }
+
+    /// The mark a hint made from now on is taken at: the end of the journal. A journal that
+    /// was abandoned starts a new generation here (the hint made next describes every change
+    /// before it).
+    pub(super) fn mark(&mut self, tmp: &Path) -> io::Result<u64> {
+        if self.file.is_none() {
+            self.restart(tmp)?;
+        }
+        Ok(self.end)
+    }
+
+    /// How far the journal runs past the hint in place (`u64::MAX` without one).
+    pub(super) fn backlog(&self) -> u64 {
+        match self.hint_mark {
+            Some(mark) if self.file.is_some() => self.end - mark,
+            _ => u64::MAX,
+        }
+    }
+
+    /// Saves the hint staged at `staged` (its header names `generation` and `mark`; written
+    /// by the caller without this lock): moves it into place and cuts the journal down to
+    /// the records from `mark` on. Refused (`false`) if the journal was abandoned or
+    /// restarted since `mark` was taken.
+    pub(super) fn install_hint(
+        &mut self,
+        tmp: &Path,
+        staged: tempfile::TempPath,
+        generation: u64,
+        mark: u64,
+    ) -> io::Result<bool> {
+        if self.file.is_none() || generation != self.generation || mark < self.start {
+            return Ok(false);
+        }
+        staged
+            .persist(self.dir.join(HINT_FILE))
+            .map_err(|e| e.error)?;
+        self.hint_mark = Some(mark);
+        // The records from `mark` on move to a new journal file; until it replaces the old
+        // one, the old one (a superset) goes with the new hint.
+        if let Err(e) = self.cut(tmp, mark) {
+            tracing::warn!(error = %e, "could not shorten the index journal; it keeps its older records");
+        }
+        Ok(true)
+    }
+
+    fn cut(&mut self, tmp: &Path, mark: u64) -> io::Result<()> {
+        let path = self.dir.join(JOURNAL_FILE);
+        let mut old = File::open(&path)?;
+        old.seek(SeekFrom::Start(JOURNAL_HEADER + (mark - self.start)))?;
+        let mut rest = Vec::new();
+        old.read_to_end(&mut rest)?;
+        let (mut f, staged) = staged_file(tmp, "journal")?;
+        let start = self.start;
+        self.start = mark;
+        let header = self.header();
+        self.start = start;
+        f.write_all(&header)?;
+        f.write_all(&rest)?;
+        if self.sync {
+            f.sync_data()?;
+        }
+        staged.persist(&path).map_err(|e| e.error)?;
+        f.seek(SeekFrom::End(0))?;
+        self.start = mark;
+        self.file = Some(f);
+        Ok(())
+    }
+
+    /// The current generation (a hint records it).
+    pub(super) fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// The changes since the hint's mark, once (`None` if there is no hint to go with them).
+    pub(super) fn take_loaded(&mut self) -> Option<Vec<Change>> {
+        self.hint_mark?;
+        self.loaded.take()
+    }
+}
+
+/// A hint file's header for `generation` and `mark`.
+pub(super) fn hint_header(generation: u64, mark: u64) -> [u8; HINT_HEADER as usize] {
+    let mut h = [0u8; HINT_HEADER as usize];
+    h[..8].copy_from_slice(HINT_MAGIC);
+    h[8..16].copy_from_slice(&generation.to_le_bytes());
+    h[16..].copy_from_slice(&mark.to_le_bytes());
+    h
+}
+
+struct Parsed {
+    generation: u64,
+    start: u64,
+    /// Journal offset past the last whole record.
+    end: u64,
+    /// Each record with its journal offset.
+    records: Vec<(u64, Change)>,
+}
+
+/// Reads a journal file: its whole records, up to a torn last one. Any other damage is an
+/// error.
+fn parse(bytes: &[u8]) -> io::Result<Parsed> {
+    if bytes.len() < JOURNAL_HEADER as usize || &bytes[..8] != JOURNAL_MAGIC {
+        return Err(damaged("header"));
+    }
+    let generation = u64::from_le_bytes(bytes[8..16].try_into().expect("8 bytes"));
+    let start = u64::from_le_bytes(bytes[16..24].try_into().expect("8 bytes"));
+    let mut at = JOURNAL_HEADER as usize;
+    let mut records = Vec::new();
+    while at < bytes.len() {
+        let rest = &bytes[at..];
+        let Some(len) = rest.get(..4) else { break };
+        let len = u32::from_le_bytes(len.try_into().expect("4 bytes")) as usize;
+        if len > MAX_BODY {
+            return Err(damaged("record length"));
+        }
+        let Some(rec) = rest.get(..4 + len + TAG) else {
+            // Torn: the file ends inside this record.
+            break;
+        };
+        let body = &rec[4..4 + len];
+        if blake3::hash(body).as_bytes()[..TAG] != rec[4 + len..] {
+            if at + rec.len() == bytes.len() {
+                break; // The last record, partly written.
+            }
+            return Err(damaged("record hash"));
+        }
+        let change = decode(body).ok_or_else(|| damaged("record body"))?;
+        records.push((start + (at as u64 - JOURNAL_HEADER), change));
+        at += rec.len();
+    }
+    Ok(Parsed {
+        generation,
+        start,
+        end: start + (at as u64 - JOURNAL_HEADER),
+        records,
+    })
+}
+
+fn decode(body: &[u8]) -> Option<Change> {
+    let (&kind, rest) = body.split_first()?;
+    let name_len = u16::from_le_bytes(rest.get(..2)?.try_into().ok()?) as usize;
+    let name = std::str::from_utf8(rest.get(2..2 + name_len)?).ok()?;
+    crate::storage::validate_name(name).ok()?;
+    let rest = &rest[2 + name_len..];
+    match kind {
+        REMOVED if rest.is_empty() => Some(Change::Removed(name.to_owned())),
+        COMMITTED => {
+            let len = u64::from_le_bytes(rest.get(..8)?.try_into().ok()?);
+            let meta_len = u32::from_le_bytes(rest.get(8..12)?.try_into().ok()?) as usize;
+            let meta = rest.get(12..)?;
+            (meta.len() == meta_len).then(|| {
+                Change::Committed(BlobInfo {
+                    name: name.to_owned(),
+                    len,
+                    meta: meta.to_vec(),
+                })
+            })
+        }
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn journal(dir: &Path) -> Journal {
+        fs::create_dir_all(dir.join("tmp")).unwrap();
+        Journal::open(dir, &dir.join("tmp"), false).unwrap()
+    }
+
+    fn save_hint(j: &mut Journal, dir: &Path, body: &[u8]) -> bool {
+        let mark = j.mark(&dir.join("tmp")).unwrap();
+        let (mut f, staged) = staged_file(&dir.join("tmp"), "hint").unwrap();
+        f.write_all(&hint_header(j.generation(), mark)).unwrap();
+        f.write_all(body).unwrap();
+        j.install_hint(&dir.join("tmp"), staged, j.generation(), mark)
+            .unwrap()
+    }
+
+    fn names(changes: &[Change]) -> Vec<String> {
+        changes
+            .iter()
+            .map(|c| match c {
+                Change::Committed(b) => format!("+{}:{}:{:?}", b.name, b.len, b.meta),
+                Change::Removed(n) => format!("-{n}"),
+            })
+            .collect()
+    }
+
+    /// The changes after the hint's mark come back at the next open, in order; those before
+    /// it do not.
+    #[test]
+    fn changes_since_the_hint_come_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut j = journal(dir.path());
+        // Before the first mark nothing is journaled (the hint shows it).
+        j.committed("aa", 1, b"x");
+        assert!(!dir.path().join(JOURNAL_FILE).exists());
+        assert!(save_hint(&mut j, dir.path(), b"hint"));
+        j.committed("bb", 2, b"yy");
+        j.removed("aa");
+        drop(j);
+        let mut j = journal(dir.path());
+        assert_eq!(
+            names(&j.take_loaded().unwrap()),
+            ["+bb:2:[121, 121]", "-aa"]
+        );
+        assert_eq!(j.take_loaded(), None, "handed over once");
+        // Appends continue after the reopen.
+        j.committed("cc", 3, b"");
+        drop(j);
+        let mut j = journal(dir.path());
+        assert_eq!(names(&j.take_loaded().unwrap()).len(), 3);
+    }
+
+    /// Without a hint there is nothing to go with the journal: it starts over.
+    #[test]
+    fn no_hint_no_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut j = journal(dir.path());
+        j.mark(&dir.path().join("tmp")).unwrap();
+        j.committed("aa", 1, b"x");
+        assert!(dir.path().join(JOURNAL_FILE).exists());
+        drop(j);
+        let mut j = journal(dir.path());
+        assert_eq!(j.take_loaded(), None);
+        assert_eq!(j.backlog(), u64::MAX);
+        assert!(
+            !dir.path().join(JOURNAL_FILE).exists(),
+            "a stale journal is deleted"
+        );
+    }
+
+    /// A torn last record (a crash during the append) is dropped and cut off; appends
+    /// continue after the last whole one.
+    #[test]
+    fn a_torn_tail_is_cut_off() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut j = journal(dir.path());
+        assert!(save_hint(&mut j, dir.path(), b"hint"));
+        j.committed("aa", 1, b"x");
+        j.committed("bb", 2, b"y");
+        drop(j);
+        let path = dir.path().join(JOURNAL_FILE);
+        let len = fs::metadata(&path).unwrap().len();
+        let f = fs::OpenOptions::new().write(true).open(&path).unwrap();
+        f.set_len(len - 5).unwrap();
+        let mut j = journal(dir.path());
+        assert_eq!(names(&j.take_loaded().unwrap()), ["+aa:1:[120]"]);
+        j.removed("aa");
+        drop(j);
+        let mut j = journal(dir.path());
+        assert_eq!(names(&j.take_loaded().unwrap()), ["+aa:1:[120]", "-aa"]);
+    }
+
+    /// Damage before the last record discards the journal and the hint: the open lists.
+    #[test]
+    fn damage_inside_discards_journal_and_hint() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut j = journal(dir.path());
+        assert!(save_hint(&mut j, dir.path(), b"hint"));
+        j.committed("aa", 1, b"x");
+        j.committed("bb", 2, b"y");
+        drop(j);
+        let path = dir.path().join(JOURNAL_FILE);
+        let mut bytes = fs::read(&path).unwrap();
+        bytes[JOURNAL_HEADER as usize + 6] ^= 1;
+        fs::write(&path, &bytes).unwrap();
+        let mut j = journal(dir.path());
+        assert_eq!(j.take_loaded(), None);
+        assert!(!dir.path().join(HINT_FILE).exists());
+    }
+
+    /// A hint goes only with the journal of its generation.
+    #[test]
+    fn a_hint_of_another_generation_is_not_used() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut j = journal(dir.path());
+        assert!(save_hint(&mut j, dir.path(), b"hint"));
+        drop(j);
+        let hint = fs::read(dir.path().join(HINT_FILE)).unwrap();
+        // Another journal (a new generation) with the old hint put back.
+        fs::remove_file(dir.path().join(HINT_FILE)).unwrap();
+        let mut j = journal(dir.path());
+        assert!(save_hint(&mut j, dir.path(), b"other"));
+        drop(j);
+        fs::write(dir.path().join(HINT_FILE), hint).unwrap();
+        let mut j = journal(dir.path());
+        assert_eq!(j.take_loaded(), None);
+    }
+
+    /// Saving a hint cuts the journal down to the records from its mark on; a mark taken
+    /// before the journal was abandoned and restarted is refused.
+    #[test]
+    fn saving_a_hint_shortens_the_journal() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut j = journal(dir.path());
+        assert!(save_hint(&mut j, dir.path(), b"hint0"));
+        for i in 0..100 {
+            j.committed(&format!("n{i}"), i, b"meta");
+        }
+        let before = fs::metadata(dir.path().join(JOURNAL_FILE)).unwrap().len();
+        assert!(save_hint(&mut j, dir.path(), b"hint"));
+        assert_eq!(j.backlog(), 0);
+        let after = fs::metadata(dir.path().join(JOURNAL_FILE)).unwrap().len();
+        assert!(after < before / 10, "{before} -> {after}");
+        j.removed("n1");
+        assert!(j.backlog() > 0);
+        let stale = j.mark(&dir.path().join("tmp")).unwrap();
+        let generation = j.generation();
+        j.abandon(&io::Error::other("test"));
+        assert!(!dir.path().join(HINT_FILE).exists());
+        let (_, staged) = staged_file(&dir.path().join("tmp"), "hint").unwrap();
+        assert!(
+            !j.install_hint(&dir.path().join("tmp"), staged, generation, stale)
+                .unwrap()
+        );
+        assert!(save_hint(&mut j, dir.path(), b"hint2"));
+    }
+}
