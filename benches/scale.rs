@@ -6,7 +6,10 @@
 //!   resident set during the load against the resident set after it; warm (metadata in the
 //!   page cache) and, when `/proc/sys/vm/drop_caches` is writable (root), cold. Baselines: a
 //!   raw `readdir` walk counting the files, and the raw system calls of a load (`readdir`,
-//!   read each record, `lstat` each data file) on 2 threads.
+//!   read each record, `lstat` each data file) on 2 threads. Three reopens: after a clean
+//!   close (from the index hint), after a crash with the hint and a journal of changes in
+//!   place (a child replaces `CHURN` entries, then aborts), and with no usable hint (the hint
+//!   deleted: the directory is listed).
 //! * `curve-memory` / `curve-disk`: for each N, index memory per entry (resident-set growth
 //!   / N), hit latency p50/p99 (`get` + drop of random keys, each timed alone) and insert rate
 //!   (`get_or_create` + write 64 B + `finish`, 2 threads), next to a
@@ -165,6 +168,8 @@ fn child(spec: &str) {
     match kind {
         "startup" => startup_child(n),
         "hinted" => hinted_child(n),
+        "crash-prep" => crash_prep_child(n),
+        "journaled" => journaled_child(n),
         "readdir" => readdir_child(n),
         "rawload" => rawload_child(n),
         "memory" | "memory-handles" | "disk" => cache_curve_child(kind, n),
@@ -227,6 +232,42 @@ fn hinted_child(n: usize) {
         assert_eq!(cache.len(), n, "fixture {} is not intact", dir.display());
     }
     timed_reopen(n, 7 ^ n as u64);
+}
+
+/// Entries replaced (removed, then written again) before the crash of `crashed_child`: their
+/// removals and commits are what the next open replays from the journal.
+const CHURN: usize = 10_000;
+
+/// Untimed preparation of a crash with a journal: opens the fixture (from its hint), replaces
+/// `CHURN` entries (each a removal and a commit the hint does not show, 2 × `CHURN` journal
+/// records), waits for their deletions, and aborts: no clean close, no new hint.
+fn crash_prep_child(n: usize) {
+    let dir = fixture_dir(n);
+    let cache = Cache::builder()
+        .disk(&dir)
+        .startup_wait(Duration::MAX)
+        .build()
+        .unwrap();
+    assert_eq!(cache.len(), n, "fixture {} is not intact", dir.display());
+    for i in 0..CHURN.min(n) {
+        cache.remove(&key(i)).unwrap();
+        match cache.get_or_create(&key(i)).unwrap() {
+            Entry::Miss(mut w) => {
+                w.write_all(&VALUE).unwrap();
+                w.finish().unwrap();
+            }
+            Entry::Hit(_) => panic!("{} was removed", key(i)),
+        }
+    }
+    cache.run_pending_tasks();
+    let journal = std::fs::metadata(dir.join("index-journal")).map_or(0, |m| m.len());
+    println!("journal_mib={}", mib(journal as f64));
+    std::process::abort();
+}
+
+/// A reopen after a crash with the hint and journal in place (see `crash_prep_child`).
+fn journaled_child(n: usize) {
+    timed_reopen(n, 11 ^ n as u64);
 }
 
 /// A reopen after a crash: no hint, so the directory is listed (the hint a clean close left
@@ -417,6 +458,20 @@ fn parse(out: &str) -> HashMap<String, f64> {
         .collect()
 }
 
+/// Runs the crash preparation (`crash_prep_child`, which aborts); returns the journal size.
+fn crash_prep(n: usize) -> f64 {
+    let out = Command::new(std::env::current_exe().unwrap())
+        .arg("--bench")
+        .env("SCALE_CHILD", format!("crash-prep:{n}"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "the preparation was to abort");
+    parse(&String::from_utf8_lossy(&out.stdout))
+        .get("journal_mib")
+        .copied()
+        .expect("journal size printed before the abort")
+}
+
 fn run_child(spec: &str) -> HashMap<String, f64> {
     // `/proc/self/exe` still runs this binary if a rebuild replaced the file meanwhile.
     let exe = Path::new("/proc/self/exe");
@@ -541,7 +596,48 @@ fn startup(rows: &mut Table) {
                     Some(h["peak_mib"] / h["final_mib"]),
                 );
             }
-            let temp = format!("{temp}, after a crash (listing)");
+            // After a crash with the hint and a journal of changes in place (warm only).
+            if !cold {
+                let mut all: Samples = HashMap::new();
+                let mut journal = Vec::new();
+                for _ in 0..r {
+                    journal.push(crash_prep(n));
+                    for (k, v) in run_child(&format!("journaled:{n}")) {
+                        all.entry(k).or_default().push(v);
+                    }
+                }
+                let j: HashMap<String, f64> =
+                    all.into_iter().map(|(k, v)| (k, median(v))).collect();
+                let after = format!(
+                    "after a crash ({CHURN} entries replaced since the hint: hint + journal)"
+                );
+                rows.row(
+                    &format!("{l} {after}: journal replayed"),
+                    median(journal),
+                    "MiB",
+                    None,
+                );
+                rows.row(&format!("{l} {after}: build()"), j["build_ms"], "ms", None);
+                rows.row(
+                    &format!("{l} {after}: first request served"),
+                    j["first_ms"],
+                    "ms",
+                    None,
+                );
+                rows.row(
+                    &format!("{l} {after}: index complete"),
+                    j["complete_s"],
+                    "s",
+                    Some(j["complete_s"] / readdir),
+                );
+                rows.row(
+                    &format!("{l} {after}: peak RSS growth during the load (VmHWM)"),
+                    j["peak_mib"],
+                    "MiB",
+                    None,
+                );
+            }
+            let temp = format!("{temp}, after a crash (no usable hint: listing)");
             rows.row(&format!("{l} {temp}: build()"), m["build_ms"], "ms", None);
             rows.row(
                 &format!("{l} {temp}: … DiskStorage::open alone (after the load)"),

@@ -47,6 +47,10 @@ pub(super) const HINT_HEADER: u64 = 24;
 const COMMITTED: u8 = 1;
 const REMOVED: u8 = 2;
 const TAG: usize = 16;
+/// A journal file larger than this is not read (the open lists instead): a cache saves a new
+/// hint once 16 MiB of changes accumulate, so only damage or a cache that could not save
+/// hints for a long time leaves one this large.
+const MAX_JOURNAL: u64 = 256 << 20;
 /// The longest record body: a name, the lengths, and the most metadata a blob can have.
 const MAX_BODY: usize =
     1 + 2 + crate::storage::MAX_NAME_LEN + 8 + 4 + super::DiskStorage::MAX_META_LEN;
@@ -65,8 +69,9 @@ pub(super) struct Journal {
     end: u64,
     /// The mark of the hint in place, if one is (of this generation).
     hint_mark: Option<u64>,
-    /// The changes since the hint's mark, read at open, until `take` hands them over.
-    loaded: Option<Vec<Change>>,
+    /// The records since the hint's mark, read at open (their lengths and the last one
+    /// checked), until `take_loaded` checks and hands them over.
+    loaded: Option<Vec<u8>>,
     /// Sync each append before the change it announces (`Durability::SyncOnCommit`).
     sync: bool,
 }
@@ -138,37 +143,36 @@ impl Journal {
         }
         let generation = u64::from_le_bytes(head[8..16].try_into().expect("8 bytes"));
         let mark = u64::from_le_bytes(head[16..24].try_into().expect("8 bytes"));
-        let path = dir.join(JOURNAL_FILE);
-        let (file, _) = match open_regular(&path) {
+        let mut file = match open_journal(&dir.join(JOURNAL_FILE)) {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(e),
         };
+        if file.metadata()?.len() > MAX_JOURNAL {
+            return Err(damaged("larger than any journal a cache leaves"));
+        }
         let mut bytes = Vec::new();
-        (&file).read_to_end(&mut bytes)?;
-        let parsed = parse(&bytes)?;
-        if parsed.generation != generation || parsed.start > mark || mark > parsed.end {
+        file.read_to_end(&mut bytes)?;
+        let (journal_generation, start, whole) = scan(&bytes)?;
+        let end = start + (whole - JOURNAL_HEADER as usize) as u64;
+        if journal_generation != generation || start > mark || mark > end {
             return Ok(None);
         }
         // Cut a torn last record off, so that appends continue after the last whole one.
-        let file = fs::OpenOptions::new().write(true).open(&path)?;
-        file.set_len(parsed.end - parsed.start + JOURNAL_HEADER)?;
-        let mut file = file;
+        file.set_len(whole as u64)?;
         file.seek(SeekFrom::End(0))?;
-        let loaded = parsed
-            .records
-            .into_iter()
-            .filter(|(at, _)| *at >= mark)
-            .map(|(_, c)| c)
-            .collect();
+        // The records from the mark on, checked and decoded when they are taken (on the
+        // cache's loader thread, not in `open`).
+        bytes.truncate(whole);
+        let from = JOURNAL_HEADER as usize + (mark - start) as usize;
         Ok(Some(Journal {
             dir: dir.to_path_buf(),
             file: Some(file),
             generation,
-            start: parsed.start,
-            end: parsed.end,
+            start,
+            end,
             hint_mark: Some(mark),
-            loaded: Some(loaded),
+            loaded: Some(bytes.split_off(from)),
             sync,
         }))
     }
@@ -295,11 +299,11 @@ impl Journal {
     }
 
     fn cut(&mut self, tmp: &Path, mark: u64) -> io::Result<()> {
+        use std::os::unix::fs::FileExt;
         let path = self.dir.join(JOURNAL_FILE);
-        let mut old = File::open(&path)?;
-        old.seek(SeekFrom::Start(JOURNAL_HEADER + (mark - self.start)))?;
-        let mut rest = Vec::new();
-        old.read_to_end(&mut rest)?;
+        let old = self.file.as_ref().ok_or_else(|| damaged("abandoned"))?;
+        let mut rest = vec![0; (self.end - mark) as usize];
+        old.read_exact_at(&mut rest, JOURNAL_HEADER + (mark - self.start))?;
         let (mut f, staged) = staged_file(tmp, "journal")?;
         let start = self.start;
         self.start = mark;
@@ -323,10 +327,34 @@ impl Journal {
     }
 
     /// The changes since the hint's mark, once (`None` if there is no hint to go with them).
+    /// A record that fails its check (damage before the last record) abandons the journal,
+    /// deleting the hint: `None`, and the owner lists the storage.
     pub(super) fn take_loaded(&mut self) -> Option<Vec<Change>> {
         self.hint_mark?;
-        self.loaded.take()
+        let bytes = self.loaded.take()?;
+        match decode_all(&bytes) {
+            Ok(changes) => Some(changes),
+            Err(e) => {
+                self.abandon(&e);
+                None
+            }
+        }
     }
+}
+
+/// Opens the journal for reading and appending, refusing anything but a regular file (see
+/// "Hostile files" on `DiskStorage`).
+fn open_journal(path: &Path) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = File::options()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)?;
+    if !file.metadata()?.is_file() {
+        return Err(damaged("not a regular file"));
+    }
+    Ok(file)
 }
 
 /// A hint file's header for `generation` and `mark`.
@@ -338,53 +366,65 @@ pub(super) fn hint_header(generation: u64, mark: u64) -> [u8; HINT_HEADER as usi
     h
 }
 
-struct Parsed {
-    generation: u64,
-    start: u64,
-    /// Journal offset past the last whole record.
-    end: u64,
-    /// Each record with its journal offset.
-    records: Vec<(u64, Change)>,
-}
-
-/// Reads a journal file: its whole records, up to a torn last one. Any other damage is an
-/// error.
-fn parse(bytes: &[u8]) -> io::Result<Parsed> {
+/// Reads a journal file's header and walks its records by their lengths: the generation,
+/// the start, and the length of the file up to the end of its last whole record (a torn
+/// last one, cut short or failing its hash, is left out). Only the last record's hash is
+/// checked here (`decode_all` checks the others).
+fn scan(bytes: &[u8]) -> io::Result<(u64, u64, usize)> {
     if bytes.len() < JOURNAL_HEADER as usize || &bytes[..8] != JOURNAL_MAGIC {
         return Err(damaged("header"));
     }
     let generation = u64::from_le_bytes(bytes[8..16].try_into().expect("8 bytes"));
     let start = u64::from_le_bytes(bytes[16..24].try_into().expect("8 bytes"));
     let mut at = JOURNAL_HEADER as usize;
-    let mut records = Vec::new();
+    let mut last = None;
     while at < bytes.len() {
-        let rest = &bytes[at..];
-        let Some(len) = rest.get(..4) else { break };
+        let Some(len) = bytes.get(at..at + 4) else {
+            break;
+        };
         let len = u32::from_le_bytes(len.try_into().expect("4 bytes")) as usize;
         if len > MAX_BODY {
             return Err(damaged("record length"));
         }
-        let Some(rec) = rest.get(..4 + len + TAG) else {
-            // Torn: the file ends inside this record.
-            break;
+        let Some(rec) = bytes.get(at..at + 4 + len + TAG) else {
+            break; // Torn: the file ends inside this record.
         };
-        let body = &rec[4..4 + len];
-        if blake3::hash(body).as_bytes()[..TAG] != rec[4 + len..] {
-            if at + rec.len() == bytes.len() {
-                break; // The last record, partly written.
-            }
-            return Err(damaged("record hash"));
-        }
-        let change = decode(body).ok_or_else(|| damaged("record body"))?;
-        records.push((start + (at as u64 - JOURNAL_HEADER), change));
+        last = Some((at, rec));
         at += rec.len();
     }
-    Ok(Parsed {
-        generation,
-        start,
-        end: start + (at as u64 - JOURNAL_HEADER),
-        records,
-    })
+    if let Some((last_at, rec)) = last
+        && !intact(rec)
+    {
+        // The last whole-length record, partly written.
+        at = last_at;
+    }
+    Ok((generation, start, at))
+}
+
+/// Whether a whole record (length, body, tag) matches its tag.
+fn intact(rec: &[u8]) -> bool {
+    let body = &rec[4..rec.len() - TAG];
+    blake3::hash(body).as_bytes()[..TAG] == rec[rec.len() - TAG..]
+}
+
+/// Checks and decodes whole records (as `scan` left them): any that fails is damage.
+fn decode_all(mut bytes: &[u8]) -> io::Result<Vec<Change>> {
+    let mut changes = Vec::new();
+    while !bytes.is_empty() {
+        let len = bytes
+            .get(..4)
+            .map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")) as usize)
+            .ok_or_else(|| damaged("record length"))?;
+        let rec = bytes
+            .get(..4 + len + TAG)
+            .ok_or_else(|| damaged("record length"))?;
+        if !intact(rec) {
+            return Err(damaged("record hash"));
+        }
+        changes.push(decode(&rec[4..4 + len]).ok_or_else(|| damaged("record body"))?);
+        bytes = &bytes[rec.len()..];
+    }
+    Ok(changes)
 }
 
 fn decode(body: &[u8]) -> Option<Change> {
@@ -503,6 +543,31 @@ mod tests {
         drop(j);
         let mut j = journal(dir.path());
         assert_eq!(names(&j.take_loaded().unwrap()), ["+aa:1:[120]", "-aa"]);
+    }
+
+    /// A last record of whole length whose bytes did not all reach the file (its hash fails)
+    /// is cut off too; a journal larger than any a cache leaves is not read at all.
+    #[test]
+    fn a_half_written_last_record_is_cut_off_and_a_huge_journal_ignored() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut j = journal(dir.path());
+        assert!(save_hint(&mut j, dir.path(), b"hint"));
+        j.committed("aa", 1, b"x");
+        j.committed("bb", 2, b"y");
+        drop(j);
+        let path = dir.path().join(JOURNAL_FILE);
+        let mut bytes = fs::read(&path).unwrap();
+        let n = bytes.len();
+        bytes[n - TAG - 1] ^= 1;
+        fs::write(&path, &bytes).unwrap();
+        let mut j = journal(dir.path());
+        assert_eq!(names(&j.take_loaded().unwrap()), ["+aa:1:[120]"]);
+        drop(j);
+        let f = fs::OpenOptions::new().write(true).open(&path).unwrap();
+        f.set_len(MAX_JOURNAL + 1).unwrap(); // sparse
+        let mut j = journal(dir.path());
+        assert_eq!(j.take_loaded(), None);
+        assert!(!dir.path().join(HINT_FILE).exists());
     }
 
     /// Damage before the last record discards the journal and the hint: the open lists.
