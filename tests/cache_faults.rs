@@ -228,19 +228,6 @@ fn a_journal_that_cannot_be_written_falls_back_to_listing() {
     });
 }
 
-fn copy_tree(from: &Path, to: &Path) {
-    for entry in fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let dest = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            fs::create_dir_all(&dest).unwrap();
-            copy_tree(&entry.path(), &dest);
-        } else {
-            fs::copy(entry.path(), &dest).unwrap();
-        }
-    }
-}
-
 /// Regression: with the directory refusing deletions, `remove` returned `Ok(true)`, the reaper
 /// only logged a warning and forgot the blob, and after a restart the key was served again.
 /// Now the deletion is retried until it succeeds, counted in `stats()` meanwhile, and its

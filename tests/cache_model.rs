@@ -55,6 +55,10 @@ enum Op {
     Clear,
     /// Close the cache, advance the clock by `ms` while it is closed, open it again.
     Reopen(u64),
+    /// The process dies (disk: a copy of the directory, taken once pending tasks ran, is
+    /// what it leaves: no clean close, no hint saved at close), the clock advances by `ms`,
+    /// and a cache opens what was left. Elsewhere the same as `Reopen`.
+    Crash(u64),
 }
 
 /// `reopen`: the weight of `Reopen` (the others weigh 25 in all).
@@ -75,6 +79,7 @@ fn op(reopen: u32) -> impl Strategy<Value = Op> {
         4 => (0u64..30).prop_map(Op::Advance),
         1 => Just(Op::Clear),
         reopen => prop_oneof![Just(0u64), 0u64..30].prop_map(Op::Reopen),
+        reopen => prop_oneof![Just(0u64), 0u64..30].prop_map(Op::Crash),
     ]
 }
 
@@ -175,6 +180,8 @@ struct Harness {
     held: Vec<Held>,
     /// Writers created so far (numbers their metadata).
     created: u64,
+    /// Crashes so far (names the directories they leave).
+    crashes: u32,
 }
 
 macro_rules! check {
@@ -336,7 +343,21 @@ impl Harness {
                     h.live = false;
                 }
             }
-            Op::Reopen(ms) => {
+            Op::Reopen(ms) | Op::Crash(ms) => {
+                if matches!(op, Op::Crash(_))
+                    && let Backend::Disk(dir) = &self.backend
+                {
+                    // Deletions done (a removal not yet carried out at a crash may come back,
+                    // as without the journal), then what a crash would leave: the directory
+                    // as it is now, unfinished writers' files included. The cache goes on in
+                    // the copy; the old directory gets the clean close.
+                    self.cache().run_pending_tasks();
+                    self.crashes += 1;
+                    let copy = dir.with_file_name(format!("crash{}", self.crashes));
+                    copy_tree(dir, &copy);
+                    drop(self.cache.take());
+                    self.backend = Backend::Disk(copy);
+                }
                 // Shut down the cache first, then abandon the unfinished writers (on disk
                 // they hold the directory), then reopen: only finished entries come back.
                 drop(self.cache.take());
@@ -540,6 +561,7 @@ fn run_model(cases: u32, reopen: u32, make: fn() -> (Backend, Option<tempfile::T
             finished: BTreeMap::new(),
             held: Vec::new(),
             created: 0,
+            crashes: 0,
         };
         for op in &ops {
             h.step(op)?;
@@ -564,8 +586,9 @@ fn model_memory() {
 fn model_disk() {
     deadline_in(std::time::Duration::from_secs(300), "model disk", || {
         run_model(96, 1, || {
+            // In a directory of its own, beside which crashes leave their copies.
             let dir = tempfile::tempdir().unwrap();
-            (Backend::Disk(dir.path().to_path_buf()), Some(dir))
+            (Backend::Disk(dir.path().join("cache")), Some(dir))
         })
     });
 }

@@ -109,3 +109,18 @@ pub fn data_files(dir: &Path) -> Vec<PathBuf> {
 pub fn stored_blobs(cache: &Cache) -> usize {
     cache.storage().list().unwrap().len()
 }
+
+/// Copies the directory tree `from` into `to` (files and directories only): a stand-in for
+/// what a crash would leave, taken while a cache runs on `from`.
+pub fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let dest = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_tree(&entry.path(), &dest);
+        } else {
+            std::fs::copy(entry.path(), &dest).unwrap();
+        }
+    }
+}
