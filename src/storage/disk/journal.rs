@@ -110,8 +110,13 @@ impl Journal {
             }
         }
         let _ = tmp;
-        remove_if_there(&dir.join(HINT_FILE))?;
-        remove_if_there(&dir.join(JOURNAL_FILE))?;
+        // Stale files that cannot be deleted do no harm: a hint is used only with the journal
+        // of its generation, and the next journal gets a new one.
+        for stale in [HINT_FILE, JOURNAL_FILE] {
+            if let Err(e) = remove_if_there(&dir.join(stale)) {
+                tracing::warn!(error = %e, file = stale, "could not delete a stale index file");
+            }
+        }
         // Nothing is journaled until an owner takes a mark (`mark`): a storage whose owner
         // keeps no hints never grows a journal.
         Ok(Journal {
@@ -242,15 +247,18 @@ impl Journal {
         }
     }
 
-    /// Stops journaling after a failed append, deleting the hint it would have completed.
-    /// The offsets skip one, so that no mark taken before can go with a later generation.
+    /// Stops journaling after a failed append, deleting the hint it would have completed (or,
+    /// if the hint cannot be deleted, the journal: a hint without its journal is not used).
+    /// A mark taken before cannot go with a later journal: that one has a new generation.
     fn abandon(&mut self, e: &io::Error) {
         tracing::error!(error = %e, "could not append to the index journal; the next open will list the storage");
         self.file = None;
         self.hint_mark = None;
-        self.end += 1;
         if let Err(e) = remove_if_there(&self.dir.join(HINT_FILE)) {
-            tracing::error!(error = %e, "could not delete the index hint either: the next open may miss the latest changes");
+            tracing::error!(error = %e, "could not delete the index hint; deleting its journal instead");
+            if let Err(e) = remove_if_there(&self.dir.join(JOURNAL_FILE)) {
+                tracing::error!(error = %e, "could not delete the index journal either: the next open may miss the latest changes");
+            }
         }
     }
 
@@ -266,10 +274,8 @@ impl Journal {
 
     /// How far the journal runs past the hint in place (`u64::MAX` without one).
     pub(super) fn backlog(&self) -> u64 {
-        match self.hint_mark {
-            Some(mark) if self.file.is_some() => self.end - mark,
-            _ => u64::MAX,
-        }
+        // (A hint is in place only while journaling: `abandon` and `restart` clear it.)
+        self.hint_mark.map_or(u64::MAX, |mark| self.end - mark)
     }
 
     /// Saves the hint staged at `staged` (its header names `generation` and `mark`; written
@@ -570,6 +576,67 @@ mod tests {
         assert!(!dir.path().join(HINT_FILE).exists());
     }
 
+    /// A hint saved while the journal still holds records from before its mark (a crash
+    /// between moving the hint into place and cutting the journal) takes only the records
+    /// from its mark on; a hint whose mark lies past the journal's end is not used.
+    #[test]
+    fn the_mark_picks_the_records_and_must_lie_within_the_journal() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(JOURNAL_FILE);
+        let mut j = journal(dir.path());
+        assert!(save_hint(&mut j, dir.path(), b"h0"));
+        j.committed("aa", 1, b"x");
+        let uncut = fs::read(&path).unwrap();
+        assert!(save_hint(&mut j, dir.path(), b"h1"));
+        j.committed("cc", 3, b"z");
+        drop(j);
+        // The journal as if the cut never happened: the old records, then the new one.
+        let now = fs::read(&path).unwrap();
+        let mut joined = uncut.clone();
+        joined.extend_from_slice(&now[JOURNAL_HEADER as usize..]);
+        fs::write(&path, &joined).unwrap();
+        let mut j = journal(dir.path());
+        assert_eq!(names(&j.take_loaded().unwrap()), ["+cc:3:[122]"]);
+        j.committed("dd", 4, b"");
+        drop(j);
+        let mut j = journal(dir.path());
+        assert_eq!(
+            names(&j.take_loaded().unwrap()),
+            ["+cc:3:[122]", "+dd:4:[]"]
+        );
+        drop(j);
+        // A journal that ends before the hint's mark (an older copy of it): not used.
+        fs::write(&path, &uncut[..JOURNAL_HEADER as usize]).unwrap();
+        let mut j = journal(dir.path());
+        assert_eq!(j.take_loaded(), None);
+    }
+
+    /// Record lengths are bounded by the largest record a commit can make: a record with the
+    /// most metadata is read back, a length past the bound is damage, not a torn tail.
+    #[test]
+    fn record_lengths_are_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut j = journal(dir.path());
+        assert!(save_hint(&mut j, dir.path(), b"hint"));
+        let name = "n".repeat(crate::storage::MAX_NAME_LEN);
+        let meta = vec![9u8; super::super::DiskStorage::MAX_META_LEN];
+        j.committed(&name, 5, &meta);
+        drop(j);
+        let mut j = journal(dir.path());
+        match &j.take_loaded().unwrap()[..] {
+            [Change::Committed(b)] => assert!(b.name == name && b.meta == meta),
+            other => panic!("{} changes", other.len()),
+        }
+        drop(j);
+        let mut bytes = fs::read(dir.path().join(JOURNAL_FILE)).unwrap();
+        bytes.truncate(JOURNAL_HEADER as usize);
+        bytes.extend_from_slice(&(MAX_BODY as u32).to_le_bytes());
+        assert!(scan(&bytes).is_ok(), "the largest record, torn");
+        bytes.truncate(JOURNAL_HEADER as usize);
+        bytes.extend_from_slice(&(MAX_BODY as u32 + 1).to_le_bytes());
+        assert!(scan(&bytes).is_err(), "a length no record can have");
+    }
+
     /// Damage before the last record discards the journal and the hint: the open lists.
     #[test]
     fn damage_inside_discards_journal_and_hint() {
@@ -632,6 +699,73 @@ mod tests {
             !j.install_hint(&dir.path().join("tmp"), staged, generation, stale)
                 .unwrap()
         );
+        // Nor once journaling resumed (a new generation, starting at that very offset).
+        assert_eq!(j.mark(&dir.path().join("tmp")).unwrap(), stale);
+        let (_, staged) = staged_file(&dir.path().join("tmp"), "hint").unwrap();
+        assert!(
+            !j.install_hint(&dir.path().join("tmp"), staged, generation, stale)
+                .unwrap()
+        );
         assert!(save_hint(&mut j, dir.path(), b"hint2"));
+    }
+
+    /// Changes journaled while a hint is being written (after its mark) are kept by the cut
+    /// that installs it, at any offset.
+    #[test]
+    fn changes_after_the_mark_survive_the_cut() {
+        let dir = tempfile::tempdir().unwrap();
+        let tmp = dir.path().join("tmp");
+        let mut j = journal(dir.path());
+        for round in 0..3 {
+            j.committed(&format!("before{round}"), 1, b"b");
+            let mark = j.mark(&tmp).unwrap();
+            j.committed(&format!("during{round}"), 2, b"d");
+            let (mut f, staged) = staged_file(&tmp, "hint").unwrap();
+            f.write_all(&hint_header(j.generation(), mark)).unwrap();
+            assert!(j.install_hint(&tmp, staged, j.generation(), mark).unwrap());
+        }
+        drop(j);
+        let mut j = journal(dir.path());
+        assert_eq!(names(&j.take_loaded().unwrap()), ["+during2:2:[100]"]);
+    }
+
+    /// A journal of a header alone is an empty journal; a short or foreign header is damage.
+    #[test]
+    fn headers() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut j = journal(dir.path());
+        assert!(save_hint(&mut j, dir.path(), b"hint"));
+        drop(j);
+        let path = dir.path().join(JOURNAL_FILE);
+        let header = fs::read(&path).unwrap();
+        assert_eq!(header.len(), JOURNAL_HEADER as usize);
+        let mut j = journal(dir.path());
+        assert_eq!(j.take_loaded(), Some(Vec::new()));
+        drop(j);
+        let hint = fs::read(dir.path().join(HINT_FILE)).unwrap();
+        let mut foreign = header.clone();
+        foreign[0] ^= 1;
+        for bad in [&header[..10], &foreign[..]] {
+            fs::write(&path, bad).unwrap();
+            fs::write(dir.path().join(HINT_FILE), &hint).unwrap();
+            let mut j = journal(dir.path());
+            assert_eq!(j.take_loaded(), None);
+        }
+    }
+
+    /// A journal that is a symbolic link (even to a good journal) is not followed.
+    #[test]
+    fn a_symlinked_journal_is_not_used() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut j = journal(dir.path());
+        assert!(save_hint(&mut j, dir.path(), b"hint"));
+        j.committed("aa", 1, b"x");
+        drop(j);
+        let path = dir.path().join(JOURNAL_FILE);
+        let elsewhere = dir.path().join("elsewhere");
+        fs::rename(&path, &elsewhere).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, &path).unwrap();
+        let mut j = journal(dir.path());
+        assert_eq!(j.take_loaded(), None);
     }
 }
