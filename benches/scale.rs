@@ -222,19 +222,25 @@ fn timed_reopen(n: usize, seed: u64) {
 /// A reopen after a clean close: the index is read from the hint the last close left (made
 /// first, untimed, if the fixture has none).
 fn hinted_child(n: usize) {
-    let dir = fixture_dir(n);
-    if !dir.join("index-hint").exists() {
-        let cache = Cache::builder()
-            .disk(&dir)
-            .startup_wait(Duration::MAX)
-            .build()
-            .unwrap();
-        assert_eq!(cache.len(), n, "fixture {} is not intact", dir.display());
+    if !fixture_dir(n).join("index-hint").exists() {
+        drop(open_intact(n));
     }
     timed_reopen(n, 7 ^ n as u64);
 }
 
-/// Entries replaced (removed, then written again) before the crash of `crashed_child`: their
+/// The fixture of `n` entries, opened untimed with its whole index loaded, checked intact.
+fn open_intact(n: usize) -> Cache {
+    let dir = fixture_dir(n);
+    let cache = Cache::builder()
+        .disk(&dir)
+        .startup_wait(Duration::MAX)
+        .build()
+        .unwrap();
+    assert_eq!(cache.len(), n, "fixture {} is not intact", dir.display());
+    cache
+}
+
+/// Entries replaced (removed, then written again) before the crash of `crash_prep_child`: their
 /// removals and commits are what the next open replays from the journal.
 const CHURN: usize = 10_000;
 
@@ -243,12 +249,7 @@ const CHURN: usize = 10_000;
 /// records), waits for their deletions, and aborts: no clean close, no new hint.
 fn crash_prep_child(n: usize) {
     let dir = fixture_dir(n);
-    let cache = Cache::builder()
-        .disk(&dir)
-        .startup_wait(Duration::MAX)
-        .build()
-        .unwrap();
-    assert_eq!(cache.len(), n, "fixture {} is not intact", dir.display());
+    let cache = open_intact(n);
     for i in 0..CHURN.min(n) {
         cache.remove(&key(i)).unwrap();
         match cache.get_or_create(&key(i)).unwrap() {

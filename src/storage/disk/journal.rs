@@ -475,6 +475,26 @@ mod tests {
             .unwrap()
     }
 
+    /// Reopens `dir` and checks that the journal was not used and its hint is gone (the
+    /// owner lists the storage).
+    fn reopen_lists(dir: &Path) {
+        let mut j = journal(dir);
+        assert_eq!(j.take_loaded(), None);
+        assert!(!dir.join(HINT_FILE).exists());
+    }
+
+    /// A directory with a hint and a journal of two commits after it (`aa`, then `bb`);
+    /// the journal's path.
+    fn hint_then_two_records() -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut j = journal(dir.path());
+        assert!(save_hint(&mut j, dir.path(), b"hint"));
+        j.committed("aa", 1, b"x");
+        j.committed("bb", 2, b"y");
+        let path = dir.path().join(JOURNAL_FILE);
+        (dir, path)
+    }
+
     fn names(changes: &[Change]) -> Vec<String> {
         changes
             .iter()
@@ -533,13 +553,7 @@ mod tests {
     /// continue after the last whole one.
     #[test]
     fn a_torn_tail_is_cut_off() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut j = journal(dir.path());
-        assert!(save_hint(&mut j, dir.path(), b"hint"));
-        j.committed("aa", 1, b"x");
-        j.committed("bb", 2, b"y");
-        drop(j);
-        let path = dir.path().join(JOURNAL_FILE);
+        let (dir, path) = hint_then_two_records();
         let len = fs::metadata(&path).unwrap().len();
         let f = fs::OpenOptions::new().write(true).open(&path).unwrap();
         f.set_len(len - 5).unwrap();
@@ -555,13 +569,7 @@ mod tests {
     /// is cut off too; a journal larger than any a cache leaves is not read at all.
     #[test]
     fn a_half_written_last_record_is_cut_off_and_a_huge_journal_ignored() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut j = journal(dir.path());
-        assert!(save_hint(&mut j, dir.path(), b"hint"));
-        j.committed("aa", 1, b"x");
-        j.committed("bb", 2, b"y");
-        drop(j);
-        let path = dir.path().join(JOURNAL_FILE);
+        let (dir, path) = hint_then_two_records();
         let mut bytes = fs::read(&path).unwrap();
         let n = bytes.len();
         bytes[n - TAG - 1] ^= 1;
@@ -571,9 +579,7 @@ mod tests {
         drop(j);
         let f = fs::OpenOptions::new().write(true).open(&path).unwrap();
         f.set_len(MAX_JOURNAL + 1).unwrap(); // sparse
-        let mut j = journal(dir.path());
-        assert_eq!(j.take_loaded(), None);
-        assert!(!dir.path().join(HINT_FILE).exists());
+        reopen_lists(dir.path());
     }
 
     /// A hint saved while the journal still holds records from before its mark (a crash
@@ -607,8 +613,7 @@ mod tests {
         drop(j);
         // A journal that ends before the hint's mark (an older copy of it): not used.
         fs::write(&path, &uncut[..JOURNAL_HEADER as usize]).unwrap();
-        let mut j = journal(dir.path());
-        assert_eq!(j.take_loaded(), None);
+        reopen_lists(dir.path());
     }
 
     /// Record lengths are bounded by the largest record a commit can make: a record with the
@@ -640,19 +645,11 @@ mod tests {
     /// Damage before the last record discards the journal and the hint: the open lists.
     #[test]
     fn damage_inside_discards_journal_and_hint() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut j = journal(dir.path());
-        assert!(save_hint(&mut j, dir.path(), b"hint"));
-        j.committed("aa", 1, b"x");
-        j.committed("bb", 2, b"y");
-        drop(j);
-        let path = dir.path().join(JOURNAL_FILE);
+        let (dir, path) = hint_then_two_records();
         let mut bytes = fs::read(&path).unwrap();
         bytes[JOURNAL_HEADER as usize + 6] ^= 1;
         fs::write(&path, &bytes).unwrap();
-        let mut j = journal(dir.path());
-        assert_eq!(j.take_loaded(), None);
-        assert!(!dir.path().join(HINT_FILE).exists());
+        reopen_lists(dir.path());
     }
 
     /// A hint goes only with the journal of its generation.
@@ -669,8 +666,7 @@ mod tests {
         assert!(save_hint(&mut j, dir.path(), b"other"));
         drop(j);
         fs::write(dir.path().join(HINT_FILE), hint).unwrap();
-        let mut j = journal(dir.path());
-        assert_eq!(j.take_loaded(), None);
+        reopen_lists(dir.path());
     }
 
     /// Saving a hint cuts the journal down to the records from its mark on; a mark taken
@@ -748,8 +744,7 @@ mod tests {
         for bad in [&header[..10], &foreign[..]] {
             fs::write(&path, bad).unwrap();
             fs::write(dir.path().join(HINT_FILE), &hint).unwrap();
-            let mut j = journal(dir.path());
-            assert_eq!(j.take_loaded(), None);
+            reopen_lists(dir.path());
         }
     }
 
@@ -765,7 +760,6 @@ mod tests {
         let elsewhere = dir.path().join("elsewhere");
         fs::rename(&path, &elsewhere).unwrap();
         std::os::unix::fs::symlink(&elsewhere, &path).unwrap();
-        let mut j = journal(dir.path());
-        assert_eq!(j.take_loaded(), None);
+        reopen_lists(dir.path());
     }
 }
