@@ -719,6 +719,13 @@ mod tests {
             let (mut f, staged) = staged_file(&tmp, "hint").unwrap();
             f.write_all(&hint_header(j.generation(), mark)).unwrap();
             assert!(j.install_hint(&tmp, staged, j.generation(), mark).unwrap());
+            // Cut down to the header and the one record after the mark.
+            let left = fs::read(dir.path().join(JOURNAL_FILE)).unwrap();
+            assert_eq!(
+                left.len() as u64,
+                JOURNAL_HEADER + j.backlog(),
+                "round {round}"
+            );
         }
         drop(j);
         let mut j = journal(dir.path());
