@@ -153,7 +153,7 @@ pub(crate) struct Inner {
     pub(crate) max_idle_open: usize,
     /// Set once at build, for a storage the cache opened itself: it saves index hints
     /// (`reload::checkpoint_if_due`, and at drop).
-    pub(crate) saves_hints: AtomicBool,
+    pub(crate) saves_hints: bool,
 }
 
 impl fmt::Debug for Inner {

@@ -138,7 +138,7 @@ impl Cache {
             loading: reload::Loading::default(),
             idle_open: Mutex::default(),
             max_idle_open: b.max_idle_open,
-            saves_hints: AtomicBool::new(false),
+            saves_hints: unlock.is_some(),
         });
         let _ = inner.books.cache.set(Arc::downgrade(&inner));
         if let Some(n) = &notifier {
@@ -157,9 +157,6 @@ impl Cache {
         let inner = cache.inner.clone();
         inner.books.now();
         // A hint (with the changes journaled since) stands in for listing the storage.
-        inner
-            .saves_hints
-            .store(cache.unlock.is_some(), Ordering::Relaxed);
         let hint = if cache.unlock.is_some() {
             inner.storage.take_hint().unwrap_or_else(|e| {
                 tracing::warn!(error = %e, "could not read the index hint; listing the storage");

@@ -507,7 +507,7 @@ const CHECKPOINT_BACKLOG: u64 = 16 << 20;
 /// journal, not every record file. Called by the reaper; only for a storage the cache opened
 /// itself, and not while loading.
 pub(crate) fn checkpoint_if_due(inner: &Inner) {
-    if !inner.saves_hints.load(Ordering::Relaxed) || inner.loading.active.load(Ordering::Acquire) {
+    if !inner.saves_hints || inner.loading.active.load(Ordering::Acquire) {
         return;
     }
     let Some(backlog) = inner.storage.hint_backlog() else {

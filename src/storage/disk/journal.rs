@@ -60,6 +60,8 @@ const MAX_BODY: usize =
 #[derive(Debug)]
 pub(super) struct Journal {
     dir: PathBuf,
+    /// Where new journal files are staged (the storage's `tmp/`).
+    tmp: PathBuf,
     /// `None` once abandoned (see the module invariants): nothing is appended.
     file: Option<File>,
     generation: u64,
@@ -102,14 +104,13 @@ impl Journal {
     /// Opens the journal of `dir`: keeps it (with the changes since the hint's mark) if the
     /// hint in place belongs to it, else deletes both and starts a new generation.
     pub(super) fn open(dir: &Path, tmp: &Path, sync: bool) -> io::Result<Journal> {
-        match Self::resume(dir, sync) {
+        match Self::resume(dir, tmp, sync) {
             Ok(Some(j)) => return Ok(j),
             Ok(None) => {}
             Err(e) => {
                 tracing::warn!(error = %e, "the index journal or hint is unusable; the storage will be listed");
             }
         }
-        let _ = tmp;
         // Stale files that cannot be deleted do no harm: a hint is used only with the journal
         // of its generation, and the next journal gets a new one.
         for stale in [HINT_FILE, JOURNAL_FILE] {
@@ -121,6 +122,7 @@ impl Journal {
         // keeps no hints never grows a journal.
         Ok(Journal {
             dir: dir.to_path_buf(),
+            tmp: tmp.to_path_buf(),
             file: None,
             generation: 0,
             start: 0,
@@ -132,7 +134,7 @@ impl Journal {
     }
 
     /// The journal of the hint in place, if both are there and belong together.
-    fn resume(dir: &Path, sync: bool) -> io::Result<Option<Journal>> {
+    fn resume(dir: &Path, tmp: &Path, sync: bool) -> io::Result<Option<Journal>> {
         let hint = match open_regular(&dir.join(HINT_FILE)) {
             Ok((f, _)) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
@@ -172,6 +174,7 @@ impl Journal {
         let from = JOURNAL_HEADER as usize + (mark - start) as usize;
         Ok(Some(Journal {
             dir: dir.to_path_buf(),
+            tmp: tmp.to_path_buf(),
             file: Some(file),
             generation,
             start,
@@ -183,12 +186,12 @@ impl Journal {
     }
 
     /// Starts a new generation: an empty journal at offset `end` (kept, so marks only grow).
-    fn restart(&mut self, tmp: &Path) -> io::Result<()> {
+    fn restart(&mut self) -> io::Result<()> {
         self.file = None;
         self.hint_mark = None;
         self.generation = random_generation();
         self.start = self.end;
-        let (mut f, staged) = staged_file(tmp, "journal")?;
+        let (mut f, staged) = staged_file(&self.tmp, "journal")?;
         f.write_all(&self.header())?;
         if self.sync {
             f.sync_data()?;
@@ -265,9 +268,9 @@ impl Journal {
     /// The mark a hint made from now on is taken at: the end of the journal. A journal that
     /// was abandoned starts a new generation here (the hint made next describes every change
     /// before it).
-    pub(super) fn mark(&mut self, tmp: &Path) -> io::Result<u64> {
+    pub(super) fn mark(&mut self) -> io::Result<u64> {
         if self.file.is_none() {
-            self.restart(tmp)?;
+            self.restart()?;
         }
         Ok(self.end)
     }
@@ -284,7 +287,6 @@ impl Journal {
     /// restarted since `mark` was taken.
     pub(super) fn install_hint(
         &mut self,
-        tmp: &Path,
         staged: tempfile::TempPath,
         generation: u64,
         mark: u64,
@@ -298,19 +300,19 @@ impl Journal {
         self.hint_mark = Some(mark);
         // The records from `mark` on move to a new journal file; until it replaces the old
         // one, the old one (a superset) goes with the new hint.
-        if let Err(e) = self.cut(tmp, mark) {
+        if let Err(e) = self.cut(mark) {
             tracing::warn!(error = %e, "could not shorten the index journal; it keeps its older records");
         }
         Ok(true)
     }
 
-    fn cut(&mut self, tmp: &Path, mark: u64) -> io::Result<()> {
+    fn cut(&mut self, mark: u64) -> io::Result<()> {
         use std::os::unix::fs::FileExt;
         let path = self.dir.join(JOURNAL_FILE);
         let old = self.file.as_ref().ok_or_else(|| damaged("abandoned"))?;
         let mut rest = vec![0; (self.end - mark) as usize];
         old.read_exact_at(&mut rest, JOURNAL_HEADER + (mark - self.start))?;
-        let (mut f, staged) = staged_file(tmp, "journal")?;
+        let (mut f, staged) = staged_file(&self.tmp, "journal")?;
         let start = self.start;
         self.start = mark;
         let header = self.header();
@@ -467,12 +469,11 @@ mod tests {
     }
 
     fn save_hint(j: &mut Journal, dir: &Path, body: &[u8]) -> bool {
-        let mark = j.mark(&dir.join("tmp")).unwrap();
+        let mark = j.mark().unwrap();
         let (mut f, staged) = staged_file(&dir.join("tmp"), "hint").unwrap();
         f.write_all(&hint_header(j.generation(), mark)).unwrap();
         f.write_all(body).unwrap();
-        j.install_hint(&dir.join("tmp"), staged, j.generation(), mark)
-            .unwrap()
+        j.install_hint(staged, j.generation(), mark).unwrap()
     }
 
     /// Reopens `dir` and checks that the journal was not used and its hint is gone (the
@@ -536,7 +537,7 @@ mod tests {
     fn no_hint_no_changes() {
         let dir = tempfile::tempdir().unwrap();
         let mut j = journal(dir.path());
-        j.mark(&dir.path().join("tmp")).unwrap();
+        j.mark().unwrap();
         j.committed("aa", 1, b"x");
         assert!(dir.path().join(JOURNAL_FILE).exists());
         drop(j);
@@ -686,22 +687,16 @@ mod tests {
         assert!(after < before / 10, "{before} -> {after}");
         j.removed("n1");
         assert!(j.backlog() > 0);
-        let stale = j.mark(&dir.path().join("tmp")).unwrap();
+        let stale = j.mark().unwrap();
         let generation = j.generation();
         j.abandon(&io::Error::other("test"));
         assert!(!dir.path().join(HINT_FILE).exists());
         let (_, staged) = staged_file(&dir.path().join("tmp"), "hint").unwrap();
-        assert!(
-            !j.install_hint(&dir.path().join("tmp"), staged, generation, stale)
-                .unwrap()
-        );
+        assert!(!j.install_hint(staged, generation, stale).unwrap());
         // Nor once journaling resumed (a new generation, starting at that very offset).
-        assert_eq!(j.mark(&dir.path().join("tmp")).unwrap(), stale);
+        assert_eq!(j.mark().unwrap(), stale);
         let (_, staged) = staged_file(&dir.path().join("tmp"), "hint").unwrap();
-        assert!(
-            !j.install_hint(&dir.path().join("tmp"), staged, generation, stale)
-                .unwrap()
-        );
+        assert!(!j.install_hint(staged, generation, stale).unwrap());
         assert!(save_hint(&mut j, dir.path(), b"hint2"));
     }
 
@@ -714,11 +709,11 @@ mod tests {
         let mut j = journal(dir.path());
         for round in 0..3 {
             j.committed(&format!("before{round}"), 1, b"b");
-            let mark = j.mark(&tmp).unwrap();
+            let mark = j.mark().unwrap();
             j.committed(&format!("during{round}"), 2, b"d");
             let (mut f, staged) = staged_file(&tmp, "hint").unwrap();
             f.write_all(&hint_header(j.generation(), mark)).unwrap();
-            assert!(j.install_hint(&tmp, staged, j.generation(), mark).unwrap());
+            assert!(j.install_hint(staged, j.generation(), mark).unwrap());
             // Cut down to the header and the one record after the mark.
             let left = fs::read(dir.path().join(JOURNAL_FILE)).unwrap();
             assert_eq!(

@@ -501,7 +501,7 @@ impl Storage for DiskStorage {
     /// The end of the change journal (started here, if the owner never took a mark before).
     fn hint_epoch(&self) -> u64 {
         let st = &self.inner;
-        st.journal().mark(&st.tmp).unwrap_or_else(|e| {
+        st.journal().mark().unwrap_or_else(|e| {
             tracing::error!(error = %e, "could not start the index journal; no hint will be saved");
             u64::MAX
         })
@@ -520,9 +520,7 @@ impl Storage for DiskStorage {
             file.sync_data()?;
         }
         drop(file);
-        let saved = st
-            .journal()
-            .install_hint(&st.tmp, staged, generation, epoch)?;
+        let saved = st.journal().install_hint(staged, generation, epoch)?;
         if saved {
             st.fsync_dir(&st.dir)?;
         }
