@@ -214,33 +214,33 @@ impl Journal {
 
     /// Journals a commit of `name` (before its rename).
     pub(super) fn committed(&mut self, name: &str, len: u64, meta: &[u8]) {
-        let mut body = Vec::with_capacity(1 + 2 + name.len() + 12 + meta.len());
-        body.push(COMMITTED);
-        body.extend_from_slice(&(name.len() as u16).to_le_bytes());
-        body.extend_from_slice(name.as_bytes());
-        body.extend_from_slice(&len.to_le_bytes());
-        body.extend_from_slice(&(meta.len() as u32).to_le_bytes());
-        body.extend_from_slice(meta);
-        self.append(&body);
+        if self.file.is_none() {
+            return;
+        }
+        let mut rec = record(COMMITTED, name, 12 + meta.len());
+        rec.extend_from_slice(&len.to_le_bytes());
+        rec.extend_from_slice(&(meta.len() as u32).to_le_bytes());
+        rec.extend_from_slice(meta);
+        self.append(rec);
     }
 
     /// Journals a removal of `name` (after its unlink).
     pub(super) fn removed(&mut self, name: &str) {
-        let mut body = Vec::with_capacity(3 + name.len());
-        body.push(REMOVED);
-        body.extend_from_slice(&(name.len() as u16).to_le_bytes());
-        body.extend_from_slice(name.as_bytes());
-        self.append(&body);
+        if self.file.is_none() {
+            return;
+        }
+        self.append(record(REMOVED, name, 0));
     }
 
-    fn append(&mut self, body: &[u8]) {
+    /// Appends `rec` (from `record`, its body complete): fills in its length, adds its tag.
+    fn append(&mut self, mut rec: Vec<u8>) {
         let Some(file) = self.file.as_mut() else {
             return;
         };
-        let mut rec = Vec::with_capacity(4 + body.len() + TAG);
-        rec.extend_from_slice(&(body.len() as u32).to_le_bytes());
-        rec.extend_from_slice(body);
-        rec.extend_from_slice(&blake3::hash(body).as_bytes()[..TAG]);
+        let body_len = (rec.len() - 4) as u32;
+        rec[..4].copy_from_slice(&body_len.to_le_bytes());
+        let tag = blake3::hash(&rec[4..]);
+        rec.extend_from_slice(&tag.as_bytes()[..TAG]);
         let written = file
             .write_all(&rec)
             .and_then(|()| if self.sync { file.sync_data() } else { Ok(()) });
@@ -363,6 +363,17 @@ fn open_journal(path: &Path) -> io::Result<File> {
         return Err(damaged("not a regular file"));
     }
     Ok(file)
+}
+
+/// A record's start (room for its length, its kind and name), with room for `rest` more
+/// body bytes and the tag: one allocation per record.
+fn record(kind: u8, name: &str, rest: usize) -> Vec<u8> {
+    let mut rec = Vec::with_capacity(4 + 1 + 2 + name.len() + rest + TAG);
+    rec.extend_from_slice(&[0; 4]);
+    rec.push(kind);
+    rec.extend_from_slice(&(name.len() as u16).to_le_bytes());
+    rec.extend_from_slice(name.as_bytes());
+    rec
 }
 
 /// A hint file's header for `generation` and `mark`.
