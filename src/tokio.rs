@@ -69,6 +69,15 @@ impl AsyncReader {
         &self.inner
     }
 
+    /// Zero-copy sending of the next `len` bytes, as [`Reader::take_file_range`] (never
+    /// waits; `None` also while a seek is under way).
+    pub fn take_file_range(&mut self, len: u64) -> Option<crate::storage::FileRange> {
+        if self.pending_seek.is_some() {
+            return None;
+        }
+        self.inner.take_file_range(len)
+    }
+
     /// Reads exactly `buf.len()` bytes at `offset` (fewer only at the end of a finished
     /// stream), waiting without blocking the executor until the range is written.
     ///

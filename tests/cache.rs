@@ -1103,3 +1103,65 @@ fn storage_accessor_is_the_builders_storage() {
     assert_eq!(storage.list().unwrap().len(), 1);
     assert_eq!(cache.storage().list().unwrap().len(), 1);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Zero-copy sending
+// ---------------------------------------------------------------------------------------------
+
+/// `take_file_range` hands out a finished disk entry's next bytes in place (and moves past
+/// them) only once they are checked: not while the entry is written, not from memory, not
+/// for bytes a reopened cache has not read yet; reading them earns it.
+#[test]
+fn file_ranges_of_finished_checked_disk_entries_only() {
+    use std::os::unix::fs::FileExt;
+    let dir = tempfile::tempdir().unwrap();
+    let len = 3 * MIB + 17;
+    let data = pattern(len, 7);
+    {
+        let cache = disk(dir.path());
+        let Entry::Miss(mut w) = cache.get_or_create("k").unwrap() else {
+            panic!("fresh cache")
+        };
+        let mut r = w.reader().unwrap();
+        w.write_all(&data).unwrap();
+        assert!(r.take_file_range(10).is_none(), "not finished");
+        w.finish().unwrap();
+        let range = r.take_file_range(10).expect("checked by its writer");
+        assert_eq!((range.offset(), range.len(), r.position()), (0, 10, 10));
+        let range = r.take_file_range(len as u64 - 10).expect("the rest");
+        let mut got = vec![0; range.len() as usize];
+        range
+            .file()
+            .read_exact_at(&mut got, range.offset())
+            .unwrap();
+        assert!(got == data[10..], "the range holds the entry's bytes");
+        assert!(r.take_file_range(1).is_none(), "past the end");
+        assert_eq!(r.position(), len as u64);
+    }
+    let cache = disk(dir.path());
+    let mut r = cache.get("k").unwrap().expect("reloaded");
+    assert!(
+        r.take_file_range(MIB as u64).is_none(),
+        "not checked since the reopen"
+    );
+    assert_eq!(r.position(), 0, "a refusal does not move the reader");
+    let mut buf = vec![0; len];
+    r.read_exact(&mut buf).unwrap();
+    assert!(buf == data);
+    r.seek(SeekFrom::Start(5)).unwrap();
+    let range = r
+        .take_file_range(len as u64 - 5)
+        .expect("checked by the read");
+    assert_eq!(range.offset(), 5);
+
+    let mem = memory();
+    let Entry::Miss(mut w) = mem.get_or_create("k").unwrap() else {
+        panic!("fresh cache")
+    };
+    w.write_all(b"abc").unwrap();
+    w.finish().unwrap();
+    assert!(
+        mem.get("k").unwrap().unwrap().take_file_range(3).is_none(),
+        "no file"
+    );
+}

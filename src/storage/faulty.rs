@@ -165,6 +165,8 @@ impl BlobReader for FaultyReader {
     fn revalidate(&self) {
         self.inner.revalidate()
     }
+
+    // `file_range` keeps its default (`None`): every byte goes through the fault plan.
 }
 
 impl Storage for FaultyStorage {

@@ -314,6 +314,66 @@ pub trait BlobReader: Send + Sync + fmt::Debug {
     /// checked blocks and, if it changed, forgets those checks so every block is hashed again
     /// before it is served. The default does nothing.
     fn revalidate(&self) {}
+
+    /// Zero-copy sending: where the bytes `[offset, offset + len)` lie in one regular file,
+    /// **if** every one of them has already passed the backend's integrity checks under the
+    /// file's current state, so that the caller may hand them to the kernel (`sendfile`,
+    /// `copy_file_range`) instead of reading them. `None` otherwise: the range is not (yet)
+    /// checked, not in one file, not committed, or the backend has no files; the caller then
+    /// reads, and those reads check. It must not hash anything for the call (it is asked on
+    /// every response) and must first do what [`revalidate`](BlobReader::revalidate) does,
+    /// so a file changed since its blocks were checked is refused. The default returns
+    /// `None`.
+    ///
+    /// The bytes are read from the file by whoever sends them, later: a change made to the
+    /// file between this call and that read is not detected, as for a read that races such
+    /// a change.
+    fn file_range(&self, offset: u64, len: u64) -> Option<FileRange> {
+        let _ = (offset, len);
+        None
+    }
+}
+
+/// A range of a blob's bytes as it lies in a file, every byte of it checked: what
+/// [`BlobReader::file_range`] hands out for zero-copy sending (and
+/// [`Reader::file_range`](crate::Reader::file_range) for a reader's next bytes).
+///
+/// Holding one keeps the file open (also after its entry is removed or replaced), not the
+/// entry in use: hold the reader too while the bytes are sent, so eviction leaves the entry
+/// alone meanwhile.
+#[derive(Debug, Clone)]
+pub struct FileRange {
+    file: Arc<std::fs::File>,
+    offset: u64,
+    len: u64,
+}
+
+impl FileRange {
+    /// `len` bytes of `file` starting at `offset`.
+    pub fn new(file: Arc<std::fs::File>, offset: u64, len: u64) -> FileRange {
+        FileRange { file, offset, len }
+    }
+
+    /// The open file (read it at [`offset`](FileRange::offset), e.g. with `pread` or
+    /// `sendfile`; its own cursor means nothing).
+    pub fn file(&self) -> &std::fs::File {
+        &self.file
+    }
+
+    /// Where the range starts in the file.
+    pub fn offset(&self) -> u64 {
+        self.offset
+    }
+
+    /// How many bytes it spans.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Whether it spans no byte.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
 }
 
 // Forwarding impls, so boxed and shared storages (and their writers and readers) can be used
@@ -380,6 +440,9 @@ macro_rules! forward_through {
             }
             fn revalidate(&self) {
                 (**self).revalidate()
+            }
+            fn file_range(&self, offset: u64, len: u64) -> Option<FileRange> {
+                (**self).file_range(offset, len)
             }
         }
     };

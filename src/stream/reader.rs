@@ -9,6 +9,7 @@ use bytes::Bytes;
 use super::Shared;
 use super::progress::{FAILED, FINISHED, Progress, WaitKey};
 use crate::error::Error;
+use crate::storage::FileRange;
 
 /// How much of a stream exists.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -303,6 +304,29 @@ impl Reader {
         }
         let range = self.take_from_chunk(max);
         Ok(self.chunk.slice(range))
+    }
+
+    /// Zero-copy sending: this reader's next `len` bytes as a [`FileRange`] to hand to the
+    /// kernel (`sendfile`) instead of reading them, when the storage can vouch for them in
+    /// place ([`BlobReader::file_range`](crate::storage::BlobReader::file_range): for
+    /// [`DiskStorage`](crate::storage::DiskStorage), a committed entry whose blocks in that
+    /// range have all passed their blake3 check under the file's current `fstat` stamp).
+    /// On `Some` the position moves past the range, as if it had been read; on `None`
+    /// nothing changes and the bytes are to be read as usual (reads check what is unchecked,
+    /// so a later call may succeed).
+    ///
+    /// `None` also when the stream is not finished or fewer than `len` bytes follow the
+    /// position. Never blocks.
+    pub fn take_file_range(&mut self, len: u64) -> Option<FileRange> {
+        let size = self.size();
+        let end = self.pos.checked_add(len)?;
+        if !size.finished || end > size.len {
+            return None;
+        }
+        let range = self.shared.blob.file_range(self.pos, len)?;
+        self.pos = end;
+        self.delivered.fetch_add(len, Ordering::Relaxed);
+        Some(range)
     }
 
     /// Whether [`read_chunk`](Reader::read_chunk) shares the stored bytes (memory storage)

@@ -25,7 +25,7 @@ use super::ahead::{self, AHEAD, Job, PIECE};
 use super::file::read_full_at;
 use super::hashing::BlockHashes;
 use super::{BLOCK, corrupt};
-use crate::storage::BlobReader;
+use crate::storage::{BlobReader, FileRange};
 
 /// Reads one blob through a file handle shared by all its readers.
 ///
@@ -457,6 +457,22 @@ impl BlobReader for DiskReader {
             c.revalidate(&self.file, true);
         }
     }
+
+    /// Committed blobs only, and only when every block the range touches is checked under
+    /// the file's current stamp (taken now). The data file holds the blob's bytes at their
+    /// own offsets.
+    fn file_range(&self, offset: u64, len: u64) -> Option<FileRange> {
+        let c = self.check.get()?;
+        let end = offset.checked_add(len)?;
+        if end > c.len {
+            return None;
+        }
+        c.revalidate(&self.file, true);
+        if len > 0 && !(offset / BLOCK..=(end - 1) / BLOCK).all(|b| c.is_verified(b)) {
+            return None;
+        }
+        Some(FileRange::new(self.file.clone(), offset, len))
+    }
 }
 
 #[cfg(test)]
@@ -563,6 +579,68 @@ pub(super) mod tests {
         // ahead checked too.)
         r.read_at(&mut buf, 100).unwrap();
         assert_eq!(checked(&r), [true, false, false, false]);
+    }
+
+    /// Zero-copy ranges are handed out only for committed bytes whose every block is checked
+    /// under the file's current stamp: not while written, not for blocks a reopened blob has
+    /// not checked yet, not past the end, and no longer once the file changed.
+    #[test]
+    fn file_ranges_only_of_checked_blocks_under_the_current_stamp() {
+        use std::os::unix::fs::FileExt;
+        let dir = tempfile::tempdir().unwrap();
+        let s = DiskStorage::open(dir.path()).unwrap();
+        let len = 2 * BLOCK + 5;
+        let mut w = s.create_writer("blob").unwrap();
+        let r = w.reader.clone();
+        w.write(&vec![7u8; len as usize]).unwrap();
+        assert!(r.file_range(0, 10).is_none(), "not committed");
+        Box::new(w).commit(Vec::new()).unwrap();
+        // Vouched for at commit: every range inside the blob, none reaching past it.
+        let range = r
+            .file_range(BLOCK - 2, BLOCK + 7)
+            .expect("checked at commit");
+        assert_eq!((range.offset(), range.len()), (BLOCK - 2, BLOCK + 7));
+        let mut buf = [0u8; 3];
+        range.file().read_exact_at(&mut buf, len - 3).unwrap();
+        assert_eq!(
+            buf, [7; 3],
+            "the data file holds the blob at its own offsets"
+        );
+        assert!(r.file_range(0, len).is_some());
+        assert!(r.file_range(len, 0).is_some(), "an empty range at the end");
+        assert!(r.file_range(0, len + 1).is_none(), "past the end");
+        assert!(r.file_range(len + 1, 0).is_none(), "starts past the end");
+        assert!(r.file_range(u64::MAX, 2).is_none(), "overflowing range");
+
+        // Reopened: nothing is checked until it is read.
+        let (r2, _) = s.open("blob").unwrap();
+        assert!(r2.file_range(0, 1).is_none(), "unchecked block 0");
+        let mut block = vec![0u8; BLOCK as usize];
+        r2.read_at(&mut block, BLOCK).unwrap();
+        assert!(
+            r2.file_range(BLOCK, BLOCK).is_some(),
+            "block 1 checked by the read"
+        );
+        assert!(
+            r2.file_range(BLOCK - 1, 2).is_none(),
+            "touches unchecked block 0"
+        );
+        assert!(
+            r2.file_range(BLOCK, BLOCK + 1).is_none(),
+            "touches unchecked block 2"
+        );
+
+        // A change of the file (seen by its stamp) withdraws every range, without a read.
+        tamper(
+            &s.blob_path("blob"),
+            BLOCK + 3,
+            SystemTime::now() + Duration::from_secs(1),
+        );
+        assert!(
+            r.file_range(0, 10).is_none(),
+            "file changed since the commit"
+        );
+        assert!(r.file_range(BLOCK, 1).is_none(), "the changed block");
     }
 
     /// A revalidation after the bytes changed makes the next read of the changed block fail,
