@@ -12,12 +12,13 @@ use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::body::{Body, Frame, SizeHint};
 use hyper::{Request, Response, Uri};
 use streamcache::Cache;
 pub(crate) use streamcache_http::ConnLimits;
 use streamcache_http::{
-    BoxError, CacheConfig, CacheLayer, CacheService, CacheStatus, ResponseBody, Upstream,
+    BoxError, CacheConfig, CacheLayer, CacheService, CacheStatus, RequestBody, ResponseBody,
+    Upstream,
 };
 use tokio::net::TcpListener;
 use tower_layer::Layer;
@@ -110,9 +111,9 @@ pub(crate) async fn serve(
 #[derive(Debug, Clone)]
 pub(crate) struct Logging<S>(S);
 
-impl<S> Service<Request<Incoming>> for Logging<S>
+impl<S> Service<Request<RequestBody>> for Logging<S>
 where
-    S: Service<Request<Incoming>, Response = Response<ResponseBody>, Error = Infallible>,
+    S: Service<Request<RequestBody>, Response = Response<ResponseBody>, Error = Infallible>,
     S::Future: Send + 'static,
 {
     type Response = Response<ResponseBody>;
@@ -123,7 +124,7 @@ where
         self.0.poll_ready(cx)
     }
 
-    fn call(&mut self, req: Request<Incoming>) -> Self::Future {
+    fn call(&mut self, req: Request<RequestBody>) -> Self::Future {
         let method = req.method().clone();
         let path = req
             .uri()
@@ -146,10 +147,15 @@ where
                 bytes: 0,
                 error: None,
             };
-            Ok(resp.map(|body| {
-                use http_body_util::BodyExt;
-                Logged { body, log }.boxed_unsync()
-            }))
+            if let Some(range) = resp.body().file_range() {
+                // Sent by the server with `sendfile`, not polled: logged now, whole. (Wrapped,
+                // it would be read into memory instead.)
+                let mut log = log;
+                log.bytes = range.len();
+                log.emit("sent from file");
+                return Ok(resp);
+            }
+            Ok(resp.map(|body| ResponseBody::new(Logged { body, log })))
         })
     }
 }
@@ -174,12 +180,18 @@ struct Logged {
 
 impl Drop for Logged {
     fn drop(&mut self) {
-        let log = &self.log;
-        let outcome = match &log.error {
+        let outcome = match &self.log.error {
             Some(e) => e.as_str(),
             None if self.body.is_end_stream() => "complete",
             None => "client gone",
         };
+        self.log.emit(outcome);
+    }
+}
+
+impl RequestLog {
+    fn emit(&self, outcome: &str) {
+        let log = self;
         tracing::info!(
             method = %log.method,
             path = %log.path,

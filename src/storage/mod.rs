@@ -336,7 +336,7 @@ pub trait BlobReader: Send + Sync + fmt::Debug {
 
 /// A range of a blob's bytes as it lies in a file, every byte of it checked: what
 /// [`BlobReader::file_range`] hands out for zero-copy sending (and
-/// [`Reader::file_range`](crate::Reader::file_range) for a reader's next bytes).
+/// [`Reader::take_file_range`](crate::Reader::take_file_range) for a reader's next bytes).
 ///
 /// Holding one keeps the file open (also after its entry is removed or replaced), not the
 /// entry in use: hold the reader too while the bytes are sent, so eviction leaves the entry

@@ -242,7 +242,7 @@ impl<S> Inner<S> {
         };
         match tokio::time::timeout(timeout, called).await {
             Ok(Ok(resp)) => Ok(resp.map(|b| {
-                StallTimeout::new(Box::pin(b.map_err(Into::into)), timeout).boxed_unsync()
+                ResponseBody::new(StallTimeout::new(Box::pin(b.map_err(Into::into)), timeout))
             })),
             Ok(Err(e)) => Err(format!(
                 "upstream request failed: {}",
@@ -473,6 +473,7 @@ impl Shared {
             // final length.
             need_len: req.version() < http::Version::HTTP_11,
             head_only,
+            send_file: req.extensions().get::<SendsFiles>().is_some(),
         };
         // A few rounds: a joined entry may turn out to vary (then the variant's key is read).
         for _ in 0..3 {
@@ -992,7 +993,15 @@ struct ServeOpts {
     range: Option<RangeSpec>,
     need_len: bool,
     head_only: bool,
+    /// The server sends file bodies itself ([`SendsFiles`] on the request): a finished
+    /// entry's checked bytes become a file body instead of a stream.
+    send_file: bool,
 }
+
+/// A request extension by which [`serve`](crate::serve) says that it sends file bodies with
+/// `sendfile` (see [`ResponseBody::file_range`]).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct SendsFiles;
 
 /// The path and query of a request (`/` if none).
 fn url_of<B>(req: &Request<B>) -> String {
@@ -1138,12 +1147,21 @@ async fn serve_entry(
         empty()
     } else {
         reader.seek(SeekFrom::Start(start)).await?; // never waits
-        CacheBody {
-            reader,
-            remaining: len,
-            done: false,
+        match len {
+            Some(len) if opts.send_file => match reader.take_file_range(len) {
+                Some(range) => ResponseBody::file(range, reader),
+                None => ResponseBody::new(CacheBody {
+                    reader,
+                    remaining: Some(len),
+                    done: false,
+                }),
+            },
+            _ => ResponseBody::new(CacheBody {
+                reader,
+                remaining: len,
+                done: false,
+            }),
         }
-        .boxed_unsync()
     };
     let mut resp = Response::new(body);
     *resp.status_mut() = status;

@@ -35,8 +35,9 @@
 //!
 //! The cache key is the path and query (one layer serves one origin; `Host` is not in it).
 //!
-//! [`serve`] runs a service on a listener with per-connection limits ([`ConnLimits`]); the
-//! repository's `examples/proxy.rs` is a caching reverse proxy made of these pieces.
+//! [`serve`] runs a service on a listener with per-connection limits ([`ConnLimits`]), and
+//! on Linux sends hits of finished disk entries with `sendfile`; the repository's
+//! `examples/proxy.rs` is a caching reverse proxy made of these pieces.
 //!
 //! ```
 //! use std::convert::Infallible;
@@ -89,12 +90,14 @@
 //! ```
 
 mod body;
+#[cfg(target_os = "linux")]
+mod fast;
 mod layer;
 mod meta;
 mod server;
 mod upstream;
 
-pub use body::{BoxError, ResponseBody};
+pub use body::{BoxError, RequestBody, ResponseBody};
 pub use layer::{
     CacheConfig, CacheLayer, CacheService, CacheStatus, ClientAddr, CloseDelimited, Purge,
 };

@@ -3,6 +3,7 @@
 use std::convert::Infallible;
 use std::future::{Future, poll_fn};
 use std::io;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -21,7 +22,7 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tower_service::Service;
 
-use crate::body::{BoxError, ResponseBody};
+use crate::body::{BoxError, RequestBody, ResponseBody};
 use crate::layer::ClientAddr;
 
 /// What one client connection may hold. A connection that breaks a time limit is closed at
@@ -60,6 +61,14 @@ impl Default for ConnLimits {
 /// backlog (and are served in turn) instead of costing a descriptor each. Each connection
 /// runs under the time limits of `limits`.
 ///
+/// On Linux, responses whose body is a finished disk entry's checked bytes
+/// ([`ResponseBody::file_range`], which [`CacheService`](crate::CacheService) returns for
+/// hits of requests from this server) are sent with `sendfile(2)`: no byte passes through
+/// user space, as with nginx's `sendfile on`. A connection is served that way, request after
+/// request, until one needs anything else; hyper then serves the rest of it. The service
+/// sees the same requests either way (with a [`RequestBody`], empty for the bodiless
+/// requests the server parses itself).
+///
 /// # Errors
 /// None today: accept errors are logged and retried.
 pub async fn serve<S>(
@@ -69,7 +78,7 @@ pub async fn serve<S>(
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<()>
 where
-    S: Service<Request<Incoming>, Response = Response<ResponseBody>, Error = Infallible>
+    S: Service<Request<RequestBody>, Response = Response<ResponseBody>, Error = Infallible>
         + Clone
         + Send
         + 'static,
@@ -112,38 +121,77 @@ where
                 let service = service.clone();
                 conns.spawn(async move {
                     let _permit = permit; // held as long as the connection
-                    let state = Arc::new(Mutex::new(ConnState::new()));
-                    let io = TokioIo::new(WatchedIo {
-                        inner: stream,
-                        state: state.clone(),
-                    });
-                    let svc_state = state.clone();
-                    let svc = service_fn(move |mut req: Request<Incoming>| {
-                        let mut service = service.clone();
-                        let guard = InFlight::begin(&svc_state);
-                        req.extensions_mut().insert(ClientAddr(peer));
-                        async move {
-                            poll_fn(|cx| service.poll_ready(cx)).await?;
-                            let resp = service.call(req).await?;
-                            Ok::<_, Infallible>(resp.map(|body| Guarded { body, _guard: guard }))
-                        }
-                    });
-                    let conn = http1::Builder::new().serve_connection(io, svc);
-                    match watch_connection(conn, &state, limits).await {
-                        Ok(()) => {}
-                        Err(ConnEnd::Hyper(e)) => {
-                            tracing::debug!(%peer, error = %e, "connection ended in error");
-                        }
-                        Err(ConnEnd::TimedOut(why)) => {
-                            tracing::debug!(%peer, "connection closed: {why}");
-                        }
-                    }
+                    serve_connection(stream, peer, service, limits).await;
                 });
             }
         }
     }
     conns.shutdown().await;
     Ok(())
+}
+
+/// Serves one connection: on the zero-copy path while its requests take it (Linux), then
+/// with hyper.
+async fn serve_connection<S>(
+    stream: TcpStream,
+    peer: SocketAddr,
+    mut service: S,
+    limits: ConnLimits,
+) where
+    S: Service<Request<RequestBody>, Response = Response<ResponseBody>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    #[cfg(target_os = "linux")]
+    let (stream, buffered, preloaded) =
+        match crate::fast::serve(stream, peer, &mut service, limits).await {
+            Some(h) => (h.stream, h.buffered, h.response),
+            None => return,
+        };
+    #[cfg(not(target_os = "linux"))]
+    let (buffered, preloaded) = (Bytes::new(), None);
+    let state = Arc::new(Mutex::new(ConnState::new()));
+    let io = TokioIo::new(WatchedIo {
+        inner: stream,
+        buffered,
+        state: state.clone(),
+    });
+    let svc_state = state.clone();
+    // The answer to the first request hyper reads, when the zero-copy path already asked the
+    // service for it (the request's head is the first of the replayed bytes).
+    let preloaded = Mutex::new(preloaded);
+    let svc = service_fn(move |req: Request<Incoming>| {
+        let mut service = service.clone();
+        let guard = InFlight::begin(&svc_state);
+        let ready = preloaded.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let mut req = req.map(RequestBody::from);
+        req.extensions_mut().insert(ClientAddr(peer));
+        async move {
+            let resp = match ready {
+                Some(resp) => resp,
+                None => {
+                    poll_fn(|cx| service.poll_ready(cx)).await?;
+                    service.call(req).await?
+                }
+            };
+            Ok::<_, Infallible>(resp.map(|body| Guarded {
+                body,
+                _guard: guard,
+            }))
+        }
+    });
+    let conn = http1::Builder::new().serve_connection(io, svc);
+    match watch_connection(conn, &state, limits).await {
+        Ok(()) => {}
+        Err(ConnEnd::Hyper(e)) => {
+            tracing::debug!(%peer, error = %e, "connection ended in error");
+        }
+        Err(ConnEnd::TimedOut(why)) => {
+            tracing::debug!(%peer, "connection closed: {why}");
+        }
+    }
 }
 
 /// How a connection ended, other than cleanly.
@@ -286,9 +334,11 @@ impl Body for Guarded {
 }
 
 /// A client socket that reports to its [`ConnState`]: the first byte of a request head, and
-/// writes blocked on a client that does not read.
+/// writes blocked on a client that does not read. Reads start with `buffered`, the bytes
+/// the zero-copy path read and did not consume.
 struct WatchedIo {
     inner: TcpStream,
+    buffered: Bytes,
     state: Arc<Mutex<ConnState>>,
 }
 
@@ -310,6 +360,12 @@ impl AsyncRead for WatchedIo {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        if !self.buffered.is_empty() {
+            // Replayed bytes: the head of a request already counted as begun.
+            let n = self.buffered.len().min(buf.remaining());
+            buf.put_slice(&self.buffered.split_to(n));
+            return Poll::Ready(Ok(()));
+        }
         let before = buf.filled().len();
         let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
         if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
