@@ -1,18 +1,22 @@
 //! The zero-copy path of [`serve`](crate::serve) (Linux): bodiless `GET` requests whose
-//! response is a finished disk entry's checked bytes ([`ResponseBody::file_range`]) are
-//! answered here, the head written by this module and the body sent with `sendfile(2)`,
-//! without copying a byte through user space. hyper 1 writes every body through its own
-//! buffers, so such a response cannot go through it.
+//! response declares its length are answered here, the head written by this module and the
+//! body, when it is a finished disk entry's checked bytes ([`ResponseBody::file_range`]),
+//! sent with `sendfile(2)`, without copying a byte through user space. hyper 1 writes every
+//! body through its own buffers, so such a response cannot go through it. Other bodies of a
+//! declared length (an entry not checked yet since a restart, a memory entry) are written
+//! from their frames, so that a connection stays on this path.
 //!
 //! A connection starts here. The server reads each request head itself (with `httparse`,
 //! as hyper does) and, if it is a plain `GET` (HTTP/1.1, no body, no `Expect` nor upgrade),
-//! calls the service with it. When the response is a file body, it is sent here and the
-//! loop goes on with the next request. At the first request or response this path does not
-//! take (any other method or version, a malformed head, a response streamed from an entry
-//! in progress or from the origin…), the connection is handed over to hyper for the rest of
-//! its life: the bytes read so far are replayed to hyper, and a response already made is
-//! given to hyper as the answer to that first request, so the service is never called
-//! twice for one request.
+//! calls the service with it. When the response has a `Content-Length` that its body
+//! matches exactly, it is sent here and the loop goes on with the next request. At the
+//! first request or response this path does not take (any other method or version, a
+//! malformed head, a response of unknown length such as a fill streamed as chunks, a 304…),
+//! the connection is handed over to hyper for the rest of its life: the bytes read so far
+//! are replayed to hyper, and a response already made is given to hyper as the answer to
+//! that first request, so the service is never called twice for one request. A body that
+//! fails or ends short closes the connection, as hyper does: the client sees the response
+//! broken, never complete.
 //!
 //! Time limits are those of [`ConnLimits`]: the request head within `head_timeout` of the
 //! accept (or of its first byte, for later requests), the next request within
@@ -33,6 +37,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Uri};
+use http_body::Body;
+use http_body_util::BodyExt;
 use streamcache::storage::FileRange;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::TcpStream;
@@ -114,18 +120,31 @@ where
         let Ok(()) = poll_fn(|cx| service.poll_ready(cx)).await;
         let Ok(resp) = service.call(req).await;
         let (parts, body) = resp.into_parts();
-        let (range, reader) = match body.into_file() {
-            Ok((range, reader)) if sendable(&parts, &range) => (range, reader),
-            Ok((range, reader)) => {
-                let body = ResponseBody::file(range, reader);
+        let Some(len) = declared_len(&parts) else {
+            return Some(handover(stream, buf, Response::from_parts(parts, body)));
+        };
+        let body = match body.into_file() {
+            Ok((range, reader)) if range.len() == len => Ok((range, reader)),
+            Ok((range, reader)) => Err(ResponseBody::file(range, reader)),
+            Err(body) => Err(body),
+        };
+        let body = match body {
+            Err(body) if body.size_hint().exact() != Some(len) => {
                 return Some(handover(stream, buf, Response::from_parts(parts, body)));
             }
-            Err(body) => return Some(handover(stream, buf, Response::from_parts(parts, body))),
+            body => body,
         };
         buf.advance(head.len);
         let out = encode_head(&parts, head.close);
-        let sent = send(&stream, &out, &range, limits.idle_timeout).await;
-        drop(reader); // the entry was in use until its bytes were sent
+        let idle_limit = limits.idle_timeout;
+        let sent = match body {
+            Ok((range, reader)) => {
+                let sent = send_file(&stream, &out, &range, idle_limit).await;
+                drop(reader); // the entry was in use until its bytes were sent
+                sent
+            }
+            Err(body) => send_body(&stream, &out, body, len, idle_limit).await,
+        };
         if let Err(e) = sent {
             tracing::debug!(%peer, error = %e, "connection ended in error");
             return None;
@@ -228,17 +247,21 @@ fn parse(buf: &[u8]) -> Parsed {
     })
 }
 
-/// Whether a response with a file body can be sent here: a success whose declared length
-/// is the file range's.
-fn sendable(parts: &http::response::Parts, range: &FileRange) -> bool {
-    matches!(parts.status, StatusCode::OK | StatusCode::PARTIAL_CONTENT)
-        && !parts.headers.contains_key(header::TRANSFER_ENCODING)
-        && parts
-            .headers
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok())
-            == Some(range.len())
+/// The body length a response declares, if this path can send it: `Content-Length`, no
+/// transfer coding, and a status whose responses carry a body (not 1xx, 204 or 304, whose
+/// framing hyper knows best).
+fn declared_len(parts: &http::response::Parts) -> Option<u64> {
+    let status = parts.status;
+    if status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED
+        || parts.headers.contains_key(header::TRANSFER_ENCODING)
+    {
+        return None;
+    }
+    let mut lengths = parts.headers.get_all(header::CONTENT_LENGTH).iter();
+    let len = lengths.next()?.to_str().ok()?.trim().parse().ok()?;
+    lengths.next().is_none().then_some(len)
 }
 
 /// The response head as HTTP/1.1 bytes, with a `Date` (as hyper adds) and, when the client
@@ -284,10 +307,60 @@ fn with_date(f: impl FnOnce(&str)) {
     });
 }
 
+/// Sends `head`, then `body`, which must deliver exactly `len` bytes; fails if it does not
+/// (or fails itself: an entry aborted mid-stream), or if the client reads nothing for
+/// `idle`. On failure the caller closes the connection, so the client sees the response
+/// broken, never complete.
+async fn send_body(
+    stream: &TcpStream,
+    head: &[u8],
+    mut body: ResponseBody,
+    len: u64,
+    idle: Duration,
+) -> io::Result<()> {
+    write_all(stream, head, idle).await?;
+    let (mut sent, mut since_yield) = (0u64, 0u64);
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(io::Error::other)?;
+        let Ok(data) = frame.into_data() else {
+            continue; // trailers: HTTP/1.1 has none for a body with Content-Length
+        };
+        sent += data.len() as u64;
+        if sent > len {
+            return Err(io::Error::other("body longer than its Content-Length"));
+        }
+        write_all(stream, &data, idle).await?;
+        since_yield += data.len() as u64;
+        if since_yield >= YIELD_EVERY {
+            since_yield = 0;
+            tokio::task::yield_now().await;
+        }
+    }
+    if sent < len {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "body shorter than its Content-Length",
+        ));
+    }
+    Ok(())
+}
+
+/// Writes all of `data`; fails if the client reads nothing for `idle`.
+async fn write_all(stream: &TcpStream, mut data: &[u8], idle: Duration) -> io::Result<()> {
+    while !data.is_empty() {
+        match stream.try_write(data) {
+            Ok(n) => data = &data[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => writable(stream, idle).await?,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 /// Sends `head`, then `range` with `sendfile`; fails if the client reads nothing for
 /// `idle`, or if the file is shorter than the range (the response is then cut short, and
 /// the caller closes the connection so the client sees it broken).
-async fn send(
+async fn send_file(
     stream: &TcpStream,
     head: &[u8],
     range: &FileRange,
@@ -397,7 +470,14 @@ mod tests {
         }
         fn call(&mut self, req: Request<RequestBody>) -> Self::Future {
             assert!(req.extensions().get::<SendsFiles>().is_some());
+            if req.uri() == "/known" {
+                let mut resp = simple(StatusCode::NOT_FOUND, "streamed");
+                resp.headers_mut()
+                    .insert(header::CONTENT_LENGTH, HeaderValue::from(8));
+                return ready(Ok(resp));
+            }
             if req.uri() != "/file" {
+                // No Content-Length: for hyper to frame.
                 return ready(Ok(simple(StatusCode::OK, "streamed")));
             }
             let reader = self.cache.get("file").unwrap().unwrap();
@@ -495,8 +575,40 @@ mod tests {
         assert!(outcome.is_none(), "served here to the end, not handed over");
     }
 
-    /// A response that is not a file body goes to hyper with the request's head (to be read
-    /// again) and everything after it, and the response itself: the service is not asked twice.
+    /// Any body of a declared length is sent here too (read from its body, not with
+    /// `sendfile`), interleaved with file bodies on one connection.
+    #[tokio::test]
+    async fn bodies_of_declared_length_are_sent_here_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut client, served) = connect(Files::new(dir.path()), ConnLimits::default()).await;
+        client
+            .write_all(b"GET /known HTTP/1.1\r\n\r\nGET /file HTTP/1.1\r\n\r\nGET /known HTTP/1.1\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut all = Vec::new();
+        tokio::time::timeout(DEADLINE, client.read_to_end(&mut all))
+            .await
+            .expect("closed after the last response")
+            .unwrap();
+        let got = responses(&all, 3);
+        assert!(
+            got[0].0.starts_with("HTTP/1.1 404 Not Found\r\n"),
+            "{}",
+            got[0].0
+        );
+        assert_eq!(got[0].1, b"streamed");
+        assert!(got[1].1[..] == data()[..]);
+        assert_eq!(got[2].1, b"streamed");
+        let outcome = tokio::time::timeout(DEADLINE, served)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(outcome.is_none(), "served here to the end, not handed over");
+    }
+
+    /// A response this path cannot frame (no `Content-Length`) goes to hyper with the
+    /// request's head (to be read again) and everything after it, and the response itself:
+    /// the service is not asked twice.
     #[tokio::test]
     async fn other_responses_hand_the_connection_over() {
         let dir = tempfile::tempdir().unwrap();

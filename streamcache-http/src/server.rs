@@ -61,13 +61,14 @@ impl Default for ConnLimits {
 /// backlog (and are served in turn) instead of costing a descriptor each. Each connection
 /// runs under the time limits of `limits`.
 ///
-/// On Linux, responses whose body is a finished disk entry's checked bytes
+/// On Linux, plain `GET`s whose responses declare their length are answered by the server
+/// itself, and bodies that are a finished disk entry's checked bytes
 /// ([`ResponseBody::file_range`], which [`CacheService`](crate::CacheService) returns for
 /// hits of requests from this server) are sent with `sendfile(2)`: no byte passes through
 /// user space, as with nginx's `sendfile on`. A connection is served that way, request after
-/// request, until one needs anything else; hyper then serves the rest of it. The service
-/// sees the same requests either way (with a [`RequestBody`], empty for the bodiless
-/// requests the server parses itself).
+/// request, until one needs anything else (another method, a response of unknown length);
+/// hyper then serves the rest of it. The service sees the same requests either way (with a
+/// [`RequestBody`], empty for the bodiless requests the server parses itself).
 ///
 /// # Errors
 /// None today: accept errors are logged and retried.
