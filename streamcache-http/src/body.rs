@@ -388,3 +388,46 @@ impl Body for RequestBody {
             .map_or_else(|| SizeHint::with_exact(0), Body::size_hint)
     }
 }
+
+#[cfg(all(test, unix))]
+mod tests {
+    use streamcache::{Cache, Entry};
+
+    use super::*;
+
+    /// A file body polled like any other (by a wrapper, or by hyper) yields the range's
+    /// bytes, in chunks of at most `CHUNK`, with an exact size hint all along; once polled it
+    /// no longer offers its file for sending.
+    #[tokio::test]
+    async fn a_polled_file_body_reads_its_range() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::builder().disk(dir.path()).build().unwrap();
+        let data: Vec<u8> = (0..CHUNK * 2 + 10).map(|i| (i % 253) as u8).collect();
+        let Ok(Entry::Miss(mut w)) = cache.get_or_create("k") else {
+            panic!("fresh cache")
+        };
+        std::io::Write::write_all(&mut w, &data).unwrap();
+        w.finish().unwrap();
+        let mut reader = AsyncReader::from(cache.get("k").unwrap().unwrap());
+        tokio::io::AsyncSeekExt::seek(&mut reader, io::SeekFrom::Start(3))
+            .await
+            .unwrap();
+        let len = data.len() as u64 - 3 - 5;
+        let range = reader.take_file_range(len).expect("vouched for at commit");
+        let mut body = ResponseBody::file(range, reader);
+        assert_eq!(body.file_range().map(FileRange::len), Some(len));
+        let mut got = Vec::new();
+        while let Some(frame) = body.frame().await {
+            let chunk = frame.unwrap().into_data().unwrap();
+            assert!(chunk.len() <= CHUNK);
+            got.extend_from_slice(&chunk);
+            assert_eq!(body.size_hint().exact(), Some(len - got.len() as u64));
+            assert!(
+                body.file_range().is_none(),
+                "partly read: no longer a whole file"
+            );
+        }
+        assert!(body.is_end_stream());
+        assert!(got == data[3..data.len() - 5]);
+    }
+}
