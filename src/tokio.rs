@@ -428,6 +428,30 @@ mod tests {
         assert_send(&produced);
     }
 
+    /// `take_file_range` hands out a finished disk entry's next bytes as the blocking
+    /// reader does, and nothing while a seek waits for the end of a stream.
+    #[cfg(unix)]
+    #[test]
+    fn file_ranges_as_the_blocking_reader_and_none_during_a_seek() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::builder().disk(dir.path()).build().unwrap();
+        let Entry::Miss(mut w) = cache.get_or_create("k").unwrap() else {
+            panic!("fresh cache")
+        };
+        let mut pending = AsyncReader::from(w.reader().unwrap());
+        std::io::Write::write_all(&mut w, b"0123456789").unwrap();
+        let waker = Waker::from(Arc::new(Count::default()));
+        let mut cx = Context::from_waker(&waker);
+        assert!(Pin::new(&mut pending).start_seek(SeekFrom::End(-2)).is_ok());
+        assert!(Pin::new(&mut pending).poll_complete(&mut cx).is_pending());
+        w.finish().unwrap();
+        assert!(pending.take_file_range(2).is_none(), "a seek is under way");
+        let mut r = AsyncReader::from(cache.get("k").unwrap().unwrap());
+        let range = r.take_file_range(4).expect("checked by its writer");
+        assert_eq!((range.offset(), range.len()), (0, 4));
+        assert_eq!(r.get_ref().position(), 4);
+    }
+
     /// A waker counting its wake-ups (a fresh one is a distinct task for `will_wake`).
     #[derive(Default)]
     struct Count(AtomicUsize);

@@ -615,7 +615,10 @@ pub(super) mod tests {
         // Reopened: nothing is checked until it is read.
         let (r2, _) = s.open("blob").unwrap();
         assert!(r2.file_range(0, 1).is_none(), "unchecked block 0");
-        assert!(r2.file_range(5, 0).is_some(), "an empty range needs no check");
+        assert!(
+            r2.file_range(5, 0).is_some(),
+            "an empty range needs no check"
+        );
         assert!(r2.file_range(0, 0).is_some(), "nor at the start");
         let mut block = vec![0u8; BLOCK as usize];
         r2.read_at(&mut block, BLOCK).unwrap();
