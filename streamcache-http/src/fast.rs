@@ -519,6 +519,24 @@ mod tests {
         (TcpStream::connect(addr).await.unwrap(), served)
     }
 
+    /// Everything the server sends until it closes the connection.
+    async fn read_to_close(client: &mut TcpStream) -> Vec<u8> {
+        let mut all = Vec::new();
+        tokio::time::timeout(DEADLINE, client.read_to_end(&mut all))
+            .await
+            .expect("the server closes the connection")
+            .unwrap();
+        all
+    }
+
+    /// How the zero-copy path ended.
+    async fn outcome(served: tokio::task::JoinHandle<Option<Handover>>) -> Option<Handover> {
+        tokio::time::timeout(DEADLINE, served)
+            .await
+            .unwrap()
+            .unwrap()
+    }
+
     /// Splits `n` HTTP responses with `content-length` off `bytes`: (head, body) each.
     fn responses(mut bytes: &[u8], n: usize) -> Vec<(String, Vec<u8>)> {
         let mut out = Vec::new();
@@ -565,20 +583,14 @@ mod tests {
             .await
             .unwrap();
         let mut all = first[..LEN].to_vec();
-        tokio::time::timeout(DEADLINE, client.read_to_end(&mut all))
-            .await
-            .expect("closed after the last response")
-            .unwrap();
+        all.extend(read_to_close(&mut client).await);
         let got = responses(&all, 3);
         for (i, (head, body)) in got.iter().enumerate() {
             assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
             assert!(body[..] == data()[..], "response {i}: the entry's bytes");
             assert_eq!(head.contains("connection: close"), i == 2, "{head}");
         }
-        let outcome = tokio::time::timeout(DEADLINE, served)
-            .await
-            .unwrap()
-            .unwrap();
+        let outcome = outcome(served).await;
         assert!(outcome.is_none(), "served here to the end, not handed over");
     }
 
@@ -625,11 +637,7 @@ mod tests {
             .write_all(b"GET /known HTTP/1.1\r\n\r\nGET /file HTTP/1.1\r\n\r\nGET /known HTTP/1.1\r\nConnection: close\r\n\r\n")
             .await
             .unwrap();
-        let mut all = Vec::new();
-        tokio::time::timeout(DEADLINE, client.read_to_end(&mut all))
-            .await
-            .expect("closed after the last response")
-            .unwrap();
+        let all = read_to_close(&mut client).await;
         let got = responses(&all, 3);
         assert!(
             got[0].0.starts_with("HTTP/1.1 404 Not Found\r\n"),
@@ -639,10 +647,7 @@ mod tests {
         assert_eq!(got[0].1, b"streamed");
         assert!(got[1].1[..] == data()[..]);
         assert_eq!(got[2].1, b"streamed");
-        let outcome = tokio::time::timeout(DEADLINE, served)
-            .await
-            .unwrap()
-            .unwrap();
+        let outcome = outcome(served).await;
         assert!(outcome.is_none(), "served here to the end, not handed over");
     }
 
@@ -657,10 +662,7 @@ mod tests {
         client.write_all(sent).await.unwrap();
         let mut got = vec![0u8; LEN];
         client.read_exact(&mut got[..100]).await.unwrap();
-        let h = tokio::time::timeout(DEADLINE, served)
-            .await
-            .unwrap()
-            .unwrap();
+        let h = outcome(served).await;
         let h = h.expect("handed over");
         assert_eq!(
             &h.buffered[..],
@@ -677,10 +679,7 @@ mod tests {
         let (mut client, served) = connect(Files::new(dir.path()), ConnLimits::default()).await;
         let sent = b"POST /file HTTP/1.1\r\nContent-Length: 2\r\n\r\nhi";
         client.write_all(sent).await.unwrap();
-        let h = tokio::time::timeout(DEADLINE, served)
-            .await
-            .unwrap()
-            .unwrap();
+        let h = outcome(served).await;
         let h = h.expect("handed over");
         assert_eq!(&h.buffered[..], &sent[..]);
         assert!(h.response.is_none());
@@ -703,21 +702,11 @@ mod tests {
             .write_all(b"GET /file HTTP/1.1\r\n\r\n")
             .await
             .unwrap();
-        let mut all = Vec::new();
-        tokio::time::timeout(DEADLINE, client.read_to_end(&mut all))
-            .await
-            .expect("the connection closes")
-            .unwrap();
+        let all = read_to_close(&mut client).await;
         let end = all.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
         assert!(all[..end].starts_with(b"HTTP/1.1 200 OK"));
         assert_eq!(all.len() - end, 1000, "the body is cut where the file ends");
-        assert!(
-            tokio::time::timeout(DEADLINE, served)
-                .await
-                .unwrap()
-                .unwrap()
-                .is_none()
-        );
+        assert!(outcome(served).await.is_none());
     }
 
     fn walk(p: std::path::PathBuf) -> Vec<std::path::PathBuf> {
