@@ -312,6 +312,12 @@ impl CacheBuilder {
         self
     }
 
+    /// Whether the cache's storage is the memory storage `build` makes, whose deletions are
+    /// map removals (no I/O).
+    pub(super) fn deletes_in_memory(&self) -> bool {
+        matches!(self.backend, Backend::Memory)
+    }
+
     /// Opens the storage, loads the index of the finished entries it holds (see
     /// [`startup_wait`](CacheBuilder::startup_wait)), and starts the reaper.
     ///

@@ -109,6 +109,7 @@ impl Cache {
                 (d / 4).clamp(Duration::from_millis(10), Duration::from_secs(1))
             })
         });
+        let writers_evict = b.deletes_in_memory() && b.policy.is_none();
         let inner = Arc::new(Inner {
             storage: storage.clone(),
             index: DashMap::default(),
@@ -139,6 +140,7 @@ impl Cache {
             idle_open: Mutex::default(),
             max_idle_open: b.max_idle_open,
             saves_hints: unlock.is_some(),
+            writers_evict,
         });
         let _ = inner.books.cache.set(Arc::downgrade(&inner));
         if let Some(n) = &notifier {
@@ -296,9 +298,7 @@ impl Cache {
                 continue;
             }
             inner.books.stats.misses.fetch_add(1, Ordering::Relaxed);
-            if inner.limits.max_entries.is_some() && inner.over_limits() {
-                inner.request_maintenance();
-            }
+            inner.entry_added();
             return Ok(Entry::Miss(writer));
         }
     }

@@ -4,9 +4,10 @@
 //! work. The **reaper** deletes blobs, retries deletions the storage refused, enforces size
 //! limits as soon as a write breaks them (it is woken by `finish` and by writers crossing
 //! `max_bytes`), and expires entries on a timer. (When writers outrun it by far, finishing
-//! writers also evict a couple of entries each, queueing the deletions here: see
-//! `Slot::finished`.) The eviction listener runs on a thread of its own, the **notifier**, so
-//! that a slow listener never holds up a deletion.
+//! writers also evict a couple of entries each, queueing the deletions here; with the
+//! builder's memory storage and no policy they evict first, deleting inline, and the reaper
+//! only does what they could not: see `Slot::finished`.) The eviction listener runs on a
+//! thread of its own, the **notifier**, so that a slow listener never holds up a deletion.
 //!
 //! Both queues are bounded. When the reaper's is full, the thread that would queue a deletion
 //! does it itself (back-pressure on whoever removes faster than the storage deletes); when

@@ -17,9 +17,15 @@ use super::evict::help_threshold;
 use super::handles::io_out_of_handles;
 use super::index::Inner;
 use super::meta::EntryMeta;
+use super::remove::Deletion;
 use super::{EntryInfo, RemovalCause};
 use crate::error::{Error, Result};
 use crate::stream::Observer;
+
+/// How many entries a finishing writer evicts at most when it restores the limits itself
+/// (`Inner::writers_evict`): enough for the entries that other writers added meanwhile,
+/// few enough that one `finish` stays short (the reaper does the rest).
+const WRITER_EVICTS: usize = 4;
 
 /// `Slot::accounted` once the entry left the index: its bytes no longer count.
 pub(super) const GONE: u64 = u64::MAX;
@@ -288,15 +294,25 @@ impl Observer for Slot {
             }
         }
         if cache.over_limits() {
-            cache.request_maintenance();
-            // The reaper has fallen far behind (a storm of writers, or a slow listener): this
-            // writer evicts its share, so the count stays near the limit. Not with a policy,
-            // whose calls stay on the reaper.
-            if let Some(max) = cache.limits.max_entries
-                && cache.policy.is_none()
-                && cache.entries.load(Ordering::Relaxed) as u64 > help_threshold(max)
-            {
-                cache.help_evict(2);
+            if cache.writers_evict {
+                // Deleting is no I/O here: this writer restores the limits itself, and the
+                // reaper is woken only for what it could not do (entries in use, a load under
+                // way, a large excess).
+                cache.help_evict(WRITER_EVICTS, Deletion::InlineUnfiled);
+                if cache.over_limits() {
+                    cache.request_maintenance();
+                }
+            } else {
+                cache.request_maintenance();
+                // The reaper has fallen far behind (a storm of writers, or a slow listener):
+                // this writer evicts its share, so the count stays near the limit. Not with a
+                // policy, whose calls stay on the reaper.
+                if let Some(max) = cache.limits.max_entries
+                    && cache.policy.is_none()
+                    && cache.entries.load(Ordering::Relaxed) as u64 > help_threshold(max)
+                {
+                    cache.help_evict(2, Deletion::QueueUnfiled);
+                }
             }
         }
     }
