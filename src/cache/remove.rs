@@ -126,9 +126,8 @@ impl Inner {
         }
         if was & COMMITTED != 0 {
             // (The slot keeps its key's hash: the name costs no hashing.)
-            let name = slot.name();
             let inline = matches!(deletion, Deletion::Inline | Deletion::InlineUnfiled);
-            self.delete_blob(name, counted, inline);
+            self.delete_blob(&slot.name_buf(), counted, inline);
         }
         drop(stream);
         let stats = &self.books.stats;

@@ -161,13 +161,44 @@ impl Slot {
     }
 
     pub(crate) fn name(&self) -> String {
-        format_name(&self.key_hash, self.id)
+        self.name_buf().to_owned()
+    }
+
+    /// The blob name without allocating it (deleting an evicted entry's blob needs no owned
+    /// copy).
+    pub(crate) fn name_buf(&self) -> NameBuf {
+        NameBuf::new(&self.key_hash, self.id)
+    }
+}
+
+/// Length of a blob name: 32 hex digits of the key's hash, '-', 16 of the id.
+const NAME_LEN: usize = 32 + 1 + 16;
+
+/// A blob name formatted on the stack; derefs to the `str`.
+pub(crate) struct NameBuf([u8; NAME_LEN]);
+
+impl NameBuf {
+    fn new(key_hash: &[u8; 16], id: u64) -> NameBuf {
+        let mut name = [0u8; NAME_LEN];
+        let (hash, rest) = name.split_at_mut(32);
+        crate::codec::hex_into(key_hash, hash);
+        rest[0] = b'-';
+        crate::codec::hex_into(&id.to_be_bytes(), &mut rest[1..]);
+        NameBuf(name)
+    }
+}
+
+impl std::ops::Deref for NameBuf {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        std::str::from_utf8(&self.0).expect("hex digits and '-' are ASCII")
     }
 }
 
 /// The blob name of version `id` of `key`: 128 bits of blake3(key), then the id.
 pub(crate) fn blob_name(key: &str, id: u64) -> String {
-    format_name(&key_hash(key), id)
+    NameBuf::new(&key_hash(key), id).to_owned()
 }
 
 /// The first 128 bits of blake3(key).
@@ -175,18 +206,6 @@ fn key_hash(key: &str) -> [u8; 16] {
     let mut h = [0u8; 16];
     h.copy_from_slice(&blake3::hash(key.as_bytes()).as_bytes()[..16]);
     h
-}
-
-/// A blob name from its key's hash and its id, in hex.
-fn format_name(key_hash: &[u8; 16], id: u64) -> String {
-    // Written into a fixed buffer, then one exactly sized copy: pushing digits one `char` at a
-    // time cost about as much as the hash itself (its capacity and UTF-8 checks).
-    let mut name = [0u8; 32 + 1 + 16];
-    let (hash, rest) = name.split_at_mut(32);
-    crate::codec::hex_into(key_hash, hash);
-    rest[0] = b'-';
-    crate::codec::hex_into(&id.to_be_bytes(), &mut rest[1..]);
-    String::from_utf8(name.to_vec()).expect("hex digits and '-' are ASCII")
 }
 
 impl Observer for Slot {
@@ -282,7 +301,7 @@ impl Observer for Slot {
             .fetch_add(len, Ordering::Relaxed);
         if committed && self.flags.fetch_or(COMMITTED, Ordering::SeqCst) & LIVE == 0 {
             // Removed while it was being written: nobody else will delete it.
-            cache.delete_blob(self.name(), len, false);
+            cache.delete_blob(&self.name_buf(), len, false);
         }
         // (Its bytes were accounted by `published`, which `finish` calls with the final
         // length before committing.)
