@@ -120,6 +120,10 @@ pub(crate) struct Inner {
     /// served hits (statistics), always.
     pub(crate) hit_ring: Box<[AtomicU64]>,
     pub(crate) hit_head: AtomicUsize,
+    /// Lock: `lru` (written only under it; an atomic so that the struct needs no second
+    /// mutex). `hit_head` as the last `apply_hits` read it: while the head has not moved
+    /// since, no hit was recorded and the ring need not be scanned.
+    pub(crate) hits_applied: AtomicUsize,
     /// Bytes of live entries, including those still being written. Lock-free; each entry
     /// contributes its `accounted` field.
     pub(crate) bytes: AtomicU64,

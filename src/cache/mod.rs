@@ -118,6 +118,7 @@ impl Cache {
             lru: Mutex::new(LruCache::unbounded_with_hasher(Default::default())),
             hit_ring: (0..index::HIT_RING).map(|_| AtomicU64::new(0)).collect(),
             hit_head: AtomicUsize::new(0),
+            hits_applied: AtomicUsize::new(0),
             bytes: AtomicU64::new(0),
             books: Arc::new(Books {
                 clock: b.clock,
