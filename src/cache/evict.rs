@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use super::index::Inner;
+use super::recency::Recency;
 use super::remove::{Deletion, Unless};
 use super::slot::Slot;
 use super::{EntryInfo, Policy, RemovalCause};
@@ -231,19 +232,26 @@ impl Inner {
     /// (`QueueUnfiled`: by the reaper, no I/O here; `InlineUnfiled` only where deleting is no
     /// I/O, see `Inner::writers_evict`). Entries in use are skipped (up to `HELP_SKIP` of
     /// them).
-    pub(super) fn help_evict(&self, n: usize, deletion: Deletion) {
-        if self.loading.active.load(Ordering::Acquire) {
-            return;
-        }
+    ///
+    /// `first` is a victim the caller already took out of `lru` (with `first_victim`): it is
+    /// evicted first, unless in use.
+    pub(super) fn help_evict(&self, n: usize, deletion: Deletion, mut first: Option<Arc<Slot>>) {
         let mut kept = Vec::new();
         let mut evicted = 0;
-        while evicted < n && kept.len() < HELP_SKIP && self.over_limits() {
-            let victim = {
-                let mut lru = self.lru.lock().unwrap_or_else(|e| e.into_inner());
-                self.apply_hits(&mut lru);
-                lru.pop_lru()
+        while evicted < n && kept.len() < HELP_SKIP {
+            let slot = match first.take() {
+                Some(slot) => slot,
+                None => {
+                    if !self.over_limits() {
+                        break;
+                    }
+                    let mut lru = self.lru.lock().unwrap_or_else(|e| e.into_inner());
+                    match self.first_victim(&mut lru) {
+                        Some(slot) => slot,
+                        None => break,
+                    }
+                }
             };
-            let Some((_, slot)) = victim else { break };
             if !slot.is_live() {
                 continue;
             }
@@ -256,6 +264,17 @@ impl Inner {
         if !kept.is_empty() {
             self.refile(kept, Refile::MostRecent);
         }
+    }
+
+    /// Under the LRU lock: the least recently used entry, taken out of `lru` (after applying
+    /// the buffered hits), for a writer's eviction; none while the index loads (the recency of
+    /// the stored entries is not known yet).
+    pub(super) fn first_victim(&self, lru: &mut Recency) -> Option<Arc<Slot>> {
+        if self.loading.active.load(Ordering::Acquire) {
+            return None;
+        }
+        self.apply_hits(lru);
+        lru.pop_lru().map(|(_, slot)| slot)
     }
 
     /// What the policy sees of `slot` (with `len`, the bytes it holds): as much as can be

@@ -305,19 +305,27 @@ impl Observer for Slot {
         }
         // (Its bytes were accounted by `published`, which `finish` calls with the final
         // length before committing.)
+        let mut victim = None;
         if cache.limits.by_size() {
             let mut lru = cache.lru.lock().unwrap_or_else(|e| e.into_inner());
+            // A writer that evicts takes its first victim under the lock it takes to file its
+            // entry: one lock for both, which the two threads of a steady stream of inserts
+            // otherwise took in turn, twice each per insert (and the victim's list node, freed
+            // here, is the one the entry's node is allocated from).
+            if cache.writers_evict && cache.over_limits() {
+                victim = cache.first_victim(&mut lru);
+            }
             // Checked under the LRU lock: `finalize` clears `LIVE` before taking it.
             if self.is_live() {
                 lru.put(self.id, self.clone());
             }
         }
-        if cache.over_limits() {
+        if victim.is_some() || cache.over_limits() {
             if cache.writers_evict {
                 // Deleting is no I/O here: this writer restores the limits itself, and the
                 // reaper is woken only for what it could not do (entries in use, a load under
                 // way, a large excess).
-                cache.help_evict(WRITER_EVICTS, Deletion::InlineUnfiled);
+                cache.help_evict(WRITER_EVICTS, Deletion::InlineUnfiled, victim);
                 if cache.over_limits() {
                     cache.request_maintenance();
                 }
@@ -330,7 +338,7 @@ impl Observer for Slot {
                     && cache.policy.is_none()
                     && cache.entries.load(Ordering::Relaxed) as u64 > help_threshold(max)
                 {
-                    cache.help_evict(2, Deletion::QueueUnfiled);
+                    cache.help_evict(2, Deletion::QueueUnfiled, None);
                 }
             }
         }
