@@ -275,7 +275,7 @@ impl Cache {
             let writer = inner.retry_out_of_handles(|| {
                 Writer::create_observed(
                     inner.storage.clone(),
-                    slot.name(),
+                    &slot.name_buf(),
                     Some(slot.key.clone()),
                     Some(slot.clone() as Arc<dyn Observer>),
                 )

@@ -209,6 +209,10 @@ fn key_hash(key: &str) -> [u8; 16] {
 }
 
 impl Observer for Slot {
+    fn blob_name(&self) -> String {
+        self.name()
+    }
+
     fn commit_meta(&self, user: &Bytes) -> Vec<u8> {
         let now = self.books.now();
         // Still being written: `idle_since` holds the creation time.
