@@ -81,7 +81,8 @@
 //! * **Never blocking a request:** the index is a sharded map whose locks are held only for
 //!   one map operation (a hit also opens its reader and records itself under the shard's read
 //!   lock), never across I/O; readers read storage without any lock and wait on a
-//!   condition variable only at the written end; deletions run on the reaper thread and
+//!   condition variable only at the written end; deletions run on the reaper thread (in
+//!   memory, where they are no I/O, a finishing writer deletes what it evicts) and
 //!   listener calls on a notifier thread, through bounded queues (see
 //!   [`Cache::remove`] for the back-pressure when they fill).
 //! * [`Cache`] is `Send + Sync`. [`Reader`] and [`Writer`] are `Send + 'static`: they own what

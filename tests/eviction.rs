@@ -459,8 +459,8 @@ fn limits_hold_after_a_burst_with_run_pending_tasks() {
     });
 }
 
-/// Limits are restored by the writes themselves (the reaper is woken), not by a timer nor by
-/// `run_pending_tasks`.
+/// Limits are restored by the writes themselves (the writers evict, or wake the reaper), not
+/// by a timer nor by `run_pending_tasks`.
 #[test]
 fn limits_restored_promptly_without_run_pending_tasks() {
     for (what, b) in [
@@ -474,6 +474,33 @@ fn limits_restored_promptly_without_run_pending_tasks() {
             cache.len() <= 10 && cache.total_bytes() <= 30_000
         });
     }
+}
+
+/// With the memory storage the builder makes, each finishing writer restores the limits
+/// itself (deleting there is no I/O), so the cache is within them as soon as `finish`
+/// returns, with no reaper pass; an entry being read is stepped over, and the least recently
+/// used of the others goes.
+#[test]
+fn memory_writers_restore_limits_as_they_finish() {
+    let (b, _clock, events) = builder();
+    let cache = b.max_entries(3).build().unwrap();
+    for k in ["a", "b", "c"] {
+        put(&cache, k, k.as_bytes());
+    }
+    let reading = cache.get("a").unwrap().unwrap();
+    for k in ["b", "c"] {
+        assert_eq!(get_bytes(&cache, k), k.as_bytes());
+    }
+    put(&cache, "d", b"d");
+    assert_eq!(sorted_keys(&cache), ["a", "c", "d"], "b went, a is in use");
+    for i in 0..50 {
+        put(&cache, &format!("k{i}"), b"x");
+        assert!(cache.len() <= 3, "after k{i}: {:?}", cache.keys());
+    }
+    assert!(cache.contains_key("a"), "in use");
+    drop(reading);
+    cache.run_pending_tasks();
+    assert_eq!(events_of(&events).len(), 51);
 }
 
 /// A cache of at most 100 entries whose reaper blocks in its first blob deletion until

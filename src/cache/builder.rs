@@ -208,7 +208,10 @@ impl CacheBuilder {
     /// the reaper as soon as a write breaks the limit. If writers outrun the reaper and the
     /// count passes `n` by more than `max(n / 16, 64)`, each finishing writer also evicts up
     /// to two entries itself (no I/O: their data is still deleted by the reaper) — unless a
-    /// [`Policy`](crate::cache::Policy) is set, whose calls stay on the reaper.
+    /// [`Policy`](crate::cache::Policy) is set, whose calls stay on the reaper. In
+    /// [`memory`](CacheBuilder::memory) without a policy, each finishing writer evicts first
+    /// (up to four entries, deleting them itself: no I/O there), and the reaper is woken only
+    /// for what it could not evict, or when writers in flight pass that slack.
     ///
     /// A count of entries, so a `usize` like [`Cache::len`](crate::Cache::len); byte limits
     /// are `u64`.
@@ -310,6 +313,12 @@ impl CacheBuilder {
     pub fn startup_wait(mut self, wait: Duration) -> Self {
         self.startup_wait = wait;
         self
+    }
+
+    /// Whether the cache's storage is the memory storage `build` makes, whose deletions are
+    /// map removals (no I/O).
+    pub(super) fn deletes_in_memory(&self) -> bool {
+        matches!(self.backend, Backend::Memory)
     }
 
     /// Opens the storage, loads the index of the finished entries it holds (see

@@ -1,5 +1,7 @@
 //! Eviction: expiry (time to live and to idle) and size eviction (least recently used first,
-//! as the policy allows), by the reaper and, when it falls far behind, by finishing writers.
+//! as the policy allows), by the reaper and, when it falls far behind, by finishing writers;
+//! with the builder's memory storage and no policy, finishing writers evict first and the
+//! reaper is the backstop (`Inner::writers_evict`).
 //!
 //! Invariants: an entry in use is never evicted for size or idleness (checked under the
 //! shard's write lock by the unlink); entries taken out of `lru` but kept are filed back
@@ -9,6 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use super::index::Inner;
+use super::recency::Recency;
 use super::remove::{Deletion, Unless};
 use super::slot::Slot;
 use super::{EntryInfo, Policy, RemovalCause};
@@ -50,6 +53,22 @@ fn policy_allows(policy: &dyn Policy, entry: &EntryInfo) -> bool {
 const HELP_SKIP: usize = 8;
 
 impl Inner {
+    /// After a miss indexed a new entry: wakes the reaper if that put the cache over
+    /// `max_entries`, unless finishing writers evict (`Inner::writers_evict`) and the excess
+    /// is within the helping slack: entries being written, whose `finish` evicts for them.
+    pub(crate) fn entry_added(&self) {
+        let Some(max) = self.limits.max_entries else {
+            return;
+        };
+        if !self.over_limits()
+            || (self.writers_evict
+                && self.entries.load(Ordering::Relaxed) as u64 <= help_threshold(max))
+        {
+            return;
+        }
+        self.request_maintenance();
+    }
+
     /// Why `slot` must not be served at `now`, if it must not.
     pub(crate) fn expiry(&self, slot: &Slot, now: u64) -> Option<RemovalCause> {
         match self.time_expiry(slot, now) {
@@ -208,26 +227,35 @@ impl Inner {
         }
     }
 
-    /// A writer's share of size eviction once the reaper has fallen far behind: up to `n`
-    /// least recently used entries that nobody is reading, their blobs queued for the reaper
-    /// to delete (no I/O here). Entries in use are skipped (up to `HELP_SKIP` of them).
-    pub(super) fn help_evict(&self, n: usize) {
-        if self.loading.active.load(Ordering::Acquire) {
-            return;
-        }
+    /// A writer's share of size eviction: up to `n` least recently used entries that nobody
+    /// is reading, while the cache is over a limit, their blobs deleted as `deletion` says
+    /// (`QueueUnfiled`: by the reaper, no I/O here; `InlineUnfiled` only where deleting is no
+    /// I/O, see `Inner::writers_evict`). Entries in use are skipped (up to `HELP_SKIP` of
+    /// them).
+    ///
+    /// `first` is a victim the caller already took out of `lru` (with `first_victim`): it is
+    /// evicted first, unless in use.
+    pub(super) fn help_evict(&self, n: usize, deletion: Deletion, mut first: Option<Arc<Slot>>) {
         let mut kept = Vec::new();
         let mut evicted = 0;
         while evicted < n && kept.len() < HELP_SKIP {
-            let victim = {
-                let mut lru = self.lru.lock().unwrap_or_else(|e| e.into_inner());
-                self.apply_hits(&mut lru);
-                lru.pop_lru()
+            let slot = match first.take() {
+                Some(slot) => slot,
+                None => {
+                    if !self.over_limits() {
+                        break;
+                    }
+                    let mut lru = self.lru.lock().unwrap_or_else(|e| e.into_inner());
+                    match self.first_victim(&mut lru) {
+                        Some(slot) => slot,
+                        None => break,
+                    }
+                }
             };
-            let Some((_, slot)) = victim else { break };
             if !slot.is_live() {
                 continue;
             }
-            if self.evict_unless_in_use(slot, Deletion::QueueUnfiled, &mut kept) {
+            if self.evict_unless_in_use(slot, deletion, &mut kept) {
                 evicted += 1;
             }
         }
@@ -236,6 +264,17 @@ impl Inner {
         if !kept.is_empty() {
             self.refile(kept, Refile::MostRecent);
         }
+    }
+
+    /// Under the LRU lock: the least recently used entry, taken out of `lru` (after applying
+    /// the buffered hits), for a writer's eviction; none while the index loads (the recency of
+    /// the stored entries is not known yet).
+    pub(super) fn first_victim(&self, lru: &mut Recency) -> Option<Arc<Slot>> {
+        if self.loading.active.load(Ordering::Acquire) {
+            return None;
+        }
+        self.apply_hits(lru);
+        lru.pop_lru().map(|(_, slot)| slot)
     }
 
     /// What the policy sees of `slot` (with `len`, the bytes it holds): as much as can be

@@ -120,6 +120,10 @@ pub(crate) struct Inner {
     /// served hits (statistics), always.
     pub(crate) hit_ring: Box<[AtomicU64]>,
     pub(crate) hit_head: AtomicUsize,
+    /// Lock: `lru` (written only under it; an atomic so that the struct needs no second
+    /// mutex). `hit_head` as the last `apply_hits` read it: while the head has not moved
+    /// since, no hit was recorded and the ring need not be scanned.
+    pub(crate) hits_applied: AtomicUsize,
     /// Bytes of live entries, including those still being written. Lock-free; each entry
     /// contributes its `accounted` field.
     pub(crate) bytes: AtomicU64,
@@ -154,6 +158,13 @@ pub(crate) struct Inner {
     /// Set once at build, for a storage the cache opened itself: it saves index hints
     /// (`reload::checkpoint_if_due`, and at drop).
     pub(crate) saves_hints: bool,
+    /// Set once at build: finishing writers restore the size limits themselves, deleting
+    /// their victims' blobs inline, and the reaper is only the backstop (`Slot::finished`).
+    /// Only for the memory storage the builder made (deleting a blob is a map removal, no
+    /// I/O: requests never do I/O) and without a policy (whose calls stay on the reaper).
+    /// Saves the reaper's wake-up, and the third thread's share of two busy cores, per
+    /// few inserts.
+    pub(crate) writers_evict: bool,
 }
 
 impl fmt::Debug for Inner {

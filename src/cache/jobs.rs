@@ -35,14 +35,14 @@ impl Inner {
 
     /// Deletes a committed blob of `bytes` bytes: at once with `inline` (or on the reaper
     /// thread), else through the reaper's queue — or here, if that queue is full
-    /// (back-pressure). Until the deletion succeeds its bytes count toward `max_bytes`; a
-    /// refused deletion is retried by the reaper.
-    pub(crate) fn delete_blob(&self, name: String, bytes: u64, inline: bool) {
-        let doomed = self.deletions.begin(name, bytes);
+    /// (back-pressure). Until a queued deletion succeeds its bytes count toward `max_bytes`,
+    /// as do those of a refused one, which the reaper retries (`Deletions::run_now`).
+    pub(crate) fn delete_blob(&self, name: &str, bytes: u64, inline: bool) {
         if inline || self.threads.is_own() {
-            self.deletions.run(doomed);
+            self.deletions.run_now(name, bytes);
             return;
         }
+        let doomed = self.deletions.begin(name.to_owned(), bytes);
         if let Err(Job::Delete(doomed)) = reaper::try_queue(&self.jobs, Job::Delete(doomed)) {
             self.deletions.run(doomed);
         }

@@ -109,6 +109,7 @@ impl Cache {
                 (d / 4).clamp(Duration::from_millis(10), Duration::from_secs(1))
             })
         });
+        let writers_evict = b.deletes_in_memory() && b.policy.is_none();
         let inner = Arc::new(Inner {
             storage: storage.clone(),
             index: DashMap::default(),
@@ -117,6 +118,7 @@ impl Cache {
             lru: Mutex::new(LruCache::unbounded_with_hasher(Default::default())),
             hit_ring: (0..index::HIT_RING).map(|_| AtomicU64::new(0)).collect(),
             hit_head: AtomicUsize::new(0),
+            hits_applied: AtomicUsize::new(0),
             bytes: AtomicU64::new(0),
             books: Arc::new(Books {
                 clock: b.clock,
@@ -139,6 +141,7 @@ impl Cache {
             idle_open: Mutex::default(),
             max_idle_open: b.max_idle_open,
             saves_hints: unlock.is_some(),
+            writers_evict,
         });
         let _ = inner.books.cache.set(Arc::downgrade(&inner));
         if let Some(n) = &notifier {
@@ -272,7 +275,7 @@ impl Cache {
             let writer = inner.retry_out_of_handles(|| {
                 Writer::create_observed(
                     inner.storage.clone(),
-                    slot.name(),
+                    &slot.name_buf(),
                     Some(slot.key.clone()),
                     Some(slot.clone() as Arc<dyn Observer>),
                 )
@@ -296,9 +299,7 @@ impl Cache {
                 continue;
             }
             inner.books.stats.misses.fetch_add(1, Ordering::Relaxed);
-            if inner.limits.max_entries.is_some() && inner.over_limits() {
-                inner.request_maintenance();
-            }
+            inner.entry_added();
             return Ok(Entry::Miss(writer));
         }
     }

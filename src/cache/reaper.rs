@@ -4,9 +4,10 @@
 //! work. The **reaper** deletes blobs, retries deletions the storage refused, enforces size
 //! limits as soon as a write breaks them (it is woken by `finish` and by writers crossing
 //! `max_bytes`), and expires entries on a timer. (When writers outrun it by far, finishing
-//! writers also evict a couple of entries each, queueing the deletions here: see
-//! `Slot::finished`.) The eviction listener runs on a thread of its own, the **notifier**, so
-//! that a slow listener never holds up a deletion.
+//! writers also evict a couple of entries each, queueing the deletions here; with the
+//! builder's memory storage and no policy they evict first, deleting inline, and the reaper
+//! only does what they could not: see `Slot::finished`.) The eviction listener runs on a
+//! thread of its own, the **notifier**, so that a slow listener never holds up a deletion.
 //!
 //! Both queues are bounded. When the reaper's is full, the thread that would queue a deletion
 //! does it itself (back-pressure on whoever removes faster than the storage deletes); when
@@ -87,8 +88,9 @@ pub(crate) struct Deletions {
     /// Blobs not deleted yet (queued or waiting for a retry). Relaxed: statistics.
     pub(crate) pending: AtomicU64,
     /// Their bytes. Counted toward `max_bytes` (`Inner::over_limits`): a blob still stored
-    /// uses the space whether or not its entry is gone. Added before the deletion is queued,
-    /// subtracted once it succeeded, so it never wraps.
+    /// uses the space whether or not its entry is gone. Added before the deletion is queued
+    /// (an inline one: once it was refused, see `run_now`), subtracted once it succeeded, so
+    /// it never wraps.
     pub(crate) pending_bytes: AtomicU64,
     /// Every refused attempt so far. Relaxed: statistics.
     pub(crate) failures: AtomicU64,
@@ -121,12 +123,31 @@ impl Deletions {
         self.attempt(doomed, 0);
     }
 
+    /// Deletes `name`, of `bytes` bytes, now, without counting it first: it is counted (and
+    /// filed for a retry, as `run` does) only if the storage refuses. A deletion done at once
+    /// thus needs no owned name and touches none of the shared counters (two threads
+    /// deleting in turn used to pass their cache line back and forth four times each).
+    /// The caller has already taken the bytes off `Inner::bytes`: while the deletion runs
+    /// they count nowhere, as if it had already succeeded.
+    pub(crate) fn run_now(&self, name: &str, bytes: u64) {
+        if let Err(error) = remove(&*self.storage, name) {
+            let doomed = self.begin(name.to_owned(), bytes);
+            self.refused(doomed, 0, &error);
+        }
+    }
+
     fn attempt(&self, doomed: Doomed, failures: u32) {
         let Err(error) = remove(&*self.storage, &doomed.name) else {
             self.pending.fetch_sub(1, Ordering::Relaxed);
             self.pending_bytes.fetch_sub(doomed.bytes, Ordering::AcqRel);
             return;
         };
+        self.refused(doomed, failures, &error);
+    }
+
+    /// Logs a refused deletion (counted in `pending`, after `failures` earlier refusals) and
+    /// files it for a retry.
+    fn refused(&self, doomed: Doomed, failures: u32, error: &str) {
         self.failures.fetch_add(1, Ordering::Relaxed);
         let failures = failures.saturating_add(1);
         let wait = RETRY_FIRST

@@ -87,9 +87,17 @@ impl Inner {
         }
     }
 
-    /// Applies the buffered hits to the LRU list, oldest first.
+    /// Applies the buffered hits to the LRU list, oldest first. No scan if no hit was
+    /// recorded since the last call (every eviction decision calls it: a writer evicting as
+    /// it finishes would otherwise read the 64 cells per insert). A hit whose cell was written
+    /// after the last scan read it waits for the next hit to be applied, which only makes
+    /// recency approximate, as a lost hit does.
     pub(super) fn apply_hits(&self, lru: &mut Recency) {
         let head = self.hit_head.load(Ordering::Acquire);
+        if head == self.hits_applied.load(Ordering::Relaxed) {
+            return;
+        }
+        self.hits_applied.store(head, Ordering::Relaxed);
         for k in 0..HIT_RING {
             let cell = &self.hit_ring[(head + k) % HIT_RING];
             // A load and a store, not a swap: a hit recorded into this cell between the two

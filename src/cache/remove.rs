@@ -30,8 +30,8 @@ pub(super) enum Deletion {
     /// Delete it at once (the reaper's own evictions: no job, no second copy of the name).
     Inline,
     /// As `Inline`, for a slot the caller already took out of `lru` (the reaper's size
-    /// eviction): it cannot be filed again (only `finished`, once, files it), so `finalize`
-    /// skips the LRU lock.
+    /// eviction, and a writer's where deleting is no I/O: `Inner::writers_evict`): it cannot
+    /// be filed again (only `finished`, once, files it), so `finalize` skips the LRU lock.
     InlineUnfiled,
     /// As `Queue`, for a slot the caller already took out of `lru` (a writer's size eviction).
     QueueUnfiled,
@@ -126,9 +126,8 @@ impl Inner {
         }
         if was & COMMITTED != 0 {
             // (The slot keeps its key's hash: the name costs no hashing.)
-            let name = slot.name();
             let inline = matches!(deletion, Deletion::Inline | Deletion::InlineUnfiled);
-            self.delete_blob(name, counted, inline);
+            self.delete_blob(&slot.name_buf(), counted, inline);
         }
         drop(stream);
         let stats = &self.books.stats;

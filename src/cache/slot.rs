@@ -17,9 +17,15 @@ use super::evict::help_threshold;
 use super::handles::io_out_of_handles;
 use super::index::Inner;
 use super::meta::EntryMeta;
+use super::remove::Deletion;
 use super::{EntryInfo, RemovalCause};
 use crate::error::{Error, Result};
 use crate::stream::Observer;
+
+/// How many entries a finishing writer evicts at most when it restores the limits itself
+/// (`Inner::writers_evict`): enough for the entries that other writers added meanwhile,
+/// few enough that one `finish` stays short (the reaper does the rest).
+const WRITER_EVICTS: usize = 4;
 
 /// `Slot::accounted` once the entry left the index: its bytes no longer count.
 pub(super) const GONE: u64 = u64::MAX;
@@ -155,13 +161,44 @@ impl Slot {
     }
 
     pub(crate) fn name(&self) -> String {
-        format_name(&self.key_hash, self.id)
+        self.name_buf().to_owned()
+    }
+
+    /// The blob name without allocating it (deleting an evicted entry's blob needs no owned
+    /// copy).
+    pub(crate) fn name_buf(&self) -> NameBuf {
+        NameBuf::new(&self.key_hash, self.id)
+    }
+}
+
+/// Length of a blob name: 32 hex digits of the key's hash, '-', 16 of the id.
+const NAME_LEN: usize = 32 + 1 + 16;
+
+/// A blob name formatted on the stack; derefs to the `str`.
+pub(crate) struct NameBuf([u8; NAME_LEN]);
+
+impl NameBuf {
+    fn new(key_hash: &[u8; 16], id: u64) -> NameBuf {
+        let mut name = [0u8; NAME_LEN];
+        let (hash, rest) = name.split_at_mut(32);
+        crate::codec::hex_into(key_hash, hash);
+        rest[0] = b'-';
+        crate::codec::hex_into(&id.to_be_bytes(), &mut rest[1..]);
+        NameBuf(name)
+    }
+}
+
+impl std::ops::Deref for NameBuf {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        std::str::from_utf8(&self.0).expect("hex digits and '-' are ASCII")
     }
 }
 
 /// The blob name of version `id` of `key`: 128 bits of blake3(key), then the id.
 pub(crate) fn blob_name(key: &str, id: u64) -> String {
-    format_name(&key_hash(key), id)
+    NameBuf::new(&key_hash(key), id).to_owned()
 }
 
 /// The first 128 bits of blake3(key).
@@ -171,19 +208,11 @@ fn key_hash(key: &str) -> [u8; 16] {
     h
 }
 
-/// A blob name from its key's hash and its id, in hex.
-fn format_name(key_hash: &[u8; 16], id: u64) -> String {
-    // Written into a fixed buffer, then one exactly sized copy: pushing digits one `char` at a
-    // time cost about as much as the hash itself (its capacity and UTF-8 checks).
-    let mut name = [0u8; 32 + 1 + 16];
-    let (hash, rest) = name.split_at_mut(32);
-    crate::codec::hex_into(key_hash, hash);
-    rest[0] = b'-';
-    crate::codec::hex_into(&id.to_be_bytes(), &mut rest[1..]);
-    String::from_utf8(name.to_vec()).expect("hex digits and '-' are ASCII")
-}
-
 impl Observer for Slot {
+    fn blob_name(&self) -> String {
+        self.name()
+    }
+
     fn commit_meta(&self, user: &Bytes) -> Vec<u8> {
         let now = self.books.now();
         // Still being written: `idle_since` holds the creation time.
@@ -276,27 +305,45 @@ impl Observer for Slot {
             .fetch_add(len, Ordering::Relaxed);
         if committed && self.flags.fetch_or(COMMITTED, Ordering::SeqCst) & LIVE == 0 {
             // Removed while it was being written: nobody else will delete it.
-            cache.delete_blob(self.name(), len, false);
+            cache.delete_blob(&self.name_buf(), len, false);
         }
         // (Its bytes were accounted by `published`, which `finish` calls with the final
         // length before committing.)
+        let mut victim = None;
         if cache.limits.by_size() {
             let mut lru = cache.lru.lock().unwrap_or_else(|e| e.into_inner());
+            // A writer that evicts takes its first victim under the lock it takes to file its
+            // entry: one lock for both, which the two threads of a steady stream of inserts
+            // otherwise took in turn, twice each per insert (and the victim's list node, freed
+            // here, is the one the entry's node is allocated from).
+            if cache.writers_evict && cache.over_limits() {
+                victim = cache.first_victim(&mut lru);
+            }
             // Checked under the LRU lock: `finalize` clears `LIVE` before taking it.
             if self.is_live() {
                 lru.put(self.id, self.clone());
             }
         }
-        if cache.over_limits() {
-            cache.request_maintenance();
-            // The reaper has fallen far behind (a storm of writers, or a slow listener): this
-            // writer evicts its share, so the count stays near the limit. Not with a policy,
-            // whose calls stay on the reaper.
-            if let Some(max) = cache.limits.max_entries
-                && cache.policy.is_none()
-                && cache.entries.load(Ordering::Relaxed) as u64 > help_threshold(max)
-            {
-                cache.help_evict(2);
+        if victim.is_some() || cache.over_limits() {
+            if cache.writers_evict {
+                // Deleting is no I/O here: this writer restores the limits itself, and the
+                // reaper is woken only for what it could not do (entries in use, a load under
+                // way, a large excess).
+                cache.help_evict(WRITER_EVICTS, Deletion::InlineUnfiled, victim);
+                if cache.over_limits() {
+                    cache.request_maintenance();
+                }
+            } else {
+                cache.request_maintenance();
+                // The reaper has fallen far behind (a storm of writers, or a slow listener):
+                // this writer evicts its share, so the count stays near the limit. Not with a
+                // policy, whose calls stay on the reaper.
+                if let Some(max) = cache.limits.max_entries
+                    && cache.policy.is_none()
+                    && cache.entries.load(Ordering::Relaxed) as u64 > help_threshold(max)
+                {
+                    cache.help_evict(2, Deletion::QueueUnfiled, None);
+                }
             }
         }
     }

@@ -62,6 +62,9 @@ const NO_LEN: u64 = u64::MAX;
 
 /// Hooks a cache attaches to a stream (crate-private: the stream knows nothing of keys).
 pub(crate) trait Observer: Send + Sync + fmt::Debug {
+    /// The name of the stream's blob in storage (the stream keeps no copy of its own: see
+    /// `Shared::name`).
+    fn blob_name(&self) -> String;
     /// The metadata to commit with the blob, given the user metadata (the storage records
     /// the length itself).
     fn commit_meta(&self, user: &Bytes) -> Vec<u8>;
@@ -117,8 +120,10 @@ pub(crate) struct Shared {
     pub(crate) observer: Option<Arc<dyn Observer>>,
     pub(crate) blob: Arc<dyn BlobReader>,
     pub(crate) progress: Progress,
-    /// The blob's name in storage.
-    pub(crate) name: String,
+    /// The blob's name in storage, for a stream without an observer; an observed stream (a
+    /// cache entry) asks its observer, which names the blob anyway (one allocation less per
+    /// entry opened, for a name needed only by errors and a removal without the cache).
+    own_name: Option<Box<str>>,
     /// What errors and `key()` report: the cache key, or the name for a bare stream.
     pub(crate) key: Arc<str>,
     storage: Arc<dyn Storage>,
@@ -144,7 +149,7 @@ impl fmt::Debug for Shared {
 
 impl Shared {
     pub(crate) fn new(
-        name: String,
+        name: &str,
         key: Option<Arc<str>>,
         progress: Progress,
         blob: Arc<dyn BlobReader>,
@@ -153,8 +158,8 @@ impl Shared {
         observer: Option<Arc<dyn Observer>>,
     ) -> Self {
         Shared {
-            key: key.unwrap_or_else(|| Arc::from(name.as_str())),
-            name,
+            key: key.unwrap_or_else(|| Arc::from(name)),
+            own_name: observer.is_none().then(|| name.into()),
             progress,
             blob,
             storage,
@@ -259,12 +264,21 @@ impl Shared {
         }
     }
 
+    /// The blob's name in storage.
+    pub(crate) fn name(&self) -> std::borrow::Cow<'_, str> {
+        match (&self.own_name, &self.observer) {
+            (Some(name), _) => std::borrow::Cow::Borrowed(name),
+            (None, Some(obs)) => std::borrow::Cow::Owned(obs.blob_name()),
+            (None, None) => unreachable!("a stream without an observer keeps its name"),
+        }
+    }
+
     /// Deletes the blob from storage if it was committed (one already gone is no error).
     fn delete_committed(&self) -> std::io::Result<()> {
         if !self.committed.load(Ordering::Acquire) {
             return Ok(());
         }
-        match self.storage.remove(&self.name) {
+        match self.storage.remove(&self.name()) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
             _ => Ok(()),
         }
@@ -292,7 +306,7 @@ impl Drop for Shared {
         if let Some(OnUnused::Delete) = how
             && let Err(e) = self.delete_committed()
         {
-            tracing::warn!(blob = %self.name, error = %e, "could not delete removed blob");
+            tracing::warn!(blob = %self.name(), error = %e, "could not delete removed blob");
         }
     }
 }
@@ -356,7 +370,7 @@ impl Stream {
         observer: Option<Arc<dyn Observer>>,
     ) -> Stream {
         let shared = Shared::new(
-            name.to_owned(),
+            name,
             Some(key),
             Progress::new_finished(len),
             blob,
@@ -461,7 +475,7 @@ impl Stream {
         }
         self.shared
             .delete_committed()
-            .map_err(|e| Error::from_io("remove", &self.shared.name, e))
+            .map_err(|e| Error::from_io("remove", &*self.shared.name(), e))
     }
 
     /// Non-blocking removal: stops new readers and deletes the blob when the last handle of

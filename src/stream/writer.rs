@@ -39,20 +39,20 @@ impl Writer {
     /// # Errors
     /// [`Error::InvalidInput`] for a bad name, or the storage's error as [`Error::Io`].
     pub fn create(storage: Arc<dyn Storage>, name: &str) -> Result<Writer> {
-        Self::create_observed(storage, name.to_owned(), None, None)
+        Self::create_observed(storage, name, None, None)
     }
 
     pub(crate) fn create_observed(
         storage: Arc<dyn Storage>,
-        name: String,
+        name: &str,
         key: Option<Arc<str>>,
         observer: Option<Arc<dyn Observer>>,
     ) -> Result<Writer> {
-        let blob = storage.create(&name).map_err(|e| {
+        let blob = storage.create(name).map_err(|e| {
             if e.kind() == io::ErrorKind::InvalidInput {
                 Error::invalid(e.to_string())
             } else {
-                Error::from_io("create", &name, e)
+                Error::from_io("create", name, e)
             }
         })?;
         let shared = Shared::new(
