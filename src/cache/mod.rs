@@ -223,7 +223,7 @@ impl Cache {
     /// [`Error::Io`] if the storage cannot create the new entry's blob, or cannot open an
     /// existing entry's data right now (see [`get`](Cache::get)).
     ///
-    /// With a [shared tier](crate::shared), a local miss first asks the bucket (one to four
+    /// With a shared tier (feature `shared`), a local miss first asks the bucket (one to four
     /// round trips, never longer than the tier's timeout): it becomes a hit when another node
     /// has produced or is producing the key, and a miss only for the one node fleet-wide that
     /// wins the key's lease (or when the bucket does not answer in time).
