@@ -136,7 +136,7 @@ where
 async fn serve_connection<S>(
     stream: TcpStream,
     peer: SocketAddr,
-    mut service: S,
+    #[cfg_attr(not(target_os = "linux"), allow(unused_mut))] mut service: S,
     limits: ConnLimits,
 ) where
     S: Service<Request<RequestBody>, Response = Response<ResponseBody>, Error = Infallible>
