@@ -7,12 +7,19 @@
 //! that a helper never got to, is left unchecked, so the reader checks it itself when it gets
 //! there and a mismatch is its read error, never data. At most `cores - 1` helpers run
 //! (at least one), started on demand and stopping after `IDLE` without work; at most `QUEUE`
-//! blocks wait (requests beyond that are dropped: the reader checks those itself). A job
-//! holds its blob's check weakly: the blocks of a blob whose readers are all gone are skipped.
+//! blocks wait (beyond that the oldest request is dropped: its reader checks that block
+//! itself). A job holds its blob's file and check weakly: it keeps no file open, and the
+//! blocks of a blob whose readers are all gone are skipped.
+//!
+//! Helpers take the newest request first. A sequential reader asks for the block `AHEAD`
+//! past its own at each block, so the helper checks the far blocks while the reader checks
+//! the near ones itself, straight into its caller's buffer (cheaper than serving a block a
+//! helper checked, which the reader reads a second time); oldest-first would have the helper
+//! on the very block the reader comes to next, leaving it to check blocks it reads twice.
 
 use std::collections::VecDeque;
 use std::fs::File;
-use std::sync::{Arc, Condvar, LazyLock, Mutex, Weak};
+use std::sync::{Condvar, LazyLock, Mutex, Weak};
 use std::time::Duration;
 
 use super::reader::Check;
@@ -29,7 +36,7 @@ pub(super) const PIECE: usize = 64 << 10;
 
 /// One block to check.
 pub(super) struct Job {
-    pub(super) file: Arc<File>,
+    pub(super) file: Weak<File>,
     pub(super) check: Weak<Check>,
     pub(super) block: u64,
 }
@@ -56,19 +63,19 @@ static POOL: LazyLock<Pool> = LazyLock::new(|| Pool {
     max: std::thread::available_parallelism().map_or(1, |n| n.get().saturating_sub(1).max(1)),
 });
 
-/// Queues `jobs` for the helpers (as many as there is room for), starting one if none is
-/// waiting and fewer than the most are running.
+/// Queues `jobs` for the helpers (dropping the oldest waiting ones when the queue is full),
+/// starting one if none is waiting and fewer than the most are running.
 pub(super) fn submit(jobs: impl IntoIterator<Item = Job>) {
     let pool = &*POOL;
     let mut st = pool.state.lock().unwrap_or_else(|e| e.into_inner());
-    let before = st.jobs.len();
+    let mut added = 0;
     for job in jobs {
         if st.jobs.len() >= QUEUE {
-            break;
+            st.jobs.pop_front();
         }
         st.jobs.push_back(job);
+        added += 1;
     }
-    let added = st.jobs.len() - before;
     if added == 0 {
         return;
     }
@@ -102,8 +109,8 @@ fn helper() {
     let _leaving = Leaving;
     let mut buf = Vec::new();
     while let Some(job) = next_job() {
-        if let Some(check) = job.check.upgrade() {
-            check.verify_ahead(&job.file, job.block, &mut buf);
+        if let (Some(check), Some(file)) = (job.check.upgrade(), job.file.upgrade()) {
+            check.verify_ahead(&file, job.block, &mut buf);
         }
     }
 }
@@ -113,7 +120,7 @@ fn next_job() -> Option<Job> {
     let pool = &*POOL;
     let mut st = pool.state.lock().unwrap_or_else(|e| e.into_inner());
     loop {
-        if let Some(job) = st.jobs.pop_front() {
+        if let Some(job) = st.jobs.pop_back() {
             return Some(job);
         }
         st.idle += 1;
@@ -131,6 +138,8 @@ fn next_job() -> Option<Job> {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
 
     /// Helpers stay within their bound however many jobs come in.
@@ -140,7 +149,7 @@ mod tests {
         let file = Arc::new(tempfile::tempfile().unwrap());
         for _ in 0..10 {
             submit((0..2 * QUEUE as u64).map(|block| Job {
-                file: file.clone(),
+                file: Arc::downgrade(&file),
                 check: Arc::downgrade(&c),
                 block,
             }));

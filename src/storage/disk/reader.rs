@@ -240,21 +240,27 @@ impl Check {
         if self.is_verified(block) {
             return;
         }
+        buf.resize(self.block_size(block), 0);
         if let Ok(Some(epoch)) = self.read_and_hash(file, block, buf) {
             self.mark(block, epoch);
         }
     }
 
-    /// Reads all of `block` into `buf` (resized to it), hashing each `PIECE` right after
-    /// reading it, while it is still in the core's cache. `Some(epoch)` if the block matches
-    /// its hash (the epoch read before the read, for `mark`), `None` if it does not; an
-    /// [`io::ErrorKind::UnexpectedEof`] error if the file ends before the block does.
-    /// The one block check, shared by readers and the verify-ahead helpers.
-    fn read_and_hash(&self, file: &File, block: u64, buf: &mut Vec<u8>) -> io::Result<Option<u64>> {
+    /// The length of `block` (`BLOCK` but for a short last block).
+    fn block_size(&self, block: u64) -> usize {
+        (self.len - block * BLOCK).min(BLOCK) as usize
+    }
+
+    /// Reads all of `block` into `buf` (exactly [`block_size`](Check::block_size) long),
+    /// hashing each `PIECE` right after reading it, while it is still in the core's cache.
+    /// `Some(epoch)` if the block matches its hash (the epoch read before the read, for
+    /// `mark`), `None` if it does not; an [`io::ErrorKind::UnexpectedEof`] error if the file
+    /// ends before the block does. The one block check, shared by readers and the
+    /// verify-ahead helpers.
+    fn read_and_hash(&self, file: &File, block: u64, buf: &mut [u8]) -> io::Result<Option<u64>> {
+        debug_assert_eq!(buf.len(), self.block_size(block));
         let epoch = self.epoch.load(Ordering::SeqCst);
         let start = block * BLOCK;
-        let size = (self.len - start).min(BLOCK) as usize;
-        buf.resize(size, 0);
         let mut hasher = blake3::Hasher::new();
         for (i, piece) in buf.chunks_mut(PIECE).enumerate() {
             let n = read_full_at(file, piece, start + (i * PIECE) as u64)?;
@@ -308,7 +314,7 @@ impl DiskReader {
         let from = c.ahead.fetch_max(want, Ordering::Relaxed).max(last + 1);
         let todo = (from..want).filter(|&b| !c.is_verified(b) && !c.is_claimed(b));
         ahead::submit(todo.map(|block| Job {
-            file: self.file.clone(),
+            file: Arc::downgrade(&self.file),
             check: Arc::downgrade(c),
             block,
         }));
@@ -355,7 +361,10 @@ impl DiskReader {
             match spare {
                 Some(b) if help => {
                     tried = b;
-                    c.verify_ahead(&self.file, b, &mut buf);
+                    match self.scratch.try_lock() {
+                        Ok(mut scratch) => c.verify_ahead(&self.file, b, &mut scratch),
+                        Err(_) => c.verify_ahead(&self.file, b, &mut buf),
+                    }
                 }
                 _ => c.wait_released(block),
             }
@@ -363,31 +372,49 @@ impl DiskReader {
     }
 
     /// Reads block `block` whole, checks it, and copies `[from, from + out.len())` of it out.
+    ///
+    /// A read of the whole block is read and hashed in `out` itself, which saves copying it
+    /// from the scratch buffer; if the block fails (or cannot be read), `out` is zeroed
+    /// before the error returns, so that no unchecked byte stays with the caller.
     fn verify_block(&self, c: &Check, block: u64, from: usize, out: &mut [u8]) -> io::Result<()> {
+        let size = c.block_size(block);
+        if from == 0 && out.len() == size {
+            let checked = self.check_block(c, block, out);
+            if checked.is_err() {
+                out.fill(0);
+            }
+            return checked;
+        }
         let mut guard = self.scratch.try_lock().ok();
         let mut own = Vec::new();
         let scratch = match guard.as_deref_mut() {
             Some(s) => s,
             None => &mut own,
         };
-        match c.read_and_hash(&self.file, block, scratch) {
-            Ok(Some(epoch)) => c.mark(block, epoch),
-            Ok(None) => {
-                return Err(corrupt(
-                    &self.path,
-                    format!("block {block} fails its blake3 check"),
-                ));
-            }
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
-                return Err(corrupt(
-                    &self.path,
-                    format!("file shorter than its length {}", c.len),
-                ));
-            }
-            Err(e) => return Err(e),
-        }
+        scratch.resize(size, 0);
+        self.check_block(c, block, scratch)?;
         out.copy_from_slice(&scratch[from..from + out.len()]);
         Ok(())
+    }
+
+    /// Reads `block` into `buf` (its exact size) and checks it: marks it if it matches, or
+    /// returns the error its reader gets.
+    fn check_block(&self, c: &Check, block: u64, buf: &mut [u8]) -> io::Result<()> {
+        match c.read_and_hash(&self.file, block, buf) {
+            Ok(Some(epoch)) => {
+                c.mark(block, epoch);
+                Ok(())
+            }
+            Ok(None) => Err(corrupt(
+                &self.path,
+                format!("block {block} fails its blake3 check"),
+            )),
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Err(corrupt(
+                &self.path,
+                format!("file shorter than its length {}", c.len),
+            )),
+            Err(e) => Err(e),
+        }
     }
 
     fn read_checked(&self, c: &Arc<Check>, buf: &mut [u8], offset: u64) -> io::Result<usize> {
@@ -518,6 +545,38 @@ pub(super) mod tests {
         assert_eq!(err.kind(), io::ErrorKind::InvalidData);
         let err = r.read_at(&mut buf, 2 * BLOCK - 5).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+    }
+
+    /// A read of exactly one whole block is checked in the caller's buffer: the bytes when
+    /// the block matches (the short last block too), and when it does not, an error with the
+    /// buffer zeroed, so the unchecked bytes read into it do not stay with the caller.
+    #[test]
+    fn whole_block_reads_are_checked_in_the_callers_buffer() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_s, r, data) = reloaded(dir.path(), 3, &[BLOCK + 17]);
+        let c = r.check.get().unwrap();
+        let block = BLOCK as usize;
+        let mut buf = vec![0xAA; block];
+        // Block 0 read whole (never handed ahead: this read checks it): its bytes, and it is
+        // marked checked. Blocks 1 to 3 go to the helpers meanwhile; block 1 fails there
+        // too, and stays unchecked for its reader.
+        assert_eq!(r.read_at(&mut buf, 0).unwrap(), block);
+        assert!(buf == data[..block], "block 0's bytes");
+        assert!(c.is_verified(0));
+        // Block 1 fails: an error, and nothing of it is left in the buffer.
+        buf.fill(0xAA);
+        let err = r.read_at(&mut buf, BLOCK).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+        assert!(
+            buf.iter().all(|&b| b == 0),
+            "the failed block's bytes stayed"
+        );
+        assert!(!c.is_verified(1));
+        // The short last block (5 bytes), read whole into a buffer of its size.
+        let mut last = vec![0xAA; 5];
+        assert_eq!(r.read_at(&mut last, 3 * BLOCK).unwrap(), 5);
+        assert_eq!(last, data[3 * block..]);
+        assert!(c.is_verified(3));
     }
 
     /// `vouch_all` marks exactly the blob's blocks, in every word, whatever the count.
