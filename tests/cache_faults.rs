@@ -372,6 +372,15 @@ fn a_panicking_storage_does_not_kill_the_reaper() {
 /// Regression: listener calls ran on the reaper thread, so deletions queued behind a slow
 /// listener waited for it (and the disk filled, uncounted). The listener now has a thread of
 /// its own: here it is stuck for good, and deletions go on.
+///
+/// Regression (of this test): it waited for the storage to be empty, then asserted
+/// `pending_deletions == 0` at once, and failed about one run in six of the whole binary on
+/// a loaded machine. The reaper counts a deletion done only once `Storage::remove` has
+/// returned (see `a_deletion_counts_as_pending_until_the_storage_returns`), so the test could
+/// read the counter in between. And the failed assertion then hung for 30 s: unwinding
+/// dropped the cache, whose drop joins the notifier, still stuck in the listener, before the
+/// sender that would have released it. The test now waits for both, and the sender is
+/// dropped before the cache whatever happens.
 #[test]
 fn a_stuck_listener_does_not_hold_up_deletions() {
     deadline("stuck listener", || {
@@ -385,16 +394,88 @@ fn a_stuck_listener_does_not_hold_up_deletions() {
             })
             .build()
             .unwrap();
+        // Declared after the cache, so dropped before it, also when an assertion fails: the
+        // cache's drop joins the listener's thread, which only this sender's drop releases.
+        let release = release;
         for i in 0..20 {
             put(&cache, &i.to_string(), b"x");
             cache.remove(&i.to_string()).unwrap();
         }
         wait_until("deleted despite the listener", DEADLINE, || {
-            storage.list().unwrap().is_empty()
+            storage.list().unwrap().is_empty() && cache.stats().pending_deletions == 0
         });
-        assert_eq!(cache.stats().pending_deletions, 0);
+        assert_eq!(cache.stats().pending_deletion_bytes, 0);
         drop(release);
         cache.run_pending_tasks();
+    });
+}
+
+/// A memory storage whose `remove` deletes the blob, reports its name on `removed`, then
+/// returns only once `resume` receives (or its sender is gone).
+#[derive(Debug)]
+struct PausingRemove {
+    inner: MemoryStorage,
+    removed: Mutex<std::sync::mpsc::Sender<String>>,
+    resume: Mutex<std::sync::mpsc::Receiver<()>>,
+}
+
+impl Storage for PausingRemove {
+    fn create(&self, name: &str) -> io::Result<Box<dyn BlobWriter>> {
+        self.inner.create(name)
+    }
+    fn open(&self, name: &str) -> io::Result<(Arc<dyn BlobReader>, BlobInfo)> {
+        self.inner.open(name)
+    }
+    fn remove(&self, name: &str) -> io::Result<()> {
+        let done = self.inner.remove(name);
+        let _ = self.removed.lock().unwrap().send(name.to_owned());
+        let _ = self.resume.lock().unwrap().recv();
+        done
+    }
+    fn list(&self) -> io::Result<Vec<BlobInfo>> {
+        self.inner.list()
+    }
+    fn set_meta(&self, name: &str, meta: &[u8]) -> io::Result<()> {
+        self.inner.set_meta(name, meta)
+    }
+}
+
+/// What `a_stuck_listener_does_not_hold_up_deletions` tripped over, made deterministic: the
+/// storage pauses after deleting a blob, before `remove` returns. In that moment the blob is
+/// gone and its deletion still counted in `pending_deletions` (its bytes too, toward
+/// `max_bytes`): a deletion is counted done only once the storage confirmed it, never before.
+/// A test that sees the storage empty must still wait for the counter.
+#[test]
+fn a_deletion_counts_as_pending_until_the_storage_returns() {
+    deadline("pending until confirmed", || {
+        let (removed_tx, removed) = std::sync::mpsc::channel();
+        let (resume, resume_rx) = std::sync::mpsc::channel();
+        let storage = Arc::new(PausingRemove {
+            inner: MemoryStorage::new(),
+            removed: Mutex::new(removed_tx),
+            resume: Mutex::new(resume_rx),
+        });
+        let cache = Cache::builder().storage(storage.clone()).build().unwrap();
+        // Dropped before the cache, also when an assertion fails: the cache's drop joins the
+        // reaper, which may be paused in `remove`.
+        let resume = resume;
+        put(&cache, "k", b"abc");
+        cache.remove("k").unwrap();
+        // The reaper is in `remove`, the blob already gone (a hang here is the deadline's).
+        removed.recv().unwrap();
+        assert!(storage.inner.list().unwrap().is_empty());
+        let stats = cache.stats();
+        assert_eq!(
+            (stats.pending_deletions, stats.pending_deletion_bytes),
+            (1, 3),
+            "{stats:?}"
+        );
+        resume.send(()).unwrap();
+        wait_until("the deletion is counted done", DEADLINE, || {
+            cache.stats().pending_deletions == 0
+        });
+        assert_eq!(cache.stats().pending_deletion_bytes, 0);
+        assert_eq!(cache.stats().failed_deletions, 0);
     });
 }
 
