@@ -295,6 +295,12 @@ impl Round {
 }
 
 fn run(inner: &Weak<Inner>, deletions: &Deletions, jobs: &Receiver<Job>, tick: Duration) {
+    // The reaper names itself before its first job: `Cache::start` records its id only once
+    // `spawn` returned, and a job queued before that (by the index loader, say) would
+    // otherwise run as if on a request thread, which may wait for a slow listener.
+    if let Some(inner) = inner.upgrade() {
+        let _ = inner.threads.reaper.set(std::thread::current().id());
+    }
     let mut last_pass = Instant::now();
     let mut notes_waiting = false;
     loop {
