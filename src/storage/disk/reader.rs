@@ -547,6 +547,28 @@ pub(super) mod tests {
         assert_eq!(err.kind(), io::ErrorKind::InvalidData);
     }
 
+    /// A file cut short under an open reader: the block that reaches past the new end is a
+    /// corrupt-entry error (`InvalidData`), the same whether the read covers the whole block
+    /// (checked in the caller's buffer) or part of it (checked in the scratch buffer), and
+    /// never a plain end-of-file error a caller might take for the end of the entry.
+    #[test]
+    fn a_file_cut_short_is_corrupt_not_an_early_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let (s, r, _) = reloaded(dir.path(), 3, &[]);
+        let file = fs::OpenOptions::new()
+            .write(true)
+            .open(s.blob_path("blob"))
+            .unwrap();
+        file.set_len(BLOCK + BLOCK / 2).unwrap();
+        let mut whole = vec![0xAA; BLOCK as usize];
+        let err = r.read_at(&mut whole, BLOCK).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{err}");
+        assert!(whole.iter().all(|&b| b == 0), "unchecked bytes stayed");
+        let mut part = vec![0; 10];
+        let err = r.read_at(&mut part, 2 * BLOCK + 1).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{err}");
+    }
+
     /// A read of exactly one whole block is checked in the caller's buffer: the bytes when
     /// the block matches (the short last block too), and when it does not, an error with the
     /// buffer zeroed, so the unchecked bytes read into it do not stay with the caller.
