@@ -361,10 +361,7 @@ impl DiskReader {
             match spare {
                 Some(b) if help => {
                     tried = b;
-                    match self.scratch.try_lock() {
-                        Ok(mut scratch) => c.verify_ahead(&self.file, b, &mut scratch),
-                        Err(_) => c.verify_ahead(&self.file, b, &mut buf),
-                    }
+                    self.with_scratch(&mut buf, |s| c.verify_ahead(&self.file, b, s));
                 }
                 _ => c.wait_released(block),
             }
@@ -385,16 +382,20 @@ impl DiskReader {
             }
             return checked;
         }
-        let mut guard = self.scratch.try_lock().ok();
-        let mut own = Vec::new();
-        let scratch = match guard.as_deref_mut() {
-            Some(s) => s,
-            None => &mut own,
-        };
-        scratch.resize(size, 0);
-        self.check_block(c, block, scratch)?;
-        out.copy_from_slice(&scratch[from..from + out.len()]);
-        Ok(())
+        self.with_scratch(&mut Vec::new(), |scratch| {
+            scratch.resize(size, 0);
+            self.check_block(c, block, scratch)?;
+            out.copy_from_slice(&scratch[from..from + out.len()]);
+            Ok(())
+        })
+    }
+
+    /// Runs `f` on the shared scratch buffer, or on `own` while another thread uses it.
+    fn with_scratch<R>(&self, own: &mut Vec<u8>, f: impl FnOnce(&mut Vec<u8>) -> R) -> R {
+        match self.scratch.try_lock() {
+            Ok(mut scratch) => f(&mut scratch),
+            Err(_) => f(own),
+        }
     }
 
     /// Reads `block` into `buf` (its exact size) and checks it: marks it if it matches, or
