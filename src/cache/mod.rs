@@ -188,7 +188,6 @@ impl Cache {
         cache.loader = Some(reload::start(&inner, b.startup_wait, hint)?);
         let reaper = reaper::spawn(Arc::downgrade(&inner), inner.deletions.clone(), rx, tick)
             .map_err(|e| Error::io_without_path("spawn reaper thread", e))?;
-        let _ = inner.threads.reaper.set(reaper.thread().id());
         cache.reaper = Some(reaper);
         if cache.inner.over_limits() {
             cache.inner.request_maintenance();

@@ -194,10 +194,12 @@ impl Deletions {
     }
 }
 
-/// The thread ids of the reaper and the notifier (set once they are started).
+/// The thread ids of the reaper and the notifier.
 #[derive(Debug, Default)]
 pub(crate) struct Threads {
+    /// Set by the reaper itself before its first job (see `run`).
     pub(crate) reaper: OnceLock<ThreadId>,
+    /// Set by `Cache::start` right after spawning it, before any note can be queued.
     pub(crate) notifier: OnceLock<ThreadId>,
 }
 
@@ -295,9 +297,10 @@ impl Round {
 }
 
 fn run(inner: &Weak<Inner>, deletions: &Deletions, jobs: &Receiver<Job>, tick: Duration) {
-    // The reaper names itself before its first job: `Cache::start` records its id only once
-    // `spawn` returned, and a job queued before that (by the index loader, say) would
-    // otherwise run as if on a request thread, which may wait for a slow listener.
+    // The reaper names itself before its first job, so that every job runs as one of the
+    // cache's own threads (which never wait for a slow listener). `Cache::start` used to
+    // record the id once `spawn` returned, and a job queued before that (by the index
+    // loader, say) ran as if on a request thread.
     if let Some(inner) = inner.upgrade() {
         let _ = inner.threads.reaper.set(std::thread::current().id());
     }
