@@ -302,14 +302,34 @@ fn bytes_awaiting_deletion_count_toward_max_bytes() {
     });
 }
 
-/// A memory storage whose `remove` panics the first `n` times.
-#[derive(Debug)]
-struct PanickyRemove {
+/// The real removal a hook of [`OnRemove`] gets to call (or not).
+type Remove<'a> = &'a dyn Fn() -> io::Result<()>;
+
+/// A memory storage whose `remove` runs a test's hook, given the blob's name and the real
+/// removal to call (before, after or instead of whatever the hook does).
+struct OnRemove<F> {
     inner: MemoryStorage,
-    panics_left: AtomicUsize,
+    hook: F,
 }
 
-impl Storage for PanickyRemove {
+impl<F> std::fmt::Debug for OnRemove<F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OnRemove")
+            .field("inner", &self.inner)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<F: Fn(&str, Remove<'_>) -> io::Result<()> + Send + Sync> OnRemove<F> {
+    fn new(hook: F) -> Arc<Self> {
+        Arc::new(OnRemove {
+            inner: MemoryStorage::new(),
+            hook,
+        })
+    }
+}
+
+impl<F: Fn(&str, Remove<'_>) -> io::Result<()> + Send + Sync> Storage for OnRemove<F> {
     fn create(&self, name: &str) -> io::Result<Box<dyn BlobWriter>> {
         self.inner.create(name)
     }
@@ -317,14 +337,7 @@ impl Storage for PanickyRemove {
         self.inner.open(name)
     }
     fn remove(&self, name: &str) -> io::Result<()> {
-        if self
-            .panics_left
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
-            .is_ok()
-        {
-            panic!("storage bug in remove({name})");
-        }
-        self.inner.remove(name)
+        (self.hook)(name, &|| self.inner.remove(name))
     }
     fn list(&self) -> io::Result<Vec<BlobInfo>> {
         self.inner.list()
@@ -340,9 +353,16 @@ impl Storage for PanickyRemove {
 #[test]
 fn a_panicking_storage_does_not_kill_the_reaper() {
     deadline("panicking storage", || {
-        let storage = Arc::new(PanickyRemove {
-            inner: MemoryStorage::new(),
-            panics_left: AtomicUsize::new(2),
+        // `remove` panics the first two times.
+        let panics_left = AtomicUsize::new(2);
+        let storage = OnRemove::new(move |name: &str, remove: Remove<'_>| {
+            if panics_left
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+                .is_ok()
+            {
+                panic!("storage bug in remove({name})");
+            }
+            remove()
         });
         let clock = Arc::new(ManualClock::new());
         let cache = Cache::builder()
@@ -410,36 +430,6 @@ fn a_stuck_listener_does_not_hold_up_deletions() {
     });
 }
 
-/// A memory storage whose `remove` deletes the blob, reports its name on `removed`, then
-/// returns only once `resume` receives (or its sender is gone).
-#[derive(Debug)]
-struct PausingRemove {
-    inner: MemoryStorage,
-    removed: Mutex<std::sync::mpsc::Sender<String>>,
-    resume: Mutex<std::sync::mpsc::Receiver<()>>,
-}
-
-impl Storage for PausingRemove {
-    fn create(&self, name: &str) -> io::Result<Box<dyn BlobWriter>> {
-        self.inner.create(name)
-    }
-    fn open(&self, name: &str) -> io::Result<(Arc<dyn BlobReader>, BlobInfo)> {
-        self.inner.open(name)
-    }
-    fn remove(&self, name: &str) -> io::Result<()> {
-        let done = self.inner.remove(name);
-        let _ = self.removed.lock().unwrap().send(name.to_owned());
-        let _ = self.resume.lock().unwrap().recv();
-        done
-    }
-    fn list(&self) -> io::Result<Vec<BlobInfo>> {
-        self.inner.list()
-    }
-    fn set_meta(&self, name: &str, meta: &[u8]) -> io::Result<()> {
-        self.inner.set_meta(name, meta)
-    }
-}
-
 /// What `a_stuck_listener_does_not_hold_up_deletions` tripped over, made deterministic: the
 /// storage pauses after deleting a blob, before `remove` returns. In that moment the blob is
 /// gone and its deletion still counted in `pending_deletions` (its bytes too, toward
@@ -449,11 +439,15 @@ impl Storage for PausingRemove {
 fn a_deletion_counts_as_pending_until_the_storage_returns() {
     deadline("pending until confirmed", || {
         let (removed_tx, removed) = std::sync::mpsc::channel();
-        let (resume, resume_rx) = std::sync::mpsc::channel();
-        let storage = Arc::new(PausingRemove {
-            inner: MemoryStorage::new(),
-            removed: Mutex::new(removed_tx),
-            resume: Mutex::new(resume_rx),
+        let (resume, resume_rx) = std::sync::mpsc::channel::<()>();
+        // `remove` deletes the blob, reports its name on `removed`, then returns only once
+        // `resume` sends (or is gone).
+        let resume_rx = Mutex::new(resume_rx);
+        let storage = OnRemove::new(move |name: &str, remove: Remove<'_>| {
+            let done = remove();
+            let _ = removed_tx.send(name.to_owned());
+            let _ = resume_rx.lock().unwrap().recv();
+            done
         });
         let cache = Cache::builder().storage(storage.clone()).build().unwrap();
         // Dropped before the cache, also when an assertion fails: the cache's drop joins the
