@@ -66,10 +66,12 @@ impl Moto {
         Self::start_with(test, false)
     }
 
-    /// As [`start`](Moto::start); `niced` runs the server at the lowest CPU priority
-    /// (`nice -n 19`), so that on a small machine it stands in for a remote bucket instead of
-    /// competing with the client for cores.
-    pub fn start_with(test: &str, niced: bool) -> Option<Moto> {
+    /// As [`start`](Moto::start); `idle` runs the server under `SCHED_IDLE` (`chrt --idle 0`),
+    /// so that on a small machine it stands in for a remote bucket: it runs only on a core the
+    /// client leaves idle, and a client thread waking up treats a core running only the server
+    /// as idle. (`nice -n 19`, used before, still lets the kernel place a woken client thread
+    /// beside a busy one while the server holds the other core.)
+    pub fn start_with(test: &str, idle: bool) -> Option<Moto> {
         let Some(py) = python() else {
             let why = "no Python with moto[server] (set STREAMCACHE_MOTO_PYTHON, or run .ci/run, which installs it)";
             assert!(
@@ -86,7 +88,18 @@ impl Moto {
             .local_addr()
             .unwrap()
             .port();
-        let mut cmd = if niced {
+        let chrt = || {
+            Command::new("chrt")
+                .args(["--idle", "0", "true"])
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        let mut cmd = if idle && chrt() {
+            let mut c = Command::new("chrt");
+            c.args(["--idle", "0"]).arg(py);
+            c
+        } else if idle {
+            eprintln!("{test}: no `chrt --idle` here; moto runs at nice 19 instead");
             let mut c = Command::new("nice");
             c.args(["-n", "19"]).arg(py);
             c
