@@ -256,11 +256,13 @@ fn chunk_hash(
     top.update(&(metadata.len() as u64).to_le_bytes());
     top.update(&total.to_le_bytes());
     top.update(blake3::hash(metadata).as_bytes());
-    // Walks the parts piece by piece: `part` and `at` locate the next unhashed byte.
+    // Walks the parts piece by piece: `part` and `at` locate the next unhashed byte. The
+    // bounds saturate at 2^64 - 1, so a hostile offset cannot wrap them (the decoder refuses
+    // a chunk that would end past it; no entry holds that many bytes).
     let (mut part, mut at) = (0usize, 0usize);
-    let (mut pos, end) = (offset, offset + total);
+    let (mut pos, end) = (offset, offset.saturating_add(total));
     while pos < end {
-        let piece_end = ((pos / PIECE + 1) * PIECE).min(end);
+        let piece_end = (pos - pos % PIECE).saturating_add(PIECE).min(end);
         let mut want = (piece_end - pos) as usize;
         let known = known(pos, piece_end - pos);
         let mut piece = blake3::Hasher::new();
@@ -329,6 +331,11 @@ pub(crate) fn decode_chunk(
             "chunk {index} holds {} bytes after its header, header says {}",
             obj.len(),
             meta_len.saturating_add(len)
+        ));
+    }
+    if offset.checked_add(len as u64).is_none() {
+        return Err(format!(
+            "chunk {index} says it ends past byte 2^64 ({len} bytes at {offset})"
         ));
     }
     let metadata = obj.split_to(meta_len);
@@ -482,6 +489,29 @@ mod tests {
             b[i] ^= 0x80;
             assert!(decode_chunk(b.into(), 5, 0, 0).is_err(), "flip at {i}");
         }
+    }
+
+    /// A chunk's offset comes from a manifest, which whoever can write the bucket can forge.
+    /// Offsets in the last piece below 2^64 made the piece arithmetic wrap: a panic (overflow
+    /// in a debug build, an out-of-bounds slice in a release one) instead of an error.
+    #[test]
+    fn offsets_at_the_end_of_the_u64_range_never_panic() {
+        let payload = [Bytes::from_static(b"xy")];
+        // Ends exactly at 2^64 - 1: a valid (if absurd) chunk.
+        let at = u64::MAX - 2;
+        let (h, hash) = chunk_header(3, 1, true, at, b"", &payload, |_, _| None).unwrap();
+        let obj: Bytes = [&h[..], b"xy"].concat().into();
+        let d = decode_chunk(obj, 3, 1, at).unwrap();
+        assert_eq!((&d.payload[..], d.hash), (&b"xy"[..], hash));
+        // Would end past it: refused, not hashed.
+        let at = u64::MAX - 1;
+        let (h, _) = chunk_header(3, 1, true, at, b"", &payload, |_, _| None).unwrap();
+        let obj: Bytes = [&h[..], b"xy"].concat().into();
+        assert!(
+            decode_chunk(obj, 3, 1, at)
+                .unwrap_err()
+                .contains("past byte 2^64")
+        );
     }
 
     /// A payload in parts of any size, at any offset, hashes the same as in one piece, and
