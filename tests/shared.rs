@@ -17,9 +17,13 @@ use std::sync::{Arc, Barrier};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use futures_core::stream::BoxStream;
 use object_store::memory::InMemory;
 use object_store::path::Path as ObjPath;
-use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use object_store::{
+    CopyOptions, GetOptions, GetResult, ListResult, MultipartUpload, ObjectMeta, ObjectStore,
+    ObjectStoreExt, PutMultipartOptions, PutOptions, PutPayload, PutResult,
+};
 use streamcache::cache::ManualClock;
 use streamcache::shared::SharedTier;
 use streamcache::{Cache, Entry, Error, Reader};
@@ -124,6 +128,195 @@ fn is_chunk(path: &str) -> bool {
     path.rsplit('/')
         .next()
         .is_some_and(|last| last.len() == 8 && last.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// A bucket whose writes to the paths `hold` picks wait until the test opens the gate: a
+/// bucket slow to answer, on demand (no real server can be made slow for one kind of write).
+#[derive(Debug)]
+struct GateStore {
+    inner: Arc<dyn ObjectStore>,
+    hold: fn(&str) -> bool,
+    open: tokio::sync::watch::Sender<bool>,
+    held: AtomicUsize,
+}
+
+impl GateStore {
+    fn new(inner: Arc<dyn ObjectStore>, hold: fn(&str) -> bool) -> GateStore {
+        GateStore {
+            inner,
+            hold,
+            open: tokio::sync::watch::Sender::new(false),
+            held: AtomicUsize::new(0),
+        }
+    }
+
+    /// Writes that reached the gate so far.
+    fn held(&self) -> usize {
+        self.held.load(Ordering::SeqCst)
+    }
+
+    fn open(&self) {
+        self.open.send_replace(true);
+    }
+}
+
+impl std::fmt::Display for GateStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "GateStore({})", self.inner)
+    }
+}
+
+#[async_trait::async_trait]
+impl ObjectStore for GateStore {
+    async fn put_opts(
+        &self,
+        location: &ObjPath,
+        payload: PutPayload,
+        opts: PutOptions,
+    ) -> object_store::Result<PutResult> {
+        if (self.hold)(location.as_ref()) {
+            self.held.fetch_add(1, Ordering::SeqCst);
+            let mut open = self.open.subscribe();
+            let _ = open.wait_for(|open| *open).await;
+        }
+        self.inner.put_opts(location, payload, opts).await
+    }
+
+    async fn put_multipart_opts(
+        &self,
+        location: &ObjPath,
+        opts: PutMultipartOptions,
+    ) -> object_store::Result<Box<dyn MultipartUpload>> {
+        self.inner.put_multipart_opts(location, opts).await
+    }
+
+    async fn get_opts(
+        &self,
+        location: &ObjPath,
+        options: GetOptions,
+    ) -> object_store::Result<GetResult> {
+        self.inner.get_opts(location, options).await
+    }
+
+    fn delete_stream(
+        &self,
+        locations: BoxStream<'static, object_store::Result<ObjPath>>,
+    ) -> BoxStream<'static, object_store::Result<ObjPath>> {
+        self.inner.delete_stream(locations)
+    }
+
+    fn list(
+        &self,
+        prefix: Option<&ObjPath>,
+    ) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
+        self.inner.list(prefix)
+    }
+
+    async fn list_with_delimiter(
+        &self,
+        prefix: Option<&ObjPath>,
+    ) -> object_store::Result<ListResult> {
+        self.inner.list_with_delimiter(prefix).await
+    }
+
+    async fn copy_opts(
+        &self,
+        from: &ObjPath,
+        to: &ObjPath,
+        options: CopyOptions,
+    ) -> object_store::Result<()> {
+        self.inner.copy_opts(from, to, options).await
+    }
+}
+
+/// The value of `field` in the manifest of `key` in the bucket, once there is one.
+fn manifest_field(f: &Fleet, key: &str, field: &str) -> Option<String> {
+    let key_line = format!(
+        "key {}",
+        key.bytes().map(|b| format!("{b:02x}")).collect::<String>()
+    );
+    objects(f)
+        .iter()
+        .filter(|p| p.ends_with("/manifest"))
+        .map(|p| String::from_utf8(get_object(f, p)).unwrap())
+        .find(|m| m.lines().any(|l| l == key_line))?
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(' ').map(str::to_string))
+}
+
+/// The manifest records the entry's own finish time and time to live, read from its stream.
+/// What went wrong before: the manifest took the time at which the upload reached the end,
+/// so an upload that finished late (a slow bucket, or one that had been down) moved the
+/// expiry later on every node. (It also took the time to live of whatever entry held the key
+/// by then: none if the entry had just been removed or evicted, which the same change
+/// closes but no test can time.)
+#[test]
+fn a_late_commit_keeps_the_entrys_finish_time_and_time_to_live() {
+    deadline("late commit", || {
+        let gate = Arc::new(GateStore::new(Arc::new(InMemory::new()), is_chunk));
+        let f = Fleet {
+            store: gate.clone(),
+            ..bucket()
+        };
+        let clock = Arc::new(ManualClock::new());
+        let a = Cache::builder()
+            .clock(clock.clone())
+            .shared(tier(&f))
+            .build()
+            .unwrap();
+        let mut w = miss(&a, "k");
+        w.set_time_to_live(Duration::from_secs(60));
+        w.write_all(b"good for a minute").unwrap();
+        w.finish().unwrap();
+        let finished = a.entry_info("k").unwrap().finished.unwrap();
+        wait_until("the upload reaches the bucket", DEADLINE, || {
+            gate.held() == 1
+        });
+        // Time passes before the bucket answers.
+        clock.advance(Duration::from_secs(30));
+        gate.open();
+        wait_until("k committed", DEADLINE, || {
+            manifest_field(&f, "k", "finished").is_some()
+        });
+        assert_eq!(
+            manifest_field(&f, "k", "finished").unwrap(),
+            finished.to_string()
+        );
+        assert_eq!(manifest_field(&f, "k", "ttl").unwrap(), "60000");
+    });
+}
+
+/// The producer's heartbeat goes on while its manifest is being written. What went wrong
+/// before: the heartbeat stopped when the last chunk was up, so a manifest write slower than
+/// the lease let the lease go stale; another node then took it over and produced the entry a
+/// second time, and one of the two commits was refused (failing its remote readers).
+#[test]
+fn a_slow_commit_keeps_its_lease() {
+    deadline("slow commit", || {
+        let gate = Arc::new(GateStore::new(Arc::new(InMemory::new()), |p| {
+            p.ends_with("/manifest")
+        }));
+        let f = Fleet {
+            store: gate.clone(),
+            ..bucket()
+        };
+        let (a, b) = (node(&f), node(&f));
+        let mut w = miss(&a, "k");
+        w.write_all(b"committed slowly").unwrap();
+        w.finish().unwrap();
+        wait_until("the commit reaches the bucket", DEADLINE, || {
+            gate.held() == 1
+        });
+        // Three leases' worth of waiting for the bucket's answer.
+        thread::sleep(f.lease * 3);
+        let Entry::Hit(mut r) = b.get_or_create("k").unwrap() else {
+            panic!("a node took over a lease whose producer was committing")
+        };
+        gate.open();
+        assert_eq!(read_to_vec(&mut r).unwrap(), b"committed slowly");
+        assert_eq!(a.shared_stats().unwrap().produced, 1);
+        assert_eq!(b.shared_stats().unwrap().produced, 0);
+    });
 }
 
 /// A disk node's upload takes the 1 MiB block hashes its storage computed while writing, and

@@ -170,19 +170,10 @@ impl Cache {
         };
         #[cfg(feature = "shared")]
         if let Some(tier) = b.shared.clone() {
-            let weak = Arc::downgrade(&inner);
-            // From the slot alone (no storage read): its expiry less its finish time.
-            let own_ttl = Box::new(move |key: &str| {
-                let inner = weak.upgrade()?;
-                let slot = inner.slot(key)?;
-                let finished = slot.finished.load(Ordering::Relaxed);
-                Some(inner.expires_at(&slot)?.saturating_sub(finished))
-            });
             cache.shared = Some(Arc::new(crate::shared::tier::Tier::start(
                 tier,
                 inner.books.clock.clone(),
                 inner.limits.ttl_ms,
-                own_ttl,
             )?));
         }
         cache.loader = Some(reload::start(&inner, b.startup_wait, hint)?);

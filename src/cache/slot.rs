@@ -254,6 +254,24 @@ impl Observer for Slot {
         self.set_ttl_ms(super::millis(ttl));
     }
 
+    /// This entry's own figures, whatever holds its key by now: its finish time and the
+    /// earlier of the cache-wide and its own time to live.
+    #[cfg(feature = "shared")]
+    fn lifetime(&self) -> Option<(u64, Option<u64>)> {
+        let finished = self.finished.load(Ordering::Relaxed);
+        if finished == 0 {
+            return None;
+        }
+        let ttl = match self.books.cache() {
+            Some(cache) => cache
+                .limits
+                .expires_at(finished, self.ttl_ms())
+                .map(|at| at.saturating_sub(finished)),
+            None => self.ttl_ms(),
+        };
+        Some((finished, ttl))
+    }
+
     fn remove_requested(&self) -> bool {
         match self.books.cache() {
             Some(cache) => {

@@ -50,8 +50,8 @@
 //!       │ absent / expired / corrupt
 //!       ▼
 //!  PUT lease If-None-Match: * ──won──▶ Miss: produce; chunks upload while written;
-//!       │ exists                              heartbeat every lease/4 (If-Match);
-//!       ▼                                     manifest, then lease "done"
+//!       │ exists                              heartbeat every lease/4 (If-Match)
+//!       ▼                                     until the manifest is in; lease "done"
 //!  GET lease ──producing, heartbeat fresh──▶ Hit: tail its generation's chunks
 //!       │ stale / aborted / done without manifest
 //!       ▼
@@ -97,8 +97,9 @@
 //!   local copies live until they expire or are removed there. Local eviction, `clear` and
 //!   [`Stream::remove`](crate::Stream::remove) never delete from the bucket (use the bucket's
 //!   lifecycle rules to bound it). An entry's time to live counts from the manifest's finish
-//!   time on every node: each node serves it for the shorter of the producer's recorded time
-//!   to live and its own cache-wide one, counted from then.
+//!   time on every node (the time the producer's local entry finished, however late the
+//!   upload ends): each node serves it for the shorter of the producer's recorded time to
+//!   live and its own cache-wide one, counted from then.
 //! * **Shutdown.** Dropping the cache stops its tier at once, without waiting for the
 //!   network: entries being downloaded here abort, and an upload not yet committed stops (the
 //!   entry stays in the local cache; its lease expires and the next request elsewhere produces

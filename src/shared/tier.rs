@@ -36,9 +36,6 @@ const MAX_PLAN_ROUNDS: usize = 6;
 
 type StoreError = object_store::Error;
 
-/// The entry's own time to live (from its finish), as the local cache recorded it.
-pub(crate) type OwnTtl = Box<dyn Fn(&str) -> Option<u64> + Send + Sync>;
-
 /// What a local miss does, decided by the bucket.
 #[derive(Debug)]
 enum Plan {
@@ -75,7 +72,6 @@ pub(crate) struct Ctx {
     clock: Arc<dyn Clock>,
     /// The cache-wide time to live of this node, in milliseconds.
     cache_ttl_ms: Option<u64>,
-    own_ttl: OwnTtl,
     /// E-tags of manifests whose chunks failed verification here: treated as absent.
     /// Lock: held for one set operation; bounded (cleared past 1024).
     bad: Mutex<HashSet<String>>,
@@ -128,7 +124,6 @@ impl Tier {
         cfg: SharedTier,
         clock: Arc<dyn Clock>,
         cache_ttl_ms: Option<u64>,
-        own_ttl: OwnTtl,
     ) -> Result<Tier> {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -141,7 +136,6 @@ impl Tier {
             node: random_u128(),
             clock,
             cache_ttl_ms,
-            own_ttl,
             bad: Mutex::default(),
             pending_publish: AtomicUsize::new(0),
             stats: TierStats::default(),
@@ -828,6 +822,8 @@ enum Stop {
     Lost,
     /// The bucket kept failing.
     Remote(StoreError),
+    /// Another node committed the key first.
+    Refused,
 }
 
 /// The lease this node holds, kept fresh by a heartbeat task.
@@ -891,7 +887,7 @@ async fn heartbeat(ctx: Arc<Ctx>, keeper: Arc<LeaseKeeper>) {
             Ok(()) => {}
             Err(Stop::Lost) => return,
             Err(Stop::Remote(e)) => tracing::warn!(error = %e, "lease heartbeat failed; retrying"),
-            Err(Stop::Local(_)) => return,
+            Err(Stop::Local(_) | Stop::Refused) => return,
         }
     }
 }
@@ -911,20 +907,50 @@ async fn upload(ctx: Arc<Ctx>, reader: Reader, key: String, held: Held) {
     });
     let beat = tokio::spawn(heartbeat(ctx.clone(), keeper.clone()));
     let body = upload_chunks(&ctx, reader, &h, &keeper).await;
-    keeper.stop.notify_one();
-    let _ = beat.await;
-    match body {
-        Ok((chunks, length, metadata)) => {
+    // The heartbeat goes on while the manifest is written: a commit slow to answer must not
+    // let the lease go stale, or another node takes it over and produces the entry again
+    // (and one of the two commits is refused, failing that production's remote readers).
+    let outcome = match body {
+        Ok(Uploaded {
+            chunks,
+            length,
+            metadata,
+            lifetime,
+        }) => {
+            // The local entry's own finish time and time to live, read from its stream: not
+            // the time the upload got to the end (which may come minutes later, after the
+            // bucket was down) nor whatever entry holds the key by now (this one may be
+            // evicted or replaced already). A stream always has them once finished; the
+            // fallback is for form's sake.
+            let (finished, ttl_ms) = lifetime.unwrap_or_else(|| (ctx.clock.now_millis(), None));
             let m = Manifest {
                 key: key.clone(),
                 generation: held.generation,
                 length,
-                finished: ctx.clock.now_millis(),
-                ttl_ms: (ctx.own_ttl)(&key),
+                finished,
+                ttl_ms,
                 metadata,
                 chunks,
             };
-            commit(&ctx, &h, m, held.manifest, &keeper).await;
+            commit(&ctx, &h, &m, held.manifest, &keeper).await
+        }
+        Err(stop) => Err(stop),
+    };
+    // Stopped before the last word on the lease, so that no heartbeat writes "producing"
+    // over it.
+    keeper.stop.notify_one();
+    let _ = beat.await;
+    match outcome {
+        Ok(old_generation) => {
+            let _ = keeper.update(&ctx, LeaseState::Done).await;
+            if let Some(old) = old_generation.filter(|g| *g != held.generation) {
+                // Readers still downloading the replaced version get a grace period.
+                let (ctx, prefix) = (ctx.clone(), ctx.path(&h, &format!("{old:032x}")));
+                tokio::spawn(async move {
+                    tokio::time::sleep(ctx.cfg.lease).await;
+                    let _ = ctx.delete_prefix(&prefix).await;
+                });
+            }
         }
         Err(Stop::Local(e)) => {
             tracing::debug!(%key, error = %e, "local entry aborted; marking its lease aborted");
@@ -937,60 +963,60 @@ async fn upload(ctx: Arc<Ctx>, reader: Reader, key: String, held: Held) {
             tracing::warn!(%key, error = %e, "upload abandoned: the bucket kept failing (the local entry is kept)");
             let _ = keeper.update(&ctx, LeaseState::Aborted).await;
         }
+        Err(Stop::Refused) => {
+            tracing::debug!(%key, "another node committed this key first");
+            let _ = keeper.update(&ctx, LeaseState::Aborted).await;
+        }
     }
 }
 
-/// Writes the manifest (the commit point), then marks the lease done.
+/// Writes the manifest (the commit point) while the lease is still this node's; returns the
+/// generation it replaced, if any. The caller's heartbeat keeps the lease fresh meanwhile.
 async fn commit(
-    ctx: &Arc<Ctx>,
+    ctx: &Ctx,
     h: &str,
-    m: Manifest,
+    m: &Manifest,
     previous: Option<Previous>,
     keeper: &LeaseKeeper,
-) {
+) -> Result<Option<u128>, Stop> {
     // Still ours? (A node that lost the lease must not commit over its successor.)
-    if keeper.update(ctx, LeaseState::Producing).await.is_err() {
-        return;
-    }
+    keeper.update(ctx, LeaseState::Producing).await?;
     let old_generation = previous.as_ref().and_then(|p| p.generation);
     let mode = previous.map_or(PutMode::Create, |p| PutMode::Update(p.version));
     let path = ctx.path(h, "manifest");
+    let body = m.encode();
     let mut tries = 0;
     loop {
         match ctx
-            .put(&path, PutPayload::from(m.encode()), mode.clone())
+            .put(&path, PutPayload::from(body.clone()), mode.clone())
             .await
         {
-            Ok(_) => break,
+            Ok(_) => return Ok(old_generation),
             Err(StoreError::AlreadyExists { .. } | StoreError::Precondition { .. }) => {
-                tracing::debug!(key = %m.key, "another node committed this key first");
-                let _ = keeper.update(ctx, LeaseState::Aborted).await;
-                return;
+                return Err(Stop::Refused);
             }
             Err(e) if tries < 5 => {
                 tries += 1;
                 tracing::warn!(key = %m.key, error = %e, "manifest upload failed; retrying");
                 tokio::time::sleep(Duration::from_millis(200 << tries)).await;
+                // The heartbeat found the lease taken over meanwhile: the successor commits.
+                if keeper.lost.load(Ordering::Acquire) {
+                    return Err(Stop::Lost);
+                }
             }
-            Err(e) => {
-                tracing::warn!(key = %m.key, error = %e, "manifest upload failed; giving the entry up");
-                let _ = keeper.update(ctx, LeaseState::Aborted).await;
-                return;
-            }
+            Err(e) => return Err(Stop::Remote(e)),
         }
-    }
-    let _ = keeper.update(ctx, LeaseState::Done).await;
-    if let Some(old) = old_generation.filter(|g| *g != m.generation) {
-        // Readers still downloading the replaced version get a grace period.
-        let (ctx, prefix) = (ctx.clone(), ctx.path(h, &format!("{old:032x}")));
-        tokio::spawn(async move {
-            tokio::time::sleep(ctx.cfg.lease).await;
-            let _ = ctx.delete_prefix(&prefix).await;
-        });
     }
 }
 
-type Uploaded = (Vec<ChunkRef>, u64, Bytes);
+/// A whole entry uploaded: what its manifest needs.
+struct Uploaded {
+    chunks: Vec<ChunkRef>,
+    length: u64,
+    metadata: Bytes,
+    /// When the local entry finished and its time to live (`Reader::lifetime`).
+    lifetime: Option<(u64, Option<u64>)>,
+}
 
 async fn upload_chunks(
     ctx: &Ctx,
@@ -1098,8 +1124,13 @@ async fn upload_chunks(
         buffered = 0;
         deadline = None;
         if last {
-            let metadata = r.get_ref().metadata();
-            return Ok((refs, total, metadata));
+            let reader = r.get_ref();
+            return Ok(Uploaded {
+                chunks: refs,
+                length: total,
+                metadata: reader.metadata(),
+                lifetime: reader.lifetime(),
+            });
         }
     }
 }

@@ -93,6 +93,12 @@ pub(crate) trait Observer: Send + Sync + fmt::Debug {
     fn set_time_to_live(&self, ttl: std::time::Duration) {
         let _ = ttl;
     }
+    /// Once the stream finished: when (the owner's clock, milliseconds) and the time to live
+    /// it counts from then (milliseconds; `None`: none). `None` before it finished.
+    #[cfg(feature = "shared")]
+    fn lifetime(&self) -> Option<(u64, Option<u64>)> {
+        None
+    }
     /// A [`Stream`] handle asked for the stream's removal. Returns `true` if the owner (a
     /// cache) takes charge: it forgets the entry and deletes the blob itself, so the removal
     /// goes through the same path (accounting, listener, retried deletion) as its own.

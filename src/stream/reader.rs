@@ -337,6 +337,14 @@ impl Reader {
         self.shared.blob.read_bytes(self.pos, 0).is_some()
     }
 
+    /// When the stream finished and the time to live its owner counts from then
+    /// ([`Observer::lifetime`](super::Observer::lifetime)); `None` before it finished or
+    /// for a stream without an owner.
+    #[cfg(feature = "shared")]
+    pub(crate) fn lifetime(&self) -> Option<(u64, Option<u64>)> {
+        self.shared.observer.as_ref()?.lifetime()
+    }
+
     /// The blake3 hash of `[offset, offset + len)` if the storage has it at hand
     /// ([`BlobReader::known_hash`](crate::storage::BlobReader::known_hash)).
     #[cfg(feature = "shared")]
