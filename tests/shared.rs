@@ -319,6 +319,43 @@ fn a_slow_commit_keeps_its_lease() {
     });
 }
 
+/// A tailing reader whose producer's lease says "done" while the rest of the entry is not in
+/// the bucket fails instead of waiting for ever. What went wrong before: "done" counted as
+/// alive, so a tailer waiting for a chunk or manifest that was gone (a removal that deleted
+/// the manifest and chunks but failed to delete the lease) polled until some other node took
+/// the key over. Here the lease is made to say "done" in the bucket mid-production.
+#[test]
+fn a_tail_whose_lease_says_done_with_data_missing_fails() {
+    deadline("done but missing", || {
+        let f = bucket();
+        let (a, b) = (node(&f), node(&f));
+        let mut w = miss(&a, "k");
+        w.write_all(b"first part").unwrap();
+        w.flush().unwrap();
+        let mut r = hit(&b, "k");
+        let mut first = [0; 10];
+        r.read_exact(&mut first).unwrap();
+        assert_eq!(&first, b"first part");
+        let lease = objects(&f)
+            .into_iter()
+            .find(|p| p.ends_with("/lease"))
+            .unwrap();
+        let text = String::from_utf8(get_object(&f, &lease)).unwrap();
+        assert!(text.contains("state producing"), "{text}");
+        put_object(
+            &f,
+            &lease,
+            text.replace("state producing", "state done").into_bytes(),
+        );
+        let mut rest = Vec::new();
+        assert!(
+            r.read_to_end(&mut rest).is_err(),
+            "read {rest:?} to a clean end"
+        );
+        drop(w);
+    });
+}
+
 /// A disk node's upload takes the 1 MiB block hashes its storage computed while writing, and
 /// hashes only the pieces that are not whole blocks: chunks cut by size and by time at
 /// offsets that are not block boundaries, read on a node that tails the production and on a

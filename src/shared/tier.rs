@@ -706,8 +706,17 @@ enum Gone {
     Aborted(String),
 }
 
+/// A tailed generation's lease, while its producer is not gone.
+#[derive(Debug, PartialEq, Eq)]
+enum Seen {
+    /// Producing, or the lease could not be read this time.
+    Alive,
+    /// Done: its manifest and every chunk were written before it said so.
+    Done,
+}
+
 /// Checks the lease of a tailed generation: `Err` if its producer is gone.
-async fn check_lease(ctx: &Ctx, h: &str, generation: u128) -> Result<(), Gone> {
+async fn check_lease(ctx: &Ctx, h: &str, generation: u128) -> Result<Seen, Gone> {
     match ctx.get(&ctx.path(h, "lease")).await {
         Ok(None) => Err(Gone::Aborted(
             "the entry was removed from the bucket".into(),
@@ -725,11 +734,12 @@ async fn check_lease(ctx: &Ctx, h: &str, generation: u128) -> Result<(), Gone> {
                     ctx.cfg.lease
                 )))
             }
-            Ok(_) => Ok(()),
+            Ok(l) if l.state == LeaseState::Done => Ok(Seen::Done),
+            Ok(_) => Ok(Seen::Alive),
             Err(reason) => Err(Gone::Aborted(format!("unreadable lease: {reason}"))),
         },
         // A failing bucket is judged by how long it fails (below), not by one error.
-        Err(_) => Ok(()),
+        Err(_) => Ok(Seen::Alive),
     }
 }
 
@@ -746,6 +756,8 @@ async fn tail(ctx: Arc<Ctx>, mut w: Writer, generation: u128) {
     let mut last_check = Instant::now();
     let mut failing_since: Option<Instant> = None;
     let mut ended = false;
+    // The lease said "done" at the last check, and nothing was found since.
+    let mut done_seen = false;
     loop {
         let found = if ended {
             ctx.get(&ctx.path(&h, "manifest")).await
@@ -770,6 +782,7 @@ async fn tail(ctx: Arc<Ctx>, mut w: Writer, generation: u128) {
                         });
                         ended = c.last;
                         index += 1;
+                        done_seen = false;
                         continue;
                     }
                     Err(reason) => {
@@ -806,8 +819,19 @@ async fn tail(ctx: Arc<Ctx>, mut w: Writer, generation: u128) {
         }
         if last_check.elapsed() >= check_every {
             last_check = Instant::now();
-            if let Err(Gone::Aborted(why)) = check_lease(&ctx, &h, generation).await {
-                return remote_abort(w, why);
+            match check_lease(&ctx, &h, generation).await {
+                Err(Gone::Aborted(why)) => return remote_abort(w, why),
+                // Done means everything was written before the lease said so; still missing
+                // a poll later, it is gone (a removal whose lease delete failed, say), and
+                // waiting on would never end.
+                Ok(Seen::Done) if done_seen => {
+                    return remote_abort(
+                        w,
+                        "the producer finished, but the rest of the entry is gone from the bucket"
+                            .into(),
+                    );
+                }
+                Ok(seen) => done_seen = seen == Seen::Done,
             }
         }
         tokio::time::sleep(ctx.cfg.poll_interval).await;
