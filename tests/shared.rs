@@ -130,27 +130,45 @@ fn is_chunk(path: &str) -> bool {
         .is_some_and(|last| last.len() == 8 && last.bytes().all(|b| b.is_ascii_digit()))
 }
 
-/// A bucket whose writes to the paths `hold` picks wait until the test opens the gate: a
-/// bucket slow to answer, on demand (no real server can be made slow for one kind of write).
+/// A bucket whose writes to the paths `puts` picks, and listings of the prefixes `lists`
+/// picks, wait until the test opens the gate: a bucket slow to answer, on demand (no real
+/// server can be made slow for one kind of request).
 #[derive(Debug)]
 struct GateStore {
     inner: Arc<dyn ObjectStore>,
-    hold: fn(&str) -> bool,
+    puts: fn(&str) -> bool,
+    lists: fn(&str) -> bool,
     open: tokio::sync::watch::Sender<bool>,
     held: AtomicUsize,
 }
 
 impl GateStore {
-    fn new(inner: Arc<dyn ObjectStore>, hold: fn(&str) -> bool) -> GateStore {
+    /// Holds the writes to the paths `puts` picks.
+    fn new(inner: Arc<dyn ObjectStore>, puts: fn(&str) -> bool) -> GateStore {
         GateStore {
             inner,
-            hold,
+            puts,
+            lists: |_| false,
             open: tokio::sync::watch::Sender::new(false),
             held: AtomicUsize::new(0),
         }
     }
 
-    /// Writes that reached the gate so far.
+    /// Holds the listings of the prefixes `lists` picks.
+    fn listing(inner: Arc<dyn ObjectStore>, lists: fn(&str) -> bool) -> GateStore {
+        GateStore {
+            lists,
+            ..GateStore::new(inner, |_| false)
+        }
+    }
+
+    async fn wait(&self) {
+        self.held.fetch_add(1, Ordering::SeqCst);
+        let mut open = self.open.subscribe();
+        let _ = open.wait_for(|open| *open).await;
+    }
+
+    /// Requests that reached the gate so far.
     fn held(&self) -> usize {
         self.held.load(Ordering::SeqCst)
     }
@@ -174,10 +192,8 @@ impl ObjectStore for GateStore {
         payload: PutPayload,
         opts: PutOptions,
     ) -> object_store::Result<PutResult> {
-        if (self.hold)(location.as_ref()) {
-            self.held.fetch_add(1, Ordering::SeqCst);
-            let mut open = self.open.subscribe();
-            let _ = open.wait_for(|open| *open).await;
+        if (self.puts)(location.as_ref()) {
+            self.wait().await;
         }
         self.inner.put_opts(location, payload, opts).await
     }
@@ -216,6 +232,9 @@ impl ObjectStore for GateStore {
         &self,
         prefix: Option<&ObjPath>,
     ) -> object_store::Result<ListResult> {
+        if (self.lists)(prefix.map_or("", |p| p.as_ref())) {
+            self.wait().await;
+        }
         self.inner.list_with_delimiter(prefix).await
     }
 
@@ -353,6 +372,45 @@ fn a_tail_whose_lease_says_done_with_data_missing_fails() {
             "read {rest:?} to a clean end"
         );
         drop(w);
+    });
+}
+
+/// A removal deletes only what was there when it ran. What went wrong before: its background
+/// clean-up listed the key's whole directory in the bucket and deleted everything in it, so a
+/// production that started as soon as the removal had deleted the lease lost its lease,
+/// chunks or manifest to it. Here that clean-up is held back until the next production has
+/// committed.
+#[test]
+fn a_removal_leaves_the_next_production_alone() {
+    deadline("remove then produce", || {
+        let inner: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+        // Hold listings of a key's directory (`test/<key hash>`).
+        let gate = Arc::new(GateStore::listing(inner.clone(), |p| {
+            p.split('/').count() == 2
+        }));
+        let f = Fleet {
+            store: gate.clone(),
+            ..bucket()
+        };
+        let plain = Fleet {
+            store: inner,
+            ..bucket()
+        };
+        let (a, b, c) = (node(&f), node(&f), node(&f));
+        put(&a, "k", b"first");
+        wait_until("first committed", DEADLINE, || {
+            manifest_field(&plain, "k", "generation").is_some()
+        });
+        assert!(a.remove("k").unwrap());
+        assert!(manifest_field(&plain, "k", "generation").is_none());
+        put(&b, "k", b"second");
+        wait_until("second committed", DEADLINE, || {
+            manifest_field(&plain, "k", "generation").is_some()
+        });
+        gate.open();
+        // Whatever the removal's clean-up does, it has done by now.
+        thread::sleep(Duration::from_millis(300));
+        assert_eq!(hit_bytes(&c, "k").as_deref(), Some(&b"second"[..]));
     });
 }
 

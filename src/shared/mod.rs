@@ -93,7 +93,9 @@
 //!   `contains_key`, `entry_info`, `iter` and `len` look at this node only: they never reach the
 //!   bucket.
 //! * **Removal and expiry.** [`Cache::remove`](crate::Cache::remove) deletes the key's manifest
-//!   and lease in the bucket before it returns (and its chunks in the background); other nodes'
+//!   and lease in the bucket before it returns, and in the background the chunks of the
+//!   generations those two named (a production that starts right after keeps its own; chunks
+//!   of producers taken over earlier are left to the bucket's lifecycle rules). Other nodes'
 //!   local copies live until they expire or are removed there. Local eviction, `clear` and
 //!   [`Stream::remove`](crate::Stream::remove) never delete from the bucket (use the bucket's
 //!   lifecycle rules to bound it). An entry's time to live counts from the manifest's finish

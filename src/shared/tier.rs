@@ -268,12 +268,27 @@ impl Tier {
         let key = key.to_string();
         let done = self.block_on(async move {
             let h = key_hash(&key);
+            // The generations whose chunks go are learnt before anything is deleted, and
+            // only their directories are: a production that starts as soon as the lease is
+            // gone keeps its own lease, chunks and manifest. (Deleting the key's whole
+            // directory in the background once took those too.)
+            let mut generations = Vec::new();
+            if let Some((bytes, _)) = ctx.get(&ctx.path(&h, "manifest")).await? {
+                generations.extend(Manifest::decode(&bytes, &key).ok().map(|m| m.generation));
+            }
+            if let Some((bytes, _)) = ctx.get(&ctx.path(&h, "lease")).await? {
+                generations.extend(Lease::decode(&bytes).ok().map(|l| l.generation));
+            }
+            generations.dedup();
             ctx.delete(&ctx.path(&h, "manifest")).await?;
             ctx.delete(&ctx.path(&h, "lease")).await?;
             let ctx2 = ctx.clone();
             tokio::spawn(async move {
-                if let Err(e) = ctx2.delete_prefix(&ctx2.path(&h, "")).await {
-                    tracing::warn!(error = %e, "could not delete a removed entry's chunks; the bucket's lifecycle rules will");
+                for g in generations {
+                    let dir = ctx2.path(&h, &format!("{g:032x}"));
+                    if let Err(e) = ctx2.delete_prefix(&dir).await {
+                        tracing::warn!(error = %e, "could not delete a removed entry's chunks; the bucket's lifecycle rules will");
+                    }
                 }
             });
             Ok::<(), StoreError>(())
