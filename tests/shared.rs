@@ -834,6 +834,50 @@ fn ttl_counts_from_the_manifests_finish_time() {
     });
 }
 
+/// Producing an expired entry again takes the round trips the docs promise (manifest, lease
+/// create refused, lease, lease takeover). What went wrong before: a lease that said "done"
+/// sent the miss back to the manifest once more even when the manifest it had just read was
+/// that lease's own (expired), three more requests that made a slow bucket's timeout likely.
+#[test]
+fn producing_an_expired_entry_again_takes_four_requests() {
+    deadline("expired again", || {
+        let f = bucket();
+        let clock = Arc::new(ManualClock::new());
+        let build = || {
+            Cache::builder()
+                .clock(clock.clone())
+                .time_to_live(Duration::from_secs(60))
+                .shared(tier(&f))
+                .build()
+                .unwrap()
+        };
+        let a = build();
+        put(&a, "k", b"old");
+        // Committed: the lease says "done" once the manifest is in.
+        wait_until("committed", DEADLINE, || {
+            objects(&f)
+                .iter()
+                .find(|p| p.ends_with("/lease"))
+                .is_some_and(|p| {
+                    String::from_utf8(get_object(&f, p))
+                        .unwrap()
+                        .contains("state done")
+                })
+        });
+        clock.advance(Duration::from_secs(61));
+        let b = build();
+        let before = b.shared_stats().unwrap();
+        let w = miss(&b, "k");
+        let after = b.shared_stats().unwrap();
+        assert_eq!(
+            (after.gets - before.gets, after.puts - before.puts),
+            (2, 2),
+            "GET manifest, PUT lease (refused), GET lease, PUT lease (taken over)"
+        );
+        drop(w);
+    });
+}
+
 /// `get_or_produce` on two nodes: one production, both get the bytes.
 #[test]
 fn get_or_produce_uses_the_tier() {

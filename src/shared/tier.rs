@@ -547,8 +547,14 @@ async fn plan(ctx: &Ctx, key: &str) -> Result<Plan, StoreError> {
             Ok(l) if l.state == LeaseState::Producing && !ctx.stale(&l) => {
                 return Ok(Plan::Tail(l.generation));
             }
-            // The producer finished after we looked for its manifest: look again, once.
-            Ok(l) if l.state == LeaseState::Done && !rechecked => {
+            // The producer finished after we looked for its manifest: look again, once. (Not
+            // when the manifest we saw is this lease's own, expired or unusable: looking again
+            // would only cost three more requests.)
+            Ok(l)
+                if l.state == LeaseState::Done
+                    && !rechecked
+                    && previous.as_ref().and_then(|p| p.generation) != Some(l.generation) =>
+            {
                 rechecked = true;
                 continue;
             }
