@@ -131,13 +131,15 @@ fn is_chunk(path: &str) -> bool {
 }
 
 /// A bucket whose writes to the paths `puts` picks, and listings of the prefixes `lists`
-/// picks, wait until the test opens the gate: a bucket slow to answer, on demand (no real
-/// server can be made slow for one kind of request).
+/// picks, wait until the test opens the gate; writes to the paths `late` picks are made at
+/// once but answered only then. A bucket slow to answer, on demand (no real server can be
+/// made slow for one kind of request).
 #[derive(Debug)]
 struct GateStore {
     inner: Arc<dyn ObjectStore>,
     puts: fn(&str) -> bool,
     lists: fn(&str) -> bool,
+    late: fn(&str) -> bool,
     open: tokio::sync::watch::Sender<bool>,
     held: AtomicUsize,
 }
@@ -149,6 +151,7 @@ impl GateStore {
             inner,
             puts,
             lists: |_| false,
+            late: |_| false,
             open: tokio::sync::watch::Sender::new(false),
             held: AtomicUsize::new(0),
         }
@@ -158,6 +161,14 @@ impl GateStore {
     fn listing(inner: Arc<dyn ObjectStore>, lists: fn(&str) -> bool) -> GateStore {
         GateStore {
             lists,
+            ..GateStore::new(inner, |_| false)
+        }
+    }
+
+    /// Makes the writes to the paths `late` picks at once, and answers them when opened.
+    fn answering_late(inner: Arc<dyn ObjectStore>, late: fn(&str) -> bool) -> GateStore {
+        GateStore {
+            late,
             ..GateStore::new(inner, |_| false)
         }
     }
@@ -195,7 +206,11 @@ impl ObjectStore for GateStore {
         if (self.puts)(location.as_ref()) {
             self.wait().await;
         }
-        self.inner.put_opts(location, payload, opts).await
+        let done = self.inner.put_opts(location, payload, opts).await;
+        if (self.late)(location.as_ref()) {
+            self.wait().await;
+        }
+        done
     }
 
     async fn put_multipart_opts(
@@ -411,6 +426,54 @@ fn a_removal_leaves_the_next_production_alone() {
         // Whatever the removal's clean-up does, it has done by now.
         thread::sleep(Duration::from_millis(300));
         assert_eq!(hit_bytes(&c, "k").as_deref(), Some(&b"second"[..]));
+    });
+}
+
+/// A lease write that landed after its node gave up waiting for the answer is that node's
+/// orphan, and the node takes it over when it publishes the entry it produced locally
+/// meanwhile. What went wrong before: the orphan said "producing" under this node's name and
+/// nobody heartbeated it; the node's retry took it for another node's production and gave the
+/// upload up, and other nodes would tail it until it went stale (the lease here is long).
+#[test]
+fn a_lease_answered_too_late_is_taken_over_by_its_own_node() {
+    deadline("late lease", || {
+        let inner: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+        let gate = Arc::new(GateStore::answering_late(inner.clone(), |p| {
+            p.ends_with("/lease")
+        }));
+        let lease = Duration::from_secs(60);
+        let slow = Fleet {
+            store: gate.clone(),
+            lease,
+            ..bucket()
+        };
+        let plain = Fleet {
+            store: inner,
+            lease,
+            ..bucket()
+        };
+        let a = Cache::builder()
+            .shared(tier(&slow).timeout(Duration::from_millis(300)))
+            .build()
+            .unwrap();
+        let mut w = miss(&a, "k");
+        assert_eq!(
+            a.shared_stats().unwrap().fallbacks,
+            1,
+            "the lease's answer came too late"
+        );
+        w.write_all(b"made while the bucket was slow").unwrap();
+        w.finish().unwrap();
+        gate.open();
+        // The upload is retried a second after the miss.
+        wait_until("published", Duration::from_secs(10), || {
+            manifest_field(&plain, "k", "generation").is_some()
+        });
+        let b = node(&plain);
+        assert_eq!(
+            hit_bytes(&b, "k").as_deref(),
+            Some(&b"made while the bucket was slow"[..])
+        );
     });
 }
 

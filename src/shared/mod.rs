@@ -82,7 +82,9 @@
 //!   [`timeout`](SharedTier::timeout); if the plan does not complete in time, the request
 //!   produces locally (a [`Miss`](crate::Entry::Miss)), a warning is logged, and publishing
 //!   the entry is retried in the background with a growing delay (at most 256 entries wait,
-//!   each holding one local reader and no buffered bytes). An upload holds one chunk in
+//!   each holding one local reader and no buffered bytes). A lease write whose answer came
+//!   too late may still have landed: that lease names this node and no upload of it, and the
+//!   retry takes it over instead of waiting for it to go stale. An upload holds one chunk in
 //!   memory at a time.
 //! * **Which calls wait.** [`Cache::get_or_create`](crate::Cache::get_or_create) waits for the
 //!   one to four round trips of a local miss (never longer than the timeout); a local hit

@@ -77,6 +77,10 @@ pub(crate) struct Ctx {
     bad: Mutex<HashSet<String>>,
     /// Entries waiting for the bucket to come back (at most `MAX_PENDING_PUBLISH`).
     pending_publish: AtomicUsize,
+    /// Generations this node is uploading: their leases name this node and a heartbeat keeps
+    /// them. A fresh lease naming this node and none of these is an orphan (see
+    /// `Ctx::orphan`). Lock: held for one set operation.
+    uploading: Mutex<HashSet<u128>>,
     /// Counters for tests, benchmarks and the fleet example.
     pub(crate) stats: TierStats,
 }
@@ -138,6 +142,7 @@ impl Tier {
             cache_ttl_ms,
             bad: Mutex::default(),
             pending_publish: AtomicUsize::new(0),
+            uploading: Mutex::default(),
             stats: TierStats::default(),
         });
         let tier = Tier { ctx, rt: Some(rt) };
@@ -238,7 +243,12 @@ impl Tier {
                         self.handle().spawn(upload(ctx, r, key, held));
                     }
                     Err(e) => {
-                        tracing::warn!(%key, error = %e, "cannot read the new entry back to upload it")
+                        tracing::warn!(%key, error = %e, "cannot read the new entry back to upload it");
+                        // Nothing will be uploaded: other nodes should not tail the lease.
+                        self.handle().spawn(async move {
+                            let keeper = LeaseKeeper::new(&ctx, &key_hash(&key), held);
+                            let _ = keeper.update(&ctx, LeaseState::Aborted).await;
+                        });
                     }
                 }
                 Entry::Miss(w)
@@ -468,6 +478,18 @@ impl Ctx {
         (left > 0).then(|| Some(Duration::from_millis(left)))
     }
 
+    /// Whether `lease` is this node's own with no upload behind it: a plan whose lease write
+    /// landed after the plan had given up on its answer (the timeout), so that the entry was
+    /// produced locally. Nobody heartbeats it; this node takes it over instead of tailing it.
+    fn orphan(&self, lease: &Lease) -> bool {
+        lease.node == self.node
+            && !self
+                .uploading
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains(&lease.generation)
+    }
+
     fn is_bad(&self, etag: Option<&String>) -> bool {
         etag.is_some_and(|e| self.bad.lock().unwrap().contains(e))
     }
@@ -544,7 +566,7 @@ async fn plan(ctx: &Ctx, key: &str) -> Result<Plan, StoreError> {
             continue; // removed meanwhile: try to create it again
         };
         match Lease::decode(&bytes) {
-            Ok(l) if l.state == LeaseState::Producing && !ctx.stale(&l) => {
+            Ok(l) if l.state == LeaseState::Producing && !ctx.stale(&l) && !ctx.orphan(&l) => {
                 return Ok(Plan::Tail(l.generation));
             }
             // The producer finished after we looked for its manifest: look again, once. (Not
@@ -882,6 +904,17 @@ struct LeaseKeeper {
 }
 
 impl LeaseKeeper {
+    fn new(ctx: &Ctx, h: &str, held: Held) -> LeaseKeeper {
+        LeaseKeeper {
+            path: ctx.path(h, "lease"),
+            generation: held.generation,
+            version: tokio::sync::Mutex::new(held.version),
+            lost: AtomicBool::new(false),
+            chunks: AtomicU64::new(0),
+            stop: Notify::new(),
+        }
+    }
+
     /// Writes the lease with `state` if this node still holds it. A conditional write whose
     /// answer was lost (a timeout) is recovered by reading the lease back: it is still ours
     /// while it names our generation.
@@ -942,14 +975,10 @@ async fn heartbeat(ctx: Arc<Ctx>, keeper: Arc<LeaseKeeper>) {
 /// manifest after the last chunk. The memory it holds is one chunk.
 async fn upload(ctx: Arc<Ctx>, reader: Reader, key: String, held: Held) {
     let h = key_hash(&key);
-    let keeper = Arc::new(LeaseKeeper {
-        path: ctx.path(&h, "lease"),
-        generation: held.generation,
-        version: tokio::sync::Mutex::new(held.version),
-        lost: AtomicBool::new(false),
-        chunks: AtomicU64::new(0),
-        stop: Notify::new(),
-    });
+    let _uploading = Uploading::new(&ctx, held.generation);
+    let previous = held.manifest.clone();
+    let generation = held.generation;
+    let keeper = Arc::new(LeaseKeeper::new(&ctx, &h, held));
     let beat = tokio::spawn(heartbeat(ctx.clone(), keeper.clone()));
     let body = upload_chunks(&ctx, reader, &h, &keeper).await;
     // The heartbeat goes on while the manifest is written: a commit slow to answer must not
@@ -970,14 +999,14 @@ async fn upload(ctx: Arc<Ctx>, reader: Reader, key: String, held: Held) {
             let (finished, ttl_ms) = lifetime.unwrap_or_else(|| (ctx.clock.now_millis(), None));
             let m = Manifest {
                 key: key.clone(),
-                generation: held.generation,
+                generation,
                 length,
                 finished,
                 ttl_ms,
                 metadata,
                 chunks,
             };
-            commit(&ctx, &h, &m, held.manifest, &keeper).await
+            commit(&ctx, &h, &m, previous, &keeper).await
         }
         Err(stop) => Err(stop),
     };
@@ -988,7 +1017,7 @@ async fn upload(ctx: Arc<Ctx>, reader: Reader, key: String, held: Held) {
     match outcome {
         Ok(old_generation) => {
             let _ = keeper.update(&ctx, LeaseState::Done).await;
-            if let Some(old) = old_generation.filter(|g| *g != held.generation) {
+            if let Some(old) = old_generation.filter(|g| *g != generation) {
                 // Readers still downloading the replaced version get a grace period.
                 let (ctx, prefix) = (ctx.clone(), ctx.path(&h, &format!("{old:032x}")));
                 tokio::spawn(async move {
@@ -1012,6 +1041,29 @@ async fn upload(ctx: Arc<Ctx>, reader: Reader, key: String, held: Held) {
             tracing::debug!(%key, "another node committed this key first");
             let _ = keeper.update(&ctx, LeaseState::Aborted).await;
         }
+    }
+}
+
+/// An upload in `Ctx::uploading` for as long as this lives.
+struct Uploading<'a>(&'a Ctx, u128);
+
+impl<'a> Uploading<'a> {
+    fn new(ctx: &'a Ctx, generation: u128) -> Uploading<'a> {
+        ctx.uploading
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(generation);
+        Uploading(ctx, generation)
+    }
+}
+
+impl Drop for Uploading<'_> {
+    fn drop(&mut self) {
+        self.0
+            .uploading
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.1);
     }
 }
 
