@@ -133,13 +133,16 @@ fn is_chunk(path: &str) -> bool {
 /// A bucket whose writes to the paths `puts` picks, and listings of the prefixes `lists`
 /// picks, wait until the test opens the gate; writes to the paths `late` picks are made at
 /// once but answered only then. A bucket slow to answer, on demand (no real server can be
-/// made slow for one kind of request).
+/// made slow for one kind of request). Objects at the paths `huge` picks claim to be
+/// `HUGE` bytes, a body of zeros counted in `pulled` as it is read.
 #[derive(Debug)]
 struct GateStore {
     inner: Arc<dyn ObjectStore>,
     puts: fn(&str) -> bool,
     lists: fn(&str) -> bool,
     late: fn(&str) -> bool,
+    huge: fn(&str) -> bool,
+    pulled: Arc<std::sync::atomic::AtomicU64>,
     open: tokio::sync::watch::Sender<bool>,
     held: AtomicUsize,
 }
@@ -152,6 +155,8 @@ impl GateStore {
             puts,
             lists: |_| false,
             late: |_| false,
+            huge: |_| false,
+            pulled: Arc::default(),
             open: tokio::sync::watch::Sender::new(false),
             held: AtomicUsize::new(0),
         }
@@ -173,6 +178,14 @@ impl GateStore {
         }
     }
 
+    /// Makes the objects at the paths `huge` picks claim `HUGE` bytes.
+    fn inflating(inner: Arc<dyn ObjectStore>, huge: fn(&str) -> bool) -> GateStore {
+        GateStore {
+            huge,
+            ..GateStore::new(inner, |_| false)
+        }
+    }
+
     async fn wait(&self) {
         self.held.fetch_add(1, Ordering::SeqCst);
         let mut open = self.open.subscribe();
@@ -186,6 +199,33 @@ impl GateStore {
 
     fn open(&self) {
         self.open.send_replace(true);
+    }
+}
+
+/// What a `GateStore`'s huge objects claim to be.
+const HUGE: u64 = 100 << 20;
+
+/// `left` zero bytes, counted in `pulled` as they are read.
+struct Zeros {
+    left: u64,
+    pulled: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl futures_core::Stream for Zeros {
+    type Item = object_store::Result<bytes::Bytes>;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        static ZEROS: [u8; 1 << 16] = [0; 1 << 16];
+        let n = self.left.min(ZEROS.len() as u64);
+        if n == 0 {
+            return std::task::Poll::Ready(None);
+        }
+        self.left -= n;
+        self.pulled.fetch_add(n, Ordering::SeqCst);
+        std::task::Poll::Ready(Some(Ok(bytes::Bytes::from_static(&ZEROS[..n as usize]))))
     }
 }
 
@@ -226,7 +266,16 @@ impl ObjectStore for GateStore {
         location: &ObjPath,
         options: GetOptions,
     ) -> object_store::Result<GetResult> {
-        self.inner.get_opts(location, options).await
+        let mut got = self.inner.get_opts(location, options).await?;
+        if (self.huge)(location.as_ref()) {
+            got.meta.size = HUGE;
+            got.range = 0..HUGE;
+            got.payload = object_store::GetResultPayload::Stream(Box::pin(Zeros {
+                left: HUGE,
+                pulled: self.pulled.clone(),
+            }));
+        }
+        Ok(got)
     }
 
     fn delete_stream(
@@ -473,6 +522,39 @@ fn a_lease_answered_too_late_is_taken_over_by_its_own_node() {
         assert_eq!(
             hit_bytes(&b, "k").as_deref(),
             Some(&b"made while the bucket was slow"[..])
+        );
+    });
+}
+
+/// An object larger than any of its kind is not read: whoever can write the bucket cannot
+/// make a node hold an object of any size in memory. What went wrong before: every object
+/// was read whole, whatever its size. Here the key's lease claims 100 MiB (a lease is under
+/// 200 bytes): it is taken over unread, as an unreadable lease is.
+#[test]
+fn an_oversized_object_is_not_read() {
+    deadline("oversized", || {
+        let inner: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+        let plain = Fleet {
+            store: inner.clone(),
+            ..bucket()
+        };
+        // A lease left by a producer that died.
+        let a = node(&plain);
+        drop(miss(&a, "k"));
+        let huge = Arc::new(GateStore::inflating(inner, |p| p.ends_with("/lease")));
+        let b = node(&Fleet {
+            store: huge.clone(),
+            ..bucket()
+        });
+        put(&b, "k", b"fresh");
+        assert_eq!(b.shared_stats().unwrap().produced, 1);
+        assert_eq!(huge.pulled.load(Ordering::SeqCst), 0, "lease bytes read");
+        wait_until("committed", DEADLINE, || {
+            manifest_field(&plain, "k", "generation").is_some()
+        });
+        assert_eq!(
+            hit_bytes(&node(&plain), "k").as_deref(),
+            Some(&b"fresh"[..])
         );
     });
 }

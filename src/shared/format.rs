@@ -21,6 +21,18 @@ use crate::codec::hex;
 /// on two cores).
 const CHUNK_MAGIC: &[u8; 4] = b"SCK2";
 const CHUNK_HEADER: usize = 4 + 16 + 4 + 1 + 8 + 4 + 4 + 32;
+/// The largest chunk object the format can describe (payload and metadata lengths are `u32`).
+pub(crate) const MAX_CHUNK_OBJECT: u64 = CHUNK_HEADER as u64 + 2 * u32::MAX as u64;
+
+/// The largest a chunk object of `len` payload bytes can be: its header and payload, and for
+/// the first chunk (which carries the metadata as it was when the chunk was cut) up to 4 GiB
+/// of metadata.
+pub(crate) fn chunk_object_max(len: u64, first: bool) -> u64 {
+    let meta = if first { u64::from(u32::MAX) } else { 0 };
+    (CHUNK_HEADER as u64)
+        .saturating_add(len)
+        .saturating_add(meta)
+}
 
 /// The pieces a chunk's payload is hashed in end at the multiples of this, in entry offsets:
 /// the storage's hash blocks.

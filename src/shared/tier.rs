@@ -34,6 +34,12 @@ const MAX_PENDING_PUBLISH: usize = 256;
 /// Plans that lose this many conditional writes in a row give up (and produce locally).
 const MAX_PLAN_ROUNDS: usize = 6;
 
+/// The largest lease object read (one is under 200 bytes).
+const MAX_LEASE: u64 = 64 << 10;
+/// The largest manifest read: about 90 bytes per chunk, so 256 MiB lists some 3 million
+/// chunks (24 TB of 8 MiB chunks).
+const MAX_MANIFEST: u64 = 256 << 20;
+
 type StoreError = object_store::Error;
 
 /// What a local miss does, decided by the bucket.
@@ -283,10 +289,10 @@ impl Tier {
             // gone keeps its own lease, chunks and manifest. (Deleting the key's whole
             // directory in the background once took those too.)
             let mut generations = Vec::new();
-            if let Some((bytes, _)) = ctx.get(&ctx.path(&h, "manifest")).await? {
+            if let Some((bytes, _)) = ctx.get(&ctx.path(&h, "manifest"), MAX_MANIFEST).await? {
                 generations.extend(Manifest::decode(&bytes, &key).ok().map(|m| m.generation));
             }
-            if let Some((bytes, _)) = ctx.get(&ctx.path(&h, "lease")).await? {
+            if let Some((bytes, _)) = ctx.get(&ctx.path(&h, "lease"), MAX_LEASE).await? {
                 generations.extend(Lease::decode(&bytes).ok().map(|l| l.generation));
             }
             generations.dedup();
@@ -401,12 +407,27 @@ impl Ctx {
         }
     }
 
-    async fn get(&self, path: &Path) -> Result<Option<(Bytes, ObjectMeta)>, StoreError> {
+    /// Reads the object at `path` whole; one larger than `max` bytes is not read and comes
+    /// back empty (so that whoever can write the bucket cannot make a node hold an object of
+    /// any size in memory).
+    async fn get(&self, path: &Path, max: u64) -> Result<Option<(Bytes, ObjectMeta)>, StoreError> {
         self.stats.gets.fetch_add(1, Ordering::Relaxed);
         let got = self
             .timed("GET", async {
                 let r = self.cfg.store.get(path).await?;
                 let meta = r.meta.clone();
+                if meta.size > max {
+                    // Unread, it is an unreadable object: its decoder refuses it, and the
+                    // caller goes on as for any corrupt one (a lease is taken over, a
+                    // manifest replaced, a chunk fails its read).
+                    tracing::warn!(
+                        %path,
+                        size = meta.size,
+                        max,
+                        "object larger than any of its kind; not read, treated as unreadable"
+                    );
+                    return Ok((Bytes::new(), meta));
+                }
                 Ok((r.bytes().await?, meta))
             })
             .await;
@@ -531,7 +552,7 @@ async fn plan(ctx: &Ctx, key: &str) -> Result<Plan, StoreError> {
     let mut rechecked = false;
     for _ in 0..MAX_PLAN_ROUNDS {
         let mut previous = None;
-        if let Some((bytes, meta)) = ctx.get(&manifest_path).await? {
+        if let Some((bytes, meta)) = ctx.get(&manifest_path, MAX_MANIFEST).await? {
             let decoded = Manifest::decode(&bytes, key);
             previous = Some(Previous {
                 version: version_of(&meta),
@@ -562,7 +583,7 @@ async fn plan(ctx: &Ctx, key: &str) -> Result<Plan, StoreError> {
         if let Some(version) = take_lease(ctx, &lease_path, &lease, PutMode::Create).await? {
             return Ok(held(version));
         }
-        let Some((bytes, meta)) = ctx.get(&lease_path).await? else {
+        let Some((bytes, meta)) = ctx.get(&lease_path, MAX_LEASE).await? else {
             continue; // removed meanwhile: try to create it again
         };
         match Lease::decode(&bytes) {
@@ -676,13 +697,14 @@ async fn download(ctx: Arc<Ctx>, mut w: Writer, m: Manifest, etag: Option<String
             let (ctx, path) = (ctx.clone(), ctx.chunk_path(&h, m.generation, next as u32));
             let (generation, index) = (m.generation, next as u32);
             let offset = next_offset;
+            let max = format::chunk_object_max(m.chunks[next].len, next == 0);
             next_offset += m.chunks[next].len;
             // Each chunk is fetched and hashed in its own task, so the runtime's threads
             // verify several chunks at once; bytes are written in order below.
             ahead.0.push_back(tokio::spawn(async move {
                 let mut tries = 0;
                 loop {
-                    match ctx.get(&path).await {
+                    match ctx.get(&path, max).await {
                         Err(e) if tries < 3 => {
                             tries += 1;
                             tracing::debug!(error = %e, "chunk download failed; retrying");
@@ -760,7 +782,7 @@ enum Seen {
 
 /// Checks the lease of a tailed generation: `Err` if its producer is gone.
 async fn check_lease(ctx: &Ctx, h: &str, generation: u128) -> Result<Seen, Gone> {
-    match ctx.get(&ctx.path(h, "lease")).await {
+    match ctx.get(&ctx.path(h, "lease"), MAX_LEASE).await {
         Ok(None) => Err(Gone::Aborted(
             "the entry was removed from the bucket".into(),
         )),
@@ -803,9 +825,13 @@ async fn tail(ctx: Arc<Ctx>, mut w: Writer, generation: u128) {
     let mut done_seen = false;
     loop {
         let found = if ended {
-            ctx.get(&ctx.path(&h, "manifest")).await
+            ctx.get(&ctx.path(&h, "manifest"), MAX_MANIFEST).await
         } else {
-            ctx.get(&ctx.chunk_path(&h, generation, index)).await
+            ctx.get(
+                &ctx.chunk_path(&h, generation, index),
+                format::MAX_CHUNK_OBJECT,
+            )
+            .await
         };
         match found {
             Ok(Some((obj, _))) if !ended => {
@@ -936,7 +962,7 @@ impl LeaseKeeper {
                 Ok(None) if second_try => break,
                 // Refused: either another node took it, or our last write landed without
                 // its answer reaching us. Still ours while it names our generation.
-                Ok(None) => match ctx.get(&self.path).await {
+                Ok(None) => match ctx.get(&self.path, MAX_LEASE).await {
                     Ok(Some((bytes, meta)))
                         if Lease::decode(&bytes).is_ok_and(|l| {
                             l.generation == self.generation && l.state == LeaseState::Producing
