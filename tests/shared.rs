@@ -134,7 +134,8 @@ fn is_chunk(path: &str) -> bool {
 /// picks, wait until the test opens the gate; writes to the paths `late` picks are made at
 /// once but answered only then. A bucket slow to answer, on demand (no real server can be
 /// made slow for one kind of request). Objects at the paths `huge` picks claim to be
-/// `HUGE` bytes, a body of zeros counted in `pulled` as it is read.
+/// `HUGE` bytes, a body of zeros counted in `pulled` as it is read. Reads of the paths
+/// `failing` picks fail while `fail` is set.
 #[derive(Debug)]
 struct GateStore {
     inner: Arc<dyn ObjectStore>,
@@ -143,6 +144,8 @@ struct GateStore {
     late: fn(&str) -> bool,
     huge: fn(&str) -> bool,
     pulled: Arc<std::sync::atomic::AtomicU64>,
+    failing: fn(&str) -> bool,
+    fail: std::sync::atomic::AtomicBool,
     open: tokio::sync::watch::Sender<bool>,
     held: AtomicUsize,
 }
@@ -157,6 +160,8 @@ impl GateStore {
             late: |_| false,
             huge: |_| false,
             pulled: Arc::default(),
+            failing: |_| false,
+            fail: Default::default(),
             open: tokio::sync::watch::Sender::new(false),
             held: AtomicUsize::new(0),
         }
@@ -182,6 +187,14 @@ impl GateStore {
     fn inflating(inner: Arc<dyn ObjectStore>, huge: fn(&str) -> bool) -> GateStore {
         GateStore {
             huge,
+            ..GateStore::new(inner, |_| false)
+        }
+    }
+
+    /// Makes the reads of the paths `failing` picks fail while `fail` is set.
+    fn failing(inner: Arc<dyn ObjectStore>, failing: fn(&str) -> bool) -> GateStore {
+        GateStore {
+            failing,
             ..GateStore::new(inner, |_| false)
         }
     }
@@ -266,6 +279,12 @@ impl ObjectStore for GateStore {
         location: &ObjPath,
         options: GetOptions,
     ) -> object_store::Result<GetResult> {
+        if self.fail.load(Ordering::SeqCst) && (self.failing)(location.as_ref()) {
+            return Err(object_store::Error::Generic {
+                store: "GateStore",
+                source: "injected failure".into(),
+            });
+        }
         let mut got = self.inner.get_opts(location, options).await?;
         if (self.huge)(location.as_ref()) {
             got.meta.size = HUGE;
@@ -556,6 +575,89 @@ fn an_oversized_object_is_not_read() {
             hit_bytes(&node(&plain), "k").as_deref(),
             Some(&b"fresh"[..])
         );
+    });
+}
+
+/// A manifest write whose answer was lost but which landed counts as the commit it is. What
+/// went wrong before: its retry was refused (the manifest exists), which read as another
+/// node's commit, so the lease was marked aborted over this node's own committed entry and
+/// its tailing readers failed.
+#[test]
+fn a_commit_whose_answer_was_lost_still_counts() {
+    deadline("lost answer", || {
+        let inner: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+        let gate = Arc::new(GateStore::answering_late(inner.clone(), |p| {
+            p.ends_with("/manifest")
+        }));
+        let slow = Fleet {
+            store: gate.clone(),
+            ..bucket()
+        };
+        let plain = Fleet {
+            store: inner,
+            ..bucket()
+        };
+        let a = Cache::builder()
+            .shared(tier(&slow).timeout(Duration::from_millis(300)))
+            .build()
+            .unwrap();
+        put(&a, "k", b"committed once");
+        // The first write landed and its answer never came; a retry is at the gate.
+        wait_until("a retry", DEADLINE, || gate.held() >= 2);
+        gate.open();
+        let lease_state = || {
+            objects(&plain)
+                .iter()
+                .find(|p| p.ends_with("/lease"))
+                .and_then(|p| {
+                    let text = String::from_utf8(get_object(&plain, p)).unwrap();
+                    text.lines()
+                        .find_map(|l| l.strip_prefix("state ").map(str::to_string))
+                })
+        };
+        wait_until("the lease settles", DEADLINE, || {
+            lease_state().is_some_and(|s| s != "producing")
+        });
+        assert_eq!(lease_state().as_deref(), Some("done"));
+        assert_eq!(
+            hit_bytes(&node(&plain), "k").as_deref(),
+            Some(&b"committed once"[..])
+        );
+    });
+}
+
+/// A tailing reader whose producer finished waits out a bucket that fails its reads for a
+/// while (less than the lease) and then reads on. What went wrong in the first version of
+/// the "done but missing" check: a failed read did not reset it, so two lease checks that
+/// said "done" during a bucket's bad moment failed a reader whose bytes were all there.
+#[test]
+fn a_tail_waits_out_failing_reads_after_its_producer_finished() {
+    deadline("failing reads", || {
+        let store = Arc::new(GateStore::failing(Arc::new(InMemory::new()), is_chunk));
+        // Lease checks every second; the bucket fails for 2.5 s, under the 4 s lease.
+        let f = Fleet {
+            store: store.clone(),
+            lease: Duration::from_secs(4),
+            ..bucket()
+        };
+        let (a, b) = (node(&f), node(&f));
+        let mut w = miss(&a, "k");
+        w.write_all(b"first part, ").unwrap();
+        w.flush().unwrap();
+        let mut r = hit(&b, "k");
+        let mut first = [0; 12];
+        r.read_exact(&mut first).unwrap();
+        store.fail.store(true, Ordering::SeqCst);
+        w.write_all(b"then the rest").unwrap();
+        w.finish().unwrap();
+        wait_until("committed", DEADLINE, || {
+            objects(&f).iter().any(|p| p.ends_with("/manifest"))
+        });
+        thread::sleep(Duration::from_millis(2500));
+        store.fail.store(false, Ordering::SeqCst);
+        let mut rest = Vec::new();
+        r.read_to_end(&mut rest).unwrap();
+        assert_eq!(rest, b"then the rest");
     });
 }
 
@@ -986,7 +1088,11 @@ fn ttl_counts_from_the_manifests_finish_time() {
 #[test]
 fn producing_an_expired_entry_again_takes_four_requests() {
     deadline("expired again", || {
-        let f = bucket();
+        // A long lease: no heartbeat's write falls between the miss and the count.
+        let f = Fleet {
+            lease: Duration::from_secs(60),
+            ..bucket()
+        };
         let clock = Arc::new(ManualClock::new());
         let build = || {
             Cache::builder()

@@ -21,14 +21,19 @@ use crate::codec::hex;
 /// on two cores).
 const CHUNK_MAGIC: &[u8; 4] = b"SCK2";
 const CHUNK_HEADER: usize = 4 + 16 + 4 + 1 + 8 + 4 + 4 + 32;
-/// The largest chunk object the format can describe (payload and metadata lengths are `u32`).
-pub(crate) const MAX_CHUNK_OBJECT: u64 = CHUNK_HEADER as u64 + 2 * u32::MAX as u64;
+/// The largest chunk payload a producer cuts (`SharedTier::chunk_size` is clamped to it).
+pub(crate) const MAX_CHUNK_PAYLOAD: usize = 1 << 30;
+/// The largest metadata the first chunk carries (for tailing readers, which otherwise get it
+/// from the manifest at the end): larger metadata is left out of the chunk.
+pub(crate) const MAX_CHUNK_METADATA: usize = 1 << 20;
+/// The largest chunk object a producer writes.
+pub(crate) const MAX_CHUNK_OBJECT: u64 =
+    (CHUNK_HEADER + MAX_CHUNK_PAYLOAD + MAX_CHUNK_METADATA) as u64;
 
 /// The largest a chunk object of `len` payload bytes can be: its header and payload, and for
-/// the first chunk (which carries the metadata as it was when the chunk was cut) up to 4 GiB
-/// of metadata.
+/// the first chunk its metadata.
 pub(crate) fn chunk_object_max(len: u64, first: bool) -> u64 {
-    let meta = if first { u64::from(u32::MAX) } else { 0 };
+    let meta = if first { MAX_CHUNK_METADATA as u64 } else { 0 };
     (CHUNK_HEADER as u64)
         .saturating_add(len)
         .saturating_add(meta)

@@ -259,7 +259,7 @@ impl SharedTier {
     /// The largest chunk uploaded [8 MiB]; at most 1 GiB. Larger chunks mean fewer requests,
     /// and each upload holds one chunk in memory.
     pub fn chunk_size(mut self, bytes: usize) -> SharedTier {
-        self.chunk_size = bytes.clamp(1, 1 << 30);
+        self.chunk_size = bytes.clamp(1, format::MAX_CHUNK_PAYLOAD);
         self
     }
 

@@ -61,6 +61,9 @@ struct Held {
     /// The manifest present when the lease was won (expired or unusable), replaced with a
     /// conditional update; `None` creates the manifest.
     manifest: Option<Previous>,
+    /// Registered as this node's from before the lease was written, so that no plan here
+    /// takes it for an orphan meanwhile.
+    uploading: Uploading,
 }
 
 /// A manifest the producer replaces.
@@ -252,7 +255,12 @@ impl Tier {
                         tracing::warn!(%key, error = %e, "cannot read the new entry back to upload it");
                         // Nothing will be uploaded: other nodes should not tail the lease.
                         self.handle().spawn(async move {
-                            let keeper = LeaseKeeper::new(&ctx, &key_hash(&key), held);
+                            let keeper = LeaseKeeper::new(
+                                &ctx,
+                                &key_hash(&key),
+                                held.generation,
+                                held.version,
+                            );
                             let _ = keeper.update(&ctx, LeaseState::Aborted).await;
                         });
                     }
@@ -288,16 +296,23 @@ impl Tier {
             // only their directories are: a production that starts as soon as the lease is
             // gone keeps its own lease, chunks and manifest. (Deleting the key's whole
             // directory in the background once took those too.)
+            // Best effort: a look that fails only leaves those chunks to the bucket's
+            // lifecycle rules; the removal itself goes on.
+            let (manifest_path, lease_path) = (ctx.path(&h, "manifest"), ctx.path(&h, "lease"));
+            let (manifest, lease) = tokio::join!(
+                ctx.get(&manifest_path, MAX_MANIFEST),
+                ctx.get(&lease_path, MAX_LEASE)
+            );
             let mut generations = Vec::new();
-            if let Some((bytes, _)) = ctx.get(&ctx.path(&h, "manifest"), MAX_MANIFEST).await? {
+            if let Ok(Some((bytes, _))) = manifest {
                 generations.extend(Manifest::decode(&bytes, &key).ok().map(|m| m.generation));
             }
-            if let Some((bytes, _)) = ctx.get(&ctx.path(&h, "lease"), MAX_LEASE).await? {
+            if let Ok(Some((bytes, _))) = lease {
                 generations.extend(Lease::decode(&bytes).ok().map(|l| l.generation));
             }
             generations.dedup();
-            ctx.delete(&ctx.path(&h, "manifest")).await?;
-            ctx.delete(&ctx.path(&h, "lease")).await?;
+            ctx.delete(&manifest_path).await?;
+            ctx.delete(&lease_path).await?;
             let ctx2 = ctx.clone();
             tokio::spawn(async move {
                 for g in generations {
@@ -545,7 +560,7 @@ fn version_of(meta: &ObjectMeta) -> UpdateVersion {
 
 /// The protocol of a local miss (see the module docs): a finished manifest is downloaded; a
 /// live lease is tailed; otherwise one node wins the lease with a conditional write.
-async fn plan(ctx: &Ctx, key: &str) -> Result<Plan, StoreError> {
+async fn plan(ctx: &Arc<Ctx>, key: &str) -> Result<Plan, StoreError> {
     let h = key_hash(key);
     let manifest_path = ctx.path(&h, "manifest");
     let lease_path = ctx.path(&h, "lease");
@@ -573,15 +588,17 @@ async fn plan(ctx: &Ctx, key: &str) -> Result<Plan, StoreError> {
         }
         let generation = random_u128();
         let lease = ctx.new_lease(generation);
-        let held = |version| {
+        let uploading = Uploading::new(ctx, generation);
+        let held = |version, uploading| {
             Plan::Produce(Held {
                 generation,
                 version,
                 manifest: previous.clone(),
+                uploading,
             })
         };
         if let Some(version) = take_lease(ctx, &lease_path, &lease, PutMode::Create).await? {
-            return Ok(held(version));
+            return Ok(held(version, uploading));
         }
         let Some((bytes, meta)) = ctx.get(&lease_path, MAX_LEASE).await? else {
             continue; // removed meanwhile: try to create it again
@@ -610,7 +627,7 @@ async fn plan(ctx: &Ctx, key: &str) -> Result<Plan, StoreError> {
         // Exactly one node's conditional update wins.
         let mode = PutMode::Update(version_of(&meta));
         if let Some(version) = take_lease(ctx, &lease_path, &lease, mode).await? {
-            return Ok(held(version));
+            return Ok(held(version, uploading));
         }
     }
     Err(StoreError::Generic {
@@ -880,6 +897,9 @@ async fn tail(ctx: Arc<Ctx>, mut w: Writer, generation: u128) {
             },
             Ok(None) => failing_since = None,
             Err(e) => {
+                // Only a look that found nothing shows the data gone; a failed one shows
+                // nothing (a slow or failing bucket is judged by how long it fails).
+                done_seen = false;
                 let since = *failing_since.get_or_insert_with(Instant::now);
                 if since.elapsed() > ctx.cfg.lease {
                     return remote_abort(w, format!("the bucket kept failing: {e}"));
@@ -930,11 +950,11 @@ struct LeaseKeeper {
 }
 
 impl LeaseKeeper {
-    fn new(ctx: &Ctx, h: &str, held: Held) -> LeaseKeeper {
+    fn new(ctx: &Ctx, h: &str, generation: u128, version: UpdateVersion) -> LeaseKeeper {
         LeaseKeeper {
             path: ctx.path(h, "lease"),
-            generation: held.generation,
-            version: tokio::sync::Mutex::new(held.version),
+            generation,
+            version: tokio::sync::Mutex::new(version),
             lost: AtomicBool::new(false),
             chunks: AtomicU64::new(0),
             stop: Notify::new(),
@@ -1001,10 +1021,13 @@ async fn heartbeat(ctx: Arc<Ctx>, keeper: Arc<LeaseKeeper>) {
 /// manifest after the last chunk. The memory it holds is one chunk.
 async fn upload(ctx: Arc<Ctx>, reader: Reader, key: String, held: Held) {
     let h = key_hash(&key);
-    let _uploading = Uploading::new(&ctx, held.generation);
-    let previous = held.manifest.clone();
-    let generation = held.generation;
-    let keeper = Arc::new(LeaseKeeper::new(&ctx, &h, held));
+    let Held {
+        generation,
+        version,
+        manifest: previous,
+        uploading: _uploading,
+    } = held;
+    let keeper = Arc::new(LeaseKeeper::new(&ctx, &h, generation, version));
     let beat = tokio::spawn(heartbeat(ctx.clone(), keeper.clone()));
     let body = upload_chunks(&ctx, reader, &h, &keeper).await;
     // The heartbeat goes on while the manifest is written: a commit slow to answer must not
@@ -1022,7 +1045,8 @@ async fn upload(ctx: Arc<Ctx>, reader: Reader, key: String, held: Held) {
             // bucket was down) nor whatever entry holds the key by now (this one may be
             // evicted or replaced already). A stream always has them once finished; the
             // fallback is for form's sake.
-            let (finished, ttl_ms) = lifetime.unwrap_or_else(|| (ctx.clock.now_millis(), None));
+            let (finished, ttl_ms) =
+                lifetime.unwrap_or_else(|| (ctx.clock.now_millis(), ctx.cache_ttl_ms));
             let m = Manifest {
                 key: key.clone(),
                 generation,
@@ -1070,20 +1094,27 @@ async fn upload(ctx: Arc<Ctx>, reader: Reader, key: String, held: Held) {
     }
 }
 
-/// An upload in `Ctx::uploading` for as long as this lives.
-struct Uploading<'a>(&'a Ctx, u128);
+/// A generation in `Ctx::uploading` for as long as this lives: from before its lease is
+/// written until its upload ends (or the plan or the lease is given up).
+struct Uploading(Arc<Ctx>, u128);
 
-impl<'a> Uploading<'a> {
-    fn new(ctx: &'a Ctx, generation: u128) -> Uploading<'a> {
+impl Uploading {
+    fn new(ctx: &Arc<Ctx>, generation: u128) -> Uploading {
         ctx.uploading
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(generation);
-        Uploading(ctx, generation)
+        Uploading(ctx.clone(), generation)
     }
 }
 
-impl Drop for Uploading<'_> {
+impl fmt::Debug for Uploading {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Uploading({:032x})", self.1)
+    }
+}
+
+impl Drop for Uploading {
     fn drop(&mut self) {
         self.0
             .uploading
@@ -1116,7 +1147,17 @@ async fn commit(
         {
             Ok(_) => return Ok(old_generation),
             Err(StoreError::AlreadyExists { .. } | StoreError::Precondition { .. }) => {
-                return Err(Stop::Refused);
+                // Refused: another node's commit came first, or a try of ours whose answer
+                // was lost (a timeout) landed. The manifest says which.
+                return match ctx.get(&path, MAX_MANIFEST).await {
+                    Ok(Some((bytes, _)))
+                        if Manifest::decode(&bytes, &m.key)
+                            .is_ok_and(|there| there.generation == m.generation) =>
+                    {
+                        Ok(old_generation)
+                    }
+                    _ => Err(Stop::Refused),
+                };
             }
             Err(e) if tries < 5 => {
                 tries += 1;
@@ -1206,10 +1247,13 @@ async fn upload_chunks(
         };
         let index = u32::try_from(refs.len())
             .map_err(|_| Stop::Local(std::io::Error::other("entry has over 2^32 chunks")))?;
-        let metadata = if index == 0 {
-            r.get_ref().metadata()
-        } else {
-            Bytes::new()
+        // The first chunk carries the metadata so far, for tailing readers, unless it is
+        // large (they get it from the manifest at the end).
+        let metadata = match index {
+            0 => Some(r.get_ref().metadata())
+                .filter(|m| m.len() <= format::MAX_CHUNK_METADATA)
+                .unwrap_or_default(),
+            _ => Bytes::new(),
         };
         let filled = copy.take().map(|b| b.freeze());
         if let Some(b) = &filled {
