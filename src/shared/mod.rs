@@ -119,7 +119,10 @@
 //! `InMemory` do; `LocalFileSystem` has no conditional update and is refused by
 //! [`CacheBuilder::build`](crate::CacheBuilder::build) with [`Error::InvalidInput`],
 //! as is a store that accepts a conditional write it should refuse. A store unreachable at
-//! build time is not an error: the cache serves locally until it answers.
+//! build time is not an error: the cache serves locally until it answers. The protocol also
+//! assumes read-after-write consistency (a read sees every write that was answered before
+//! it began), as AWS S3, MinIO, R2 and GCS give; behind an eventually consistent gateway a
+//! tailing reader may fail a healthy production (never serve wrong bytes).
 
 use std::fmt;
 use std::sync::Arc;
