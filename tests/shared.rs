@@ -346,6 +346,50 @@ fn manifest_field(f: &Fleet, key: &str, field: &str) -> Option<String> {
         .find_map(|l| l.strip_prefix(field)?.strip_prefix(' ').map(str::to_string))
 }
 
+/// Waits until the bucket holds a manifest of `key`.
+fn wait_manifest(f: &Fleet, key: &str) {
+    wait_until("manifest committed", DEADLINE, || {
+        manifest_field(f, key, "generation").is_some()
+    });
+}
+
+/// The state the (one) lease in the bucket says, if there is one.
+fn lease_state(f: &Fleet) -> Option<String> {
+    let path = objects(f).into_iter().find(|p| p.ends_with("/lease"))?;
+    let text = String::from_utf8(get_object(f, &path)).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix("state ").map(str::to_string))
+}
+
+/// One in-memory bucket seen two ways, with `lease`: through the gate `make` builds on it
+/// (for the nodes), and plain (for the test's own looks, which the gate must not hold).
+fn gated(
+    lease: Duration,
+    make: impl FnOnce(Arc<dyn ObjectStore>) -> GateStore,
+) -> (Arc<GateStore>, Fleet, Fleet) {
+    let inner: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+    let gate = Arc::new(make(inner.clone()));
+    let through = Fleet {
+        store: gate.clone(),
+        lease,
+        ..bucket()
+    };
+    let plain = Fleet {
+        store: inner,
+        lease,
+        ..bucket()
+    };
+    (gate, through, plain)
+}
+
+/// A node that waits only 300 ms for the bucket.
+fn impatient_node(f: &Fleet) -> Cache {
+    Cache::builder()
+        .shared(tier(f).timeout(Duration::from_millis(300)))
+        .build()
+        .unwrap()
+}
+
 /// The manifest records the entry's own finish time and time to live, read from its stream.
 /// What went wrong before: the manifest took the time at which the upload reached the end,
 /// so an upload that finished late (a slow bucket, or one that had been down) moved the
@@ -466,30 +510,17 @@ fn a_tail_whose_lease_says_done_with_data_missing_fails() {
 #[test]
 fn a_removal_leaves_the_next_production_alone() {
     deadline("remove then produce", || {
-        let inner: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
         // Hold listings of a key's directory (`test/<key hash>`).
-        let gate = Arc::new(GateStore::listing(inner.clone(), |p| {
-            p.split('/').count() == 2
-        }));
-        let f = Fleet {
-            store: gate.clone(),
-            ..bucket()
-        };
-        let plain = Fleet {
-            store: inner,
-            ..bucket()
-        };
+        let (gate, f, plain) = gated(bucket().lease, |inner| {
+            GateStore::listing(inner, |p| p.split('/').count() == 2)
+        });
         let (a, b, c) = (node(&f), node(&f), node(&f));
         put(&a, "k", b"first");
-        wait_until("first committed", DEADLINE, || {
-            manifest_field(&plain, "k", "generation").is_some()
-        });
+        wait_manifest(&plain, "k");
         assert!(a.remove("k").unwrap());
         assert!(manifest_field(&plain, "k", "generation").is_none());
         put(&b, "k", b"second");
-        wait_until("second committed", DEADLINE, || {
-            manifest_field(&plain, "k", "generation").is_some()
-        });
+        wait_manifest(&plain, "k");
         gate.open();
         // Whatever the removal's clean-up does, it has done by now.
         thread::sleep(Duration::from_millis(300));
@@ -505,25 +536,10 @@ fn a_removal_leaves_the_next_production_alone() {
 #[test]
 fn a_lease_answered_too_late_is_taken_over_by_its_own_node() {
     deadline("late lease", || {
-        let inner: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
-        let gate = Arc::new(GateStore::answering_late(inner.clone(), |p| {
-            p.ends_with("/lease")
-        }));
-        let lease = Duration::from_secs(60);
-        let slow = Fleet {
-            store: gate.clone(),
-            lease,
-            ..bucket()
-        };
-        let plain = Fleet {
-            store: inner,
-            lease,
-            ..bucket()
-        };
-        let a = Cache::builder()
-            .shared(tier(&slow).timeout(Duration::from_millis(300)))
-            .build()
-            .unwrap();
+        let (gate, slow, plain) = gated(Duration::from_secs(60), |inner| {
+            GateStore::answering_late(inner, |p| p.ends_with("/lease"))
+        });
+        let a = impatient_node(&slow);
         let mut w = miss(&a, "k");
         assert_eq!(
             a.shared_stats().unwrap().fallbacks,
@@ -552,25 +568,17 @@ fn a_lease_answered_too_late_is_taken_over_by_its_own_node() {
 #[test]
 fn an_oversized_object_is_not_read() {
     deadline("oversized", || {
-        let inner: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
-        let plain = Fleet {
-            store: inner.clone(),
-            ..bucket()
-        };
+        let (huge, through, plain) = gated(bucket().lease, |inner| {
+            GateStore::inflating(inner, |p| p.ends_with("/lease"))
+        });
         // A lease left by a producer that died.
         let a = node(&plain);
         drop(miss(&a, "k"));
-        let huge = Arc::new(GateStore::inflating(inner, |p| p.ends_with("/lease")));
-        let b = node(&Fleet {
-            store: huge.clone(),
-            ..bucket()
-        });
+        let b = node(&through);
         put(&b, "k", b"fresh");
         assert_eq!(b.shared_stats().unwrap().produced, 1);
         assert_eq!(huge.pulled.load(Ordering::SeqCst), 0, "lease bytes read");
-        wait_until("committed", DEADLINE, || {
-            manifest_field(&plain, "k", "generation").is_some()
-        });
+        wait_manifest(&plain, "k");
         assert_eq!(
             hit_bytes(&node(&plain), "k").as_deref(),
             Some(&b"fresh"[..])
@@ -585,40 +593,18 @@ fn an_oversized_object_is_not_read() {
 #[test]
 fn a_commit_whose_answer_was_lost_still_counts() {
     deadline("lost answer", || {
-        let inner: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
-        let gate = Arc::new(GateStore::answering_late(inner.clone(), |p| {
-            p.ends_with("/manifest")
-        }));
-        let slow = Fleet {
-            store: gate.clone(),
-            ..bucket()
-        };
-        let plain = Fleet {
-            store: inner,
-            ..bucket()
-        };
-        let a = Cache::builder()
-            .shared(tier(&slow).timeout(Duration::from_millis(300)))
-            .build()
-            .unwrap();
+        let (gate, slow, plain) = gated(bucket().lease, |inner| {
+            GateStore::answering_late(inner, |p| p.ends_with("/manifest"))
+        });
+        let a = impatient_node(&slow);
         put(&a, "k", b"committed once");
         // The first write landed and its answer never came; a retry is at the gate.
         wait_until("a retry", DEADLINE, || gate.held() >= 2);
         gate.open();
-        let lease_state = || {
-            objects(&plain)
-                .iter()
-                .find(|p| p.ends_with("/lease"))
-                .and_then(|p| {
-                    let text = String::from_utf8(get_object(&plain, p)).unwrap();
-                    text.lines()
-                        .find_map(|l| l.strip_prefix("state ").map(str::to_string))
-                })
-        };
         wait_until("the lease settles", DEADLINE, || {
-            lease_state().is_some_and(|s| s != "producing")
+            lease_state(&plain).is_some_and(|s| s != "producing")
         });
-        assert_eq!(lease_state().as_deref(), Some("done"));
+        assert_eq!(lease_state(&plain).as_deref(), Some("done"));
         assert_eq!(
             hit_bytes(&node(&plain), "k").as_deref(),
             Some(&b"committed once"[..])
@@ -1106,14 +1092,7 @@ fn producing_an_expired_entry_again_takes_four_requests() {
         put(&a, "k", b"old");
         // Committed: the lease says "done" once the manifest is in.
         wait_until("committed", DEADLINE, || {
-            objects(&f)
-                .iter()
-                .find(|p| p.ends_with("/lease"))
-                .is_some_and(|p| {
-                    String::from_utf8(get_object(&f, p))
-                        .unwrap()
-                        .contains("state done")
-                })
+            lease_state(&f).as_deref() == Some("done")
         });
         clock.advance(Duration::from_secs(61));
         let b = build();
