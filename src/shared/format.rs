@@ -480,6 +480,9 @@ mod tests {
         assert!(!d.last);
         let last = decode_chunk(chunk(5, 3, true, b"", b"end"), 5, 3, 0).unwrap();
         assert!(last.last && last.metadata.is_none());
+        // An empty entry's one chunk is its header alone.
+        let empty = decode_chunk(chunk(5, 0, true, b"", b""), 5, 0, 0).unwrap();
+        assert!(empty.last && empty.payload.is_empty());
         assert!(
             decode_chunk(c.clone(), 6, 0, 0)
                 .unwrap_err()
