@@ -193,6 +193,11 @@ impl Manifest {
                 .ok_or("manifest lists fewer chunks than it says")?;
             let (len, hash) = line.split_once(' ').ok_or("malformed chunk line")?;
             let len = number(len)?;
+            if len > MAX_CHUNK_PAYLOAD as u64 {
+                return Err(format!(
+                    "manifest lists a chunk of {len} bytes, more than any producer cuts"
+                ));
+            }
             let hash: [u8; 32] = unhex(hash)?
                 .try_into()
                 .map_err(|_| "chunk hash is not 32 bytes".to_string())?;
@@ -447,6 +452,22 @@ mod tests {
         m.chunks.clear();
         m.length = 0;
         assert!(Manifest::decode(&m.encode(), &m.key).is_err());
+        // A chunk longer than any producer cuts (a forged manifest would have a node read an
+        // object of that size).
+        let big = MAX_CHUNK_PAYLOAD as u64 + 1;
+        m.chunks = vec![ChunkRef {
+            len: big,
+            hash: [0; 32],
+        }];
+        m.length = big;
+        assert!(
+            Manifest::decode(&m.encode(), &m.key)
+                .unwrap_err()
+                .contains("more than any producer cuts")
+        );
+        m.chunks[0].len -= 1;
+        m.length -= 1;
+        assert!(Manifest::decode(&m.encode(), &m.key).is_ok());
     }
 
     #[test]
