@@ -263,10 +263,7 @@ impl Observer for Slot {
             return None;
         }
         let ttl = match self.books.cache() {
-            Some(cache) => cache
-                .limits
-                .expires_at(finished, self.ttl_ms())
-                .map(|at| at.saturating_sub(finished)),
+            Some(cache) => cache.expires_at(self).map(|at| at.saturating_sub(finished)),
             None => self.ttl_ms(),
         };
         Some((finished, ttl))
