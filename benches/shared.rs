@@ -11,6 +11,14 @@
 //! 3. a remote late joiner's delay: from a producer's `flush` to a reader on another node
 //!    having the bytes, against the configured chunk interval plus poll interval.
 //!
+//! All three run twice: with moto at normal CPU priority, then under `SCHED_IDLE`. Then, as a
+//! diagnostic, the producer rounds of 2. run once more against a "far bucket": an in-memory
+//! store that costs this machine no CPU for the bytes it is sent (a PUT of a chunk waits as
+//! long as 1 GB/s would take and keeps a one-byte stand-in). That separates the client's own
+//! cost from that of a server sharing its cores. Each producer line also gives the producing
+//! thread's time on the run queue (runnable, but another thread had its core), from
+//! `/proc/thread-self/schedstat`.
+//!
 //! ```text
 //! STREAMCACHE_MOTO_PYTHON=/path/to/venv/bin/python cargo bench --bench shared --features s3
 //! ```
@@ -23,8 +31,13 @@ use std::io::{Read, Write};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures_core::stream::BoxStream;
+use object_store::memory::InMemory;
 use object_store::path::Path;
-use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use object_store::{
+    CopyOptions, GetOptions, GetResult, ListResult, MultipartUpload, ObjectMeta, ObjectStore,
+    ObjectStoreExt, PutMultipartOptions, PutOptions, PutPayload, PutResult,
+};
 use streamcache::shared::SharedTier;
 use streamcache::{Cache, Entry};
 
@@ -63,13 +76,24 @@ fn main() {
         );
         run(&moto);
     }
+    println!(
+        "--- a far bucket (diagnostic, not a server: costs this machine no CPU for the bytes it is sent)"
+    );
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let far: Arc<dyn ObjectStore> = Arc::new(FarBucket::default());
+    produce(&rt, &far, &pattern());
+}
+
+/// The 64 MiB every case writes or reads.
+fn pattern() -> Arc<Vec<u8>> {
+    Arc::new((0..SIZE).map(|i| (i * 31 % 251) as u8).collect())
 }
 
 fn run(moto: &moto::Moto) {
     moto.create_bucket("bench");
     let store = moto.store("bench");
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let data: Arc<Vec<u8>> = Arc::new((0..SIZE).map(|i| (i * 31 % 251) as u8).collect());
+    let data = pattern();
 
     // The server's own cost of one request, for the record (a chunked download makes one
     // per chunk, plus one for the manifest).
@@ -136,8 +160,14 @@ fn run(moto: &moto::Moto) {
         g / c
     );
 
-    // 2. Producer throughput with the upload overlapped, into a memory cache and into a
-    // disk cache. Each cache is dropped before the next is made and the order alternates, so
+    produce(&rt, &store, &data);
+    late_joiner(&store);
+}
+
+/// 2. Producer throughput with the upload overlapped into `store`.
+fn produce(rt: &tokio::runtime::Runtime, store: &Arc<dyn ObjectStore>, data: &[u8]) {
+    let mbs = |s: f64| SIZE as f64 / s / 1e6;
+    // Into a memory cache and into a disk cache. Each cache is dropped before the next is made and the order alternates, so
     // that both sides get the same mix of fresh and recycled pages; one unmeasured round of
     // each first.
     for disk in [false, true] {
@@ -152,14 +182,17 @@ fn run(moto: &moto::Moto) {
         };
         let mut miss_s = Vec::new();
         let (mut local_cpu, mut shared_cpu) = (Vec::new(), Vec::new());
+        let (mut local_queued, mut shared_queued) = (Vec::new(), Vec::new());
         let mut local_run = |measure: bool, local_s: &mut Vec<f64>| {
             let dir = tempfile::tempdir().unwrap();
             let local = builder(dir.path()).build().unwrap();
             let cpu = cpu_ms();
-            let (_, wrote) = write_entry(&local, "p", &data);
+            let queued = run_queue_ms();
+            let (_, wrote) = write_entry(&local, "p", data);
             if measure {
                 local_s.push(wrote);
                 local_cpu.push(cpu_ms() - cpu);
+                local_queued.push(run_queue_ms() - queued);
             }
         };
         let mut shared_run = |measure: bool,
@@ -170,14 +203,17 @@ fn run(moto: &moto::Moto) {
             let prefix = format!("produce-{disk}-{round}");
             let dir = tempfile::tempdir().unwrap();
             let node = builder(dir.path())
-                .shared(tier(&store, &prefix))
+                .shared(tier(store, &prefix))
                 .build()
                 .unwrap();
             let t = Instant::now();
             let cpu = cpu_ms();
-            let (miss, wrote) = write_entry(&node, "p", &data);
-            wait_committed(&rt, &store, &prefix);
+            let queued = run_queue_ms();
+            let (miss, wrote) = write_entry(&node, "p", data);
+            let queued = run_queue_ms() - queued;
+            wait_committed(rt, store, &prefix);
             if measure {
+                shared_queued.push(queued);
                 shared_cpu.push(cpu_ms() - cpu);
                 shared_s.push(wrote);
                 miss_s.push(miss);
@@ -210,15 +246,22 @@ fn run(moto: &moto::Moto) {
             median(local_cpu),
             median(shared_cpu)
         );
+        println!(
+            "  the producing thread's time on the run queue per entry: without the tier {:.1} ms; with it {:.1} ms",
+            median(local_queued),
+            median(shared_queued)
+        );
     }
+}
 
-    // 3. Remote late joiner.
+/// 3. Remote late joiner.
+fn late_joiner(store: &Arc<dyn ObjectStore>) {
     let chunk_interval = Duration::from_millis(250);
     let poll = Duration::from_millis(100);
     let mk = || {
         Cache::builder()
             .shared(
-                tier(&store, "late")
+                tier(store, "late")
                     .chunk_interval(chunk_interval)
                     .poll_interval(poll),
             )
@@ -318,5 +361,90 @@ fn wait_committed(rt: &tokio::runtime::Runtime, store: &Arc<dyn ObjectStore>, pr
             "never committed"
         );
         std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The calling thread's time so far waiting on a run queue (runnable while another thread had
+/// its core), in milliseconds; 0 where `/proc/thread-self/schedstat` cannot be read.
+fn run_queue_ms() -> f64 {
+    std::fs::read_to_string("/proc/thread-self/schedstat")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<f64>().ok())
+        .map_or(0.0, |ns| ns / 1e6)
+}
+
+/// A bucket that costs this machine no CPU for the bytes it is sent: an in-memory store whose
+/// PUTs of more than 64 KiB (chunks) wait as long as sending them at 1 GB/s would take, then
+/// let go of the payload, as a store does once its request is sent, and keep a one-byte
+/// stand-in. Leases and manifests are kept whole. For the producer rounds only: chunks cannot
+/// be read back.
+#[derive(Debug, Default)]
+struct FarBucket {
+    inner: InMemory,
+}
+
+impl std::fmt::Display for FarBucket {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("FarBucket")
+    }
+}
+
+#[async_trait::async_trait]
+impl ObjectStore for FarBucket {
+    async fn put_opts(
+        &self,
+        location: &Path,
+        payload: PutPayload,
+        opts: PutOptions,
+    ) -> object_store::Result<PutResult> {
+        let len = payload.content_length();
+        if len <= 64 << 10 {
+            return self.inner.put_opts(location, payload, opts).await;
+        }
+        tokio::time::sleep(Duration::from_secs_f64(len as f64 / 1e9)).await;
+        drop(payload);
+        self.inner
+            .put_opts(location, PutPayload::from_static(b"x"), opts)
+            .await
+    }
+
+    async fn put_multipart_opts(
+        &self,
+        location: &Path,
+        opts: PutMultipartOptions,
+    ) -> object_store::Result<Box<dyn MultipartUpload>> {
+        self.inner.put_multipart_opts(location, opts).await
+    }
+
+    async fn get_opts(
+        &self,
+        location: &Path,
+        options: GetOptions,
+    ) -> object_store::Result<GetResult> {
+        self.inner.get_opts(location, options).await
+    }
+
+    fn delete_stream(
+        &self,
+        locations: BoxStream<'static, object_store::Result<Path>>,
+    ) -> BoxStream<'static, object_store::Result<Path>> {
+        self.inner.delete_stream(locations)
+    }
+
+    fn list(&self, prefix: Option<&Path>) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
+        self.inner.list(prefix)
+    }
+
+    async fn list_with_delimiter(&self, prefix: Option<&Path>) -> object_store::Result<ListResult> {
+        self.inner.list_with_delimiter(prefix).await
+    }
+
+    async fn copy_opts(
+        &self,
+        from: &Path,
+        to: &Path,
+        options: CopyOptions,
+    ) -> object_store::Result<()> {
+        self.inner.copy_opts(from, to, options).await
     }
 }
