@@ -98,6 +98,14 @@ fn put_object(f: &Fleet, path: &str, bytes: Vec<u8>) {
         .unwrap();
 }
 
+fn delete_object(f: &Fleet, path: &str) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(f.store.delete(&ObjPath::from(path))).unwrap();
+}
+
 fn get_object(f: &Fleet, path: &str) -> Vec<u8> {
     let store = &f.store;
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -135,7 +143,7 @@ fn is_chunk(path: &str) -> bool {
 /// once but answered only then. A bucket slow to answer, on demand (no real server can be
 /// made slow for one kind of request). Objects at the paths `huge` picks claim to be
 /// `HUGE` bytes, a body of zeros counted in `pulled` as it is read. Reads of the paths
-/// `failing` picks fail while `fail` is set.
+/// `failing` picks fail while `fail` is set; reads of the paths `gets` picks wait for the gate.
 #[derive(Debug)]
 struct GateStore {
     inner: Arc<dyn ObjectStore>,
@@ -146,6 +154,7 @@ struct GateStore {
     pulled: Arc<std::sync::atomic::AtomicU64>,
     failing: fn(&str) -> bool,
     fail: std::sync::atomic::AtomicBool,
+    gets: fn(&str) -> bool,
     open: tokio::sync::watch::Sender<bool>,
     held: AtomicUsize,
 }
@@ -162,6 +171,7 @@ impl GateStore {
             pulled: Arc::default(),
             failing: |_| false,
             fail: Default::default(),
+            gets: |_| false,
             open: tokio::sync::watch::Sender::new(false),
             held: AtomicUsize::new(0),
         }
@@ -195,6 +205,14 @@ impl GateStore {
     fn failing(inner: Arc<dyn ObjectStore>, failing: fn(&str) -> bool) -> GateStore {
         GateStore {
             failing,
+            ..GateStore::new(inner, |_| false)
+        }
+    }
+
+    /// Holds the reads of the paths `gets` picks.
+    fn holding_gets(inner: Arc<dyn ObjectStore>, gets: fn(&str) -> bool) -> GateStore {
+        GateStore {
+            gets,
             ..GateStore::new(inner, |_| false)
         }
     }
@@ -279,6 +297,9 @@ impl ObjectStore for GateStore {
         location: &ObjPath,
         options: GetOptions,
     ) -> object_store::Result<GetResult> {
+        if (self.gets)(location.as_ref()) {
+            self.wait().await;
+        }
         if self.fail.load(Ordering::SeqCst) && (self.failing)(location.as_ref()) {
             return Err(object_store::Error::Generic {
                 store: "GateStore",
@@ -968,6 +989,54 @@ fn corrupt_chunk_or_manifest_is_an_error_never_wrong_bytes() {
         wait_until("third version", DEADLINE, || {
             hit_bytes(&node(&store), "k").is_some_and(|v| v == b"third")
         });
+    });
+}
+
+/// A chunk that is gone because the entry was replaced in the bucket while a node downloaded
+/// it fails that download as a failure of the shared tier, not as a corrupt entry. What went
+/// wrong before: any missing chunk was reported as `Error::Corrupt` ("chunk listed by the
+/// manifest is missing"), also when a newer production had replaced the entry and its old
+/// chunks had been deleted after their grace period. A chunk missing under the very manifest
+/// that lists it is still corruption (checked last).
+#[test]
+fn a_chunk_gone_with_a_replaced_entry_is_a_shared_error_not_corruption() {
+    deadline("replaced while downloading", || {
+        let (gate, through, plain) = gated(Duration::from_millis(800), |inner| {
+            GateStore::holding_gets(inner, is_chunk)
+        });
+        let a = node(&plain);
+        let old = pattern(200_000, 3);
+        put(&a, "k", &old);
+        wait_manifest(&plain, "k");
+        let b = node(&through);
+        let mut r = hit(&b, "k");
+        wait_until("download at its first chunk", DEADLINE, || gate.held() >= 1);
+        // Replaced meanwhile: removed, its chunks deleted, produced again.
+        a.remove("k").unwrap();
+        wait_until("old chunks deleted", DEADLINE, || {
+            !objects(&plain).iter().any(|p| is_chunk(p))
+        });
+        let new = pattern(100_000, 4);
+        put(&a, "k", &new);
+        wait_until("new manifest", DEADLINE, || {
+            manifest_field(&plain, "k", "length").as_deref() == Some("100000")
+        });
+        gate.open();
+        let err = read_to_vec(&mut r).expect_err("the old version's chunks are gone");
+        assert!(is_aborted(&err), "{err}");
+        assert!(format!("{err:?}").contains("Shared"), "{err:?}");
+        assert!(!format!("{err:?}").contains("Corrupt"), "{err:?}");
+        // The new version is served.
+        wait_until("new version on B", DEADLINE, || {
+            hit_bytes(&b, "k").is_some_and(|v| v == new)
+        });
+
+        // A chunk missing under the manifest that lists it: corrupt.
+        let chunk = objects(&plain).into_iter().find(|p| is_chunk(p)).unwrap();
+        delete_object(&plain, &chunk);
+        let c = node(&through);
+        let err = read_to_vec(&mut hit(&c, "k")).expect_err("a chunk is missing");
+        assert!(format!("{err:?}").contains("Corrupt"), "{err:?}");
     });
 }
 

@@ -453,6 +453,16 @@ impl Ctx {
         }
     }
 
+    /// The ETag of the manifest of the key hashed `h` now, `None` if there is none.
+    async fn manifest_etag(&self, h: &str) -> Result<Option<String>, StoreError> {
+        let path = self.path(h, "manifest");
+        match self.timed("HEAD", self.cfg.store.head(&path)).await {
+            Ok(meta) => Ok(meta.e_tag),
+            Err(StoreError::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     async fn put(
         &self,
         path: &Path,
@@ -744,14 +754,28 @@ async fn download(ctx: Arc<Ctx>, mut w: Writer, m: Manifest, etag: Option<String
         let decoded = match got {
             Ok(Ok(Some(decoded))) => decoded,
             Ok(Ok(None)) => {
-                ctx.mark_bad(etag);
-                w.abort_with(corrupt(
-                    &ctx,
-                    &h,
-                    &chunk_name,
-                    "chunk listed by the manifest is missing".into(),
-                ));
-                return;
+                // Gone: the entry was replaced or removed since its manifest was read (the
+                // replaced generation's chunks are deleted a lease after the new manifest), or
+                // the chunk was lost. Only the second damages the manifest still in place.
+                return match ctx.manifest_etag(&h).await {
+                    Ok(now) if now.is_some() && now == etag => {
+                        ctx.mark_bad(etag);
+                        w.abort_with(corrupt(
+                            &ctx,
+                            &h,
+                            &chunk_name,
+                            "chunk listed by the manifest is missing".into(),
+                        ));
+                    }
+                    Ok(_) => remote_abort(
+                        w,
+                        format!(
+                            "chunk {i} is gone: the entry was replaced or removed in the bucket \
+                             while it was downloaded"
+                        ),
+                    ),
+                    Err(e) => remote_abort(w, format!("chunk {i} is missing ({e})")),
+                };
             }
             Ok(Err(e)) => return remote_abort(w, format!("chunk {i}: {e}")),
             Err(e) => return remote_abort(w, format!("chunk {i}: {e}")),
