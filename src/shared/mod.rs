@@ -77,7 +77,11 @@
 //!   ([`Error::Shared`]); a chunk or manifest that fails its hash or does
 //!   not parse fails the read ([`Error::Corrupt`]) and the entry is then
 //!   treated as absent here (the next request produces it again and replaces the manifest).
-//!   The next request after a failure asks the bucket again.
+//!   A chunk missing under the manifest that lists it is corruption too; one that is gone
+//!   because the entry was replaced or removed while this node downloaded it (a replaced
+//!   generation's chunks are deleted one [`lease`](SharedTier::lease) after the new
+//!   manifest) fails the download with [`Error::Shared`]. The next request after a failure
+//!   asks the bucket again.
 //! * **A down bucket never fails a request.** Every bucket operation is bounded by
 //!   [`timeout`](SharedTier::timeout); if the plan does not complete in time, the request
 //!   produces locally (a [`Miss`](crate::Entry::Miss)), a warning is logged, and publishing
