@@ -917,6 +917,37 @@ fn dead_producer_is_taken_over_in_memory() {
     deadline("takeover", || dead_producer_is_taken_over(bucket()));
 }
 
+/// A tailer whose producer died while the bucket failed every read of the lease (and answered
+/// "absent" for the next chunk) fails once the lease has been unreadable for a whole lease.
+/// What went wrong before: a lease read that failed counted as "the producer is alive", and
+/// only chunk reads that failed were timed, so that reader waited for ever.
+#[test]
+fn a_tail_whose_producers_lease_stays_unreadable_fails() {
+    deadline("lease unreadable", || {
+        let (gate, through, plain) = gated(Duration::from_millis(800), |inner| {
+            GateStore::failing(inner, |p| p.ends_with("/lease"))
+        });
+        let a = node(&plain);
+        let b = node(&through);
+        let mut w = miss(&a, "k");
+        w.write_all(&pattern(100_000, 2)).unwrap();
+        w.flush().unwrap();
+        let mut r = hit(&b, "k");
+        let mut head = vec![0; 1000];
+        r.read_exact(&mut head).unwrap();
+        gate.fail.store(true, Ordering::SeqCst);
+        // A's node dies: no heartbeat, no more chunks; its writer never finishes.
+        drop(a);
+        let err = read_to_vec(&mut r).expect_err("a reader of a dead producer must fail");
+        assert!(is_aborted(&err), "{err}");
+        assert!(
+            format!("{err:?}").contains("lease could not be read"),
+            "{err:?}"
+        );
+        drop(w);
+    });
+}
+
 /// A writer that aborts: remote readers get an error; the next request produces again.
 #[test]
 fn writer_abort_fails_remote_readers_and_the_next_request_retries() {

@@ -815,8 +815,10 @@ enum Gone {
 /// A tailed generation's lease, while its producer is not gone.
 #[derive(Debug, PartialEq, Eq)]
 enum Seen {
-    /// Producing, or the lease could not be read this time.
+    /// Producing.
     Alive,
+    /// The lease could not be read this time (the bucket failed).
+    Unread,
     /// Done: its manifest and every chunk were written before it said so.
     Done,
 }
@@ -844,8 +846,8 @@ async fn check_lease(ctx: &Ctx, h: &str, generation: u128) -> Result<Seen, Gone>
             Ok(_) => Ok(Seen::Alive),
             Err(reason) => Err(Gone::Aborted(format!("unreadable lease: {reason}"))),
         },
-        // A failing bucket is judged by how long it fails (below), not by one error.
-        Err(_) => Ok(Seen::Alive),
+        // A failing bucket is judged by how long it fails (in `tail`), not by one error.
+        Err(_) => Ok(Seen::Unread),
     }
 }
 
@@ -861,6 +863,8 @@ async fn tail(ctx: Arc<Ctx>, mut w: Writer, generation: u128) {
     let check_every = (ctx.cfg.lease / 4).max(ctx.cfg.poll_interval);
     let mut last_check = Instant::now();
     let mut failing_since: Option<Instant> = None;
+    // Since when every look at the producer's lease failed.
+    let mut lease_unread_since: Option<Instant> = None;
     let mut ended = false;
     // The lease said "done" at the last check, and nothing was found since.
     let mut done_seen = false;
@@ -944,7 +948,27 @@ async fn tail(ctx: Arc<Ctx>, mut w: Writer, generation: u128) {
                             .into(),
                     );
                 }
-                Ok(seen) => done_seen = seen == Seen::Done,
+                // A producer whose lease cannot be read for a whole lease is not vouched for
+                // (it may be dead), whatever the chunk reads answer: without this, a bucket
+                // that failed only the lease reads while it answered "absent" for the next
+                // chunk kept the reader waiting for ever.
+                Ok(Seen::Unread) => {
+                    done_seen = false;
+                    let since = *lease_unread_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() > ctx.cfg.lease {
+                        return remote_abort(
+                            w,
+                            format!(
+                                "the producer's lease could not be read for {:?}",
+                                ctx.cfg.lease
+                            ),
+                        );
+                    }
+                }
+                Ok(seen) => {
+                    lease_unread_since = None;
+                    done_seen = seen == Seen::Done;
+                }
             }
         }
         tokio::time::sleep(ctx.cfg.poll_interval).await;
