@@ -74,10 +74,12 @@
 //!   tails an entry once, into its local cache; its local readers read that.
 //! * **Failures are errors, never short or wrong bytes.** A remote producer that stops
 //!   heartbeating, aborts, or loses its lease makes its tailing readers fail
-//!   ([`Error::Shared`]); a chunk or manifest that fails its hash or does
+//!   ([`Error::Shared`]), as does one whose lease, or next chunk, cannot be read for a whole
+//!   [`lease`](SharedTier::lease) (a failing bucket); a chunk or manifest that fails its hash or does
 //!   not parse fails the read ([`Error::Corrupt`]) and the entry is then
 //!   treated as absent here (the next request produces it again and replaces the manifest).
-//!   A chunk missing under the manifest that lists it is corruption too; one that is gone
+//!   A chunk missing under the manifest that lists it is corruption too (on a store that
+//!   gives ETags: elsewhere it cannot be told from the next case); one that is gone
 //!   because the entry was replaced or removed while this node downloaded it (a replaced
 //!   generation's chunks are deleted one [`lease`](SharedTier::lease) after the new
 //!   manifest) fails the download with [`Error::Shared`]. The next request after a failure
@@ -256,7 +258,9 @@ impl SharedTier {
 
     /// How long a producer that stopped heartbeating is trusted before another node may take
     /// its key over [5 s]. Producers heartbeat every quarter of it; remote readers of a dead
-    /// producer fail after about this long. Too short risks taking over a producer that is
+    /// producer, or of one whose lease cannot be read, fail a little over this long after its
+    /// last sign of life (the next lease check, which the [`timeout`](SharedTier::timeout)
+    /// bounds). Too short risks taking over a producer that is
     /// only slow to reach the bucket (it then stops uploading and keeps its local entry).
     pub fn lease(mut self, lease: Duration) -> SharedTier {
         self.lease = lease.max(Duration::from_millis(100));

@@ -665,6 +665,19 @@ async fn take_lease(
     }
 }
 
+/// Whether two ETags name the same object version, whether or not a proxy weakened one
+/// (`W/"…"`) or a store left the quotes off.
+fn same_etag(a: Option<&str>, b: Option<&str>) -> bool {
+    let bare = |e: &str| {
+        let e = e.strip_prefix("W/").unwrap_or(e);
+        e.strip_prefix('"')
+            .and_then(|e| e.strip_suffix('"'))
+            .unwrap_or(e)
+            .to_string()
+    };
+    matches!((a, b), (Some(a), Some(b)) if bare(a) == bare(b))
+}
+
 fn corrupt(ctx: &Ctx, key_hash: &str, what: &str, reason: String) -> Error {
     Error::Corrupt {
         path: PathBuf::from(ctx.path(key_hash, what).as_ref()),
@@ -758,7 +771,7 @@ async fn download(ctx: Arc<Ctx>, mut w: Writer, m: Manifest, etag: Option<String
                 // replaced generation's chunks are deleted a lease after the new manifest), or
                 // the chunk was lost. Only the second damages the manifest still in place.
                 return match ctx.manifest_etag(&h).await {
-                    Ok(now) if now.is_some() && now == etag => {
+                    Ok(now) if now.is_some() && same_etag(now.as_deref(), etag.as_deref()) => {
                         ctx.mark_bad(etag);
                         w.abort_with(corrupt(
                             &ctx,
@@ -897,6 +910,9 @@ async fn tail(ctx: Arc<Ctx>, mut w: Writer, generation: u128) {
                         ended = c.last;
                         index += 1;
                         done_seen = false;
+                        // A new chunk shows its producer alive since the last lease check,
+                        // however that went.
+                        lease_unread_since = None;
                         continue;
                     }
                     Err(reason) => {
@@ -1421,4 +1437,21 @@ pub(crate) fn key_hash(key: &str) -> String {
 /// A random 128-bit number (node identities and generations): unique, not secret.
 pub(crate) fn random_u128() -> u128 {
     u128::from_le_bytes(crate::codec::random_id(b"streamcache shared tier"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::same_etag;
+
+    #[test]
+    fn etags_compare_without_weakness_or_quotes() {
+        assert!(same_etag(Some("\"abc\""), Some("\"abc\"")));
+        assert!(same_etag(Some("W/\"abc\""), Some("\"abc\"")));
+        assert!(same_etag(Some("abc"), Some("\"abc\"")));
+        assert!(!same_etag(Some("\"abc\""), Some("\"abd\"")));
+        assert!(!same_etag(Some("\"\""), Some("\"abc\"")));
+        assert!(!same_etag(None, Some("\"abc\"")));
+        assert!(!same_etag(Some("\"abc\""), None));
+        assert!(!same_etag(None, None), "no ETag: nothing to tell by");
+    }
 }
