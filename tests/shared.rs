@@ -985,6 +985,44 @@ fn a_tail_with_unreadable_leases_completes_while_chunks_come() {
     });
 }
 
+/// A tailer whose producer's lease was taken over (another generation, heartbeating) fails at
+/// its next lease check and says why; it does not wait on a generation that will never go on
+/// until the new one happens to finish or go stale. (Found missing by mutation testing: with
+/// the generation check gone, every test still passed.)
+#[test]
+fn a_tail_fails_when_another_node_takes_the_lease_over() {
+    deadline("lease taken over", || {
+        let store = bucket();
+        let a = node(&store);
+        let b = node(&store);
+        let mut w = miss(&a, "k");
+        w.write_all(&pattern(1000, 6)).unwrap();
+        w.flush().unwrap();
+        let mut r = hit(&b, "k");
+        let mut head = vec![0; 1000];
+        r.read_exact(&mut head).unwrap();
+        // What a takeover leaves in the bucket: a lease of another generation, fresh.
+        let lease = objects(&store)
+            .into_iter()
+            .find(|p| p.ends_with("/lease"))
+            .unwrap();
+        let text = String::from_utf8(get_object(&store, &lease)).unwrap();
+        let forged: String = text
+            .lines()
+            .map(|l| match l.split_once(' ') {
+                Some(("generation", _)) => format!("generation {:032x}\n", 0xabcd_u128),
+                Some(("heartbeat", _)) => format!("heartbeat {}\n", now_ms() + 60_000),
+                _ => format!("{l}\n"),
+            })
+            .collect();
+        put_object(&store, &lease, forged.into_bytes());
+        let err = read_to_vec(&mut r).expect_err("the tailed generation will never go on");
+        assert!(is_aborted(&err), "{err}");
+        assert!(format!("{err:?}").contains("took over"), "{err:?}");
+        drop(w);
+    });
+}
+
 /// A writer that aborts: remote readers get an error; the next request produces again.
 #[test]
 fn writer_abort_fails_remote_readers_and_the_next_request_retries() {
