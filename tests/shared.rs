@@ -1023,6 +1023,31 @@ fn a_tail_fails_when_another_node_takes_the_lease_over() {
     });
 }
 
+/// A tailer whose chunk reads keep failing for a whole lease gives up with an error, even while
+/// its producer's lease reads fine. (Found missing by mutation testing: a tail that never gave
+/// up on a failing bucket passed every test.)
+#[test]
+fn a_tail_gives_up_on_chunk_reads_that_keep_failing() {
+    deadline("chunk reads failing", || {
+        let (gate, through, plain) = gated(Duration::from_millis(800), |inner| {
+            GateStore::failing(inner, is_chunk)
+        });
+        let a = node(&plain);
+        let b = node(&through);
+        let mut w = miss(&a, "k");
+        w.write_all(&pattern(1000, 7)).unwrap();
+        w.flush().unwrap();
+        let mut r = hit(&b, "k");
+        let mut head = vec![0; 1000];
+        r.read_exact(&mut head).unwrap();
+        gate.fail.store(true, Ordering::SeqCst);
+        let err = read_to_vec(&mut r).expect_err("a bucket that keeps failing ends the tail");
+        assert!(is_aborted(&err), "{err}");
+        assert!(format!("{err:?}").contains("kept failing"), "{err:?}");
+        drop(w);
+    });
+}
+
 /// A writer that aborts: remote readers get an error; the next request produces again.
 #[test]
 fn writer_abort_fails_remote_readers_and_the_next_request_retries() {
