@@ -143,7 +143,8 @@ fn is_chunk(path: &str) -> bool {
 /// once but answered only then. A bucket slow to answer, on demand (no real server can be
 /// made slow for one kind of request). Objects at the paths `huge` picks claim to be
 /// `HUGE` bytes, a body of zeros counted in `pulled` as it is read. Reads of the paths
-/// `failing` picks fail while `fail` is set; reads of the paths `gets` picks wait for the gate.
+/// `failing` picks fail while `fail` is set; reads of the paths `gets` picks wait for the gate;
+/// reads of the paths `counted` picks are counted.
 #[derive(Debug)]
 struct GateStore {
     inner: Arc<dyn ObjectStore>,
@@ -155,6 +156,9 @@ struct GateStore {
     failing: fn(&str) -> bool,
     fail: std::sync::atomic::AtomicBool,
     gets: fn(&str) -> bool,
+    /// Reads of the paths `counted` picks, so far.
+    counted: fn(&str) -> bool,
+    reads: AtomicUsize,
     open: tokio::sync::watch::Sender<bool>,
     held: AtomicUsize,
 }
@@ -172,6 +176,8 @@ impl GateStore {
             failing: |_| false,
             fail: Default::default(),
             gets: |_| false,
+            counted: |_| false,
+            reads: AtomicUsize::new(0),
             open: tokio::sync::watch::Sender::new(false),
             held: AtomicUsize::new(0),
         }
@@ -213,6 +219,14 @@ impl GateStore {
     fn holding_gets(inner: Arc<dyn ObjectStore>, gets: fn(&str) -> bool) -> GateStore {
         GateStore {
             gets,
+            ..GateStore::new(inner, |_| false)
+        }
+    }
+
+    /// Counts the reads of the paths `counted` picks (`reads`).
+    fn counting(inner: Arc<dyn ObjectStore>, counted: fn(&str) -> bool) -> GateStore {
+        GateStore {
+            counted,
             ..GateStore::new(inner, |_| false)
         }
     }
@@ -299,6 +313,9 @@ impl ObjectStore for GateStore {
     ) -> object_store::Result<GetResult> {
         if (self.gets)(location.as_ref()) {
             self.wait().await;
+        }
+        if (self.counted)(location.as_ref()) {
+            self.reads.fetch_add(1, Ordering::SeqCst);
         }
         if self.fail.load(Ordering::SeqCst) && (self.failing)(location.as_ref()) {
             return Err(object_store::Error::Generic {
@@ -1045,6 +1062,46 @@ fn a_tail_gives_up_on_chunk_reads_that_keep_failing() {
         assert!(is_aborted(&err), "{err}");
         assert!(format!("{err:?}").contains("kept failing"), "{err:?}");
         drop(w);
+    });
+}
+
+/// A tailer looks at its producer's lease once per quarter lease, not at every poll for the next
+/// chunk (with the defaults, 40 times fewer requests). (Found missing by mutation testing: a
+/// tail that read the lease at every poll passed every test.)
+#[test]
+fn a_tail_reads_the_lease_once_per_quarter_lease() {
+    deadline("lease reads while tailing", || {
+        let lease = Duration::from_millis(800);
+        let (gate, through, plain) = gated(lease, |inner| {
+            GateStore::counting(inner, |p| p.ends_with("/lease"))
+        });
+        let a = node(&plain);
+        let b = node(&through);
+        let data = pattern(10 * 1000, 8);
+        let mut w = miss(&a, "k");
+        let mut pieces = data.chunks(1000);
+        w.write_all(pieces.next().unwrap()).unwrap();
+        w.flush().unwrap();
+        let mut r = hit(&b, "k");
+        let before = gate.reads.load(Ordering::SeqCst);
+        let reader = thread::spawn(move || read_to_vec(&mut r));
+        let started = Instant::now();
+        for piece in pieces {
+            thread::sleep(Duration::from_millis(150));
+            w.write_all(piece).unwrap();
+            w.flush().unwrap();
+        }
+        w.finish().unwrap();
+        assert!(reader.join().unwrap().unwrap() == data);
+        let tailed = started.elapsed();
+        let reads = gate.reads.load(Ordering::SeqCst) - before;
+        // One per quarter lease, and a few more for slack; at every 10 ms poll it would be
+        // about a hundred.
+        let most = (tailed.as_millis() / (lease / 4).as_millis()) as usize + 4;
+        assert!(
+            reads <= most,
+            "{reads} lease reads in {tailed:?} (at most {most})"
+        );
     });
 }
 
