@@ -26,7 +26,7 @@ use object_store::{
 };
 use streamcache::cache::ManualClock;
 use streamcache::shared::SharedTier;
-use streamcache::{Cache, Entry, Error, Reader};
+use streamcache::{Cache, Entry, Error, Reader, Writer};
 use support::*;
 
 use moto::Moto;
@@ -418,6 +418,31 @@ fn gated(
         ..bucket()
     };
     (gate, through, plain)
+}
+
+/// Node A (over `plain`) produces `k` and has flushed `first`; node B (over `through`) tails
+/// it and has read those bytes. Returns A, B, A's writer and B's reader.
+fn tailing(plain: &Fleet, through: &Fleet, first: &[u8]) -> (Cache, Cache, Writer, Reader) {
+    let a = node(plain);
+    let b = node(through);
+    let mut w = miss(&a, "k");
+    w.write_all(first).unwrap();
+    w.flush().unwrap();
+    let mut r = hit(&b, "k");
+    let mut head = vec![0; first.len()];
+    r.read_exact(&mut head).unwrap();
+    assert!(head == first);
+    (a, b, w, r)
+}
+
+/// Writes `pieces` `gap` apart, each flushed, then finishes.
+fn trickle<'a>(mut w: Writer, pieces: impl Iterator<Item = &'a [u8]>, gap: Duration) {
+    for piece in pieces {
+        thread::sleep(gap);
+        w.write_all(piece).unwrap();
+        w.flush().unwrap();
+    }
+    w.finish().unwrap();
 }
 
 /// A node that waits only 300 ms for the bucket.
@@ -944,14 +969,7 @@ fn a_tail_whose_producers_lease_stays_unreadable_fails() {
         let (gate, through, plain) = gated(Duration::from_millis(800), |inner| {
             GateStore::failing(inner, |p| p.ends_with("/lease"))
         });
-        let a = node(&plain);
-        let b = node(&through);
-        let mut w = miss(&a, "k");
-        w.write_all(&pattern(100_000, 2)).unwrap();
-        w.flush().unwrap();
-        let mut r = hit(&b, "k");
-        let mut head = vec![0; 1000];
-        r.read_exact(&mut head).unwrap();
+        let (a, _b, w, mut r) = tailing(&plain, &through, &pattern(100_000, 2));
         gate.fail.store(true, Ordering::SeqCst);
         // A's node dies: no heartbeat, no more chunks; its writer never finishes.
         drop(a);
@@ -976,29 +994,19 @@ fn a_tail_with_unreadable_leases_completes_while_chunks_come() {
         let (gate, through, plain) = gated(lease, |inner| {
             GateStore::failing(inner, |p| p.ends_with("/lease"))
         });
-        let a = node(&plain);
-        let b = node(&through);
         let data = pattern(12 * 10_000, 5);
-        let mut w = miss(&a, "k");
         let mut pieces = data.chunks(10_000);
-        w.write_all(pieces.next().unwrap()).unwrap();
-        w.flush().unwrap();
-        let mut r = hit(&b, "k");
+        let (_a, _b, w, mut r) = tailing(&plain, &through, pieces.next().unwrap());
         // From here on every look B takes at the lease fails.
         gate.fail.store(true, Ordering::SeqCst);
         let reader = thread::spawn(move || read_to_vec(&mut r));
         // Gaps longer than a lease check's interval (a quarter lease), over several leases.
-        for piece in pieces {
-            thread::sleep(lease / 3);
-            w.write_all(piece).unwrap();
-            w.flush().unwrap();
-        }
-        w.finish().unwrap();
+        trickle(w, pieces, lease / 3);
         let got = reader
             .join()
             .unwrap()
             .expect("a live producer's tail must complete");
-        assert!(got == data);
+        assert!(got == data[10_000..]);
     });
 }
 
@@ -1049,14 +1057,7 @@ fn a_tail_gives_up_on_chunk_reads_that_keep_failing() {
         let (gate, through, plain) = gated(Duration::from_millis(800), |inner| {
             GateStore::failing(inner, is_chunk)
         });
-        let a = node(&plain);
-        let b = node(&through);
-        let mut w = miss(&a, "k");
-        w.write_all(&pattern(1000, 7)).unwrap();
-        w.flush().unwrap();
-        let mut r = hit(&b, "k");
-        let mut head = vec![0; 1000];
-        r.read_exact(&mut head).unwrap();
+        let (_a, _b, w, mut r) = tailing(&plain, &through, &pattern(1000, 7));
         gate.fail.store(true, Ordering::SeqCst);
         let err = read_to_vec(&mut r).expect_err("a bucket that keeps failing ends the tail");
         assert!(is_aborted(&err), "{err}");
@@ -1075,24 +1076,14 @@ fn a_tail_reads_the_lease_once_per_quarter_lease() {
         let (gate, through, plain) = gated(lease, |inner| {
             GateStore::counting(inner, |p| p.ends_with("/lease"))
         });
-        let a = node(&plain);
-        let b = node(&through);
         let data = pattern(10 * 1000, 8);
-        let mut w = miss(&a, "k");
         let mut pieces = data.chunks(1000);
-        w.write_all(pieces.next().unwrap()).unwrap();
-        w.flush().unwrap();
-        let mut r = hit(&b, "k");
+        let (_a, _b, w, mut r) = tailing(&plain, &through, pieces.next().unwrap());
         let before = gate.reads.load(Ordering::SeqCst);
         let reader = thread::spawn(move || read_to_vec(&mut r));
         let started = Instant::now();
-        for piece in pieces {
-            thread::sleep(Duration::from_millis(150));
-            w.write_all(piece).unwrap();
-            w.flush().unwrap();
-        }
-        w.finish().unwrap();
-        assert!(reader.join().unwrap().unwrap() == data);
+        trickle(w, pieces, Duration::from_millis(150));
+        assert!(reader.join().unwrap().unwrap() == data[1000..]);
         let tailed = started.elapsed();
         let reads = gate.reads.load(Ordering::SeqCst) - before;
         // One per quarter lease, and a few more for slack; at every 10 ms poll it would be
