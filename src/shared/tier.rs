@@ -668,13 +668,12 @@ async fn take_lease(
 /// Whether two ETags name the same object version, whether or not a proxy weakened one
 /// (`W/"…"`) or a store left the quotes off.
 fn same_etag(a: Option<&str>, b: Option<&str>) -> bool {
-    let bare = |e: &str| {
+    fn bare(e: &str) -> &str {
         let e = e.strip_prefix("W/").unwrap_or(e);
         e.strip_prefix('"')
             .and_then(|e| e.strip_suffix('"'))
             .unwrap_or(e)
-            .to_string()
-    };
+    }
     matches!((a, b), (Some(a), Some(b)) if bare(a) == bare(b))
 }
 
@@ -771,7 +770,7 @@ async fn download(ctx: Arc<Ctx>, mut w: Writer, m: Manifest, etag: Option<String
                 // replaced generation's chunks are deleted a lease after the new manifest), or
                 // the chunk was lost. Only the second damages the manifest still in place.
                 return match ctx.manifest_etag(&h).await {
-                    Ok(now) if now.is_some() && same_etag(now.as_deref(), etag.as_deref()) => {
+                    Ok(now) if same_etag(now.as_deref(), etag.as_deref()) => {
                         ctx.mark_bad(etag);
                         w.abort_with(corrupt(
                             &ctx,
@@ -864,6 +863,11 @@ async fn check_lease(ctx: &Ctx, h: &str, generation: u128) -> Result<Seen, Gone>
     }
 }
 
+/// Starts `since` at a first failure; whether the failures have now lasted longer than `limit`.
+fn outlasts(since: &mut Option<Instant>, limit: Duration) -> bool {
+    since.get_or_insert_with(Instant::now).elapsed() > limit
+}
+
 /// Tails another node's production: polls for each next chunk, checks its producer's lease
 /// while waiting, and commits locally only when the manifest agrees with every chunk read.
 async fn tail(ctx: Arc<Ctx>, mut w: Writer, generation: u128) {
@@ -944,8 +948,7 @@ async fn tail(ctx: Arc<Ctx>, mut w: Writer, generation: u128) {
                 // Only a look that found nothing shows the data gone; a failed one shows
                 // nothing (a slow or failing bucket is judged by how long it fails).
                 done_seen = false;
-                let since = *failing_since.get_or_insert_with(Instant::now);
-                if since.elapsed() > ctx.cfg.lease {
+                if outlasts(&mut failing_since, ctx.cfg.lease) {
                     return remote_abort(w, format!("the bucket kept failing: {e}"));
                 }
             }
@@ -968,21 +971,19 @@ async fn tail(ctx: Arc<Ctx>, mut w: Writer, generation: u128) {
                 // (it may be dead), whatever the chunk reads answer: without this, a bucket
                 // that failed only the lease reads while it answered "absent" for the next
                 // chunk kept the reader waiting for ever.
-                Ok(Seen::Unread) => {
-                    done_seen = false;
-                    let since = *lease_unread_since.get_or_insert_with(Instant::now);
-                    if since.elapsed() > ctx.cfg.lease {
-                        return remote_abort(
-                            w,
-                            format!(
-                                "the producer's lease could not be read for {:?}",
-                                ctx.cfg.lease
-                            ),
-                        );
-                    }
+                Ok(Seen::Unread) if outlasts(&mut lease_unread_since, ctx.cfg.lease) => {
+                    return remote_abort(
+                        w,
+                        format!(
+                            "the producer's lease could not be read for {:?}",
+                            ctx.cfg.lease
+                        ),
+                    );
                 }
                 Ok(seen) => {
-                    lease_unread_since = None;
+                    if seen != Seen::Unread {
+                        lease_unread_since = None;
+                    }
                     done_seen = seen == Seen::Done;
                 }
             }
