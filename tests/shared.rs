@@ -69,15 +69,20 @@ fn read_to_vec(r: &mut Reader) -> std::io::Result<Vec<u8>> {
     Ok(v)
 }
 
+/// Runs `f` to completion on a runtime of its own (the test's looks at the bucket).
+fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(f)
+}
+
 /// Every object path under the bucket, sorted.
 fn objects(f: &Fleet) -> Vec<String> {
     let store = &f.store;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
     let mut out = Vec::new();
-    rt.block_on(async {
+    block_on(async {
         let mut dirs = vec![None::<ObjPath>];
         while let Some(dir) = dirs.pop() {
             let l = store.list_with_delimiter(dir.as_ref()).await.unwrap();
@@ -90,29 +95,16 @@ fn objects(f: &Fleet) -> Vec<String> {
 }
 
 fn put_object(f: &Fleet, path: &str, bytes: Vec<u8>) {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(f.store.put(&ObjPath::from(path), PutPayload::from(bytes)))
-        .unwrap();
+    block_on(f.store.put(&ObjPath::from(path), PutPayload::from(bytes))).unwrap();
 }
 
 fn delete_object(f: &Fleet, path: &str) {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(f.store.delete(&ObjPath::from(path))).unwrap();
+    block_on(f.store.delete(&ObjPath::from(path))).unwrap();
 }
 
 fn get_object(f: &Fleet, path: &str) -> Vec<u8> {
     let store = &f.store;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
+    block_on(async {
         store
             .get(&ObjPath::from(path))
             .await
@@ -369,17 +361,25 @@ impl ObjectStore for GateStore {
     }
 }
 
-/// The value of `field` in the manifest of `key` in the bucket, once there is one.
-fn manifest_field(f: &Fleet, key: &str, field: &str) -> Option<String> {
+/// The path of the manifest of `key` in the bucket, once there is one.
+fn manifest_path(f: &Fleet, key: &str) -> Option<String> {
     let key_line = format!(
         "key {}",
         key.bytes().map(|b| format!("{b:02x}")).collect::<String>()
     );
-    objects(f)
-        .iter()
-        .filter(|p| p.ends_with("/manifest"))
-        .map(|p| String::from_utf8(get_object(f, p)).unwrap())
-        .find(|m| m.lines().any(|l| l == key_line))?
+    objects(f).into_iter().find(|p| {
+        p.ends_with("/manifest")
+            && String::from_utf8(get_object(f, p))
+                .unwrap()
+                .lines()
+                .any(|l| l == key_line)
+    })
+}
+
+/// The value of `field` in the manifest of `key` in the bucket, once there is one.
+fn manifest_field(f: &Fleet, key: &str, field: &str) -> Option<String> {
+    String::from_utf8(get_object(f, &manifest_path(f, key)?))
+        .unwrap()
         .lines()
         .find_map(|l| l.strip_prefix(field)?.strip_prefix(' ').map(str::to_string))
 }
@@ -1018,14 +1018,7 @@ fn a_tail_with_unreadable_leases_completes_while_chunks_come() {
 fn a_tail_fails_when_another_node_takes_the_lease_over() {
     deadline("lease taken over", || {
         let store = bucket();
-        let a = node(&store);
-        let b = node(&store);
-        let mut w = miss(&a, "k");
-        w.write_all(&pattern(1000, 6)).unwrap();
-        w.flush().unwrap();
-        let mut r = hit(&b, "k");
-        let mut head = vec![0; 1000];
-        r.read_exact(&mut head).unwrap();
+        let (_a, _b, w, mut r) = tailing(&store, &store, &pattern(1000, 6));
         // What a takeover leaves in the bucket: a lease of another generation, fresh.
         let lease = objects(&store)
             .into_iter()
@@ -1175,8 +1168,8 @@ fn corrupt_chunk_or_manifest_is_an_error_never_wrong_bytes() {
 /// it fails that download as a failure of the shared tier, not as a corrupt entry. What went
 /// wrong before: any missing chunk was reported as `Error::Corrupt` ("chunk listed by the
 /// manifest is missing"), also when a newer production had replaced the entry and its old
-/// chunks had been deleted after their grace period. A chunk missing under the very manifest
-/// that lists it is still corruption (checked last).
+/// chunks had been deleted after their grace period. (A chunk missing under the very manifest
+/// that lists it is still corruption: `a_chunk_missing_under_its_manifest_is_corrupt`.)
 #[test]
 fn a_chunk_gone_with_a_replaced_entry_is_a_shared_error_not_corruption() {
     deadline("replaced while downloading", || {
@@ -1212,13 +1205,33 @@ fn a_chunk_gone_with_a_replaced_entry_is_a_shared_error_not_corruption() {
         wait_until("new version on B", DEADLINE, || {
             hit_bytes(&b, "k").is_some_and(|v| v == new)
         });
+    });
+}
 
-        // A chunk missing under the manifest that lists it: corrupt.
-        let chunk = objects(&plain).into_iter().find(|p| is_chunk(p)).unwrap();
-        delete_object(&plain, &chunk);
-        let c = node(&through);
-        let err = read_to_vec(&mut hit(&c, "k")).expect_err("a chunk is missing");
-        assert!(format!("{err:?}").contains("Corrupt"), "{err:?}");
+/// A chunk missing under the very manifest that lists it is corruption: the download compares
+/// the manifest's ETag now (a HEAD) with the one it read (a GET), so this also checks that a
+/// store gives both alike (on moto: `wire_download_tail_and_takeover_on_moto`).
+fn a_chunk_missing_under_its_manifest_is_corrupt(store: Fleet) {
+    let a = node(&store);
+    put(&a, "gap", &pattern(200_000, 9));
+    wait_manifest(&store, "gap");
+    let dir = manifest_path(&store, "gap").unwrap();
+    let dir = dir.trim_end_matches("manifest");
+    let chunk = objects(&store)
+        .into_iter()
+        .find(|p| p.starts_with(dir) && is_chunk(p))
+        .unwrap();
+    delete_object(&store, &chunk);
+    let c = node(&store);
+    let err = read_to_vec(&mut hit(&c, "gap")).expect_err("a chunk is missing");
+    assert!(format!("{err:?}").contains("Corrupt"), "{err:?}");
+    assert!(format!("{err:?}").contains("is missing"), "{err:?}");
+}
+
+#[test]
+fn a_chunk_missing_under_its_manifest_is_corrupt_in_memory() {
+    deadline("missing chunk", || {
+        a_chunk_missing_under_its_manifest_is_corrupt(bucket())
     });
 }
 
@@ -1459,6 +1472,7 @@ fn wire_download_tail_and_takeover_on_moto() {
     deadline_in(Duration::from_secs(120), "moto", move || {
         finished_entry_is_downloaded_once_per_node(store.clone());
         remote_reader_tails_a_production(store.clone());
+        a_chunk_missing_under_its_manifest_is_corrupt(store.clone());
         dead_producer_is_taken_over(store);
     });
 }
