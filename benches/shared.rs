@@ -85,8 +85,8 @@ fn main() {
 }
 
 /// The 64 MiB every case writes or reads.
-fn pattern() -> Arc<Vec<u8>> {
-    Arc::new((0..SIZE).map(|i| (i * 31 % 251) as u8).collect())
+fn pattern() -> Vec<u8> {
+    (0..SIZE).map(|i| (i * 31 % 251) as u8).collect()
 }
 
 fn run(moto: &moto::Moto) {
@@ -167,9 +167,9 @@ fn run(moto: &moto::Moto) {
 /// 2. Producer throughput with the upload overlapped into `store`.
 fn produce(rt: &tokio::runtime::Runtime, store: &Arc<dyn ObjectStore>, data: &[u8]) {
     let mbs = |s: f64| SIZE as f64 / s / 1e6;
-    // Into a memory cache and into a disk cache. Each cache is dropped before the next is made and the order alternates, so
-    // that both sides get the same mix of fresh and recycled pages; one unmeasured round of
-    // each first.
+    // Into a memory cache and into a disk cache. Each cache is dropped before the next is
+    // made and the order alternates, so that both sides get the same mix of fresh and
+    // recycled pages; one unmeasured round of each first.
     for disk in [false, true] {
         let (mut local_s, mut shared_s, mut commit_s) = (Vec::new(), Vec::new(), Vec::new());
         let mut round = 0;
